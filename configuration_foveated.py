@@ -1,0 +1,182 @@
+"""Configuration of the foveated video model (remote code: flat, self-contained, only transformers at top level)."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.dinov3_vit import DINOv3ViTConfig
+from transformers.models.llama import LlamaConfig
+
+__all__ = ["FoveatedVLMConfig"]
+
+# Shapes of facebook/dinov3-vits16-pretrain-lvd1689m (ViT-S/16 with 4 register tokens).
+DINOV3_VITS16_DEFAULTS = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=6,
+    patch_size=16,
+    num_register_tokens=4,
+    layerscale_value=1.0,
+    rope_theta=100.0,
+    image_size=256,
+)
+
+# Shapes of HuggingFaceTB/SmolLM2-135M-Instruct (a Llama).
+SMOLLM2_135M_DEFAULTS = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+HEAD_TYPES = ("film", "spatial")
+
+
+class FoveatedVLMConfig(PretrainedConfig):
+    r"""
+    Configuration of [`FoveatedVLMModel`]: a DINOv3 ViT reads each frame once, a query token reads one visual token
+    per frame out of the cached encoder keys/values, an LLM reads the tokens and emits the next query, and a
+    prediction head predicts the next frame's VAE latent.
+
+    Args:
+        vision_config (`dict` or `DINOv3ViTConfig`, *optional*):
+            The vision encoder; defaults to DINOv3 ViT-S/16 shapes.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Any decoder-only LM config; defaults to SmolLM2-135M (Llama) shapes.
+        image_size (`int`, *optional*, defaults to 256):
+            Frame side S in pixels; a multiple of the vision patch size.
+        num_frames (`int`, *optional*, defaults to 8):
+            Frames per clip T used in training (the model accepts any T >= 2 at run time).
+        query_dim (`int`, *optional*, defaults to 384):
+            Width of the query vectors emitted by the LLM (`q_static`, `q_init`, `query_head` output).
+        latent_channels (`int`, *optional*, defaults to 4):
+            Channels of the target VAE latent.
+        latent_size (`int`, *optional*, defaults to 32):
+            Side of the target VAE latent; must be `image_size / 8` (the SD VAE downsamples 8x).
+        lambda_coarse (`float`, *optional*, defaults to 1.0):
+            Weight of the Pass-1 loss: `loss = loss_fine + lambda_coarse * loss_coarse`.
+        deep_query (`bool`, *optional*, defaults to `True`):
+            `True`: the query joins every encoder layer, attending to that layer's cached keys/values.
+            `False` ("shallow"): one cross-attention of the query over the final encoder features.
+        freeze_vision (`bool`, *optional*, defaults to `False`):
+            Freeze the DINOv3 encoder weights (the query path through its layers still trains the query).
+        freeze_text (`bool`, *optional*, defaults to `False`):
+            Freeze the LLM weights.
+        train_text_embeddings (`bool`, *optional*, defaults to `False`):
+            Train the LLM's token embeddings. Off by default: the objective never reads vocabulary logits and
+            Phase-1 batches carry no text, so the embeddings would get no gradient (which DDP rejects).
+        head_type (`str`, *optional*, defaults to `"film"`):
+            `"film"`: the seed's per-channel FiLM head. `"spatial"`: the state is also broadcast over the latent
+            grid with x/y coordinate channels, so it can say *where* something changes.
+        head_channels (`int`, *optional*, defaults to 128):
+            Conv width of the prediction head.
+        head_mlp_dim (`int`, *optional*, defaults to 512):
+            Hidden width of the MLP mapping the LLM state to FiLM's gamma and beta.
+        head_residual (`bool`, *optional*, defaults to `False`):
+            Predict `previous latent + output` instead of the full latent (the seed's head is non-residual).
+        query_init_std (`float`, *optional*, defaults to 1.0):
+            Std of the learned `q_static` and `q_init` vectors.
+        mode_token_init_std (`float`, *optional*, defaults to 0.02):
+            Std of the learned `<coarse>`/`<fine>` mode tokens and `z_vae_init`.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the new linear/conv layers.
+    """
+
+    model_type = "foveated_vlm"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        image_size: int = 256,
+        num_frames: int = 8,
+        query_dim: int = 384,
+        latent_channels: int = 4,
+        latent_size: int = 32,
+        lambda_coarse: float = 1.0,
+        deep_query: bool = True,
+        freeze_vision: bool = False,
+        freeze_text: bool = False,
+        train_text_embeddings: bool = False,
+        head_type: str = "film",
+        head_channels: int = 128,
+        head_mlp_dim: int = 512,
+        head_residual: bool = False,
+        query_init_std: float = 1.0,
+        mode_token_init_std: float = 0.02,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if vision_config is None:
+            vision_config = DINOv3ViTConfig(**{**DINOV3_VITS16_DEFAULTS, "image_size": image_size})
+        elif isinstance(vision_config, dict):
+            vision_config = DINOv3ViTConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        if text_config is None:
+            text_config = LlamaConfig(**SMOLLM2_135M_DEFAULTS)
+        elif isinstance(text_config, dict):
+            text_model_type = text_config.get("model_type", "llama")
+            text_config = AutoConfig.for_model(
+                text_model_type, **{k: v for k, v in text_config.items() if k != "model_type"}
+            )
+        self.vision_config = vision_config
+        self.text_config = text_config
+
+        self.image_size = image_size
+        self.num_frames = num_frames
+        self.query_dim = query_dim
+        self.latent_channels = latent_channels
+        self.latent_size = latent_size
+        self.lambda_coarse = lambda_coarse
+        self.deep_query = deep_query
+        self.freeze_vision = freeze_vision
+        self.freeze_text = freeze_text
+        self.train_text_embeddings = train_text_embeddings
+        self.head_type = head_type
+        self.head_channels = head_channels
+        self.head_mlp_dim = head_mlp_dim
+        self.head_residual = head_residual
+        self.query_init_std = query_init_std
+        self.mode_token_init_std = mode_token_init_std
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self._validate()
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.vision_config.patch_size) ** 2
+
+    def _validate(self):
+        patch_size = self.vision_config.patch_size
+        if self.image_size <= 0 or self.image_size % patch_size != 0:
+            raise ValueError(
+                f"image_size={self.image_size} must be a positive multiple of vision_config.patch_size={patch_size}"
+            )
+        if self.latent_size * 8 != self.image_size:
+            raise ValueError(
+                f"latent_size={self.latent_size} must be image_size / 8 = {self.image_size / 8} "
+                "(the VAE downsamples 8x)"
+            )
+        if self.num_frames < 2:
+            raise ValueError(f"num_frames={self.num_frames} must be >= 2: the model predicts frame t from frames < t")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type={self.head_type!r} must be one of {HEAD_TYPES}")
+        if self.latent_size % 2 != 0:
+            raise ValueError(f"latent_size={self.latent_size} must be even (the head downsamples it by 2)")
+        for name in ("query_dim", "latent_channels", "head_channels", "head_mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        vision_width = self.vision_config.hidden_size
+        if vision_width % self.vision_config.num_attention_heads != 0:
+            raise ValueError(
+                f"vision_config.hidden_size={vision_width} must be divisible by "
+                f"vision_config.num_attention_heads={self.vision_config.num_attention_heads}"
+            )
+        if self.lambda_coarse < 0:
+            raise ValueError(f"lambda_coarse={self.lambda_coarse} must be >= 0")

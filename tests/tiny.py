@@ -1,0 +1,22 @@
+"""Tiny random configurations shared by the tests (widths 32-64, 2 layers), as transformers' own tests do."""
+
+from configuration_foveated import FoveatedVLMConfig
+
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=16,
+    num_register_tokens=2,
+)
+TINY_TEXT = dict(
+    model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+)
+
+
+def tiny_config(**overrides) -> FoveatedVLMConfig:
+    """64 px frames (16 patches), latents 4x8x8, T = 4."""
+    settings = dict(
+        vision_config=dict(TINY_VISION), text_config=dict(TINY_TEXT), image_size=64, latent_size=8,
+        num_frames=4, query_dim=16, head_channels=16, head_mlp_dim=32,
+    )
+    settings.update(overrides)
+    return FoveatedVLMConfig(**settings)
