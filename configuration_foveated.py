@@ -80,6 +80,20 @@ class FoveatedVLMConfig(PretrainedConfig):
             Hidden width of the MLP mapping the LLM state to FiLM's gamma and beta.
         head_residual (`bool`, *optional*, defaults to `False`):
             Predict `previous latent + output` instead of the full latent (the seed's head is non-residual).
+        fixation_bias (`bool`, *optional*, defaults to `False`):
+            Give the query a spatial component: a fixation point and spread, read from the query vector by a learned
+            projection, add `-|p - mu|^2 / (2 sigma^2)` to its attention logits over patch p at every layer. Both
+            passes have it; the static query's fixation is the same for every frame.
+        glimpse_position (`bool`, *optional*, defaults to `False`):
+            Tell the LLM where the glimpse landed: the attention-weighted mean patch position and spread are projected
+            and added to each visual token (both passes).
+        query_temperature (`float`, *optional*, defaults to 1.0):
+            Divides the query's attention logits (< 1 sharpens); the same for both passes.
+        changed_cell_weight (`float`, *optional*, defaults to 1.0):
+            Training-loss weight of latent cells that change between consecutive frames (mean absolute change over
+            channels above `changed_cell_threshold`); 1.0 is plain MSE. `loss_fine`/`loss_coarse` stay plain MSE.
+        changed_cell_threshold (`float`, *optional*, defaults to 0.1):
+            What counts as a changed cell for `changed_cell_weight` and the changed/unchanged loss split.
         query_init_std (`float`, *optional*, defaults to 1.0):
             Std of the learned `q_static` and `q_init` vectors.
         mode_token_init_std (`float`, *optional*, defaults to 0.02):
@@ -109,6 +123,11 @@ class FoveatedVLMConfig(PretrainedConfig):
         head_channels: int = 128,
         head_mlp_dim: int = 512,
         head_residual: bool = False,
+        fixation_bias: bool = False,
+        glimpse_position: bool = False,
+        query_temperature: float = 1.0,
+        changed_cell_weight: float = 1.0,
+        changed_cell_threshold: float = 0.1,
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
         initializer_range: float = 0.02,
@@ -142,6 +161,11 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.head_channels = head_channels
         self.head_mlp_dim = head_mlp_dim
         self.head_residual = head_residual
+        self.fixation_bias = fixation_bias
+        self.glimpse_position = glimpse_position
+        self.query_temperature = query_temperature
+        self.changed_cell_weight = changed_cell_weight
+        self.changed_cell_threshold = changed_cell_threshold
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
@@ -178,5 +202,9 @@ class FoveatedVLMConfig(PretrainedConfig):
                 f"vision_config.hidden_size={vision_width} must be divisible by "
                 f"vision_config.num_attention_heads={self.vision_config.num_attention_heads}"
             )
+        if self.query_temperature <= 0:
+            raise ValueError(f"query_temperature={self.query_temperature} must be > 0")
+        if self.changed_cell_weight <= 0:
+            raise ValueError(f"changed_cell_weight={self.changed_cell_weight} must be > 0")
         if self.lambda_coarse < 0:
             raise ValueError(f"lambda_coarse={self.lambda_coarse} must be >= 0")

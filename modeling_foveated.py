@@ -21,6 +21,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTModel,
     apply_rotary_pos_emb,
     eager_attention_forward,
+    get_patches_center_coordinates,
 )
 
 try:
@@ -31,6 +32,7 @@ except ImportError:  # installed as a top-level module rather than loaded as rem
 __all__ = [
     "FoveatedVLMOutput",
     "FoveatedVLMPatchCache",
+    "FoveatedVLMCrossAttention",
     "FoveatedVLMEncoder",
     "FoveatedVLMPredictionHead",
     "FoveatedVLMPreTrainedModel",
@@ -66,7 +68,8 @@ class FoveatedVLMOutput(ModelOutput):
     Output of [`FoveatedVLMModel`]: both passes of one clip batch.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): `loss_fine + lambda_coarse * loss_coarse`.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): `loss_fine + lambda_coarse * loss_coarse` (each term
+            re-weighted towards changed cells when `config.changed_cell_weight != 1`).
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (dynamic queries).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query).
         pred_fine (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-2 prediction of latents 1..T.
@@ -104,6 +107,35 @@ def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     return -(attention * attention.clamp_min(1e-12).log()).sum(-1).mean()
 
 
+class FoveatedVLMCrossAttention(nn.Module):
+    """The `shallow` query: one multi-head cross-attention of the query token over the final encoder features."""
+
+    def __init__(self, config: FoveatedVLMConfig):
+        super().__init__()
+        self.config = config
+        width = config.vision_config.hidden_size
+        self.num_heads = config.vision_config.num_attention_heads
+        self.head_dim = width // self.num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+
+    def forward(self, query_state, features, logit_bias=None):
+        """query_state (N, 1, D), features (N, L, D), logit_bias (N, L) -> (N, 1, D), weights (N, H, L)."""
+        N, L, D = features.shape
+        query = self.q_proj(query_state).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
+        logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.head_dim**-0.5  # (N, H, 1, L)
+        logits = logits / self.config.query_temperature
+        if logit_bias is not None:
+            logits = logits + logit_bias[:, None, None, :]
+        weights = logits.softmax(dim=-1).to(value.dtype)
+        attended = torch.matmul(weights, value).transpose(1, 2).reshape(N, 1, D)
+        return self.o_proj(attended), weights[:, :, 0]
+
+
 class FoveatedVLMEncoder(nn.Module):
     """
     DINOv3 ViT that reads a frame once (`encode_patches`) and then answers queries (`query`): a query is one extra
@@ -120,10 +152,11 @@ class FoveatedVLMEncoder(nn.Module):
         self.head_dim = vision_config.hidden_size // self.num_heads
         self.num_prefix_tokens = 1 + vision_config.num_register_tokens
         self.query_in_proj = nn.Linear(config.query_dim, vision_config.hidden_size)
+        if config.fixation_bias:
+            # (mu_y, mu_x, log sigma) of the fixation, read from the query vector.
+            self.fixation_proj = nn.Linear(config.query_dim, 3)
         if not config.deep_query:
-            self.shallow_attention = nn.MultiheadAttention(
-                vision_config.hidden_size, self.num_heads, batch_first=True
-            )
+            self.shallow_attention = FoveatedVLMCrossAttention(config)
             self.shallow_norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         # The mask token is only for masked-image pretraining; keep it out of the optimizer (DDP needs every
         # trainable parameter to get a gradient).
@@ -177,8 +210,11 @@ class FoveatedVLMEncoder(nn.Module):
             final_features=final_features,
         )
 
-    def _query_layer(self, layer, query_state, key_cache, value_cache):
-        """The query token through one encoder layer (no RoPE): (N, 1, D) -> (N, 1, D), attention (N, H, L + 1)."""
+    def _query_layer(self, layer, query_state, key_cache, value_cache, logit_bias):
+        """
+        The query token through one encoder layer (no RoPE): (N, 1, D) -> (N, 1, D), attention (N, H, L + 1).
+        `logit_bias` (N, L + 1) or None is added to the attention logits.
+        """
         attention = layer.attention
         N, _, D = query_state.shape
         normed = layer.norm1(query_state)
@@ -189,13 +225,30 @@ class FoveatedVLMEncoder(nn.Module):
         values = torch.cat([value_cache, own_value], dim=2)
         # One query row: explicit softmax costs the same as a fused kernel and gives the weights for diagnostics.
         logits = torch.matmul(query, keys.transpose(-1, -2)) * attention.scaling  # (N, H, 1, L + 1)
-        weights = logits.float().softmax(dim=-1).to(values.dtype)
+        logits = logits.float() / self.config.query_temperature
+        if logit_bias is not None:
+            logits = logits + logit_bias[:, None, None, :]
+        weights = logits.softmax(dim=-1).to(values.dtype)
         attended = torch.matmul(weights, values).transpose(1, 2).reshape(N, 1, D)
         attended = attention.o_proj(attended)
         query_state = query_state + layer.drop_path(layer.layer_scale1(attended))
         mlp_out = layer.layer_scale2(layer.mlp(layer.norm2(query_state)))
         query_state = query_state + layer.drop_path(mlp_out)
         return query_state, weights[:, :, 0]
+
+    def patch_coordinates(self, num_patches: int, device) -> torch.Tensor:
+        """(P, 2) patch-centre coordinates (y, x) in [-1, 1], row-major like the patch tokens."""
+        side = int(round(num_patches**0.5))
+        return get_patches_center_coordinates(side, side, dtype=torch.float32, device=device)
+
+    def fixation_logit_bias(self, queries: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+        """Gaussian fixation prior over patches: queries (N, Q) -> logit bias (N, P)."""
+        fixation = self.fixation_proj(queries).float()  # (N, 3)
+        centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
+        log_sigma = fixation[:, 2].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
+        coords = self.patch_coordinates(patch_features.shape[1], queries.device)  # (P, 2)
+        squared_distance = (coords[None] - centre[:, None]).pow(2).sum(-1)  # (N, P)
+        return -squared_distance / (2 * torch.exp(2 * log_sigma)[:, None])
 
     def query(self, queries: torch.Tensor, cache: FoveatedVLMPatchCache) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -212,20 +265,25 @@ class FoveatedVLMEncoder(nn.Module):
             map has entropy `log(P)`.
         """
         query_state = self.query_in_proj(queries).unsqueeze(1)  # (N, Q) -> (N, 1, D)
+        patch_bias = self.fixation_logit_bias(queries, cache.patch_features) if self.config.fixation_bias else None
         if self.config.deep_query:
+            logit_bias = None
+            if patch_bias is not None:  # no bias on CLS, registers and the query's own key
+                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 1))  # (N, P) -> (N, L + 1)
             layer_attention = []
             for layer, key_cache, value_cache in zip(self.backbone.model.layer, cache.keys, cache.values):
-                query_state, weights = self._query_layer(layer, query_state, key_cache, value_cache)
+                query_state, weights = self._query_layer(layer, query_state, key_cache, value_cache, logit_bias)
                 layer_attention.append(weights)
             tokens = self.backbone.norm(query_state[:, 0])  # (N, D)
             weights = torch.stack(layer_attention, dim=1).mean(dim=(1, 2))  # (N, layers, H, L + 1) -> (N, L + 1)
             patch_attention = weights[:, self.num_prefix_tokens : -1]  # own key is last
         else:
-            attended, weights = self.shallow_attention(
-                query_state, cache.final_features, cache.final_features, need_weights=True, average_attn_weights=True
-            )  # (N, 1, D), (N, 1, L)
+            logit_bias = None
+            if patch_bias is not None:
+                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 0))  # (N, P) -> (N, L)
+            attended, weights = self.shallow_attention(query_state, cache.final_features, logit_bias)
+            patch_attention = weights.mean(1)[:, self.num_prefix_tokens :]  # (N, H, L) -> (N, P)
             tokens = self.shallow_norm(query_state[:, 0] + attended[:, 0])
-            patch_attention = weights[:, 0, self.num_prefix_tokens :]
         patch_attention = patch_attention.float()
         patch_attention = patch_attention / patch_attention.sum(-1, keepdim=True).clamp_min(1e-12)
         return tokens, patch_attention
@@ -321,6 +379,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         vision_width = config.vision_config.hidden_size
         self.dino_to_llm = nn.Linear(vision_width, text_width)
         self.query_head = nn.Linear(text_width, config.query_dim)
+        if config.glimpse_position:
+            self.glimpse_to_llm = nn.Linear(3, text_width)  # (mean y, mean x, spread) of the attention
         self.prediction_head = FoveatedVLMPredictionHead(config)
 
         self.q_static = nn.Parameter(torch.empty(config.query_dim))
@@ -409,7 +469,17 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     def _read_frames(self, queries, cache, B, T):
         """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P)."""
         tokens, attention = self.encoder.query(queries.reshape(B * T, -1), cache)  # (B*T, D), (B*T, P)
-        return self.dino_to_llm(tokens).view(B, T, -1), attention.view(B, T, -1)
+        tokens = self.dino_to_llm(tokens)  # (B*T, E)
+        if self.config.glimpse_position:
+            tokens = tokens + self.glimpse_to_llm(self.glimpse_summary(attention).to(tokens.dtype))
+        return tokens.view(B, T, -1), attention.view(B, T, -1)
+
+    def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
+        """Where a glimpse landed: attention (N, P) -> (N, 3) = attention-weighted mean (y, x) and spread."""
+        coords = self.encoder.patch_coordinates(attention.shape[-1], attention.device)  # (P, 2)
+        mean = attention @ coords  # (N, 2)
+        spread = (attention @ coords.pow(2).sum(-1) - mean.pow(2).sum(-1)).clamp_min(0).sqrt()  # (N,)
+        return torch.cat([mean, spread[:, None]], dim=-1)
 
     def forward(
         self,
@@ -476,6 +546,11 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         first = self.z_vae_init.to(vae_latents.dtype).expand(vae_latents.shape[0], 1, -1, -1, -1)
         return torch.cat([first, vae_latents[:, :-1]], dim=1)
 
+    def changed_cells(self, prev_latents: torch.Tensor, vae_latents: torch.Tensor) -> torch.Tensor:
+        """1.0 where a latent cell changes from the previous latent, else 0.0: (B, T, 1, h, w)."""
+        change = (vae_latents.float() - prev_latents.float()).abs().mean(dim=2, keepdim=True)
+        return (change > self.config.changed_cell_threshold).float()
+
     def _predict(self, state_coarse, state_fine, vae_latents) -> dict:
         """Predictions and losses of both passes, through the same head in one batched call."""
         prev_latents = self.previous_latents(vae_latents)
@@ -485,8 +560,16 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         target = vae_latents.float()
         loss_coarse = F.mse_loss(pred_coarse, target)
         loss_fine = F.mse_loss(pred_fine, target)
+        if self.config.changed_cell_weight != 1.0:
+            changed = self.changed_cells(prev_latents, vae_latents)  # (B, T, 1, h, w)
+            weight = 1.0 + (self.config.changed_cell_weight - 1.0) * changed
+            weight = weight / weight.mean()
+            loss = ((pred_fine - target).pow(2) * weight).mean()
+            loss = loss + self.config.lambda_coarse * ((pred_coarse - target).pow(2) * weight).mean()
+        else:
+            loss = loss_fine + self.config.lambda_coarse * loss_coarse
         return dict(
-            loss=loss_fine + self.config.lambda_coarse * loss_coarse,
+            loss=loss,
             loss_fine=loss_fine,
             loss_coarse=loss_coarse,
             pred_fine=pred_fine,

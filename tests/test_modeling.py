@@ -153,7 +153,7 @@ def test_shallow_query():
     output = model(pixel_values, vae_latents)
     assert output.attn_dynamic.shape == (2, 4, model.config.num_patches)
     output.loss.backward()
-    assert model.encoder.shallow_attention.in_proj_weight.grad.abs().sum() > 0
+    assert model.encoder.shallow_attention.q_proj.weight.grad.abs().sum() > 0
     assert model.q_init.grad.abs().sum() > 0
 
 
@@ -291,3 +291,42 @@ def test_from_backbones_loads_the_real_smollm2_gguf(tmp_path):
     output.loss.backward()
     assert torch.isfinite(output.loss)
     assert model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("deep_query", [True, False])
+def test_foveation_options_train_and_keep_the_index_rule(deep_query):
+    model = make_model(
+        deep_query=deep_query, fixation_bias=True, glimpse_position=True, query_temperature=0.5,
+        changed_cell_weight=4.0,
+    ).train()
+    pixel_values, _ = make_batch(model.config)
+    # A still scene in which one 2x2 latent block changes per frame: few changed cells.
+    vae_latents = torch.randn(2, 1, 4, 8, 8).repeat(1, 4, 1, 1, 1)
+    for t in range(4):
+        vae_latents[:, t, :, 2 * t : 2 * t + 2, 2:4] += 3.0
+    output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert model.encoder.fixation_proj.weight.grad.abs().sum() > 0
+    assert model.glimpse_to_llm.weight.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    # The weighted training loss differs from the plain MSE pair it is reported with.
+    assert not torch.isclose(output.loss, output.loss_fine + output.loss_coarse)
+    model.eval()
+    other_pixels = pixel_values.clone()
+    other_pixels[:, 2] = torch.randn_like(other_pixels[:, 2])
+    with torch.no_grad():
+        base, moved = model(pixel_values, vae_latents), model(other_pixels, vae_latents)
+    torch.testing.assert_close(moved.pred_fine[:, :3], base.pred_fine[:, :3])
+
+
+def test_fixation_bias_moves_the_attention():
+    model = make_model(fixation_bias=True)
+    cache = model.encoder.encode_patches(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        model.encoder.fixation_proj.weight.zero_()
+        model.encoder.fixation_proj.bias.copy_(torch.tensor([3.0, 3.0, -2.0]))  # bottom-right, narrow
+        _, attention = model.encoder.query(torch.randn(1, 16), cache)
+    coords = model.encoder.patch_coordinates(attention.shape[-1], attention.device)
+    mean_position = attention @ coords  # (1, 2)
+    assert (mean_position > 0.5).all(), mean_position
