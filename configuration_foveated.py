@@ -94,6 +94,11 @@ class FoveatedVLMConfig(PretrainedConfig):
             channels above `changed_cell_threshold`); 1.0 is plain MSE. `loss_fine`/`loss_coarse` stay plain MSE.
         changed_cell_threshold (`float`, *optional*, defaults to 0.1):
             What counts as a changed cell for `changed_cell_weight` and the changed/unchanged loss split.
+        aux_current_weight (`float`, *optional*, defaults to 0.0):
+            Weight of an auxiliary loss in both passes: the shared head, given the state that has just read frame t
+            and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame it saw,
+            which the next-frame loss alone does not get started (the head ignores a state that carries nothing).
+            Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
         query_init_std (`float`, *optional*, defaults to 1.0):
             Std of the learned `q_static` and `q_init` vectors.
         mode_token_init_std (`float`, *optional*, defaults to 0.02):
@@ -128,6 +133,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         query_temperature: float = 1.0,
         changed_cell_weight: float = 1.0,
         changed_cell_threshold: float = 0.1,
+        aux_current_weight: float = 0.0,
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
         initializer_range: float = 0.02,
@@ -166,6 +172,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.query_temperature = query_temperature
         self.changed_cell_weight = changed_cell_weight
         self.changed_cell_threshold = changed_cell_threshold
+        self.aux_current_weight = aux_current_weight
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
@@ -204,6 +211,8 @@ class FoveatedVLMConfig(PretrainedConfig):
             )
         if self.query_temperature <= 0:
             raise ValueError(f"query_temperature={self.query_temperature} must be > 0")
+        if self.aux_current_weight < 0:
+            raise ValueError(f"aux_current_weight={self.aux_current_weight} must be >= 0")
         if self.changed_cell_weight <= 0:
             raise ValueError(f"changed_cell_weight={self.changed_cell_weight} must be > 0")
         if self.lambda_coarse < 0:

@@ -8,7 +8,7 @@ D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ except ImportError:  # installed as a top-level module rather than loaded as rem
 __all__ = [
     "FoveatedVLMOutput",
     "FoveatedVLMPatchCache",
+    "FoveatedVLMStreamOutput",
     "FoveatedVLMCrossAttention",
     "FoveatedVLMEncoder",
     "FoveatedVLMPredictionHead",
@@ -85,6 +86,8 @@ class FoveatedVLMOutput(ModelOutput):
             `<coarse>`, z°_1..z°_{T-1}).
         state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
         prev_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): `[z_vae_init, v_1..v_{T-1}]`.
+        loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
+            (mean of both passes), when `config.aux_current_weight > 0`; already included in `loss`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -100,6 +103,28 @@ class FoveatedVLMOutput(ModelOutput):
     state_coarse: Optional[torch.FloatTensor] = None
     state_fine: Optional[torch.FloatTensor] = None
     prev_latents: Optional[torch.FloatTensor] = None
+    loss_aux: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class FoveatedVLMStreamOutput(ModelOutput):
+    """
+    One frame t of [`FoveatedVLMModel.stream`] (B clips).
+
+    Args:
+        pred_fine (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): focused-stream prediction of latent t,
+            made before frame t was read (from frames < t and latent t-1); None when latent t-1 was not given.
+        pred_coarse (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): coarse-stream prediction of latent t.
+        query (`torch.FloatTensor` of shape `(B, Q)`): the query emitted after frame t (reads frame t+1).
+        attn_static (`torch.FloatTensor` of shape `(B, P)`): `q_static`'s attention over frame t.
+        attn_dynamic (`torch.FloatTensor` of shape `(B, P)`): the focused query's attention over frame t.
+    """
+
+    pred_fine: Optional[torch.FloatTensor] = None
+    pred_coarse: Optional[torch.FloatTensor] = None
+    query: Optional[torch.FloatTensor] = None
+    attn_static: Optional[torch.FloatTensor] = None
+    attn_dynamic: Optional[torch.FloatTensor] = None
 
 
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
@@ -522,7 +547,17 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
         state_coarse, state_fine = coarse_states[:, :T], fine_states[:, :T]
-        predictions = self._predict(state_coarse, state_fine, vae_latents) if vae_latents is not None else {}
+        predictions = {}
+        if vae_latents is not None:
+            predictions = self._predict(state_coarse, state_fine, vae_latents)
+            if self.config.aux_current_weight > 0:
+                # States that have just read frame t (positions of z_1..z_T) reconstruct latent t.
+                seen_states = torch.cat([coarse_states[:, 1:], fine_states[:, 1:]], dim=0)  # (2B, T, E)
+                prev_latents = predictions["prev_latents"].repeat(2, 1, 1, 1, 1)
+                reconstruction = self.predict_latents(seen_states, prev_latents).float()
+                loss_aux = F.mse_loss(reconstruction, vae_latents.float().repeat(2, 1, 1, 1, 1))
+                predictions["loss"] = predictions["loss"] + self.config.aux_current_weight * loss_aux
+                predictions["loss_aux"] = loss_aux
         output = FoveatedVLMOutput(
             **predictions,
             queries=queries,
@@ -576,6 +611,97 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             pred_coarse=pred_coarse,
             prev_latents=prev_latents,
         )
+
+    @torch.no_grad()
+    def stream(
+        self,
+        frames: Iterable[torch.Tensor],
+        vae_latents: Optional[Iterable[Optional[torch.Tensor]]] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        autoregressive: bool = False,
+    ) -> Iterator[FoveatedVLMStreamOutput]:
+        """
+        Streaming inference: frames arrive one at a time, each is encoded once, and two LLM streams step one token
+        per frame with their own KV caches, so the cost per frame stays constant as the clip grows.
+
+        The coarse stream reads frame t with `q_static` and emits `q_t`; the focused stream reads frame t with the
+        previous query and its state predicts the next latent. With `autoregressive=True` the next query comes from
+        the focused stream instead (what a deployed model would do; training uses the two-pass approximation).
+        Without it, stacking the outputs over t reproduces the parallel `forward`.
+
+        Args:
+            frames: iterable of `(B, 3, S, S)` ImageNet-normalised frames.
+            vae_latents: iterable of `(B, C, h, w)` latents of the same frames (or None items); latent t lets the
+                head predict latent t+1.
+            input_ids, attention_mask: optional text prepended to both streams.
+        """
+        from transformers import DynamicCache
+
+        text_width = self.config.text_config.hidden_size
+        parameter = self.q_static
+        text_embeds = (
+            self.language_model.get_input_embeddings()(input_ids)
+            if input_ids is not None
+            else parameter.new_zeros(1, 0, text_width)
+        )
+        B = text_embeds.shape[0] if input_ids is not None else None
+        coarse_cache, fine_cache = DynamicCache(config=self.config.text_config), DynamicCache(
+            config=self.config.text_config
+        )
+        latents = iter(vae_latents) if vae_latents is not None else None
+        coarse_state = fine_state = query = prev_latent = None
+        mask = attention_mask
+        for t, frame in enumerate(frames):
+            if B is None:
+                B = frame.shape[0]
+                text_embeds = text_embeds.expand(B, -1, -1)
+            if t == 0:
+                # Prime both streams with [text, mode]; their last states predict latent 1 from z_vae_init.
+                mode_inputs = lambda token: torch.cat([text_embeds, token.expand(B, 1, -1)], dim=1)  # noqa: E731
+                mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+                coarse_state = self._language_step(mode_inputs(self.coarse_token), mask, coarse_cache)
+                fine_state = self._language_step(mode_inputs(self.fine_token), mask, fine_cache)
+                query = self.q_init.expand(B, -1)
+                prev_latent = self.z_vae_init.expand(B, -1, -1, -1)
+
+            pred_fine = pred_coarse = None
+            if prev_latent is not None:
+                states = torch.cat([coarse_state, fine_state], dim=0)  # (2B, E)
+                pred_coarse, pred_fine = self.prediction_head(states, prev_latent.repeat(2, 1, 1, 1)).float().chunk(2)
+
+            cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
+            coarse_token, attn_static = self._read_frames(self.q_static.expand(B, 1, -1), cache, B, 1)
+            fine_token, attn_dynamic = self._read_frames(query.unsqueeze(1), cache, B, 1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            coarse_state = self._language_step(coarse_token, mask, coarse_cache)
+            fine_state = self._language_step(fine_token, mask, fine_cache)
+            query = self.query_head(fine_state if autoregressive else coarse_state)  # (B, Q)
+
+            latent = next(latents) if latents is not None else None
+            prev_latent = latent
+            yield FoveatedVLMStreamOutput(
+                pred_fine=pred_fine,
+                pred_coarse=pred_coarse,
+                query=query,
+                attn_static=attn_static[:, 0],
+                attn_dynamic=attn_dynamic[:, 0],
+            )
+
+    def _language_step(self, inputs_embeds, attention_mask, cache) -> torch.Tensor:
+        """Append `inputs_embeds` (B, n, E) to a stream's KV cache; return the last state (B, E)."""
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs_embeds.shape[1] :]
+        hidden = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden[:, -1]
 
     @torch.no_grad()
     def get_attention_maps(

@@ -297,7 +297,7 @@ def test_from_backbones_loads_the_real_smollm2_gguf(tmp_path):
 def test_foveation_options_train_and_keep_the_index_rule(deep_query):
     model = make_model(
         deep_query=deep_query, fixation_bias=True, glimpse_position=True, query_temperature=0.5,
-        changed_cell_weight=4.0,
+        changed_cell_weight=4.0, aux_current_weight=0.5,
     ).train()
     pixel_values, _ = make_batch(model.config)
     # A still scene in which one 2x2 latent block changes per frame: few changed cells.
@@ -310,8 +310,9 @@ def test_foveation_options_train_and_keep_the_index_rule(deep_query):
     assert model.glimpse_to_llm.weight.grad.abs().sum() > 0
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
-    # The weighted training loss differs from the plain MSE pair it is reported with.
-    assert not torch.isclose(output.loss, output.loss_fine + output.loss_coarse)
+    # The weighted training loss (plus the auxiliary term) differs from the plain MSE pair it is reported with.
+    assert output.loss_aux > 0
+    assert not torch.isclose(output.loss, output.loss_fine + output.loss_coarse + 0.5 * output.loss_aux)
     model.eval()
     other_pixels = pixel_values.clone()
     other_pixels[:, 2] = torch.randn_like(other_pixels[:, 2])
@@ -330,3 +331,33 @@ def test_fixation_bias_moves_the_attention():
     coords = model.encoder.patch_coordinates(attention.shape[-1], attention.device)
     mean_position = attention @ coords  # (1, 2)
     assert (mean_position > 0.5).all(), mean_position
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_streaming_equals_the_parallel_forward(with_text):
+    model = make_model(fixation_bias=True, glimpse_position=True)
+    pixel_values, vae_latents = make_batch(model.config)
+    text = {}
+    if with_text:
+        text = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    with torch.no_grad():
+        parallel = model(pixel_values, vae_latents, **text)
+    steps = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1), **text))
+    assert len(steps) == model.config.num_frames
+    stacked = {name: torch.stack([getattr(s, name) for s in steps], dim=1) for name in steps[0].keys()}
+    for name, reference in [
+        ("pred_fine", parallel.pred_fine), ("pred_coarse", parallel.pred_coarse), ("query", parallel.queries),
+        ("attn_static", parallel.attn_static), ("attn_dynamic", parallel.attn_dynamic),
+    ]:
+        torch.testing.assert_close(stacked[name], reference, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_autoregressive_streaming_takes_queries_from_the_focused_stream():
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    two_pass = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1)))
+    autoregressive = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1), autoregressive=True))
+    # The first frame is read with q_init either way; later frames with different queries.
+    torch.testing.assert_close(autoregressive[0].attn_dynamic, two_pass[0].attn_dynamic)
+    torch.testing.assert_close(autoregressive[1].pred_coarse, two_pass[1].pred_coarse)
+    assert not torch.allclose(autoregressive[1].attn_dynamic, two_pass[1].attn_dynamic)
