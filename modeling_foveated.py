@@ -183,9 +183,6 @@ class FoveatedVLMEncoder(nn.Module):
         if not config.deep_query:
             self.shallow_attention = FoveatedVLMCrossAttention(config)
             self.shallow_norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
-        # The mask token is only for masked-image pretraining; keep it out of the optimizer (DDP needs every
-        # trainable parameter to get a gradient).
-        self.backbone.embeddings.mask_token.requires_grad_(False)
         self.gradient_checkpointing = False
 
     def _attention_interface(self) -> Callable:
@@ -420,11 +417,15 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
         model._apply_freezing()  # loading replaces the parameters, and with them their requires_grad flags
-        return model
+        return loaded
 
     def _apply_freezing(self):
+        # The mask token is only for masked-image pretraining; keep it out of the optimizer (DDP needs every
+        # trainable parameter to get a gradient).
+        self.encoder.backbone.embeddings.mask_token.requires_grad_(False)
         if self.config.freeze_vision:
             self.encoder.backbone.requires_grad_(False)
         if self.config.freeze_text:

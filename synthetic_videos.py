@@ -1,0 +1,337 @@
+"""Synthetic benchmark videos where *where to look* matters.
+
+Each video shows a static, smooth, low-contrast textured background and several look-alike solid objects (same
+colour and shape within a video). Only some of them move, at a constant velocity, bouncing off the borders. A single
+glimpse of one frame cannot tell which look-alike moves; predicting the next frame needs tracking across frames,
+which is what a dynamic, content-dependent glimpse can do and a static one cannot.
+
+Objects are solid and large enough (side >= size / 10) to survive the 8x downsampling of the VAE latent: fine
+texture averages away there and leaves nothing to predict.
+
+Usage:
+    python synthetic_videos.py --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+__all__ = [
+    "DIFFICULTIES",
+    "EVAL_SEED_OFFSET",
+    "MODEL_NUM_FRAMES",
+    "FoveatedVLMSceneSpec",
+    "generate_video",
+    "write_video",
+    "generate_split",
+]
+
+logger = logging.getLogger(__name__)
+
+# Eval videos use seeds seed + EVAL_SEED_OFFSET + i, so train and eval never share a seed while num_train stays below.
+EVAL_SEED_OFFSET = 1_000_000
+# The model reads this many frames sampled uniformly from a video; a mover's speed is set so that it shifts by about
+# one object side between two such frames, whatever the video's length.
+MODEL_NUM_FRAMES = 8
+# Smallest luminance difference between objects and the background's base colour, out of 255.
+MIN_OBJECT_CONTRAST = 90.0
+# Peak amplitude of the background texture, out of 255: low contrast, so the texture never looks like an object.
+BACKGROUND_TEXTURE_AMPLITUDE = 12.0
+SHAPES = ("square", "disc")
+
+
+@dataclass(frozen=True)
+class FoveatedVLMSceneSpec:
+    num_moving: int
+    num_static: int
+    side_range: tuple[float, float]  # object side as a fraction of the frame size, sampled once per video
+    flicker: float  # amplitude of the global brightness flicker (0.05 = +-5 %), 0 for none
+
+
+DIFFICULTIES = {
+    "easy": FoveatedVLMSceneSpec(num_moving=1, num_static=1, side_range=(1 / 8, 1 / 6), flicker=0.0),
+    "medium": FoveatedVLMSceneSpec(num_moving=1, num_static=3, side_range=(1 / 8, 1 / 6), flicker=0.0),
+    # Smaller objects still span 1.3-1.6 latent cells at 8x downsampling.
+    "hard": FoveatedVLMSceneSpec(num_moving=2, num_static=4, side_range=(1 / 10, 1 / 8), flicker=0.05),
+}
+
+
+def _luminance(rgb: np.ndarray) -> float:
+    return float(rgb @ np.array([0.299, 0.587, 0.114]))
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random texture (size, size, 3) float32 around a dark or light base colour (3,), both in [0, 255]."""
+    low, high = (30.0, 100.0) if rng.random() < 0.5 else (155.0, 225.0)
+    base_colour = rng.uniform(low, high, size=3)
+    coords = (np.arange(size) + 0.5) / size
+    y, x = np.meshgrid(coords, coords, indexing="ij")  # (size, size) each
+    texture = np.zeros((size, size, 3))
+    # A few low-frequency plane waves (1-4 cycles per frame), each with its own tint.
+    num_waves = 4
+    for _ in range(num_waves):
+        freq_x, freq_y = rng.uniform(-4.0, 4.0, size=2)
+        wave = np.sin(2 * np.pi * (freq_x * x + freq_y * y) + rng.uniform(0, 2 * np.pi))  # (size, size)
+        tint = rng.uniform(0.5, 1.0, size=3)
+        texture += wave[..., None] * tint * (BACKGROUND_TEXTURE_AMPLITUDE / num_waves)
+    return (base_colour + texture).astype(np.float32), base_colour
+
+
+def _object_colour(rng: np.random.Generator, background_colour: np.ndarray) -> np.ndarray:
+    background_luminance = _luminance(background_colour)
+    while True:  # rejection sampling: about half of all colours pass for any background base colour
+        colour = rng.uniform(0.0, 255.0, size=3)
+        if abs(_luminance(colour) - background_luminance) >= MIN_OBJECT_CONTRAST:
+            return colour.astype(np.float32)
+
+
+def _place_without_overlap(rng: np.random.Generator, num_objects: int, side: float, size: int) -> np.ndarray:
+    """Top-left corners (num_objects, 2) as (x, y) of squares of `side` that keep a gap of at least 2 px."""
+    gap = 2.0
+    corners = []
+    for _ in range(10_000):
+        candidate = rng.uniform(0.0, size - side, size=2)
+        if all(np.abs(candidate - other).max() >= side + gap for other in corners):
+            corners.append(candidate)
+            if len(corners) == num_objects:
+                return np.stack(corners)
+    raise RuntimeError(f"could not place {num_objects} objects of side {side:.1f} px in a {size} px frame")
+
+
+def _bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int, extent: float) -> np.ndarray:
+    """Positions (num_frames, 2) of a point moving at `velocity` px/frame inside [0, extent], reflected at the ends."""
+    unfolded = start + velocity * np.arange(num_frames)[:, None]  # (F, 2)
+    folded = np.mod(unfolded, 2 * extent)
+    return np.where(folded <= extent, folded, 2 * extent - folded)
+
+
+def _coverage_1d(low: float, high: float, pixels: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel [i, i+1) covered by the interval [low, high): anti-aliased edges for sub-pixel motion."""
+    return np.clip(np.minimum(pixels + 1, high) - np.maximum(pixels, low), 0.0, 1.0)
+
+
+def _paint(frame: np.ndarray, shape: str, box: np.ndarray, colour: np.ndarray) -> None:
+    """Blend a solid anti-aliased square or disc filling `box` = [x0, y0, x1, y1] into `frame` (S, S, 3), in place."""
+    size = frame.shape[0]
+    x0, y0, x1, y1 = box
+    # Only the pixels around the box (a disc's soft edge reaches half a pixel beyond it) are touched.
+    ys = np.arange(max(int(y0) - 1, 0), min(int(np.ceil(y1)) + 1, size))
+    xs = np.arange(max(int(x0) - 1, 0), min(int(np.ceil(x1)) + 1, size))
+    if shape == "square":
+        alpha = _coverage_1d(y0, y1, ys)[:, None] * _coverage_1d(x0, x1, xs)[None, :]
+    else:
+        distance = np.hypot(xs[None, :] + 0.5 - (x0 + x1) / 2, ys[:, None] + 0.5 - (y0 + y1) / 2)
+        alpha = np.clip((x1 - x0) / 2 - distance + 0.5, 0.0, 1.0)
+    patch = frame[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]  # (h, w, 3) view
+    patch += alpha[..., None] * (colour - patch)
+
+
+def generate_video(
+    seed: int, difficulty: str = "medium", size: int = 128, num_video_frames: int = 16
+) -> tuple[np.ndarray, dict]:
+    """Render one synthetic video, fully determined by its arguments.
+
+    Returns:
+        frames: uint8 array (num_video_frames, size, size, 3), RGB.
+        ground_truth: {"seed", "difficulty", "size", "num_video_frames", "frames": [{"objects": [{"box", "moving"}]}]}.
+            Boxes are [x0, y0, x1, y1] in continuous pixel coordinates (pixel i spans [i, i+1)); objects keep their
+            order in every frame, so index k is the same object throughout.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+    if size < 32 or size % 2:
+        raise ValueError(f"size must be an even number >= 32 (H.264 with yuv420p needs even sides), got {size}")
+    if num_video_frames < 2:
+        raise ValueError(f"num_video_frames must be >= 2 so that something can move, got {num_video_frames}")
+    spec = DIFFICULTIES[difficulty]
+    rng = np.random.default_rng(seed)
+
+    background, background_colour = _background(rng, size)  # (S, S, 3)
+    colour = _object_colour(rng, background_colour)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    side = rng.uniform(*spec.side_range) * size
+    num_objects = spec.num_moving + spec.num_static
+    corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
+
+    # Movers first. Between two of the MODEL_NUM_FRAMES frames sampled uniformly from the video a mover shifts by
+    # about one side: far enough to change the latent, close enough to be tracked.
+    frames_between_samples = (num_video_frames - 1) / (MODEL_NUM_FRAMES - 1)
+    tracks = []  # K arrays of (F, 2) top-left corners
+    for k in range(num_objects):
+        if k < spec.num_moving:
+            angle = rng.uniform(0.0, 2 * np.pi)
+            speed = side / frames_between_samples * rng.uniform(0.8, 1.2)
+            velocity = speed * np.array([np.cos(angle), np.sin(angle)])
+            tracks.append(_bounce(corners[k], velocity, num_video_frames, size - side))
+        else:
+            tracks.append(np.repeat(corners[k][None], num_video_frames, axis=0))
+
+    # A slow sinusoidal flicker: mild, global, and predictable from the frames seen so far.
+    flicker_period = rng.uniform(4.0, 8.0)
+    flicker_phase = rng.uniform(0.0, 2 * np.pi)
+    gains = 1.0 + spec.flicker * np.sin(2 * np.pi * np.arange(num_video_frames) / flicker_period + flicker_phase)
+
+    frames = np.empty((num_video_frames, size, size, 3), dtype=np.uint8)
+    ground_truth_frames = []
+    for t in range(num_video_frames):
+        frame = background.copy()
+        objects = []
+        # Static objects first, movers on top: a mover passing over a look-alike stays whole.
+        for k in reversed(range(num_objects)):
+            x0, y0 = tracks[k][t]
+            box = np.array([x0, y0, x0 + side, y0 + side])
+            _paint(frame, shape, box, colour)
+            objects.append({"box": [round(float(v), 3) for v in box], "moving": k < spec.num_moving})
+        frames[t] = np.clip(np.rint(frame * gains[t]), 0, 255).astype(np.uint8)
+        ground_truth_frames.append({"objects": objects[::-1]})
+
+    ground_truth = {
+        "seed": seed,
+        "difficulty": difficulty,
+        "size": size,
+        "num_video_frames": num_video_frames,
+        "frames": ground_truth_frames,
+    }
+    return frames, ground_truth
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+    """Write uint8 RGB frames (F, H, W, 3) as an H.264 mp4 (libx264, yuv420p, crf 17: visually lossless)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    # faststart puts the index (moov atom) before the data, as streaming players and partial downloads expect.
+    with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "17", "preset": "medium"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write through a temporary file so that an interrupted run never leaves a complete-looking broken file."""
+    temporary_path = path.with_name(f".tmp-{path.name}")
+    write(temporary_path)
+    os.replace(temporary_path, path)
+
+
+def _video_params(seed: int, difficulty: str, size: int, fps: float, num_video_frames: int) -> dict:
+    return {"seed": seed, "difficulty": difficulty, "size": size, "fps": fps, "num_video_frames": num_video_frames}
+
+
+def _is_up_to_date(video_path: Path, sidecar_path: Path, params: dict) -> bool:
+    if not (video_path.is_file() and sidecar_path.is_file()):
+        return False
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return all(sidecar.get(key) == value for key, value in params.items())
+
+
+def generate_split(
+    output_dir: str | os.PathLike,
+    num_train: int,
+    num_eval: int,
+    difficulty: str = "medium",
+    size: int = 128,
+    num_video_frames: int = 16,
+    fps: float = 8.0,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Write output_dir/{train,eval}/video_XXXXXX.mp4, each with a JSON sidecar video_XXXXXX.json holding
+    generate_video's ground truth plus the fps.
+
+    Train videos use seeds seed .. seed+num_train-1, eval videos seed+EVAL_SEED_OFFSET+i: the eval split is held out
+    by seed. A video whose files already exist with the same parameters is not rendered again.
+
+    Returns:
+        {"train": [mp4 paths], "eval": [mp4 paths]}, written or reused, in seed order.
+    """
+    if not 0 <= num_train <= EVAL_SEED_OFFSET:
+        raise ValueError(f"num_train must be in [0, {EVAL_SEED_OFFSET}] to keep eval seeds disjoint, got {num_train}")
+    if num_eval < 0:
+        raise ValueError(f"num_eval must be >= 0, got {num_eval}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    split_seeds = {
+        "train": [seed + i for i in range(num_train)],
+        "eval": [seed + EVAL_SEED_OFFSET + i for i in range(num_eval)],
+    }
+    paths = {}
+    num_reused = 0
+    for split, seeds in split_seeds.items():
+        split_dir = Path(output_dir) / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        paths[split] = []
+        for i, video_seed in enumerate(seeds):
+            video_path = split_dir / f"video_{i:06d}.mp4"
+            sidecar_path = video_path.with_suffix(".json")
+            params = _video_params(video_seed, difficulty, size, fps, num_video_frames)
+            paths[split].append(str(video_path))
+            if _is_up_to_date(video_path, sidecar_path, params):
+                num_reused += 1
+                continue
+            frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames)
+            _write_atomically(video_path, lambda p: write_video(p, frames, fps))
+            # The sidecar goes last: its presence with matching params marks the pair as complete.
+            sidecar = {**params, "frames": ground_truth["frames"]}
+            _write_atomically(sidecar_path, lambda p: p.write_text(json.dumps(sidecar)))
+    logger.info("%d videos written, %d reused", num_train + num_eval - num_reused, num_reused)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="Folder that receives train/ and eval/.")
+    parser.add_argument("--num_train", type=int, default=512, help="Number of train videos (seeds seed..seed+N-1).")
+    parser.add_argument(
+        "--num_eval", type=int, default=64, help=f"Number of eval videos (seeds seed+{EVAL_SEED_OFFSET}+i)."
+    )
+    parser.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTIES),
+        default="medium",
+        help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker.",
+    )
+    parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
+    parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")
+    parser.add_argument("--fps", type=float, default=8.0, help="Frame rate written into the mp4.")
+    parser.add_argument("--seed", type=int, default=0, help="First train seed; eval seeds are offset from it.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    start = time.perf_counter()
+    paths = generate_split(
+        args.output_dir,
+        num_train=args.num_train,
+        num_eval=args.num_eval,
+        difficulty=args.difficulty,
+        size=args.size,
+        num_video_frames=args.num_video_frames,
+        fps=args.fps,
+        seed=args.seed,
+    )
+    spec = DIFFICULTIES[args.difficulty]
+    print(
+        f"{len(paths['train'])} train + {len(paths['eval'])} eval videos in {args.output_dir} "
+        f"({args.difficulty}: {spec.num_moving} moving + {spec.num_static} static look-alikes; "
+        f"{args.num_video_frames} frames of {args.size}x{args.size} at {args.fps:g} fps) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Helpers shared by the tests."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Prepended to the child's code: a checkpoint folder must load through transformers' remote-code path alone, so the
+# child must not find this repository's own modules, whether through the working directory, PYTHONPATH or an
+# editable install. Remote code is imported as `transformers_modules.<...>.processing_foveated`, a dotted name that
+# this finder lets through.
+_BLOCK_PROJECT_MODULES = '''
+import importlib.abc
+import sys
+
+class _BlockProjectModules(importlib.abc.MetaPathFinder):
+    names = {"synthetic_videos", "precompute_latents", "train_hf"}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if "." not in fullname and (fullname.endswith("_foveated") or fullname in self.names):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by run_isolated_python)", name=fullname)
+        return None
+
+sys.meta_path.insert(0, _BlockProjectModules())
+del importlib, sys, _BlockProjectModules
+'''
+
+
+def run_isolated_python(code: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python in `cwd` that cannot import this repository's modules (`*_foveated`,
+    `synthetic_videos`, ...), offline, with its own transformers remote-code cache under `cwd`.
+    Fails the calling test, showing stdout and stderr, when the child exits non-zero."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "hf_modules"))
+    python_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join(python_path)
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_PROJECT_MODULES + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"isolated python exited with {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}",
+            pytrace=False,
+        )
+    return result
+
+
+@pytest.fixture(name="run_isolated_python")
+def _run_isolated_python_fixture():
+    """The helper as a fixture: `def test_x(tmp_path, run_isolated_python): run_isolated_python(code, tmp_path)`."""
+    return run_isolated_python

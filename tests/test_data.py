@@ -1,0 +1,433 @@
+"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation.
+
+One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
+random VAE feeds most tests; tests that rerun it copy its output folder first.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+import precompute_latents
+from data_foveated import (
+    COLUMNS,
+    LLAVA_CAPTIONS_FILE,
+    LLAVA_VIDEO_DIR,
+    MAX_MOVING_BOXES,
+    VAE_ENCODE_COUNTS,
+    FoveatedVLMDataCollator,
+    download_llava_video_slice,
+    find_videos,
+    load_llava_captions,
+    load_precomputed,
+    make_tiny_vae,
+    precompute_dataset,
+    split_train_eval,
+)
+from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
+from synthetic_videos import generate_split
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T, S = 4, 64  # latents (4, 4, 8, 8)
+SHARD_SIZE = 4  # 10 files -> shards of 4, 4, 2
+NUM_GOOD = 6
+BROKEN = ("empty.mp4", "random_bytes.mp4", "truncated.mp4", "text_renamed.mp4")
+CAPTIONS = {"video_000001": "a square moves to the left"}
+
+
+def precompute(video_dir: Path, output_dir: Path, vae: str, **overrides) -> datasets.Dataset:
+    settings = dict(num_frames=T, image_size=S, vae=vae, batch_size=2, shard_size=SHARD_SIZE, captions=CAPTIONS)
+    return precompute_dataset(find_videos(video_dir), output_dir, **{**settings, **overrides})
+
+
+def precompute_counting_vae_frames(*args, **kwargs) -> tuple[datasets.Dataset, int]:
+    """`precompute`, and the number of frames the VAE encoded in this process meanwhile."""
+    before = VAE_ENCODE_COUNTS["frames"]
+    dataset = precompute(*args, **kwargs)
+    return dataset, VAE_ENCODE_COUNTS["frames"] - before
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    # "hard" scenes have 2 movers: the boxes test sees filled and absent rows.
+    generate_split(root, num_train=NUM_GOOD, num_eval=0, difficulty="hard", size=S, num_video_frames=12, fps=8.0)
+    good_bytes = (root / "train" / "video_000000.mp4").read_bytes()
+    broken_dir = root / "broken"
+    broken_dir.mkdir()
+    (broken_dir / "empty.mp4").write_bytes(b"")
+    (broken_dir / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (broken_dir / "truncated.mp4").write_bytes(good_bytes[: len(good_bytes) // 2])
+    (broken_dir / "text_renamed.mp4").write_text("not a video, just text\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> str:
+    """A random AutoencoderKL with the SD VAE's 8x downsampling and 4 latent channels, 8 channels wide."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=S,
+    )
+    path = tmp_path_factory.mktemp("tiny_vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def precomputed(video_dir, tiny_vae, tmp_path_factory):
+    """(output_dir, dataset, frames the VAE encoded) of a first run with 2 decode workers."""
+    output_dir = tmp_path_factory.mktemp("precomputed")
+    dataset, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae, num_proc=2)
+    return output_dir, dataset, frames
+
+
+def copy_of(output_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "precomputed"
+    shutil.copytree(output_dir, copy)
+    return copy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Discovery and splits
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_find_videos_is_recursive_case_insensitive_and_sorted(tmp_path):
+    for name in ("b.mp4", "a/c.MOV", "a/d.webm", "a/b/e.MkV", "f.avi", "notes.txt", "g.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    found = find_videos(tmp_path)
+    assert found == sorted(found)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/e.MkV", "a/c.MOV", "a/d.webm", "b.mp4", "f.avi"]
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_videos(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no videos"):
+        find_videos(tmp_path / "empty")
+
+
+def test_split_train_eval_is_stable_when_videos_are_added():
+    paths = [f"videos/clip_{i:04d}.mp4" for i in range(400)]
+    train, held_out = split_train_eval(paths, eval_fraction=0.2, seed=0)
+    assert sorted(map(str, train + held_out)) == sorted(paths) and 50 < len(held_out) < 110
+    more_train, more_held_out = split_train_eval(paths + [f"videos/new_{i}.mp4" for i in range(100)], 0.2, seed=0)
+    assert set(held_out) <= set(more_held_out) and set(train) <= set(more_train)
+    assert split_train_eval(paths, 0.2, seed=1)[1] != held_out
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_train_eval(paths, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LLaVA-Video-178K (the Hub is out of reach here: the parser reads a fixture, the download is faked)
+# --------------------------------------------------------------------------------------------------------------------
+
+LLAVA_RECORDS = [
+    {
+        "id": "v_abc",
+        "video": "academic_source/Charades/ABC12.mp4",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe this video in detail."},
+            {"from": "gpt", "value": " A man opens a fridge. "},
+        ],
+    },
+    {
+        "id": "v_xyz",
+        "video": "academic_source/NextQA/1010/4771.mp4",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat happens?"},
+            {"from": "gpt", "value": "A dog runs."},
+        ],
+    },
+]
+
+
+def test_load_llava_captions_keys_by_video_stem(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(LLAVA_RECORDS))
+    assert load_llava_captions(path) == {"ABC12": "A man opens a fridge.", "4771": "A dog runs."}
+
+    path.write_text(json.dumps([{"video": "x.mp4", "conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match=r"record 0 \(x.mp4\) has no 'gpt' turn"):
+        load_llava_captions(path)
+    path.write_text(json.dumps([{"id": "no video"}]))
+    with pytest.raises(ValueError, match="record 0 needs the fields"):
+        load_llava_captions(path)
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def test_download_llava_video_slice_extracts_once_and_safely(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    members = {"academic_source/Charades/ABC12.mp4": b"video bytes"}
+    requests = []
+
+    def fake_snapshot_download(repo_id, repo_type, local_dir, allow_patterns):
+        requests.append((repo_id, repo_type, allow_patterns))
+        for pattern in allow_patterns:
+            (Path(local_dir) / pattern).parent.mkdir(parents=True, exist_ok=True)
+            content = json.dumps(LLAVA_RECORDS).encode() if pattern.endswith(".json") else _tar_gz(members)
+            (Path(local_dir) / pattern).write_bytes(content)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    root = download_llava_video_slice(tmp_path / "llava", num_video_tars=2)
+    assert requests[0][:2] == ("lmms-lab/LLaVA-Video-178K", "dataset")
+    assert requests[0][2][1:] == [
+        "0_30_s_academic_v0_1/0_30_s_academic_v0_1_videos_1.tar.gz",
+        "0_30_s_academic_v0_1/0_30_s_academic_v0_1_videos_2.tar.gz",
+    ]
+    assert [p.name for p in find_videos(root / LLAVA_VIDEO_DIR)] == ["ABC12.mp4"]
+    assert load_llava_captions(root / LLAVA_CAPTIONS_FILE)["ABC12"] == "A man opens a fridge."
+
+    # Extracted archives are skipped: an edited file survives a second call.
+    extracted = root / LLAVA_VIDEO_DIR / "academic_source/Charades/ABC12.mp4"
+    extracted.write_bytes(b"edited")
+    download_llava_video_slice(tmp_path / "llava", num_video_tars=2)
+    assert extracted.read_bytes() == b"edited"
+
+    # A member escaping the destination folder is refused.
+    members = {"../escaped.mp4": b"x"}
+    with pytest.raises(tarfile.OutsideDestinationError):
+        download_llava_video_slice(tmp_path / "evil")
+    assert not (tmp_path / "evil" / "escaped.mp4").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precompute
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_precompute_keeps_every_good_video_and_lists_every_broken_one(precomputed, video_dir):
+    output_dir, dataset, frames_encoded = precomputed
+    good = sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
+    assert sorted(dataset["video_path"]) == good
+    assert frames_encoded == NUM_GOOD * T  # the broken rows never reach the VAE
+
+    failures = [json.loads(line) for line in (output_dir / "failures.jsonl").read_text().splitlines()]
+    assert sorted(Path(f["video_path"]).name for f in failures) == sorted(BROKEN)
+    assert all(f["reason"] for f in failures)
+    reasons = {Path(f["video_path"]).name: f["reason"] for f in failures}
+    assert "empty" in reasons["empty.mp4"]
+    counts = json.loads((output_dir / "precompute.json").read_text())["counts"]
+    assert counts == {"num_in": NUM_GOOD + len(BROKEN), "num_ok": NUM_GOOD, "num_failed": len(BROKEN)}
+
+
+def test_precomputed_features_shapes_and_values(precomputed, tiny_vae):
+    output_dir, dataset, _ = precomputed
+    assert list(dataset.features) == list(COLUMNS)
+    assert dataset.features["frames"] == datasets.Array4D((T, S, S, 3), "uint8")
+    assert dataset.features["vae_latents"] == datasets.Array4D((T, 4, S // 8, S // 8), "float32")
+    assert dataset.features["moving_boxes"] == datasets.Array3D((T, MAX_MOVING_BOXES, 4), "float32")
+    assert dataset.features["frame_indices"] == datasets.Sequence(datasets.Value("int32"))
+    assert dataset.features["fps"] == datasets.Value("float32")
+
+    rows = load_precomputed(output_dir)
+    row = rows[1]
+    assert row["video_id"] == "video_000001" and row["caption"] == CAPTIONS["video_000001"]
+    assert rows[0]["caption"] == ""
+    assert float(row["fps"]) == pytest.approx(8.0)
+
+    # The frames are load_video's, the latents the VAE's mean of exactly those frames, times scaling_factor.
+    frames, info = load_video(row["video_path"], T, S)
+    assert row["frame_indices"].tolist() == info["frame_indices"]
+    assert torch.equal(row["frames"], torch.from_numpy(frames).long())
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    with torch.no_grad():
+        expected = vae.encode(frames_to_vae_pixel_values(frames)).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(row["vae_latents"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_moving_boxes_come_from_the_sidecar(precomputed):
+    output_dir, _, _ = precomputed
+    row = load_precomputed(output_dir)[0]
+    sidecar = json.loads(Path(row["video_path"]).with_suffix(".json").read_text())
+    for t, frame_index in enumerate(row["frame_indices"].tolist()):
+        moving = [obj["box"] for obj in sidecar["frames"][frame_index]["objects"] if obj["moving"]]
+        assert len(moving) == 2  # "hard" scenes
+        expected = transform_box(moving, (S, S), S, "crop")
+        np.testing.assert_allclose(row["moving_boxes"][t, :2].numpy(), expected, atol=1e-6)
+        assert (row["moving_boxes"][t, 2:] == -1).all()
+
+
+def test_moving_boxes_without_a_sidecar_and_a_broken_sidecar(video_dir, tiny_vae, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(video_dir / "train" / "video_000000.mp4", videos / "no_sidecar.mp4")
+    shutil.copy(video_dir / "train" / "video_000001.mp4", videos / "broken_sidecar.mp4")
+    (videos / "broken_sidecar.json").write_text('{"frames": [')
+    dataset = precompute(videos, tmp_path / "out", tiny_vae).with_format("torch")
+    assert dataset["video_id"] == ["no_sidecar"]
+    assert (dataset[0]["moving_boxes"] == -1).all()
+    (failure,) = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert failure["video_path"].endswith("broken_sidecar.mp4") and "sidecar broken_sidecar.json" in failure["reason"]
+
+
+def test_second_identical_run_does_no_vae_work(precomputed, video_dir, tiny_vae, tmp_path):
+    output_dir, dataset, _ = precomputed
+    output_dir = copy_of(output_dir, tmp_path)
+    rerun, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
+    assert frames == 0 and rerun["video_path"] == dataset["video_path"]
+
+    # Without the final dataset, the shards' map caches are hit: still no VAE work, same content.
+    shutil.rmtree(output_dir / "dataset")
+    rebuilt, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
+    assert frames == 0
+    rebuilt = rebuilt.with_format("torch")
+    assert rebuilt["video_path"] == dataset["video_path"]
+    assert torch.equal(rebuilt[:]["vae_latents"], dataset.with_format("torch")[:]["vae_latents"])
+
+
+def test_resume_redoes_only_the_missing_shard(precomputed, video_dir, tiny_vae, tmp_path):
+    output_dir, dataset, _ = precomputed
+    output_dir = copy_of(output_dir, tmp_path)
+    # An interruption: the final dataset was never written and one shard never finished.
+    shutil.rmtree(output_dir / "dataset")
+    (settings_dir,) = (output_dir / "shards").iterdir()
+    # Sorted paths put the 4 broken files (broken/) in shard 0, videos 0-3 in shard 1, videos 4-5 in shard 2.
+    shards = sorted(settings_dir.iterdir())
+    shutil.rmtree(shards[1])
+    resumed, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
+    assert frames == SHARD_SIZE * T
+    assert sorted(settings_dir.iterdir()) == shards
+    assert resumed["video_path"] == dataset["video_path"]
+
+
+def test_changing_num_frames_or_the_vae_invalidates(precomputed, video_dir, tiny_vae, tmp_path):
+    output_dir, _, _ = precomputed
+    output_dir = copy_of(output_dir, tmp_path)
+    changed, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae, num_frames=3)
+    assert frames == NUM_GOOD * 3
+    assert changed.features["vae_latents"].shape == (3, 4, S // 8, S // 8)
+
+    other_vae = tmp_path / "other_vae"
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(other_vae)
+    assert precompute_counting_vae_frames(video_dir, output_dir, str(other_vae))[1] == NUM_GOOD * T
+    assert len(list((output_dir / "shards").iterdir())) == 3  # one cache folder per (T, S, VAE, ...) setting
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training side
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("a square moves to the left".split())}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_collator_in_a_dataloader_with_two_workers(precomputed):
+    output_dir, _, _ = precomputed
+    dataset = load_precomputed(output_dir)
+    collator = FoveatedVLMDataCollator(tokenizer=tiny_tokenizer(), max_text_length=16)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collator)
+    batches = list(loader)
+    assert len(batches) == NUM_GOOD // 2
+    batch = batches[0]
+    assert batch["pixel_values"].shape == (2, T, 3, S, S) and batch["pixel_values"].dtype == torch.float32
+    assert batch["vae_latents"].shape == (2, T, 4, S // 8, S // 8) and batch["vae_latents"].dtype == torch.float32
+    assert batch["moving_boxes"].shape == (2, T, MAX_MOVING_BOXES, 4)
+    # Row 0 has no caption, row 1 has six words: padded to 6, row 0 all padding.
+    assert batch["input_ids"].shape == (2, 6)
+    assert batch["attention_mask"].tolist() == [[0] * 6, [1] * 6]
+    # ImageNet normalisation of uint8 frames stays within about [-2.2, 2.7].
+    assert -2.2 < batch["pixel_values"].min() and batch["pixel_values"].max() < 2.7
+
+    without_text = FoveatedVLMDataCollator()([dataset[0], dataset[1]])
+    assert set(without_text) == {"pixel_values", "vae_latents", "moving_boxes"}
+
+
+def test_load_precomputed_names_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no saved dataset"):
+        load_precomputed(tmp_path)
+
+
+def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, capsys):
+    path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
+    assert "held-out PSNR" in capsys.readouterr().out
+    vae = AutoencoderKL.from_pretrained(path)
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x downsampling
+    weights = Path(path) / "diffusion_pytorch_model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2) == path
+    assert weights.stat().st_mtime_ns == written and capsys.readouterr().out == ""
+    make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=3)
+    assert weights.stat().st_mtime_ns != written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line, alone and under accelerate launch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cli_arguments(video_dir: Path, output_dir: Path, vae: str) -> list[str]:
+    return [
+        "--video_dir", str(video_dir), "--output_dir", str(output_dir), "--vae", vae, "--num_frames", str(T),
+        "--image_size", str(S), "--batch_size", "2", "--shard_size", "2",
+    ]  # fmt: skip
+
+
+def run_cli(command: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, capsys):
+    ok = run_cli([sys.executable, "precompute_latents.py", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
+    assert ok.returncode == 0, ok.stderr
+    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stdout
+    assert len(datasets.load_from_disk(str(tmp_path / "all" / "dataset"))) == NUM_GOOD
+
+    # In this process: a second interpreter start would only repeat what the run above showed.
+    assert precompute_latents.main(cli_arguments(video_dir / "broken", tmp_path / "none", tiny_vae)) == 1
+    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in capsys.readouterr().out
+
+
+def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, tmp_path):
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    arguments = cli_arguments(video_dir / "train", tmp_path / "out", tiny_vae)
+    result = run_cli([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "precompute_latents.py", *arguments])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    assert sorted(dataset["video_path"]) == sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
+    assert len(set(dataset["video_path"])) == len(dataset) == NUM_GOOD
+    # 6 videos in shards of 2: both processes wrote shards, each exactly once.
+    (settings_dir,) = (tmp_path / "out" / "shards").iterdir()
+    assert all((shard / "latents.arrow").is_file() for shard in settings_dir.iterdir())
+    assert len(list(settings_dir.iterdir())) == 3

