@@ -53,12 +53,55 @@ def foveation_metrics(model, outputs, inputs) -> dict[str, torch.Tensor]:
 
     Return the same keys on every call: the trainer reduces them across processes by name.
     """
-    return {
+    metrics = {
         "loss/fine": outputs.loss_fine,
         "loss/coarse": outputs.loss_coarse,
         "attention/entropy_static": outputs.entropy_static,
         "attention/entropy_dynamic": outputs.entropy_dynamic,
     }
+    if outputs.pred_fine is None:
+        return metrics
+    target = inputs["vae_latents"].float()
+    with torch.no_grad():
+        # Targets t >= 2 have a previous latent; the first is the same task in both passes and dominates the mean.
+        later = slice(1, None)
+        metrics["loss/fine_t2"] = (outputs.pred_fine[:, later] - target[:, later]).pow(2).mean()
+        metrics["loss/coarse_t2"] = (outputs.pred_coarse[:, later] - target[:, later]).pow(2).mean()
+        metrics["loss/copy_t2"] = (outputs.prev_latents[:, later].float() - target[:, later]).pow(2).mean()
+        # Loss split into latent cells that change from the previous frame and cells that do not.
+        changed = model.changed_cells(outputs.prev_latents, target)[:, later]  # (B, T-1, 1, h, w)
+        fine_error = (outputs.pred_fine[:, later] - target[:, later]).pow(2).mean(2, keepdim=True)
+        metrics["loss/fine_changed"] = (fine_error * changed).sum() / changed.sum().clamp_min(1)
+        metrics["loss/fine_unchanged"] = (fine_error * (1 - changed)).sum() / (1 - changed).sum().clamp_min(1)
+        # State contribution: the head's loss with each clip's LLM state swapped for another clip's. Zero means
+        # the head ignores the LLM, and then no gradient asks the queries to become selective.
+        for name, states, predicted in (
+            ("fine", outputs.state_fine, outputs.pred_fine), ("coarse", outputs.state_coarse, outputs.pred_coarse)
+        ):
+            swapped = model.predict_latents(states.roll(1, dims=0), outputs.prev_latents).float()
+            swapped_loss = (swapped[:, later] - target[:, later]).pow(2).mean()
+            metrics[f"diag/state_contribution_{name}"] = swapped_loss - (predicted[:, later] - target[:, later]).pow(
+                2
+            ).mean()
+        if "moving_boxes" in inputs:
+            inside = moving_box_patch_mask(inputs["moving_boxes"], outputs.attn_static.shape[-1])  # (B, T, P)
+            metrics["tracking/dynamic"] = (outputs.attn_dynamic * inside).sum(-1).mean()
+            metrics["tracking/static"] = (outputs.attn_static * inside).sum(-1).mean()
+            metrics["tracking/chance"] = inside.mean(-1).mean()
+    return metrics
+
+
+def moving_box_patch_mask(moving_boxes: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """1.0 for patches whose centre lies in a moving object's box: boxes (B, T, K, 4) normalised xyxy, -1 rows
+    absent -> (B, T, P)."""
+    side = int(round(num_patches**0.5))
+    centres = (torch.arange(side, device=moving_boxes.device, dtype=torch.float32) + 0.5) / side
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    xs, ys = xs.flatten(), ys.flatten()  # (P,)
+    boxes = moving_boxes.float()[..., None]  # (B, T, K, 4, 1)
+    inside = (xs >= boxes[..., 0, :]) & (xs <= boxes[..., 2, :]) & (ys >= boxes[..., 1, :]) & (ys <= boxes[..., 3, :])
+    valid = (moving_boxes[..., 0] >= 0)[..., None]  # (B, T, K, 1)
+    return (inside & valid).any(dim=2).float()
 
 
 def derived_metrics(means: dict[str, float]) -> dict[str, float]:
@@ -67,10 +110,13 @@ def derived_metrics(means: dict[str, float]) -> dict[str, float]:
     if "loss/fine" not in means or "loss/coarse" not in means:
         return {}
     fine, coarse = means["loss/fine"], means["loss/coarse"]
-    return {
+    derived = {
         "loss/ratio": coarse / fine if fine > 0 else math.inf,
         "improvement": (coarse - fine) / coarse if coarse > 0 else 0.0,
     }
+    if means.get("loss/coarse_t2", 0) > 0:
+        derived["improvement_t2"] = (means["loss/coarse_t2"] - means["loss/fine_t2"]) / means["loss/coarse_t2"]
+    return derived
 
 
 class FoveatedTrainer(Trainer):

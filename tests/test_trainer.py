@@ -394,3 +394,33 @@ def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsy
     assert trainer.state.global_step == 1
     assert "Peak memory:" in capsys.readouterr().out
     assert not list((tmp_path / "profile").glob("checkpoint-*"))
+
+
+def test_foveation_diagnostics():
+    from tiny import tiny_config
+
+    from modeling_foveated import FoveatedVLMModel
+    from trainer_foveated import foveation_metrics, moving_box_patch_mask
+
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config()).eval()
+    pixel_values, vae_latents = torch.randn(3, 4, 3, 64, 64), torch.randn(3, 4, 4, 8, 8)
+    boxes = -torch.ones(3, 4, 4, 4)
+    boxes[:, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # the top-left quarter: 4 of 16 patches
+    mask = moving_box_patch_mask(boxes, 16)
+    assert mask.sum(-1).eq(4).all() and mask[0, 0].view(4, 4)[:2, :2].eq(1).all()
+    with torch.no_grad():
+        model.prediction_head.film[-1].weight.normal_(std=1.0)  # a head that reads its state strongly
+        outputs = model(pixel_values, vae_latents)
+        metrics = foveation_metrics(model, outputs, {"vae_latents": vae_latents, "moving_boxes": boxes})
+    torch.testing.assert_close(metrics["tracking/chance"], torch.tensor(0.25))
+    expected_copy = (vae_latents[:, :-1] - vae_latents[:, 1:]).pow(2).mean()
+    torch.testing.assert_close(metrics["loss/copy_t2"], expected_copy)
+    # A head that ignores its state loses nothing when states are swapped across clips.
+    with torch.no_grad():
+        model.prediction_head.film[-1].weight.zero_()
+        model.prediction_head.film[-1].bias.zero_()
+        outputs = model(pixel_values, vae_latents)
+        ignored = foveation_metrics(model, outputs, {"vae_latents": vae_latents})
+    assert ignored["diag/state_contribution_fine"].abs() < 1e-6
+    assert metrics["diag/state_contribution_fine"].abs() > 1e-6
