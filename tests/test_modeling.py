@@ -4,7 +4,6 @@ import pytest
 import torch
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 
-from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 
 
