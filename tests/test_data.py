@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from tiny import save_tiny_vae
 
 import precompute_latents
 from data_foveated import (
@@ -76,20 +77,7 @@ def video_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> str:
-    """A random AutoencoderKL with the SD VAE's 8x downsampling and 4 latent channels, 8 channels wide."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=S,
-    )
-    path = tmp_path_factory.mktemp("tiny_vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), S)
 
 
 @pytest.fixture(scope="module")

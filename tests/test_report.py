@@ -13,7 +13,7 @@ from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel
 from report_foveated import DATA_PATHS_FILE, box_coverage, main, write_report
-from tiny import tiny_config
+from tiny import save_tiny_vae, tiny_config
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
 
@@ -60,20 +60,7 @@ def eval_dataset(path, seed: int = 0) -> None:
 
 
 def tiny_vae(path) -> None:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 8x, as the SD VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=S,
-        mid_block_add_attention=False,
-    )
-    vae.save_pretrained(str(path))
+    save_tiny_vae(path, S)
 
 
 def trainer_state(with_eval: bool = True) -> dict:

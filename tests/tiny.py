@@ -20,3 +20,23 @@ def tiny_config(**overrides) -> FoveatedVLMConfig:
     )
     settings.update(overrides)
     return FoveatedVLMConfig(**settings)
+
+
+def save_tiny_vae(path, sample_size: int) -> str:
+    """A random AutoencoderKL with the SD VAE's geometry (8x downsampling, 4 latent channels), 8 channels wide."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        mid_block_add_attention=False,
+    )
+    vae.save_pretrained(str(path))
+    return str(path)
