@@ -36,6 +36,8 @@ SMOLLM2_135M_DEFAULTS = dict(
 )
 
 HEAD_TYPES = ("film", "spatial")
+COARSE_READERS = ("query", "mean_pool")
+FINE_QUERIES = ("predicted", "fixed", "random", "oracle")
 
 
 class FoveatedVLMConfig(PretrainedConfig):
@@ -99,6 +101,22 @@ class FoveatedVLMConfig(PretrainedConfig):
             and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame it saw,
             which the next-frame loss alone does not get started (the head ignores a state that carries nothing).
             Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
+        token_dim (`int`, *optional*):
+            Width of a linear bottleneck every visual token passes through before the LLM (both passes). `None`
+            keeps the encoder width. A narrow token cannot summarise a whole frame, which is where a glimpse that
+            picks *what* to summarise can beat a static one.
+        coarse_reader (`str`, *optional*, defaults to `"query"`):
+            How Pass 1 reads a frame: `"query"` with the learned `q_static` (the design), `"mean_pool"` by averaging
+            the final patch features (an ablation: the plainest static summary).
+        fine_queries (`str`, *optional*, defaults to `"predicted"`):
+            Which queries Pass 2 reads with: `"predicted"` (the design: the coarse LLM's query after frame t-1),
+            `"fixed"` (the learned `q_init` for every frame), `"random"` (fresh Gaussian queries with the predicted
+            queries' RMS each call), `"oracle"` (`q_init` looking where `forward(oracle_fixations=...)` says, e.g.
+            at the moving object: an upper bound on what choosing where to look can give). All but the first cut the
+            link between LLM and glimpse.
+        fine_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of `loss_fine` in the training loss; 0 trains Pass 1 alone (the coarse-only baseline; the fine
+            pass is still evaluated, and its own parameters are frozen).
         query_init_std (`float`, *optional*, defaults to 1.0):
             Std of the learned `q_static` and `q_init` vectors.
         mode_token_init_std (`float`, *optional*, defaults to 0.02):
@@ -134,6 +152,10 @@ class FoveatedVLMConfig(PretrainedConfig):
         changed_cell_weight: float = 1.0,
         changed_cell_threshold: float = 0.1,
         aux_current_weight: float = 0.0,
+        token_dim=None,
+        coarse_reader: str = "query",
+        fine_queries: str = "predicted",
+        fine_loss_weight: float = 1.0,
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
         initializer_range: float = 0.02,
@@ -173,6 +195,10 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.changed_cell_weight = changed_cell_weight
         self.changed_cell_threshold = changed_cell_threshold
         self.aux_current_weight = aux_current_weight
+        self.token_dim = token_dim
+        self.coarse_reader = coarse_reader
+        self.fine_queries = fine_queries
+        self.fine_loss_weight = fine_loss_weight
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
@@ -217,3 +243,13 @@ class FoveatedVLMConfig(PretrainedConfig):
             raise ValueError(f"changed_cell_weight={self.changed_cell_weight} must be > 0")
         if self.lambda_coarse < 0:
             raise ValueError(f"lambda_coarse={self.lambda_coarse} must be >= 0")
+        if self.fine_loss_weight < 0:
+            raise ValueError(f"fine_loss_weight={self.fine_loss_weight} must be >= 0")
+        if self.fine_loss_weight == 0 and self.lambda_coarse == 0:
+            raise ValueError("fine_loss_weight and lambda_coarse are both 0: nothing would be trained")
+        if self.token_dim is not None and self.token_dim <= 0:
+            raise ValueError(f"token_dim={self.token_dim} must be positive or None")
+        if self.coarse_reader not in COARSE_READERS:
+            raise ValueError(f"coarse_reader={self.coarse_reader!r} must be one of {COARSE_READERS}")
+        if self.fine_queries not in FINE_QUERIES:
+            raise ValueError(f"fine_queries={self.fine_queries!r} must be one of {FINE_QUERIES}")

@@ -694,8 +694,15 @@ def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
 class FoveatedVLMDataCollator:
     """Rows of `load_precomputed` -> a batch of model inputs.
 
+    Args:
+        tokenizer: tokenizes the captions (Phase 2); None leaves text out.
+        max_text_length: captions are truncated to this many tokens.
+        normalize_frames: True returns `pixel_values`; False returns the uint8 `frames` instead, a quarter of the
+            bytes, for the trainer to normalise on the accelerator (`model_inputs`): the loader's main cost is this
+            conversion.
+
     Returns:
-        pixel_values: float32 (B, T, 3, S, S), ImageNet-normalised.
+        pixel_values: float32 (B, T, 3, S, S), ImageNet-normalised (or frames: uint8 (B, T, S, S, 3)).
         vae_latents: float32 (B, T, C, h, w), the targets.
         moving_boxes: float32 (B, T, MAX_MOVING_BOXES, 4), normalised boxes, rows of -1 where absent.
         input_ids, attention_mask: int64 (B, L), the captions right-padded, only when `tokenizer` is set.
@@ -703,12 +710,15 @@ class FoveatedVLMDataCollator:
 
     tokenizer: Optional[Any] = None
     max_text_length: int = 256
+    normalize_frames: bool = True
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         # The torch format gives uint8 columns as int64; the normalisation reads uint8.
         frames = torch.stack([torch.as_tensor(row["frames"]) for row in rows]).to(torch.uint8)  # (B, T, S, S, 3)
         batch = {
-            "pixel_values": frames_to_pixel_values(frames),
+            "pixel_values" if self.normalize_frames else "frames": (
+                frames_to_pixel_values(frames) if self.normalize_frames else frames
+            ),
             "vae_latents": torch.stack([torch.as_tensor(row["vae_latents"], dtype=torch.float32) for row in rows]),
             "moving_boxes": torch.stack([torch.as_tensor(row["moving_boxes"], dtype=torch.float32) for row in rows]),
         }

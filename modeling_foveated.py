@@ -7,6 +7,7 @@ Shapes: B clips, T frames, S = image_size, P = (S / patch)^2 patches, L = 1 + re
 D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -29,6 +30,10 @@ try:
 except ImportError:  # installed as a top-level module rather than loaded as remote code
     from configuration_foveated import FoveatedVLMConfig
 
+# Spread of an oracle fixation (fine_queries="oracle"), log sigma in [-1, 1] frame units: sigma ~ 0.14, about the
+# half-side of a synthetic object.
+ORACLE_LOG_SIGMA = -2.0
+
 __all__ = [
     "FoveatedVLMOutput",
     "FoveatedVLMPatchCache",
@@ -49,17 +54,18 @@ class FoveatedVLMPatchCache(ModelOutput):
     Args:
         patch_features (`torch.FloatTensor` of shape `(N, P, D)`):
             Final (normalised) encoder features of the patch tokens.
-        keys (`tuple(torch.FloatTensor)`, one per layer, each of shape `(N, heads, L, D / heads)`):
+        layer_keys (`tuple(torch.FloatTensor)`, one per layer, each of shape `(N, heads, L, D / heads)`):
             Keys of all encoder tokens (CLS, registers, patches; RoPE applied to patches) at each layer's input.
-        values (`tuple(torch.FloatTensor)`, same shapes as `keys`):
+        layer_values (`tuple(torch.FloatTensor)`, same shapes as `layer_keys`):
             Values of all encoder tokens at each layer.
         final_features (`torch.FloatTensor` of shape `(N, L, D)`):
             Final features of all encoder tokens (what the shallow query attends to).
     """
 
     patch_features: Optional[torch.FloatTensor] = None
-    keys: Optional[tuple] = None
-    values: Optional[tuple] = None
+    # Not `keys`/`values`: those would shadow the mapping methods of ModelOutput.
+    layer_keys: Optional[tuple] = None
+    layer_values: Optional[tuple] = None
     final_features: Optional[torch.FloatTensor] = None
 
 
@@ -227,8 +233,8 @@ class FoveatedVLMEncoder(nn.Module):
         final_features = backbone.norm(hidden_states)  # (N, L, D)
         return FoveatedVLMPatchCache(
             patch_features=final_features[:, self.num_prefix_tokens :],
-            keys=tuple(keys),
-            values=tuple(values),
+            layer_keys=tuple(keys),
+            layer_values=tuple(values),
             final_features=final_features,
         )
 
@@ -243,15 +249,18 @@ class FoveatedVLMEncoder(nn.Module):
         query = attention.q_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
         own_key = attention.k_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
         own_value = attention.v_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = torch.cat([key_cache, own_key], dim=2)  # (N, H, L + 1, d)
-        values = torch.cat([value_cache, own_value], dim=2)
         # One query row: explicit softmax costs the same as a fused kernel and gives the weights for diagnostics.
-        logits = torch.matmul(query, keys.transpose(-1, -2)) * attention.scaling  # (N, H, 1, L + 1)
+        # The query's own key/value are handled apart instead of concatenated to the cache, which would copy the
+        # whole cache for every query.
+        cache_logits = torch.matmul(query, key_cache.transpose(-1, -2))  # (N, H, 1, L)
+        own_logit = (query * own_key).sum(-1, keepdim=True)  # (N, H, 1, 1)
+        logits = torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling  # (N, H, 1, L + 1)
         logits = logits.float() / self.config.query_temperature
         if logit_bias is not None:
             logits = logits + logit_bias[:, None, None, :]
-        weights = logits.softmax(dim=-1).to(values.dtype)
-        attended = torch.matmul(weights, values).transpose(1, 2).reshape(N, 1, D)
+        weights = logits.softmax(dim=-1).to(value_cache.dtype)
+        attended = torch.matmul(weights[..., :-1], value_cache) + weights[..., -1:] * own_value  # (N, H, 1, d)
+        attended = attended.transpose(1, 2).reshape(N, 1, D)
         attended = attention.o_proj(attended)
         query_state = query_state + layer.drop_path(layer.layer_scale1(attended))
         mlp_out = layer.layer_scale2(layer.mlp(layer.norm2(query_state)))
@@ -263,22 +272,32 @@ class FoveatedVLMEncoder(nn.Module):
         side = int(round(num_patches**0.5))
         return get_patches_center_coordinates(side, side, dtype=torch.float32, device=device)
 
-    def fixation_logit_bias(self, queries: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
-        """Gaussian fixation prior over patches: queries (N, Q) -> logit bias (N, P)."""
-        fixation = self.fixation_proj(queries).float()  # (N, 3)
-        centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
-        log_sigma = fixation[:, 2].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
+    def fixation_logit_bias(
+        self, queries: torch.Tensor, patch_features: torch.Tensor, centres: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Gaussian fixation prior over patches: queries (N, Q) -> logit bias (N, P). `centres` (N, 2), (y, x) in
+        [-1, 1], replace the fixation points read from the queries (the oracle ablation), with a fixed spread."""
+        if centres is not None:
+            centre, log_sigma = centres.float(), torch.full_like(centres[:, 0], ORACLE_LOG_SIGMA, dtype=torch.float32)
+        else:
+            fixation = self.fixation_proj(queries).float()  # (N, 3)
+            centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
+            log_sigma = fixation[:, 2].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
         coords = self.patch_coordinates(patch_features.shape[1], queries.device)  # (P, 2)
         squared_distance = (coords[None] - centre[:, None]).pow(2).sum(-1)  # (N, P)
         return -squared_distance / (2 * torch.exp(2 * log_sigma)[:, None])
 
-    def query(self, queries: torch.Tensor, cache: FoveatedVLMPatchCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(
+        self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, fixations: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Read one token per frame with one query per frame.
 
         Args:
             queries: `(N, Q)`, one per cached frame.
             cache: `encode_patches` of the same N frames.
+            fixations: `(N, 2)`, *optional*: (y, x) in [-1, 1] where each query must look, a Gaussian bias of fixed
+                spread on its attention logits (the oracle ablation); otherwise the query's own fixation, if any.
 
         Returns:
             tokens `(N, D)`: the query's final (normalised) encoder state.
@@ -287,13 +306,15 @@ class FoveatedVLMEncoder(nn.Module):
             map has entropy `log(P)`.
         """
         query_state = self.query_in_proj(queries).unsqueeze(1)  # (N, Q) -> (N, 1, D)
-        patch_bias = self.fixation_logit_bias(queries, cache.patch_features) if self.config.fixation_bias else None
+        patch_bias = None
+        if self.config.fixation_bias or fixations is not None:
+            patch_bias = self.fixation_logit_bias(queries, cache.patch_features, fixations)
         if self.config.deep_query:
             logit_bias = None
             if patch_bias is not None:  # no bias on CLS, registers and the query's own key
                 logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 1))  # (N, P) -> (N, L + 1)
             layer_attention = []
-            for layer, key_cache, value_cache in zip(self.backbone.model.layer, cache.keys, cache.values):
+            for layer, key_cache, value_cache in zip(self.backbone.model.layer, cache.layer_keys, cache.layer_values):
                 query_state, weights = self._query_layer(layer, query_state, key_cache, value_cache, logit_bias)
                 layer_attention.append(weights)
             tokens = self.backbone.norm(query_state[:, 0])  # (N, D)
@@ -399,7 +420,9 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         text_width = config.text_config.hidden_size
         vision_width = config.vision_config.hidden_size
-        self.dino_to_llm = nn.Linear(vision_width, text_width)
+        if config.token_dim is not None:
+            self.token_bottleneck = nn.Linear(vision_width, config.token_dim)
+        self.dino_to_llm = nn.Linear(config.token_dim or vision_width, text_width)
         self.query_head = nn.Linear(text_width, config.query_dim)
         if config.glimpse_position:
             self.glimpse_to_llm = nn.Linear(3, text_width)  # (mean y, mean x, spread) of the attention
@@ -432,6 +455,23 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             self.language_model.requires_grad_(False)
         if not self.config.train_text_embeddings:
             self.language_model.get_input_embeddings().requires_grad_(False)
+        # Ablations leave some parameters out of the loss; freezing them keeps DDP and the optimizer honest.
+        for name in self._parameters_outside_loss():
+            self.get_parameter(name).requires_grad_(False)
+
+    def _parameters_outside_loss(self) -> list[str]:
+        config = self.config
+        unused = []
+        if config.coarse_reader == "mean_pool":
+            unused.append("q_static")
+        if config.fine_queries != "predicted" or config.fine_loss_weight == 0:
+            # Pass 2 alone reads the predicted queries.
+            unused += ["query_head.weight", "query_head.bias"]
+        if config.fine_queries == "random" or config.fine_loss_weight == 0:
+            unused.append("q_init")
+        if config.fine_loss_weight == 0:
+            unused.append("fine_token")
+        return unused
 
     @classmethod
     def from_backbones(
@@ -492,13 +532,50 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         ).last_hidden_state
         return hidden[:, text_embeds.shape[1] :]
 
-    def _read_frames(self, queries, cache, B, T):
+    def _read_frames(self, queries, cache, B, T, fixations=None):
         """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P)."""
-        tokens, attention = self.encoder.query(queries.reshape(B * T, -1), cache)  # (B*T, D), (B*T, P)
+        if fixations is not None:
+            fixations = fixations.reshape(B * T, 2)
+        tokens, attention = self.encoder.query(queries.reshape(B * T, -1), cache, fixations)  # (B*T, D), (B*T, P)
+        return self._tokens_to_llm(tokens, attention, B, T)
+
+    def _read_coarse(self, cache, B, T):
+        """Pass 1's reading of every cached frame (`coarse_reader`): (B, T, E) tokens, (B, T, P) attention."""
+        if self.config.coarse_reader == "mean_pool":
+            tokens = cache.patch_features.mean(dim=1)  # (B*T, P, D) -> (B*T, D)
+            num_patches = cache.patch_features.shape[1]
+            attention = torch.full((B * T, num_patches), 1.0 / num_patches, device=tokens.device)
+            return self._tokens_to_llm(tokens, attention, B, T)
+        return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
+
+    def _tokens_to_llm(self, tokens, attention, B, T):
+        """Encoder-width tokens (B*T, D) -> LLM inputs (B, T, E), through the optional bottleneck."""
+        if self.config.token_dim is not None:
+            tokens = self.token_bottleneck(tokens)  # (B*T, token_dim)
         tokens = self.dino_to_llm(tokens)  # (B*T, E)
         if self.config.glimpse_position:
             tokens = tokens + self.glimpse_to_llm(self.glimpse_summary(attention).to(tokens.dtype))
         return tokens.view(B, T, -1), attention.view(B, T, -1)
+
+    def _oracle_fixations(self, oracle_fixations, B, T) -> Optional[torch.Tensor]:
+        oracle = self.config.fine_queries == "oracle"
+        if oracle != (oracle_fixations is not None):
+            raise ValueError("oracle_fixations (B, T, 2) are needed with fine_queries='oracle', and only then")
+        if oracle and tuple(oracle_fixations.shape) != (B, T, 2):
+            raise ValueError(f"oracle_fixations must have shape ({B}, {T}, 2); got {tuple(oracle_fixations.shape)}")
+        return oracle_fixations
+
+    def _pass2_queries(self, predicted: torch.Tensor) -> torch.Tensor:
+        """
+        The queries Pass 2 reads frames with (`fine_queries`), from the queries `predicted` for them: (B, T, Q).
+        """
+        mode = self.config.fine_queries
+        if mode in ("fixed", "oracle"):
+            return self.q_init.to(predicted.dtype).expand_as(predicted)
+        if mode == "random":
+            rms = predicted.detach().float().pow(2).mean().sqrt()
+            return (torch.randn_like(predicted, dtype=torch.float32) * rms).to(predicted.dtype)
+        return predicted
 
     def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
         """Where a glimpse landed: attention (N, P) -> (N, 3) = attention-weighted mean (y, x) and spread."""
@@ -513,6 +590,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         vae_latents: Optional[torch.Tensor] = None,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        oracle_fixations: Optional[torch.Tensor] = None,
         output_attentions: bool = False,
         return_dict: bool = True,
         **kwargs,
@@ -524,6 +602,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 the model returns queries and attention only.
             input_ids, attention_mask (`torch.LongTensor` of shape `(B, text_length)`, *optional*): text prepended
                 to both LLM sequences (Phase 2).
+            oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"`
+                only: (y, x) in [-1, 1] where Pass 2 looks in each frame, e.g. the moving object's true centre.
             output_attentions: accepted for API symmetry; attention maps are always returned (they are cheap).
         """
         self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask)
@@ -537,15 +617,18 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             text_embeds = cache.patch_features.new_zeros(B, 0, text_width)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
-        static_queries = self.q_static.expand(B, T, -1)
-        coarse_tokens, attn_static = self._read_frames(static_queries, cache, B, T)
+        coarse_tokens, attn_static = self._read_coarse(cache, B, T)
         coarse_states = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
         queries = self.query_head(coarse_states[:, 1:])  # (B, T, Q)
 
         # Pass 2: frame t is read with the query emitted after frame t-1.
         shifted_queries = torch.cat([self.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)
-        fine_tokens, attn_dynamic = self._read_frames(shifted_queries, cache, B, T)
-        fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+        # The coarse-only baseline still evaluates Pass 2, without building its graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.fine_loss_weight > 0):
+            fine_tokens, attn_dynamic = self._read_frames(
+                self._pass2_queries(shifted_queries), cache, B, T, self._oracle_fixations(oracle_fixations, B, T)
+            )
+            fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
         state_coarse, state_fine = coarse_states[:, :T], fine_states[:, :T]
         predictions = {}
@@ -553,10 +636,14 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             predictions = self._predict(state_coarse, state_fine, vae_latents)
             if self.config.aux_current_weight > 0:
                 # States that have just read frame t (positions of z_1..z_T) reconstruct latent t.
-                seen_states = torch.cat([coarse_states[:, 1:], fine_states[:, 1:]], dim=0)  # (2B, T, E)
-                prev_latents = predictions["prev_latents"].repeat(2, 1, 1, 1, 1)
+                trained_states = [coarse_states[:, 1:]]
+                if self.config.fine_loss_weight > 0:  # the coarse-only baseline leaves Pass 2 untrained
+                    trained_states.append(fine_states[:, 1:])
+                seen_states = torch.cat(trained_states, dim=0)  # (2B or B, T, E)
+                copies = len(trained_states)
+                prev_latents = predictions["prev_latents"].repeat(copies, 1, 1, 1, 1)
                 reconstruction = self.predict_latents(seen_states, prev_latents).float()
-                loss_aux = F.mse_loss(reconstruction, vae_latents.float().repeat(2, 1, 1, 1, 1))
+                loss_aux = F.mse_loss(reconstruction, vae_latents.float().repeat(copies, 1, 1, 1, 1))
                 predictions["loss"] = predictions["loss"] + self.config.aux_current_weight * loss_aux
                 predictions["loss_aux"] = loss_aux
         output = FoveatedVLMOutput(
@@ -600,10 +687,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             changed = self.changed_cells(prev_latents, vae_latents)  # (B, T, 1, h, w)
             weight = 1.0 + (self.config.changed_cell_weight - 1.0) * changed
             weight = weight / weight.mean()
-            loss = ((pred_fine - target).pow(2) * weight).mean()
+            loss = self.config.fine_loss_weight * ((pred_fine - target).pow(2) * weight).mean()
             loss = loss + self.config.lambda_coarse * ((pred_coarse - target).pow(2) * weight).mean()
         else:
-            loss = loss_fine + self.config.lambda_coarse * loss_coarse
+            loss = self.config.fine_loss_weight * loss_fine + self.config.lambda_coarse * loss_coarse
         return dict(
             loss=loss,
             loss_fine=loss_fine,
@@ -639,6 +726,9 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         """
         from transformers import DynamicCache
 
+        if self.config.fine_queries == "oracle":
+            raise ValueError("stream() has no oracle fixations: fine_queries='oracle' is a training ablation")
+
         text_width = self.config.text_config.hidden_size
         parameter = self.q_static
         text_embeds = (
@@ -672,8 +762,9 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 pred_coarse, pred_fine = self.prediction_head(states, prev_latent.repeat(2, 1, 1, 1)).float().chunk(2)
 
             cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
-            coarse_token, attn_static = self._read_frames(self.q_static.expand(B, 1, -1), cache, B, 1)
-            fine_token, attn_dynamic = self._read_frames(query.unsqueeze(1), cache, B, 1)
+            coarse_token, attn_static = self._read_coarse(cache, B, 1)
+            fine_query = self._pass2_queries(query.unsqueeze(1))[:, 0]
+            fine_token, attn_dynamic = self._read_frames(fine_query.unsqueeze(1), cache, B, 1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             coarse_state = self._language_step(coarse_token, mask, coarse_cache)
@@ -695,12 +786,15 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         position_ids = None
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs_embeds.shape[1] :]
+        # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then goes).
+        parameters = inspect.signature(self.language_model.forward).parameters
+        cache_argument = "cache" if "cache" in parameters else "past_key_values"
         hidden = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_argument: cache},
         ).last_hidden_state
         return hidden[:, -1]
 

@@ -257,8 +257,8 @@ def frames_to_pixel_values(
 ) -> torch.Tensor:
     """uint8 (..., T, S, S, 3) -> float32 (..., T, 3, S, S), normalised with ImageNet statistics (DINOv3 input)."""
     pixels = _channels_first_float(frames) / 255.0
-    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(image_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return (pixels - mean) / std
 
 

@@ -3,6 +3,7 @@
 Usage:
     python report_foveated.py outputs/tiny                               # data paths from the run's data_paths.json
     python report_foveated.py RUN_DIR --eval_dataset data/arrow/.../eval --vae data/vae/tiny-128px --num_videos 6
+    python report_foveated.py --compare outputs/research/*               # one table row per run, seeds pooled
 
 Writes `RUN_DIR/report/`: fig1_losses.png, fig2_ratio.png, fig3_attention_<k>.png, fig4_predictions.png,
 metrics.json (every number the text quotes), report.md and report.html (self-contained, images embedded).
@@ -35,10 +36,10 @@ from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel, attention_entropy
 from processing_foveated import FoveatedVLMProcessor
 from trainer_foveated import (
-    MODEL_INPUT_NAMES,
     _architecture_rows,
     decode_latents,
     derived_metrics,
+    model_inputs,
     plot_attention_maps,
     plot_predictions,
 )
@@ -134,17 +135,20 @@ def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _measure_batch(model, batch: dict, frames: torch.Tensor) -> dict[str, torch.Tensor]:
     """All per-clip measurements of one collated batch; `frames` uint8 (B, T, S, S, 3)."""
-    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
+    inputs = model_inputs(batch, model.config)
     outputs = model(**inputs)
     target = batch["vae_latents"].float()  # (B, T, C, h, w)
-    streamed = model.stream(
-        inputs["pixel_values"].unbind(1),
-        target.unbind(1),
-        input_ids=inputs.get("input_ids"),
-        attention_mask=inputs.get("attention_mask"),
-        autoregressive=True,
-    )
-    pred_autoregressive = torch.stack([step.pred_fine for step in streamed], dim=1)  # T x (B, C, h, w) -> (B, T, ...)
+    if model.config.fine_queries == "oracle":  # oracle fixations exist in training only: nothing to stream
+        pred_autoregressive = torch.full_like(outputs.pred_fine, math.nan)
+    else:
+        streamed = model.stream(
+            inputs["pixel_values"].unbind(1),
+            target.unbind(1),
+            input_ids=inputs.get("input_ids"),
+            attention_mask=inputs.get("attention_mask"),
+            autoregressive=True,
+        )
+        pred_autoregressive = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
     coverage = box_coverage(batch["moving_boxes"].cpu(), math.isqrt(outputs.attn_static.shape[-1]))
     pixels = frames.float() / 255
     return {
@@ -744,7 +748,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos:
     rows, frames = _rows(dataset, indices)
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
-        outputs = model(**{name: batch[name] for name in MODEL_INPUT_NAMES if name in batch})
+        outputs = model(**model_inputs(batch, model.config))
     frames, boxes = frames.numpy(), batch["moving_boxes"].cpu().numpy()
     attention_figures = plot_attention_figures(frames, outputs, boxes, clips, indices)
     figures = []
@@ -820,9 +824,71 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+# ---- Comparing runs ----
+
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+# (column, eval_results.json key) of the comparison table; t>=2 columns use the targets that have a previous latent.
+COMPARE_COLUMNS = (
+    ("loss_coarse", "eval_loss/coarse"),
+    ("loss_fine", "eval_loss/fine"),
+    ("improvement", "eval_improvement"),
+    ("improvement t≥2", "eval_improvement_t2"),
+    ("copy t≥2", "eval_loss/copy_t2"),
+    ("fine t≥2", "eval_loss/fine_t2"),
+    ("state contribution fine", "eval_diag/state_contribution_fine"),
+    ("entropy static", "eval_attention/entropy_static"),
+    ("entropy dynamic", "eval_attention/entropy_dynamic"),
+    ("on mover dynamic", "eval_tracking/dynamic"),
+    ("on mover static", "eval_tracking/static"),
+    ("chance", "eval_tracking/chance"),
+)
+PERCENT_COLUMNS = ("improvement", "improvement t≥2")
+
+
+def compare_runs(run_dirs: list) -> str:
+    """A Markdown table of finished runs' held-out metrics (eval_results.json), one row per run name; runs named
+    `NAME-seedK` are pooled into one row as mean ± standard deviation over seeds (each seed's value in brackets
+    for the improvements)."""
+    groups: dict[str, list[dict]] = {}
+    for run_dir in map(Path, run_dirs):
+        results_path = run_dir / "eval_results.json"
+        if not results_path.is_file():
+            raise FileNotFoundError(f"{results_path} not found: is {run_dir} a finished train_hf.py run?")
+        results = json.loads(results_path.read_text())
+        _, state, _ = load_log_history(run_dir)
+        results["steps"] = state.get("global_step") if state else None
+        log_history = (state or {}).get("log_history", [])
+        runtimes = [entry["train_runtime"] for entry in log_history if "train_runtime" in entry]
+        results["train_seconds"] = runtimes[-1] if runtimes else None
+        groups.setdefault(SEED_SUFFIX.sub("", run_dir.name), []).append(results)
+
+    def cell(runs: list[dict], key: str, percent: bool) -> str:
+        values = np.array([run[key] for run in runs if run.get(key) is not None], dtype=float)
+        if not len(values):
+            return "-"
+        scale, fmt = (100, "{:+.2f} %") if percent else (1, "{:.4f}")
+        text = fmt.format(scale * values.mean())
+        if len(values) > 1:
+            text += f" ± {scale * values.std(ddof=1):.2f}" if percent else f" ± {values.std(ddof=1):.4f}"
+            if percent:
+                text += " (" + ", ".join(f"{scale * value:+.2f}" for value in values) + ")"
+        return text
+
+    header = ["run", "seeds", "steps", "train s"] + [name for name, _ in COMPARE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in groups.items():
+        steps = sorted({run["steps"] for run in runs if run["steps"] is not None})
+        seconds = [run["train_seconds"] for run in runs if run["train_seconds"] is not None]
+        row = [name, str(len(runs)), "/".join(map(str, steps)) or "-", f"{np.mean(seconds):.0f}" if seconds else "-"]
+        row += [cell(runs, key, name in PERCENT_COLUMNS) for name, key in COMPARE_COLUMNS]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="A finished train_hf.py output_dir.")
+    parser.add_argument("run_dir", nargs="+", help="A finished train_hf.py output_dir (several with --compare).")
+    parser.add_argument("--compare", action="store_true", help="Print a table comparing the runs; write nothing.")
     parser.add_argument("--eval_dataset", help=f"Held-out Arrow dataset; default: the run's {DATA_PATHS_FILE}.")
     parser.add_argument(
         "--vae", help=f"AutoencoderKL (folder or Hub id) for decoding; default: the run's {DATA_PATHS_FILE}."
@@ -831,6 +897,12 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--device", default="cpu", help="torch device for the model and the VAE.")
     parser.add_argument("--batch_size", type=int, default=16, help="Eval clips per forward.")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_runs(args.run_dir))
+        return None
+    if len(args.run_dir) != 1:
+        parser.error("one run_dir at a time (or --compare to tabulate several)")
+    args.run_dir = args.run_dir[0]
     if args.num_videos < 1:
         parser.error(f"--num_videos must be >= 1, got {args.num_videos}")
     out = write_report(args.run_dir, args.eval_dataset, args.vae, args.num_videos, args.device, args.batch_size)

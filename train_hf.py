@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 from transformers.trainer_utils import get_last_checkpoint
 
 import data_foveated
+import report_foveated
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor
@@ -113,6 +114,11 @@ class DataArguments:
     llava_num_video_tars: int = field(
         default=1, metadata={"help": "Video archives (~5 GB each) of the 0-30 s academic subset to download."}
     )
+    split_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the synthetic videos and of the train/eval split; apart from --seed, so runs with "
+        "different training seeds are scored on the same held-out videos."},
+    )
     num_train_videos: int = field(default=512, metadata={"help": "Synthetic: number of training videos."})
     num_eval_videos: int = field(default=64, metadata={"help": "Synthetic: number of held-out videos."})
     difficulty: str = field(
@@ -160,6 +166,11 @@ class FoveatedTrainingArguments(TrainingArguments):
     num_attention_figures: int = field(
         default=4, metadata={"help": "Fixed eval clips drawn to TensorBoard at each evaluation; 0 for none."}
     )
+    write_report: bool = field(
+        default=True,
+        metadata={"help": "After training, write output_dir/report/ (figures 1-4, Table 1, hardest clips, report.md "
+        "and report.html) and link its figures from the model card."},
+    )
 
     def __post_init__(self):
         if self.profile_memory:
@@ -190,6 +201,35 @@ def yaml_to_argv(config: dict) -> list[str]:
     return argv
 
 
+DICT_ARGUMENTS = ("vision_config", "text_config", "model_config")
+
+
+def merge_dict_overrides(config: dict, argv: list[str]) -> list[str]:
+    """A `--model_config '{...}'` (or vision/text) on the command line updates the YAML's dict instead of replacing
+    it, so `--model_config '{"lambda_coarse": 3}'` changes one field. Returns argv without the merged flags."""
+    remaining, index = [], 0
+    while index < len(argv):
+        key = argv[index].removeprefix("--").split("=")[0]
+        if key in DICT_ARGUMENTS and isinstance(config.get(key), dict):
+            if "=" in argv[index]:
+                value, index = argv[index].split("=", 1)[1], index + 1
+            elif index + 1 < len(argv):
+                value, index = argv[index + 1], index + 2
+            else:
+                raise ValueError(f"--{key} needs a JSON object")
+            try:
+                override = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--{key} must be a JSON object on the command line, got {value!r}") from error
+            if not isinstance(override, dict):
+                raise ValueError(f"--{key} must be a JSON object on the command line, got {value!r}")
+            config[key] = {**config[key], **override}
+        else:
+            remaining.append(argv[index])
+            index += 1
+    return remaining
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments]:
     """`[CONFIG.yaml] [--key value ...]`: the YAML's keys become arguments placed before the command line's, so the
     command line wins; output_dir defaults to outputs/<config file name>."""
@@ -205,7 +245,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Fov
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown keys {unknown}; see `python train_hf.py {config_path} --help`")
-        config_argv, config_name, argv = yaml_to_argv(config), config_path.stem, argv[1:]
+        argv = merge_dict_overrides(config, argv[1:])
+        config_argv, config_name = yaml_to_argv(config), config_path.stem
     if not any(arg.split("=")[0] in ("--output_dir", "--output-dir") for arg in config_argv + argv):
         config_argv += ["--output_dir", os.path.join("outputs", config_name)]
     return parser.parse_args_into_dataclasses(args=config_argv + argv)
@@ -279,7 +320,7 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
     # Videos and the tiny VAE: made by the main process, found in the cache by the others. precompute_dataset
     # shares its own work among the processes.
     with training_args.main_process_first(desc="videos and VAE"):
-        videos, captions, description = split_videos(data_args, training_args.seed)
+        videos, captions, description = split_videos(data_args, data_args.split_seed)
         vae = data_args.vae
         if vae == "tiny":
             tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")
@@ -344,8 +385,9 @@ def build_model(
         num_frames=data_args.num_frames,
         latent_channels=C,
         latent_size=h,
-        freeze_vision=model_args.freeze_vision,
-        freeze_text=model_args.freeze_text,
+        # Either place may ask for freezing: the flag or model_config.
+        freeze_vision=model_args.freeze_vision or model_config.get("freeze_vision", False),
+        freeze_text=model_args.freeze_text or model_config.get("freeze_text", False),
     )
     # A resumed checkpoint's weights go through from_pretrained too: transformers 5 saves DINOv3's layers under their
     # original names, which the Trainer's own resume (a plain load_state_dict) does not map back and would leave at
@@ -400,7 +442,10 @@ def base_model_ids(model_args: ModelArguments) -> list[str]:
 
 
 def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedTrainer:
-    collator = data_foveated.FoveatedVLMDataCollator(processor.tokenizer, data_args.max_text_length)
+    # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
+    collator = data_foveated.FoveatedVLMDataCollator(
+        processor.tokenizer, data_args.max_text_length, normalize_frames=False
+    )
     card_info = FoveatedVLMModelCardInfo(
         data_description=data.description,
         datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
@@ -447,11 +492,18 @@ def evaluate(trainer: FoveatedTrainer) -> dict:
 
 
 def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
-    """A Hub-ready output_dir: weights, config with auto_map, remote code, processor, README.md with Table 1; and
-    where the held-out clips and the VAE are (report_foveated.py reads it)."""
+    """A Hub-ready output_dir: weights, config with auto_map, remote code, processor, the analysis report,
+    README.md with Table 1 and the report's figures; and where the held-out clips and the VAE are
+    (report_foveated.py reads it)."""
     trainer.save_model()
     trainer.save_state()
-    trainer.create_model_card()
+    if trainer.args.write_report and trainer.is_world_process_zero():
+        device = trainer.args.device
+        report_dir = report_foveated.write_report(
+            trainer.args.output_dir, data.eval_dir, data.vae, device=device, batch_size=trainer.args.eval_batch_size
+        )
+        print(f"Report: {report_dir / 'report.md'} and report.html")
+    trainer.create_model_card()  # links the report's figures when they exist
     if trainer.args.push_to_hub:
         trainer.push_to_hub()
     # After the push: local paths are of no use on the Hub.

@@ -22,6 +22,8 @@ from transformers import ProcessorMixin, Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from processing_foveated import frames_to_pixel_values
+
 __all__ = [
     "MODEL_INPUT_NAMES",
     "FoveatedTrainer",
@@ -41,6 +43,26 @@ __all__ = [
 # Batch columns the model's forward takes; the rest (moving_boxes, ...) are for metrics and figures only.
 MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+
+
+def model_inputs(batch: dict, config=None) -> dict[str, torch.Tensor]:
+    """The model's forward arguments from a collated batch, normalising uint8 `frames` where the collator left them
+    (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device they are. For a model `config` with
+    `fine_queries="oracle"`, also the oracle fixations: the centre of each frame's first moving box."""
+    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
+    if "pixel_values" not in inputs and "frames" in batch:
+        inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
+    if config is not None and config.fine_queries == "oracle":
+        inputs["oracle_fixations"] = moving_box_centres(batch["moving_boxes"])
+    return inputs
+
+
+def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
+    """(y, x) in [-1, 1] of the first moving box in each frame, the frame centre where there is none:
+    boxes (B, T, K, 4) normalised xyxy, -1 rows absent -> (B, T, 2)."""
+    box = moving_boxes[:, :, 0].float()  # (B, T, 4)
+    centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # 2 * mid - 1
+    return torch.where((box[..., :1] >= 0), centre, torch.zeros_like(centre))
 
 
 def foveation_metrics(model, outputs, inputs) -> dict[str, torch.Tensor]:
@@ -164,9 +186,9 @@ class FoveatedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
-        outputs = model(**{name: inputs[name] for name in MODEL_INPUT_NAMES if name in inputs})
+        outputs = model(**model_inputs(inputs, self.accelerator.unwrap_model(model).config))
         mode = "train" if model.training else "eval"
-        batch_size = inputs["pixel_values"].shape[0]
+        batch_size = inputs["vae_latents"].shape[0]
         metrics = foveation_metrics(self.accelerator.unwrap_model(model), outputs, inputs)
         for name, value in metrics.items():
             value = value.detach().float()
@@ -277,6 +299,27 @@ def _hyperparameter_rows(args, state) -> dict[str, str]:
     }
 
 
+REPORT_DIR = "report"
+# Titles of report_foveated.py's figures, for the model card's links (glob pattern -> title).
+REPORT_FIGURES = {
+    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
+    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
+    "fig3_attention_*.png": "Figure 3: static and dynamic attention on a held-out clip",
+    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
+}
+
+
+def report_figure_links(folder) -> list[tuple[str, str]]:
+    """(title, path relative to `folder`) of every report figure found in `folder`/report, in figure order."""
+    report = Path(folder, REPORT_DIR)
+    links = []
+    for pattern, title in REPORT_FIGURES.items():
+        paths = sorted(report.glob(pattern))
+        for number, path in enumerate(paths, start=1):
+            links.append((f"{title} ({number})" if len(paths) > 1 else title, f"{REPORT_DIR}/{path.name}"))
+    return links
+
+
 def write_model_card(
     folder, config, args, state, info: Optional[FoveatedVLMModelCardInfo] = None, **card_kwargs
 ) -> ModelCard:
@@ -308,6 +351,8 @@ def write_model_card(
         eval_step=evaluation["step"] if evaluation else None,
         num_frames=config.num_frames,
         image_size=config.image_size,
+        figures=report_figure_links(folder),
+        has_report=Path(folder, REPORT_DIR, "report.md").is_file(),
     )
     card.save(os.path.join(folder, "README.md"))
     return card
@@ -439,7 +484,7 @@ class FoveatedVLMFigureCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # Every rank runs the forward: with sharded parameters (FSDP) it is a collective.
         device = next(model.parameters()).device
-        inputs = {name: self.batch[name].to(device) for name in MODEL_INPUT_NAMES if name in self.batch}
+        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model.config).items()}
         was_training = model.training
         model.eval()
         with torch.no_grad():

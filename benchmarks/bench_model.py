@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_foveated import FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
@@ -28,8 +30,22 @@ from modeling_foveated import FoveatedVLMModel  # noqa: E402
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
 
 
-def build_model(deep_query=True, freeze_vision=False, num_frames=8, device="cpu"):
-    config = FoveatedVLMConfig(num_frames=num_frames, deep_query=deep_query, freeze_vision=freeze_vision)
+def tiny_config(**overrides) -> FoveatedVLMConfig:
+    """The embedded default's model (configs/tiny.yaml: 128 px, 64-wide DINOv3, 128-wide Llama)."""
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+    size = config["image_size"]
+    return FoveatedVLMConfig(
+        vision_config={**config["vision_config"], "image_size": size},
+        text_config=config["text_config"],
+        image_size=size,
+        latent_size=size // 8,
+        **{**config["model_config"], **overrides},
+    )
+
+
+def build_model(deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed"):
+    overrides = dict(num_frames=num_frames, deep_query=deep_query, freeze_vision=freeze_vision)
+    config = tiny_config(**overrides) if shapes == "tiny" else FoveatedVLMConfig(**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return FoveatedVLMModel(config).to(device).train()
@@ -96,10 +112,82 @@ def run_step_benchmark(args) -> dict:
     return {"seconds_per_step": seconds, "samples_per_s": B / seconds, "peak_gb": peak_gb, "flops_per_sample": flops}
 
 
+def run_parts_benchmark(args) -> dict:
+    """
+    The train step against the sum of its parts, each timed alone with forward + backward from detached inputs:
+    encoding, the two query readings, the two LLM passes, the shared head (both passes in one call), the trainer's
+    per-step diagnostics, and the optimizer step. What the whole step costs beyond the sum is glue (concatenations,
+    losses, autograd bookkeeping).
+    """
+    from trainer_foveated import foveation_metrics
+
+    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes)
+    config = model.config
+    B, T, S, h = args.batch_size, args.num_frames, config.image_size, config.latent_size
+    pixel_values = torch.randn(B, T, 3, S, S)
+    vae_latents = torch.randn(B, T, config.latent_channels, h, h)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def timed(fn) -> float:
+        for _ in range(args.warmup):
+            fn()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        return (time.perf_counter() - start) / args.steps
+
+    def backward(*outputs):  # tensors or tuples of tensors (the per-layer K/V)
+        tensors = [t for output in outputs for t in (output if isinstance(output, tuple) else (output,))]
+        sum(tensor.float().sum() for tensor in tensors).backward()
+
+    def step():  # what the Trainer does per step: forward, diagnostics, backward, optimizer
+        step_output = model(pixel_values, vae_latents)
+        foveation_metrics(model, step_output, inputs)
+        step_output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def leaf(tensor):
+        return tensor.detach().requires_grad_(True)
+
+    with torch.no_grad():
+        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
+        output = model(pixel_values, vae_latents)
+    cache = type(cache)(**{k: (tuple(map(leaf, v)) if isinstance(v, tuple) else leaf(v)) for k, v in cache.items()})
+    queries = leaf(output.queries)
+    tokens = leaf(torch.randn(B, T, config.text_config.hidden_size))
+    empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
+    states = leaf(torch.cat([output.state_coarse, output.state_fine]))
+    prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
+    inputs = {"pixel_values": pixel_values, "vae_latents": vae_latents}
+
+    parts = {
+        "encode frames": timed(lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple())),
+        "2 x query reading": 2 * timed(lambda: backward(*model._read_frames(queries, cache, B, T))),
+        "2 x LLM pass": 2 * timed(
+            lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None))
+        ),
+        "head (both passes)": timed(lambda: backward(model.predict_latents(states, prev_latents))),
+        "trainer diagnostics": timed(lambda: foveation_metrics(model, output, inputs)),
+        "optimizer step": timed(optimizer.step),
+    }
+    optimizer.zero_grad(set_to_none=True)
+    result = {"parts_seconds": parts, "step_seconds": timed(step)}
+    if args.compile:
+        # What `--torch_compile true` does in train_hf.py: the Trainer compiles the whole model.
+        eager, model = model, torch.compile(model)
+        start = time.perf_counter()
+        step()
+        result["compile_seconds"] = time.perf_counter() - start
+        result["compiled_step_seconds"] = timed(step)
+        model = eager
+    return result
+
+
 def run_query_benchmark(args) -> dict:
     """Per frame: `query` through the cached K/V vs re-encoding the frame with the query appended."""
     device = args.device
-    model = build_model(device=device).eval()
+    model = build_model(device=device, shapes=args.shapes).eval()
     encoder = model.encoder
     N, S = args.batch_size * args.num_frames, model.config.image_size
     pixel_values = torch.randn(N, 3, S, S, device=device)
@@ -180,7 +268,8 @@ STEP_HEADER = (
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", action="store_true", help="Only the step-vs-sum-of-parts table (CPU).")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -192,14 +281,20 @@ def main():
     parser.add_argument("--grad_ckpt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--deep_query", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--freeze_vision", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="seed", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         if args.device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        result = run_step_benchmark(args) if args.mode == "step" else run_query_benchmark(args)
-        print(json.dumps(result))
+        run = {"step": run_step_benchmark, "query": run_query_benchmark, "parts": run_parts_benchmark}[args.mode]
+        print(json.dumps(run(args)))
+        return
+
+    if args.parts:
+        print_parts_table(args)
         return
 
     device = "cuda" if args.suite == "gpu" else "cpu"
@@ -228,13 +323,39 @@ def main():
             print(f"| {name} | {flops[name] / 1e9:.2f} | {100 * flops[name] / flops['total']:.1f} % |")
         print(f"| total | {flops['total'] / 1e9:.2f} | 100 % |")
     print("\n## Query through the cached K/V vs re-encoding the frame with the query appended (per frame)\n")
-    query = run_child(mode="query", **common, batch_size=1 if device == "cpu" else 8)
-    if "error" in query:
-        print(f"error: {query['error']}")
-    else:
-        print("| cached query ms | re-encode ms | ratio | encode_patches ms |\n|---|---|---|---|")
+    print("| frames per call | cached query ms | re-encode ms | ratio | encode_patches ms |\n|---|---|---|---|---|")
+    for batch_size in (1, 8) if device == "cpu" else (8, 32):
+        query = run_child(mode="query", **common, batch_size=batch_size)
+        if "error" in query:
+            print(f"| {8 * batch_size} | error: {query['error']} |")
+            continue
         ratio = query["reencode_ms"] / query["cached_query_ms"]
-        print(f"| {query['cached_query_ms']:.3f} | {query['reencode_ms']:.3f} | {ratio:.1f}x | {query['encode_ms']:.3f} |")
+        print(f"| {8 * batch_size} | {query['cached_query_ms']:.3f} | {query['reencode_ms']:.3f} | {ratio:.1f}x | "
+              f"{query['encode_ms']:.3f} |", flush=True)
+
+
+def print_parts_table(args):
+    """Train step vs the sum of its separately timed parts (CPU), tiny and seed shapes."""
+    print(f"# Train step vs the sum of its parts, CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)\n")
+    for shapes, batch_size in (("tiny", 16), ("seed", 1)):
+        result = run_child(mode="parts", shapes=shapes, batch_size=batch_size, steps=args.steps, warmup=args.warmup,
+                           compile=int(shapes == "tiny"))
+        if "error" in result:
+            print(f"{shapes}: error: {result['error']}")
+            continue
+        parts, step = result["parts_seconds"], result["step_seconds"]
+        total = sum(parts.values())
+        print(f"## {shapes} shapes, B = {batch_size}, T = 8, fp32\n")
+        print("| part | ms | share of the sum |\n|---|---|---|")
+        for name, seconds in parts.items():
+            print(f"| {name} | {1e3 * seconds:.1f} | {100 * seconds / total:.1f} % |")
+        print(f"| **sum of parts** | {1e3 * total:.1f} | 100 % |")
+        print(f"| **whole step** | {1e3 * step:.1f} | {step / total:.2f}x the sum |")
+        if "compiled_step_seconds" in result:
+            compiled = result["compiled_step_seconds"]
+            print(f"| whole step, torch.compile (first step {result['compile_seconds']:.0f} s) | {1e3 * compiled:.1f} "
+                  f"| {step / compiled:.2f}x faster than eager |")
+        print(flush=True)
 
 
 if __name__ == "__main__":

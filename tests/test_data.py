@@ -38,6 +38,7 @@ from data_foveated import (
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
+from trainer_foveated import model_inputs
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -358,6 +359,13 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
 
     without_text = FoveatedVLMDataCollator()([dataset[0], dataset[1]])
     assert set(without_text) == {"pixel_values", "vae_latents", "moving_boxes"}
+
+    # Training's collator leaves uint8 frames for the accelerator; the trainer's normalisation gives the same inputs.
+    raw = FoveatedVLMDataCollator(normalize_frames=False)([dataset[0], dataset[1]])
+    assert set(raw) == {"frames", "vae_latents", "moving_boxes"} and raw["frames"].dtype == torch.uint8
+    inputs = model_inputs(raw)
+    assert set(inputs) == {"pixel_values", "vae_latents"}
+    assert torch.equal(inputs["pixel_values"], without_text["pixel_values"])
 
 
 def test_load_precomputed_names_a_missing_folder(tmp_path):

@@ -195,6 +195,11 @@ def test_spatial_residual_head():
         (dict(num_frames=1), "num_frames"),
         (dict(head_type="mlp"), "head_type"),
         (dict(lambda_coarse=-1.0), "lambda_coarse"),
+        (dict(token_dim=0), "token_dim"),
+        (dict(coarse_reader="max_pool"), "coarse_reader"),
+        (dict(fine_queries="learned"), "fine_queries"),
+        (dict(fine_loss_weight=-1.0), "fine_loss_weight"),
+        (dict(fine_loss_weight=0.0, lambda_coarse=0.0), "fine_loss_weight"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
@@ -332,6 +337,108 @@ def test_fixation_bias_moves_the_attention():
     assert (mean_position > 0.5).all(), mean_position
 
 
+# ---- Ablation options: each trains every parameter it uses and freezes the ones it cuts out of the loss ----
+
+
+def trainable_without_gradient(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+
+
+def test_token_bottleneck_narrows_every_visual_token():
+    model = make_model(token_dim=3).train()
+    assert model.token_bottleneck.out_features == 3 and model.dino_to_llm.in_features == 3
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert trainable_without_gradient(model) == []
+    # Both passes go through it: zeroing the bottleneck leaves the LLM the same input for every frame.
+    with torch.no_grad():
+        model.token_bottleneck.weight.zero_()
+        model.eval()
+        tokens, _ = model._read_frames(model.q_static.expand(2, 4, -1), model.encoder.encode_patches(
+            pixel_values.flatten(0, 1)), 2, 4)
+    torch.testing.assert_close(tokens, tokens[:1, :1].expand_as(tokens))
+
+
+def test_mean_pool_coarse_reader_averages_the_patches():
+    model = make_model(coarse_reader="mean_pool").train()
+    assert not model.q_static.requires_grad
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    output.loss.backward()
+    assert trainable_without_gradient(model) == []
+    torch.testing.assert_close(output.attn_static, torch.full_like(output.attn_static, 1 / 16))
+    model.eval()
+    with torch.no_grad():
+        base = model(pixel_values, vae_latents)
+        model.q_static.normal_()  # Pass 1 no longer reads with it
+        assert torch.equal(model(pixel_values, vae_latents).pred_coarse, base.pred_coarse)
+        patch_mean = model.encoder.encode_patches(pixel_values.flatten(0, 1)).patch_features.mean(1)
+        tokens, _ = model._read_coarse(model.encoder.encode_patches(pixel_values.flatten(0, 1)), 2, 4)
+    torch.testing.assert_close(tokens, model.dino_to_llm(patch_mean).view(2, 4, -1))
+
+
+@pytest.mark.parametrize("fine_queries", ["fixed", "random"])
+def test_pass2_query_ablations_cut_the_llm_out_of_the_glimpse(fine_queries):
+    model = make_model(fine_queries=fine_queries).train()
+    assert not model.query_head.weight.requires_grad
+    assert model.q_init.requires_grad == (fine_queries == "fixed")
+    pixel_values, vae_latents = make_batch(model.config)
+    model(pixel_values, vae_latents).loss.backward()
+    assert trainable_without_gradient(model) == []
+    model.eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        base = model(pixel_values, vae_latents)
+        model.query_head.weight.normal_()  # changes the predicted queries, not what Pass 2 reads with
+        torch.manual_seed(3)
+        changed = model(pixel_values, vae_latents)
+        again = model(pixel_values, vae_latents)  # fresh random queries, or the same fixed ones
+    assert not torch.allclose(changed.queries, base.queries)
+    if fine_queries == "fixed":  # every frame read with q_init
+        torch.testing.assert_close(changed.attn_dynamic, base.attn_dynamic)
+        _, reference = model.encoder.query(model.q_init.expand(8, -1), model.encoder.encode_patches(
+            pixel_values.flatten(0, 1)))
+        torch.testing.assert_close(changed.attn_dynamic, reference.view(2, 4, -1))
+        assert torch.equal(again.attn_dynamic, changed.attn_dynamic)
+    else:  # fresh Gaussian queries each call, as large as the predicted ones
+        assert not torch.allclose(again.attn_dynamic, changed.attn_dynamic)
+        queries = model._pass2_queries(changed.queries)
+        assert not torch.allclose(queries, changed.queries)
+        torch.testing.assert_close(queries.pow(2).mean().sqrt(), changed.queries.pow(2).mean().sqrt(), rtol=0.3, atol=0)
+
+
+def test_oracle_fixations_steer_pass2_only():
+    model = make_model(fine_queries="oracle").train()
+    pixel_values, vae_latents = make_batch(model.config)
+    fixations = torch.tensor([0.75, -0.75]).expand(2, 4, 2)  # bottom-left in every frame
+    output = model(pixel_values, vae_latents, oracle_fixations=fixations)
+    output.loss.backward()
+    assert trainable_without_gradient(model) == []
+    coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
+    dynamic_centre, static_centre = output.attn_dynamic @ coords, output.attn_static @ coords  # (B, T, 2)
+    assert (dynamic_centre[..., 0] > 0.4).all() and (dynamic_centre[..., 1] < -0.4).all(), dynamic_centre
+    assert static_centre.abs().max() < 0.4  # Pass 1 is untouched
+    with pytest.raises(ValueError, match="oracle_fixations"):
+        model(pixel_values, vae_latents)
+    with pytest.raises(ValueError, match="oracle_fixations"):
+        make_model()(pixel_values, vae_latents, oracle_fixations=fixations)
+    with pytest.raises(ValueError, match="oracle"):
+        next(model.stream(pixel_values.unbind(1)))
+
+
+def test_coarse_only_trains_pass1_and_still_reports_loss_fine():
+    model = make_model(fine_loss_weight=0.0, aux_current_weight=0.5).train()
+    frozen = {"q_init", "fine_token", "query_head.weight", "query_head.bias"}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} >= frozen
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents)
+    assert not output.state_fine.requires_grad and output.loss_fine > 0
+    torch.testing.assert_close(output.loss, output.loss_coarse + 0.5 * output.loss_aux)
+    output.loss.backward()
+    assert trainable_without_gradient(model) == []
+
+
 @pytest.mark.parametrize("with_text", [False, True])
 def test_streaming_equals_the_parallel_forward(with_text):
     model = make_model(fixation_bias=True, glimpse_position=True)
@@ -349,6 +456,17 @@ def test_streaming_equals_the_parallel_forward(with_text):
         ("attn_static", parallel.attn_static), ("attn_dynamic", parallel.attn_dynamic),
     ]:
         torch.testing.assert_close(stacked[name], reference, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [dict(token_dim=4), dict(coarse_reader="mean_pool"), dict(fine_queries="fixed")])
+def test_streaming_follows_the_ablation_options(overrides):
+    model = make_model(**overrides)
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        parallel = model(pixel_values, vae_latents)
+    steps = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1)))
+    for name, reference in [("pred_fine", parallel.pred_fine), ("pred_coarse", parallel.pred_coarse)]:
+        torch.testing.assert_close(torch.stack([getattr(s, name) for s in steps], 1), reference, atol=1e-5, rtol=1e-4)
 
 
 def test_autoregressive_streaming_takes_queries_from_the_focused_stream():

@@ -179,3 +179,20 @@ def test_cli_paths_without_vae(tiny_run, tmp_path):
     assert (out / "fig3_attention_0.png").is_file() and not (out / "fig4_predictions.png").exists()
     assert "No VAE" in (out / "report.md").read_text()
     assert "No trainer_state.json" in (out / "report.md").read_text()
+
+
+def test_compare_pools_seeds_into_mean_and_spread(tmp_path, capsys):
+    improvements = {"base-seed0": 0.10, "base-seed1": 0.20, "base-seed2": 0.30, "ablation": -0.05}
+    for name, value in improvements.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        results = {"eval_loss/coarse": 1.0, "eval_loss/fine": 1.0 - value, "eval_improvement": value}
+        (run_dir / "eval_results.json").write_text(json.dumps(results))
+        (run_dir / "trainer_state.json").write_text(json.dumps(trainer_state()))
+    main(["--compare", *(str(tmp_path / name) for name in improvements)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    # Mean and sample standard deviation over the three seeds, each seed listed; the single run has no spread.
+    assert "| 3 | 4 | 3 |" in rows["base"] and "+20.00 % ± 10.00 (+10.00, +20.00, +30.00)" in rows["base"]
+    assert "| -5.00 % |" in rows["ablation"] and "±" not in rows["ablation"]
+    with pytest.raises(FileNotFoundError, match="eval_results.json"):
+        main(["--compare", str(tmp_path)])

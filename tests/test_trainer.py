@@ -26,7 +26,13 @@ import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
 from modeling_foveated import FoveatedVLMModel
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
-from trainer_foveated import FoveatedTrainer
+from trainer_foveated import (
+    FoveatedTrainer,
+    foveation_metrics,
+    model_inputs,
+    moving_box_centres,
+    moving_box_patch_mask,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -161,7 +167,9 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
             [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
             + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
         )
-        assert training_args.gradient_accumulation_steps == 4 and training_args.learning_rate == 1e-4
+        # The seed's 8 clips per optimizer step, however they are split into micro-batches.
+        effective_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        assert effective_batch == 8 and training_args.learning_rate == 1e-4
         assert training_args.report_to == ["tensorboard"] and not training_args.remove_unused_columns
         model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
         config = model.config
@@ -287,6 +295,12 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
     assert f"| loss_fine   | {eval_results['eval_loss/fine']:.4f} |" in readme
     assert "Not evaluated yet" in (checkpoint / "README.md").read_text()
+    # The analysis report is written after training, and the model card links its figures (the checkpoint's has none).
+    report = output_dir / "report"
+    assert (report / "report.md").is_file() and (report / "report.html").is_file()
+    for figure in ("fig1_losses.png", "fig2_ratio.png", "fig3_attention_0.png", "fig4_predictions.png"):
+        assert (report / figure).is_file() and f"(report/{figure})" in readme, figure
+    assert "(report/report.md)" in readme and "report/" not in (checkpoint / "README.md").read_text()
     assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
@@ -396,12 +410,17 @@ def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsy
     assert not list((tmp_path / "profile").glob("checkpoint-*"))
 
 
+def test_oracle_fixations_are_the_moving_box_centres():
+    boxes = torch.full((1, 2, 4, 4), -1.0)
+    boxes[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 1.0])  # x0, y0, x1, y1: centre x 0.25, y 0.75
+    centres = moving_box_centres(boxes)
+    torch.testing.assert_close(centres, torch.tensor([[[0.5, -0.5], [0.0, 0.0]]]))  # (y, x); no box -> centre
+    inputs = model_inputs({"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "moving_boxes": boxes},
+                          tiny_config(fine_queries="oracle"))
+    assert set(inputs) == {"pixel_values", "oracle_fixations"}
+
+
 def test_foveation_diagnostics():
-    from tiny import tiny_config
-
-    from modeling_foveated import FoveatedVLMModel
-    from trainer_foveated import foveation_metrics, moving_box_patch_mask
-
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config()).eval()
     pixel_values, vae_latents = torch.randn(3, 4, 3, 64, 64), torch.randn(3, 4, 4, 8, 8)
@@ -424,3 +443,16 @@ def test_foveation_diagnostics():
         ignored = foveation_metrics(model, outputs, {"vae_latents": vae_latents})
     assert ignored["diag/state_contribution_fine"].abs() < 1e-6
     assert metrics["diag/state_contribution_fine"].abs() > 1e-6
+
+
+def test_command_line_model_config_updates_the_yaml_one():
+    model_args, data_args, _ = train_hf.parse_arguments(
+        ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "freeze_vision": true, "token_dim": null}']
+    )
+    tiny_yaml = yaml.safe_load(Path("configs/tiny.yaml").read_text())["model_config"]
+    assert model_args.model_config == {**tiny_yaml, "lambda_coarse": 3, "freeze_vision": True, "token_dim": None}
+    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
+    assert model.config.lambda_coarse == 3 and model.config.token_dim is None and model.config.query_dim == 64
+    assert model.config.freeze_vision and not any(p.requires_grad for p in model.encoder.backbone.parameters())
+    with pytest.raises(ValueError, match="model_config must be a JSON object"):
+        train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", "[1, 2]"])
