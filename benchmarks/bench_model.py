@@ -6,6 +6,7 @@ its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
     python benchmarks/bench_model.py                       # CPU: B=1 fp32 step, query vs re-encode
     python benchmarks/bench_model.py --suite gpu           # GPU: batch/precision grid, one-factor variations, T scaling
     python benchmarks/bench_model.py --suite cpu --steps 2 # quicker
+    python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
 """
 
 import argparse
@@ -126,6 +127,7 @@ def run_parts_benchmark(args) -> dict:
     B, T, S, h = args.batch_size, args.num_frames, config.image_size, config.latent_size
     pixel_values = torch.randn(B, T, 3, S, S)
     vae_latents = torch.randn(B, T, config.latent_channels, h, h)
+    inputs = {"pixel_values": pixel_values, "vae_latents": vae_latents}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def timed(fn) -> float:
@@ -150,6 +152,10 @@ def run_parts_benchmark(args) -> dict:
     def leaf(tensor):
         return tensor.detach().requires_grad_(True)
 
+    # The whole step first, from a fresh model: timing it after the parts (whose backward calls pile up gradients
+    # the optimizer part then applies) measured it 2x slower than a training run's steps.
+    step_seconds = timed(step)
+
     with torch.no_grad():
         cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
         output = model(pixel_values, vae_latents)
@@ -159,20 +165,29 @@ def run_parts_benchmark(args) -> dict:
     empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
     states = leaf(torch.cat([output.state_coarse, output.state_fine]))
     prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
-    inputs = {"pixel_values": pixel_values, "vae_latents": vae_latents}
+
+    def alone(fn):  # one part's forward + backward, from zeroed gradients
+        def run():
+            model.zero_grad(set_to_none=True)
+            fn()
+        return timed(run)
 
     parts = {
-        "encode frames": timed(lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple())),
-        "2 x query reading": 2 * timed(lambda: backward(*model._read_frames(queries, cache, B, T))),
-        "2 x LLM pass": 2 * timed(
+        "encode frames": alone(lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple())),
+        "2 x query reading": 2 * alone(lambda: backward(*model._read_frames(queries, cache, B, T))),
+        "2 x LLM pass": 2 * alone(
             lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None))
         ),
-        "head (both passes)": timed(lambda: backward(model.predict_latents(states, prev_latents))),
+        "head (both passes)": alone(lambda: backward(model.predict_latents(states, prev_latents))),
         "trainer diagnostics": timed(lambda: foveation_metrics(model, output, inputs)),
-        "optimizer step": timed(optimizer.step),
     }
+    if config.aux_current_weight > 0:  # the auxiliary reconstruction runs the head once more over both passes
+        parts["auxiliary head pass"] = parts["head (both passes)"]
+    model.zero_grad(set_to_none=True)
+    model(pixel_values, vae_latents).loss.backward()  # real gradients for the optimizer to apply
+    parts["optimizer step"] = timed(optimizer.step)
     optimizer.zero_grad(set_to_none=True)
-    result = {"parts_seconds": parts, "step_seconds": timed(step)}
+    result = {"parts_seconds": parts, "step_seconds": step_seconds}
     if args.compile:
         # What `--torch_compile true` does in train_hf.py: the Trainer compiles the whole model.
         eager, model = model, torch.compile(model)
@@ -269,7 +284,9 @@ STEP_HEADER = (
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--parts", action="store_true", help="Only the step-vs-sum-of-parts table (CPU).")
+    parser.add_argument(
+        "--tables", default="step,query", help="Comma-separated: step, query, parts (step vs sum of its parts, CPU)."
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -293,13 +310,13 @@ def main():
         print(json.dumps(run(args)))
         return
 
-    if args.parts:
+    tables = set(args.tables.split(","))
+    if "parts" in tables:
         print_parts_table(args)
-        return
-
     device = "cuda" if args.suite == "gpu" else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"# Seed shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) on {where}\n")
+    if tables & {"step", "query"}:
+        print(f"# Seed shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) on {where}\n")
     common = dict(device=device, steps=args.steps, warmup=args.warmup)
     if device == "cpu":
         grid = [dict(batch_size=1, precision="fp32")]
@@ -309,6 +326,13 @@ def main():
             dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
         grid += [dict(batch_size=2, precision="bf16", grad_ckpt=1)]
         grid += [dict(batch_size=4, precision="bf16", num_frames=t) for t in (4, 8, 16, 32)]
+    if "step" in tables:
+        print_step_tables(grid, common, device)
+    if "query" in tables:
+        print_query_table(common, device)
+
+
+def print_step_tables(grid, common, device):
     print("## Train step (forward + backward + AdamW)\n")
     print(STEP_HEADER)
     flops = None
@@ -322,6 +346,9 @@ def main():
         for name in ("encoder", "queries", "llm", "head"):
             print(f"| {name} | {flops[name] / 1e9:.2f} | {100 * flops[name] / flops['total']:.1f} % |")
         print(f"| total | {flops['total'] / 1e9:.2f} | 100 % |")
+
+
+def print_query_table(common, device):
     print("\n## Query through the cached K/V vs re-encoding the frame with the query appended (per frame)\n")
     print("| frames per call | cached query ms | re-encode ms | ratio | encode_patches ms |\n|---|---|---|---|---|")
     for batch_size in (1, 8) if device == "cpu" else (8, 32):
