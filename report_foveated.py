@@ -36,6 +36,7 @@ from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel, attention_entropy
 from processing_foveated import FoveatedVLMProcessor
 from trainer_foveated import (
+    REPORT_DIR,
     _architecture_rows,
     decode_latents,
     derived_metrics,
@@ -678,9 +679,11 @@ def _next_steps(summary: Optional[dict], state: Optional[dict], log_history: lis
         selective = summary["entropy_dynamic"] < 0.95 * summary["entropy_static"]
         follows = tracking is not None and tracking["inside_dynamic"] > 1.5 * tracking["chance"]
         if not selective or (tracking is not None and not follows):
-            items.append("The queries are not yet selective: break the state deadlock (an auxiliary signal into the "
-                         "state such as `aux_current_weight`, pretrained or warm-started backbones, a curriculum), "
-                         "and check with an oracle-state test that the scene and head can carry the effect.")
+            items.append("The queries are not yet selective. The state path must be open first (without "
+                         "`aux_current_weight` the head ignores the LLM state and the queries get no gradient), and "
+                         "a perfect policy (`fine_queries: oracle`) is the test of whether looking in the right place "
+                         "pays yet; in docs/RESULTS.md it did not until the model predicts motion at all, so train "
+                         "longer, on more clips or from pretrained backbones first.")
         first_target_dominates = summary["first_target_share_of_full_loss_fine"] > 2 / summary["num_targets"]
         if summary["full"]["improvement"] < 0.05 and first_target_dominates:
             items.append("Report progress on targets t ≥ 2 next to the full loss: v_1 caps the full-loss figure.")
@@ -777,7 +780,7 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir {run_dir} is not a folder")
-    out = run_dir / "report"
+    out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     log_history, state, state_path = load_log_history(run_dir)
     notes = [] if state_path else [f"No trainer_state.json in {run_dir} or its checkpoints: Figures 1-2 are empty."]

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from transformers import ProcessorMixin, Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from processing_foveated import frames_to_pixel_values
 
@@ -65,15 +65,18 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
     return torch.where((box[..., :1] >= 0), centre, torch.zeros_like(centre))
 
 
-def foveation_metrics(model, outputs, inputs) -> dict[str, torch.Tensor]:
+def foveation_metrics(model, outputs, inputs, state_contribution: bool = True) -> dict[str, torch.Tensor]:
     """Per-micro-batch diagnostics: batch-mean scalar tensors, left on the device (reading them would sync the host).
 
     Args:
         model: the unwrapped `FoveatedVLMModel`.
         outputs: its `FoveatedVLMOutput` on this batch.
         inputs: the whole collated batch, model inputs and the other columns (`moving_boxes`, ...).
+        state_contribution: also measure the state contribution, two more forward passes of the head (most of
+            what these diagnostics cost); the trainer asks for it in evaluation and on the steps that log.
 
-    Return the same keys on every call: the trainer reduces them across processes by name.
+    Return the same keys on every call with the same `state_contribution`: the trainer reduces them across
+    processes by name.
     """
     metrics = {
         "loss/fine": outputs.loss_fine,
@@ -97,9 +100,8 @@ def foveation_metrics(model, outputs, inputs) -> dict[str, torch.Tensor]:
         metrics["loss/fine_unchanged"] = (fine_error * (1 - changed)).sum() / (1 - changed).sum().clamp_min(1)
         # State contribution: the head's loss with each clip's LLM state swapped for another clip's. Zero means
         # the head ignores the LLM, and then no gradient asks the queries to become selective.
-        for name, states, predicted in (
-            ("fine", outputs.state_fine, outputs.pred_fine), ("coarse", outputs.state_coarse, outputs.pred_coarse)
-        ):
+        swaps = (("fine", outputs.state_fine, outputs.pred_fine), ("coarse", outputs.state_coarse, outputs.pred_coarse))
+        for name, states, predicted in swaps if state_contribution else ():
             swapped = model.predict_latents(states.roll(1, dims=0), outputs.prev_latents).float()
             swapped_loss = (swapped[:, later] - target[:, later]).pow(2).mean()
             metrics[f"diag/state_contribution_{name}"] = swapped_loss - (predicted[:, later] - target[:, later]).pow(
@@ -189,11 +191,21 @@ class FoveatedTrainer(Trainer):
         outputs = model(**model_inputs(inputs, self.accelerator.unwrap_model(model).config))
         mode = "train" if model.training else "eval"
         batch_size = inputs["vae_latents"].shape[0]
-        metrics = foveation_metrics(self.accelerator.unwrap_model(model), outputs, inputs)
+        # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
+        state_contribution = mode == "eval" or self._step_logs()
+        metrics = foveation_metrics(self.accelerator.unwrap_model(model), outputs, inputs, state_contribution)
         for name, value in metrics.items():
             value = value.detach().float()
             self._metrics[mode][name] += torch.stack([value * batch_size, value.new_tensor(batch_size)])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _step_logs(self) -> bool:
+        """Whether the optimizer step being computed ends with a log (the Trainer's own rule for `steps`)."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy != IntervalStrategy.STEPS:
+            return True
+        every = self.state.logging_steps or args.logging_steps
+        return step % every == 0 or (args.logging_first_step and step == 1)
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         # Same decision as TRL: the Trainer logs evaluation results while the model is in eval mode.

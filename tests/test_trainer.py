@@ -116,6 +116,30 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     assert np.std([o.loss_fine.item() for o in outputs]) > 1e-4
 
 
+def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
+    import trainer_foveated
+
+    flags = []
+
+    def recording_metrics(model, outputs, inputs, state_contribution=True):
+        flags.append(state_contribution)
+        return trainer_foveated_metrics(model, outputs, inputs, state_contribution)
+
+    trainer_foveated_metrics = trainer_foveated.foveation_metrics
+    monkeypatch.setattr(trainer_foveated, "foveation_metrics", recording_metrics)
+    torch.manual_seed(0)
+    args = training_arguments(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2)
+    trainer = FoveatedTrainer(
+        model=FoveatedVLMModel(tiny_config()), args=args, train_dataset=tiny_arrow_dataset(8),
+        data_collator=FoveatedVLMDataCollator(),
+    )
+    trainer.train()
+    assert flags == [False, False, True, True] * 2  # 4 steps of 2 micro-batches; steps 2 and 4 log
+    logs = [entry for entry in trainer.state.log_history if "loss/fine" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    assert all("diag/state_contribution_fine" in entry for entry in logs)
+
+
 def _model_inputs(batch: dict) -> dict:
     return {name: batch[name] for name in ("pixel_values", "vae_latents")}
 
