@@ -15,26 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench_model import tiny_config  # noqa: E402  (this folder is on sys.path when run as a script)
 from configuration_foveated import FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
-
-
-def tiny_config() -> FoveatedVLMConfig:
-    """The embedded default's model (configs/tiny.yaml)."""
-    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
-    size = config["image_size"]
-    return FoveatedVLMConfig(
-        vision_config={**config["vision_config"], "image_size": size},
-        text_config=config["text_config"],
-        image_size=size,
-        latent_size=size // 8,
-        **config["model_config"],
-    )
 
 
 def windows(num_frames: int) -> list[tuple[int, int]]:
