@@ -740,6 +740,9 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         coarse_cache, fine_cache = DynamicCache(config=self.config.text_config), DynamicCache(
             config=self.config.text_config
         )
+        # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then goes).
+        llm_arguments = inspect.signature(self.language_model.forward).parameters
+        cache_argument = "cache" if "cache" in llm_arguments else "past_key_values"
         latents = iter(vae_latents) if vae_latents is not None else None
         coarse_state = fine_state = query = prev_latent = None
         mask = attention_mask
@@ -751,8 +754,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 # Prime both streams with [text, mode]; their last states predict latent 1 from z_vae_init.
                 mode_inputs = lambda token: torch.cat([text_embeds, token.expand(B, 1, -1)], dim=1)  # noqa: E731
                 mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
-                coarse_state = self._language_step(mode_inputs(self.coarse_token), mask, coarse_cache)
-                fine_state = self._language_step(mode_inputs(self.fine_token), mask, fine_cache)
+                coarse_state = self._language_step(mode_inputs(self.coarse_token), mask, coarse_cache, cache_argument)
+                fine_state = self._language_step(mode_inputs(self.fine_token), mask, fine_cache, cache_argument)
                 query = self.q_init.expand(B, -1)
                 prev_latent = self.z_vae_init.expand(B, -1, -1, -1)
 
@@ -767,8 +770,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             fine_token, attn_dynamic = self._read_frames(fine_query.unsqueeze(1), cache, B, 1)
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            coarse_state = self._language_step(coarse_token, mask, coarse_cache)
-            fine_state = self._language_step(fine_token, mask, fine_cache)
+            coarse_state = self._language_step(coarse_token, mask, coarse_cache, cache_argument)
+            fine_state = self._language_step(fine_token, mask, fine_cache, cache_argument)
             query = self.query_head(fine_state if autoregressive else coarse_state)  # (B, Q)
 
             latent = next(latents) if latents is not None else None
@@ -781,14 +784,11 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 attn_dynamic=attn_dynamic[:, 0],
             )
 
-    def _language_step(self, inputs_embeds, attention_mask, cache) -> torch.Tensor:
+    def _language_step(self, inputs_embeds, attention_mask, cache, cache_argument) -> torch.Tensor:
         """Append `inputs_embeds` (B, n, E) to a stream's KV cache; return the last state (B, E)."""
         position_ids = None
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs_embeds.shape[1] :]
-        # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then goes).
-        parameters = inspect.signature(self.language_model.forward).parameters
-        cache_argument = "cache" if "cache" in parameters else "past_key_values"
         hidden = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -188,12 +188,13 @@ class FoveatedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
-        outputs = model(**model_inputs(inputs, self.accelerator.unwrap_model(model).config))
+        unwrapped = self.accelerator.unwrap_model(model)
+        outputs = model(**model_inputs(inputs, unwrapped.config))
         mode = "train" if model.training else "eval"
         batch_size = inputs["vae_latents"].shape[0]
         # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
         state_contribution = mode == "eval" or self._step_logs()
-        metrics = foveation_metrics(self.accelerator.unwrap_model(model), outputs, inputs, state_contribution)
+        metrics = foveation_metrics(unwrapped, outputs, inputs, state_contribution)
         for name, value in metrics.items():
             value = value.detach().float()
             self._metrics[mode][name] += torch.stack([value * batch_size, value.new_tensor(batch_size)])
