@@ -68,14 +68,15 @@ class DecodeEveryStep(torch.utils.data.Dataset):
         }
 
 
-def samples_per_second(dataset, epochs: int, batch_size: int, collator=None) -> float:
+def samples_per_second(dataset, epochs: int, batch_size: int, num_workers: int, collator=None) -> float:
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        num_workers=2,
+        num_workers=num_workers,
         collate_fn=collator or FoveatedVLMDataCollator(),
         persistent_workers=True,
+        pin_memory=torch.cuda.is_available(),  # as the phase configs load for a GPU
     )
     next(iter(loader))  # worker start-up is paid once per training run, not per step
     start = time.perf_counter()
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--num_video_frames", type=int, default=48, help="Frames in each synthetic video.")
     parser.add_argument("--epochs", type=int, default=3, help="DataLoader passes over the videos per measurement.")
     parser.add_argument("--batch_size", type=int, default=8, help="Clips per batch (configs/phase1.yaml: 8).")
+    parser.add_argument("--num_workers", type=int, default=2, help="Loader workers (configs/phase1.yaml: 4).")
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
 
@@ -124,21 +126,19 @@ def main() -> None:
         warm = timed(ours)
         seed = timed(lambda: seed_guide_precompute(videos, latent_dir, vae, args.num_frames, size))
         precomputed = load_precomputed(output_dir)
-        uint8 = samples_per_second(
-            precomputed, args.epochs, args.batch_size, FoveatedVLMDataCollator(normalize_frames=False)
-        )
-        arrow = samples_per_second(precomputed, args.epochs, args.batch_size)
-        decoding = samples_per_second(
-            DecodeEveryStep(videos, latent_dir, args.num_frames, size), args.epochs, args.batch_size
-        )
+        loading = dict(epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers)
+        uint8 = samples_per_second(precomputed, collator=FoveatedVLMDataCollator(normalize_frames=False), **loading)
+        arrow = samples_per_second(precomputed, **loading)
+        decoding = samples_per_second(DecodeEveryStep(videos, latent_dir, args.num_frames, size), **loading)
+        workers = f"{args.num_workers} worker{'s' * (args.num_workers != 1)}"
         n = len(videos)
         rows += [
             (size, "precompute: precompute_dataset, num_proc 2, batched VAE", f"{n / cold:.2f} videos/s"),
             (size, "precompute: same, rerun (shard caches hit)", f"{n / warm:.2f} videos/s"),
             (size, "precompute: seed 4.2 loop, per-frame VAE", f"{n / seed:.2f} videos/s"),
-            (size, "training input: Arrow + collator, uint8 frames (train_hf.py), 2 workers", f"{uint8:.1f} samples/s"),
-            (size, "training input: Arrow + collator normalising on the CPU, 2 workers", f"{arrow:.1f} samples/s"),
-            (size, "training input: decord decode per step, 2 workers", f"{decoding:.1f} samples/s"),
+            (size, f"training input: Arrow + collator, uint8 frames (train_hf.py), {workers}", f"{uint8:.1f} samples/s"),
+            (size, f"training input: Arrow + collator normalising on the CPU, {workers}", f"{arrow:.1f} samples/s"),
+            (size, f"training input: decord decode per step, {workers}", f"{decoding:.1f} samples/s"),
         ]
 
     print(

@@ -7,9 +7,12 @@ its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
     python benchmarks/bench_model.py --suite gpu           # GPU: batch/precision grid, one-factor variations, T scaling
     python benchmarks/bench_model.py --suite cpu --steps 2 # quicker
     python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
+    python benchmarks/bench_model.py --tables dispatch     # CPU: kernel launches and host syncs per step
+    python benchmarks/bench_model.py --tables compile      # the step eager and under torch.compile (B=16)
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -20,11 +23,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from configuration_foveated import FoveatedVLMConfig  # noqa: E402
+from configuration_foveated import DINOV3_VITS16_DEFAULTS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
 
 # Dense peak throughput of the devices we report against (vendor figures, TFLOP/s): bf16 tensor cores, fp32 via TF32.
@@ -44,9 +48,27 @@ def tiny_config(**overrides) -> FoveatedVLMConfig:
     )
 
 
+def hollow_config(**overrides) -> FoveatedVLMConfig:
+    """The seed's depths (12 DINOv3 layers, 30 Llama layers) and code path at widths of 32 and 32 px frames: the
+    same operators as the seed model with next to no arithmetic, so its step time is the host's cost of issuing
+    them (what a launch-bound GPU step pays)."""
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    return FoveatedVLMConfig(
+        vision_config={**DINOV3_VITS16_DEFAULTS, **narrow, "image_size": 32},
+        text_config={**SMOLLM2_135M_DEFAULTS, **narrow, "num_key_value_heads": 1, "vocab_size": 256},
+        image_size=32,
+        latent_size=4,
+        query_dim=32,
+        head_channels=8,
+        head_mlp_dim=16,
+        **overrides,
+    )
+
+
 def build_model(deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed"):
     overrides = dict(num_frames=num_frames, deep_query=deep_query, freeze_vision=freeze_vision)
-    config = tiny_config(**overrides) if shapes == "tiny" else FoveatedVLMConfig(**overrides)
+    builders = {"tiny": tiny_config, "hollow": hollow_config, "seed": FoveatedVLMConfig}
+    config = builders[shapes](**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return FoveatedVLMModel(config).to(device).train()
@@ -76,7 +98,7 @@ def count_flops(model, pixel_values, vae_latents) -> dict:
 
 def run_step_benchmark(args) -> dict:
     device = args.device
-    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, device)
+    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, device, args.shapes)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     B, T, S = args.batch_size, args.num_frames, model.config.image_size
@@ -86,18 +108,26 @@ def run_step_benchmark(args) -> dict:
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda"
     )
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    # `--torch_compile true --torch_compile_mode MODE` in train_hf.py: the Trainer compiles the whole model.
+    forward = torch.compile(model, mode=args.compile_mode or None) if args.compile else model
 
     def step():
         with autocast:
-            loss = model(pixel_values, vae_latents).loss
+            loss = forward(pixel_values, vae_latents).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    start = time.perf_counter()
     for _ in range(args.warmup):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
+    warmup_seconds = time.perf_counter() - start
+    # Compiling leaves ~10^6 Python objects behind; the full collection they trigger (seconds, measured) belongs to
+    # the warmup, not to one of the timed steps.
+    gc.collect()
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -110,15 +140,61 @@ def run_step_benchmark(args) -> dict:
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
     flops = count_flops(model, pixel_values[:1], vae_latents[:1])
-    return {"seconds_per_step": seconds, "samples_per_s": B / seconds, "peak_gb": peak_gb, "flops_per_sample": flops}
+    return {
+        "seconds_per_step": seconds,
+        "samples_per_s": B / seconds,
+        "peak_gb": peak_gb,
+        "flops_per_sample": flops,
+        "warmup_seconds": warmup_seconds,
+    }
+
+
+def step_parts(model, pixel_values, vae_latents) -> dict:
+    """
+    The train step's parts as closures, each forward + backward from detached inputs (in the order the step runs
+    them): encoding, the two query readings, the two LLM passes, the shared head (both passes in one call), the
+    auxiliary head pass, the trainer's per-step diagnostics. Each entry is `(run, times)`: the step runs `run` that
+    many times. Call `model.zero_grad` between runs; the optimizer is left out (it needs real gradients).
+    """
+    from trainer_foveated import foveation_metrics
+
+    config = model.config
+    B, T = pixel_values.shape[:2]
+    inputs = {"pixel_values": pixel_values, "vae_latents": vae_latents}
+
+    def leaf(tensor):
+        return tensor.detach().requires_grad_(True)
+
+    def backward(*outputs):  # tensors or tuples of tensors (the per-layer K/V)
+        tensors = [t for output in outputs for t in (output if isinstance(output, tuple) else (output,))]
+        sum(tensor.float().sum() for tensor in tensors).backward()
+
+    with torch.no_grad():
+        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
+        output = model(pixel_values, vae_latents)
+    cache = type(cache)(**{k: (tuple(map(leaf, v)) if isinstance(v, tuple) else leaf(v)) for k, v in cache.items()})
+    queries = leaf(output.queries)
+    tokens = leaf(torch.randn(B, T, config.text_config.hidden_size))
+    empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
+    states = leaf(torch.cat([output.state_coarse, output.state_fine]))
+    prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
+    head = (lambda: backward(model.predict_latents(states, prev_latents)), 1)
+    parts = {
+        "encode frames": (lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple()), 1),
+        "2 x query reading": (lambda: backward(*model._read_frames(queries, cache, B, T)), 2),
+        "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
+        "head (both passes)": head,
+    }
+    if config.aux_current_weight > 0:  # the auxiliary reconstruction runs the head once more over both passes
+        parts["auxiliary head pass"] = head
+    parts["trainer diagnostics"] = (lambda: foveation_metrics(model, output, inputs), 1)
+    return parts
 
 
 def run_parts_benchmark(args) -> dict:
     """
-    The train step against the sum of its parts, each timed alone with forward + backward from detached inputs:
-    encoding, the two query readings, the two LLM passes, the shared head (both passes in one call), the trainer's
-    per-step diagnostics, and the optimizer step. What the whole step costs beyond the sum is glue (concatenations,
-    losses, autograd bookkeeping).
+    The train step against the sum of its parts (`step_parts`, plus the optimizer step), each timed alone. What
+    the whole step costs beyond the sum is glue (concatenations, losses, autograd bookkeeping).
     """
     from trainer_foveated import foveation_metrics
 
@@ -138,10 +214,6 @@ def run_parts_benchmark(args) -> dict:
             fn()
         return (time.perf_counter() - start) / args.steps
 
-    def backward(*outputs):  # tensors or tuples of tensors (the per-layer K/V)
-        tensors = [t for output in outputs for t in (output if isinstance(output, tuple) else (output,))]
-        sum(tensor.float().sum() for tensor in tensors).backward()
-
     def step():  # what the Trainer does per step: forward, diagnostics, backward, optimizer
         step_output = model(pixel_values, vae_latents)
         foveation_metrics(model, step_output, inputs)
@@ -149,22 +221,9 @@ def run_parts_benchmark(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def leaf(tensor):
-        return tensor.detach().requires_grad_(True)
-
     # The whole step first, from a fresh model: timing it after the parts (whose backward calls pile up gradients
     # the optimizer part then applies) measured it 2x slower than a training run's steps.
     step_seconds = timed(step)
-
-    with torch.no_grad():
-        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
-        output = model(pixel_values, vae_latents)
-    cache = type(cache)(**{k: (tuple(map(leaf, v)) if isinstance(v, tuple) else leaf(v)) for k, v in cache.items()})
-    queries = leaf(output.queries)
-    tokens = leaf(torch.randn(B, T, config.text_config.hidden_size))
-    empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
-    states = leaf(torch.cat([output.state_coarse, output.state_fine]))
-    prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
 
     def alone(fn):  # one part's forward + backward, from zeroed gradients
         def run():
@@ -172,17 +231,7 @@ def run_parts_benchmark(args) -> dict:
             fn()
         return timed(run)
 
-    parts = {
-        "encode frames": alone(lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple())),
-        "2 x query reading": 2 * alone(lambda: backward(*model._read_frames(queries, cache, B, T))),
-        "2 x LLM pass": 2 * alone(
-            lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None))
-        ),
-        "head (both passes)": alone(lambda: backward(model.predict_latents(states, prev_latents))),
-        "trainer diagnostics": timed(lambda: foveation_metrics(model, output, inputs)),
-    }
-    if config.aux_current_weight > 0:  # the auxiliary reconstruction runs the head once more over both passes
-        parts["auxiliary head pass"] = parts["head (both passes)"]
+    parts = {name: times * alone(run) for name, (run, times) in step_parts(model, pixel_values, vae_latents).items()}
     model.zero_grad(set_to_none=True)
     model(pixel_values, vae_latents).loss.backward()  # real gradients for the optimizer to apply
     parts["optimizer step"] = timed(optimizer.step)
@@ -196,6 +245,129 @@ def run_parts_benchmark(args) -> dict:
         result["compile_seconds"] = time.perf_counter() - start
         result["compiled_step_seconds"] = timed(step)
         model = eager
+    return result
+
+
+class DispatchCounter(TorchDispatchMode):
+    """
+    Counts the aten operators dispatched while active, forward and backward. On a GPU every counted operator that
+    is not a view or an allocation launches a kernel, and `_local_scalar_dense` (`.item()`, `bool(tensor)`) or an
+    operator whose output size depends on the data (`nonzero`, ...) makes the host wait for the device.
+    """
+
+    NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_reshape_alias", "set_"}
+    HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+                  "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.operators = 0
+        self.kernels = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.operators += 1
+        self.kernels += not func.is_view and name not in self.NO_KERNEL
+        self.syncs += name in self.HOST_SYNCS
+        return func(*args, **(kwargs or {}))
+
+    def counts(self) -> dict:
+        return {"operators": self.operators, "kernels": self.kernels, "syncs": self.syncs}
+
+
+def run_dispatch_benchmark(args) -> dict:
+    """
+    Operators, kernel launches and host syncs of one train step, counted with `DispatchCounter`: per part
+    (`step_parts`), and for the real `FoveatedTrainer` step (what `train_hf.py` runs: forward, diagnostics, backward,
+    clipping, fused AdamW, scheduler), with its CPU time. Steps that log are left out (logging reads the metrics).
+    """
+    import tempfile
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from data_foveated import MAX_MOVING_BOXES, FoveatedVLMDataCollator
+    from trainer_foveated import FoveatedTrainer
+
+    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes)
+    config = model.config
+    B, T, S, h = args.batch_size, args.num_frames, config.image_size, config.latent_size
+    result = {"parts": {}}
+    if args.precision == "fp32":  # the parts once; autocast would only add casts
+        pixel_values = torch.randn(B, T, 3, S, S)
+        vae_latents = torch.randn(B, T, config.latent_channels, h, h)
+        for name, (run, times) in step_parts(model, pixel_values, vae_latents).items():
+            model.zero_grad(set_to_none=True)
+            with DispatchCounter() as counter:
+                run()
+            result["parts"][name] = {key: times * value for key, value in counter.counts().items()}
+        model.zero_grad(set_to_none=True)
+        # What torch.compile makes of the forward, without and with text (Phase 2): one graph lets CUDA graphs
+        # (`reduce-overhead`) replay the whole step.
+        input_ids = torch.randint(0, config.text_config.vocab_size, (B, 6))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, -2:] = 0  # a padded caption
+        for name, text in (("no text", {}), ("text", dict(input_ids=input_ids, attention_mask=attention_mask))):
+            explained = torch._dynamo.explain(lambda: model(pixel_values, vae_latents, **text).loss)()
+            result.setdefault("graphs", {})[name] = [explained.graph_count, explained.graph_break_count]
+            torch._dynamo.reset()
+
+    rows = [
+        {
+            "frames": torch.randint(0, 256, (T, S, S, 3), dtype=torch.uint8),
+            "vae_latents": torch.randn(T, config.latent_channels, h, h),
+            "moving_boxes": torch.full((T, MAX_MOVING_BOXES, 4), -1.0),
+        }
+        for _ in range(B * (args.warmup + args.steps + 1))
+    ]
+
+    class CountSteps(TrainerCallback):
+        """Between `on_step_begin` and `on_step_end` (the batch is fetched before): times the steps after the warmup
+        ones, then counts the dispatched operators of one more step (counting slows a step down)."""
+
+        def __init__(self):
+            self.seconds, self.counts = [], None
+
+        def on_step_begin(self, training_args, state, control, **kwargs):
+            self.counter = DispatchCounter().__enter__() if state.global_step == state.max_steps - 1 else None
+            self.start = time.perf_counter()
+
+        def on_step_end(self, training_args, state, control, **kwargs):
+            seconds = time.perf_counter() - self.start
+            if self.counter is not None:
+                self.counter.__exit__(None, None, None)
+                self.counts = self.counter.counts()
+            elif state.global_step > warmup:
+                self.seconds.append(seconds)
+
+    warmup = args.warmup
+    callback = CountSteps()
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=B,
+            max_steps=args.warmup + args.steps + 1,
+            logging_steps=10_000,  # no step of the measured ones logs
+            logging_nan_inf_filter=bool(args.nan_filter),
+            bf16=args.precision == "bf16",
+            use_cpu=True,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            max_grad_norm=1.0,
+        )
+        trainer = FoveatedTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=rows,
+            data_collator=FoveatedVLMDataCollator(normalize_frames=False),
+            callbacks=[callback],
+        )
+        trainer.train()
+    result["step"] = {**callback.counts, "seconds": sorted(callback.seconds)[len(callback.seconds) // 2]}
     return result
 
 
@@ -285,13 +457,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--tables", default="step,query", help="Comma-separated: step, query, parts (step vs sum of its parts, CPU)."
+        "--tables",
+        default="step,query",
+        help="Comma-separated: step, query, parts (CPU: the step vs the sum of its parts), dispatch (CPU: kernel "
+        "launches and host syncs per step), compile (the step eager and under torch.compile).",
     )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="step", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--compile_batch_size", type=int, default=16, help="B of the compile table.")
     parser.add_argument("--batch_size", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--num_frames", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -300,19 +476,24 @@ def main():
     parser.add_argument("--freeze_vision", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="seed", help=argparse.SUPPRESS)
     parser.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--compile_mode", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         if args.device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        run = {"step": run_step_benchmark, "query": run_query_benchmark, "parts": run_parts_benchmark}[args.mode]
-        print(json.dumps(run(args)))
+        runs = {"step": run_step_benchmark, "query": run_query_benchmark, "parts": run_parts_benchmark,
+                "dispatch": run_dispatch_benchmark}
+        print(json.dumps(runs[args.mode](args)))
         return
 
     tables = set(args.tables.split(","))
     if "parts" in tables:
         print_parts_table(args)
+    if "dispatch" in tables:
+        print_dispatch_tables(args)
     device = "cuda" if args.suite == "gpu" else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     if tables & {"step", "query"}:
@@ -322,6 +503,8 @@ def main():
         grid = [dict(batch_size=1, precision="fp32")]
     else:
         grid = [dict(batch_size=b, precision=p) for p in ("bf16", "fp32") for b in (1, 2, 8, 16)]
+        # The eager step costs about the same host time at any B (docs/PERFORMANCE.md), so larger B amortises it.
+        grid += [dict(batch_size=b, precision="bf16") for b in (32, 64)]
         grid += [dict(batch_size=8, precision="bf16", **change) for change in (
             dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
         grid += [dict(batch_size=2, precision="bf16", grad_ckpt=1)]
@@ -330,6 +513,8 @@ def main():
         print_step_tables(grid, common, device)
     if "query" in tables:
         print_query_table(common, device)
+    if "compile" in tables:
+        print_compile_table(common, device, args.compile_batch_size)
 
 
 def print_step_tables(grid, common, device):
@@ -346,6 +531,30 @@ def print_step_tables(grid, common, device):
         for name in ("encoder", "queries", "llm", "head"):
             print(f"| {name} | {flops[name] / 1e9:.2f} | {100 * flops[name] / flops['total']:.1f} % |")
         print(f"| total | {flops['total'] / 1e9:.2f} | 100 % |")
+
+
+def print_compile_table(common, device, batch_size):
+    """
+    The step eager and under `torch.compile` (default mode; `reduce-overhead` = CUDA graphs on a GPU). On a CPU at
+    hollow shapes: what compiling saves of the host's cost of issuing the step.
+    """
+    precision, shapes = ("bf16", "seed") if device == "cuda" else ("fp32", "hollow")
+    print(f"\n## torch.compile, B = {batch_size}, {precision}, {shapes} shapes\n")
+    print("| model | warmup s | samples/s | ms/step | peak GB | vs eager |\n|---|---|---|---|---|---|")
+    modes = ("default", "reduce-overhead") if device == "cuda" else ("default",)
+    eager = None
+    for mode in ("eager",) + modes:
+        settings = dict(batch_size=batch_size, precision=precision, shapes=shapes)
+        if mode != "eager":
+            settings.update(compile=1, compile_mode="" if mode == "default" else mode)
+        result = run_child(mode="step", **common, **settings)
+        if "error" in result:
+            print(f"| {mode} | error: {result['error'][:80]} |", flush=True)
+            continue
+        eager = eager or result["samples_per_s"]
+        print(f"| {mode} | {result['warmup_seconds']:.0f} | {result['samples_per_s']:.2f} | "
+              f"{1e3 * result['seconds_per_step']:.1f} | {result['peak_gb']:.2f} | "
+              f"{result['samples_per_s'] / eager:.2f}x |", flush=True)
 
 
 def print_query_table(common, device):
@@ -383,6 +592,41 @@ def print_parts_table(args):
             print(f"| whole step, torch.compile (first step {result['compile_seconds']:.0f} s) | {1e3 * compiled:.1f} "
                   f"| {step / compiled:.2f}x faster than eager |")
         print(flush=True)
+
+
+def print_dispatch_tables(args):
+    """Kernel launches and host syncs per train step (CPU, counted), and the host's time to issue them."""
+    print(f"# Kernel launches and host syncs per train step, CPU ({os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads), B = 1, T = 8\n")
+    variants = [
+        dict(shapes="hollow", precision="fp32", nan_filter=1),
+        dict(shapes="hollow", precision="bf16", nan_filter=1),
+        dict(shapes="hollow", precision="bf16", nan_filter=0),
+        dict(shapes="seed", precision="fp32", nan_filter=1),
+    ]
+    results = [run_child(mode="dispatch", batch_size=1, steps=args.steps, warmup=args.warmup, **v) for v in variants]
+    parts = next((r["parts"] for r in results if r.get("parts")), None)
+    if parts:
+        print("## Per part, forward + backward (hollow shapes, fp32)\n")
+        print("| part | operators | kernel launches | host syncs |\n|---|---|---|---|")
+        for name, counts in parts.items():
+            print(f"| {name} | {counts['operators']} | {counts['kernels']} | {counts['syncs']} |")
+        print()
+    for name, (graphs, breaks) in next((r["graphs"] for r in results if r.get("graphs")), {}).items():
+        print(f"torch.compile of the forward ({name}): {graphs} graph(s), {breaks} graph break(s)")
+    print()
+    print("## The FoveatedTrainer's step (forward, diagnostics, backward, clipping, fused AdamW; not a logging step)\n")
+    print("| shapes | precision | logging_nan_inf_filter | operators | kernel launches | host syncs | CPU ms/step |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, result in zip(variants, results):
+        settings = f"| {variant['shapes']} | {variant['precision']} | {bool(variant['nan_filter'])} |"
+        if "error" in result:
+            print(f"{settings} error: {result['error'][:80]} |")
+            continue
+        step = result["step"]
+        print(f"{settings} {step['operators']} | {step['kernels']} | {step['syncs']} | {1e3 * step['seconds']:.0f} |",
+              flush=True)
+    print()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from datasets import Array3D, Array4D, Dataset, Features
 from safetensors.torch import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 from transformers import TrainingArguments
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
@@ -138,6 +140,53 @@ def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
     logs = [entry for entry in trainer.state.log_history if "loss/fine" in entry]
     assert [entry["step"] for entry in logs] == [2, 4]
     assert all("diag/state_contribution_fine" in entry for entry in logs)
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records, for every operator that makes the host wait for the device (`.item()`, `bool(tensor)`, outputs sized
+    by the data), the innermost Python file outside torch that asked for it."""
+
+    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.callers = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCS:
+            torch_dir = str(Path(torch.__file__).parent)
+            frames = [frame.filename for frame in traceback.extract_stack() if not frame.filename.startswith(torch_dir)]
+            self.callers.append(Path(frames[-2]))  # [-1] is this method
+        return func(*args, **(kwargs or {}))
+
+    def ours(self) -> list[Path]:
+        """The callers in this repository's code, not in its installed dependencies."""
+        return [path for path in self.callers if REPO_ROOT in path.parents and ".venv" not in path.parts]
+
+
+@pytest.mark.parametrize("fine_queries", ["predicted", "oracle"])
+def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries):
+    # On a GPU a sync stalls the launch queue; the step's own code must not ask for any (transformers' Llama does
+    # once per pass, and the Trainer's NaN filter twice per micro-batch: the configs turn that one off).
+    config = tiny_config(
+        head_type="spatial", head_residual=True, aux_current_weight=1.0, fixation_bias=True, glimpse_position=True,
+        token_dim=8, fine_queries=fine_queries,
+    )
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(config)
+    args = training_arguments(tmp_path, logging_steps=1)  # the step logs: the state contribution runs too
+    trainer = FoveatedTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
+    batch = trainer.data_collator([tiny_arrow_dataset(2)[i] for i in range(2)])
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what train() sets before its micro-batches
+    with HostSyncRecorder() as recorder:  # one optimizer step of train(): micro-batch, clipping, optimizer
+        loss = trainer.training_step(model, batch)
+        trainer._clip_grad_norm(model)
+        trainer.optimizer.step()
+    assert recorder.ours() == []
+    with recorder:  # the recorder does see a sync in this repository's code
+        bool(loss > 0)
+    assert recorder.ours() == [Path(__file__).resolve()]
 
 
 def _model_inputs(batch: dict) -> dict:
