@@ -160,6 +160,12 @@ class FoveatedTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator reads frames, latents and boxes columns."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "The Trainer's default True checks every micro-batch's loss on the host (two syncs with the "
+        "accelerator per micro-batch); False here, so a NaN loss shows as NaN in the log instead of being averaged "
+        "away."},
+    )
     profile_memory: bool = field(
         default=False, metadata={"help": "Run one optimizer step, print peak memory (GPU or RSS) and exit."}
     )

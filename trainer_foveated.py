@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from processing_foveated import frames_to_pixel_values
 
 __all__ = [
+    "HOST_SYNC_OPERATORS",
     "MODEL_INPUT_NAMES",
     "FoveatedTrainer",
     "FoveatedVLMModelCardInfo",
@@ -40,6 +41,11 @@ __all__ = [
     "decode_latents",
 ]
 
+# Operators that make the host wait for the accelerator: reading a value (`.item()`, `bool(tensor)`) or an output
+# whose size depends on the data. The train step must not call them outside logging (tests/test_trainer.py).
+HOST_SYNC_OPERATORS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "repeat_interleave"}
+)
 # Batch columns the model's forward takes; the rest (moving_boxes, ...) are for metrics and figures only.
 MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
@@ -197,7 +203,7 @@ class FoveatedTrainer(Trainer):
         metrics = foveation_metrics(unwrapped, outputs, inputs, state_contribution)
         for name, value in metrics.items():
             value = value.detach().float()
-            self._metrics[mode][name] += torch.stack([value * batch_size, value.new_tensor(batch_size)])
+            self._metrics[mode][name] += torch.stack([value * batch_size, torch.full_like(value, batch_size)])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _step_logs(self) -> bool:

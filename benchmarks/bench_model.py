@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_foveated import DINOV3_VITS16_DEFAULTS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
+from trainer_foveated import HOST_SYNC_OPERATORS  # noqa: E402
 
 # Dense peak throughput of the devices we report against (vendor figures, TFLOP/s): bf16 tensor cores, fp32 via TF32.
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
@@ -251,13 +252,11 @@ def run_parts_benchmark(args) -> dict:
 class DispatchCounter(TorchDispatchMode):
     """
     Counts the aten operators dispatched while active, forward and backward. On a GPU every counted operator that
-    is not a view or an allocation launches a kernel, and `_local_scalar_dense` (`.item()`, `bool(tensor)`) or an
-    operator whose output size depends on the data (`nonzero`, ...) makes the host wait for the device.
+    is not a view or an allocation launches a kernel, and one of `HOST_SYNC_OPERATORS` makes the host wait for the
+    device.
     """
 
     NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_reshape_alias", "set_"}
-    HOST_SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
-                  "repeat_interleave"}
 
     def __init__(self):
         super().__init__()
@@ -269,7 +268,7 @@ class DispatchCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.operators += 1
         self.kernels += not func.is_view and name not in self.NO_KERNEL
-        self.syncs += name in self.HOST_SYNCS
+        self.syncs += name in HOST_SYNC_OPERATORS
         return func(*args, **(kwargs or {}))
 
     def counts(self) -> dict:

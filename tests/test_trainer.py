@@ -29,6 +29,7 @@ from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_v
 from modeling_foveated import FoveatedVLMModel
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from trainer_foveated import (
+    HOST_SYNC_OPERATORS,
     FoveatedTrainer,
     foveation_metrics,
     model_inputs,
@@ -146,14 +147,12 @@ class HostSyncRecorder(TorchDispatchMode):
     """Records, for every operator that makes the host wait for the device (`.item()`, `bool(tensor)`, outputs sized
     by the data), the innermost Python file outside torch that asked for it."""
 
-    SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "repeat_interleave"}
-
     def __init__(self):
         super().__init__()
         self.callers = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.SYNCS:
+        if func.overloadpacket.__name__ in HOST_SYNC_OPERATORS:
             torch_dir = str(Path(torch.__file__).parent)
             frames = [frame.filename for frame in traceback.extract_stack() if not frame.filename.startswith(torch_dir)]
             self.callers.append(Path(frames[-2]))  # [-1] is this method
@@ -167,7 +166,7 @@ class HostSyncRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("fine_queries", ["predicted", "oracle"])
 def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries):
     # On a GPU a sync stalls the launch queue; the step's own code must not ask for any (transformers' Llama does
-    # once per pass, and the Trainer's NaN filter twice per micro-batch: the configs turn that one off).
+    # once per pass, and the Trainer's NaN filter twice per micro-batch: train_hf.py turns that one off).
     config = tiny_config(
         head_type="spatial", head_residual=True, aux_current_weight=1.0, fixation_bias=True, glimpse_position=True,
         token_dim=8, fine_queries=fine_queries,
