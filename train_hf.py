@@ -166,6 +166,11 @@ class FoveatedTrainingArguments(TrainingArguments):
         "accelerator per micro-batch); False here, so a NaN loss shows as NaN in the log instead of being averaged "
         "away."},
     )
+    channels_last_head: bool = field(
+        default=True,
+        metadata={"help": "Keep the prediction head's convolution weights channels-last (NHWC) while training: the "
+        "same results, faster convolutions (docs/PERFORMANCE.md). Saved checkpoints are ordinary contiguous weights."},
+    )
     profile_memory: bool = field(
         default=False, metadata={"help": "Run one optimizer step, print peak memory (GPU or RSS) and exit."}
     )
@@ -529,6 +534,10 @@ def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
     data_seconds = time.perf_counter() - start
     checkpoint = resume_checkpoint(training_args)
     model = build_model(model_args, data_args, data.latent_shape, checkpoint)
+    if training_args.channels_last_head:
+        # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
+        # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.
+        model.prediction_head.to(memory_format=torch.channels_last)
     processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
     trainer = build_trainer(model, processor, data, model_args, data_args, training_args)
     if training_args.profile_memory:

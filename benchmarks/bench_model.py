@@ -66,13 +66,18 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
     )
 
 
-def build_model(deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed"):
+def build_model(
+    deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed", channels_last_head=True
+):
     overrides = dict(num_frames=num_frames, deep_query=deep_query, freeze_vision=freeze_vision)
     builders = {"tiny": tiny_config, "hollow": hollow_config, "seed": FoveatedVLMConfig}
     config = builders[shapes](**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return FoveatedVLMModel(config).to(device).train()
+    model = FoveatedVLMModel(config).to(device).train()
+    if channels_last_head:  # train_hf.py's default
+        model.prediction_head.to(memory_format=torch.channels_last)
+    return model
 
 
 def count_flops(model, pixel_values, vae_latents) -> dict:
@@ -99,7 +104,9 @@ def count_flops(model, pixel_values, vae_latents) -> dict:
 
 def run_step_benchmark(args) -> dict:
     device = args.device
-    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, device, args.shapes)
+    model = build_model(
+        args.deep_query, args.freeze_vision, args.num_frames, device, args.shapes, bool(args.channels_last_head)
+    )
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     B, T, S = args.batch_size, args.num_frames, model.config.image_size
@@ -232,12 +239,16 @@ def run_parts_benchmark(args) -> dict:
             fn()
         return timed(run)
 
-    parts = {name: times * alone(run) for name, (run, times) in step_parts(model, pixel_values, vae_latents).items()}
+    step_part_runs = step_parts(model, pixel_values, vae_latents)
+    parts = {name: times * alone(run) for name, (run, times) in step_part_runs.items()}
+    model.prediction_head.to(memory_format=torch.contiguous_format)  # the head as it was before `channels_last_head`
+    head_contiguous_seconds = alone(step_part_runs["head (both passes)"][0])
+    model.prediction_head.to(memory_format=torch.channels_last)
     model.zero_grad(set_to_none=True)
     model(pixel_values, vae_latents).loss.backward()  # real gradients for the optimizer to apply
     parts["optimizer step"] = timed(optimizer.step)
     optimizer.zero_grad(set_to_none=True)
-    result = {"parts_seconds": parts, "step_seconds": step_seconds}
+    result = {"parts_seconds": parts, "step_seconds": step_seconds, "head_contiguous_seconds": head_contiguous_seconds}
     if args.compile:
         # What `--torch_compile true` does in train_hf.py: the Trainer compiles the whole model.
         eager, model = model, torch.compile(model)
@@ -288,7 +299,9 @@ def run_dispatch_benchmark(args) -> dict:
     from data_foveated import MAX_MOVING_BOXES, FoveatedVLMDataCollator
     from trainer_foveated import FoveatedTrainer
 
-    model = build_model(args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes)
+    model = build_model(
+        args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes, bool(args.channels_last_head)
+    )
     config = model.config
     B, T, S, h = args.batch_size, args.num_frames, config.image_size, config.latent_size
     result = {"parts": {}}
@@ -301,15 +314,6 @@ def run_dispatch_benchmark(args) -> dict:
                 run()
             result["parts"][name] = {key: times * value for key, value in counter.counts().items()}
         model.zero_grad(set_to_none=True)
-        # What torch.compile makes of the forward, without and with text (Phase 2): one graph lets CUDA graphs
-        # (`reduce-overhead`) replay the whole step.
-        input_ids = torch.randint(0, config.text_config.vocab_size, (B, 6))
-        attention_mask = torch.ones_like(input_ids)
-        attention_mask[0, -2:] = 0  # a padded caption
-        for name, text in (("no text", {}), ("text", dict(input_ids=input_ids, attention_mask=attention_mask))):
-            explained = torch._dynamo.explain(lambda: model(pixel_values, vae_latents, **text).loss)()
-            result.setdefault("graphs", {})[name] = [explained.graph_count, explained.graph_break_count]
-            torch._dynamo.reset()
 
     rows = [
         {
@@ -367,6 +371,17 @@ def run_dispatch_benchmark(args) -> dict:
         )
         trainer.train()
     result["step"] = {**callback.counts, "seconds": sorted(callback.seconds)[len(callback.seconds) // 2]}
+    if args.precision == "fp32":
+        # What torch.compile makes of the forward, without and with text (Phase 2): one graph lets CUDA graphs
+        # (`reduce-overhead`) replay the whole step. After the timed steps: eager steps run after tracing were
+        # measured 1.2-1.7x slower.
+        input_ids = torch.randint(0, config.text_config.vocab_size, (B, 6))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, -2:] = 0  # a padded caption
+        for name, text in (("no text", {}), ("text", dict(input_ids=input_ids, attention_mask=attention_mask))):
+            explained = torch._dynamo.explain(lambda: model(pixel_values, vae_latents, **text).loss)()
+            result.setdefault("graphs", {})[name] = [explained.graph_count, explained.graph_break_count]
+            torch._dynamo.reset()
     return result
 
 
@@ -441,14 +456,15 @@ def step_row(settings, result, device):
         f"| {settings['batch_size']} | {settings.get('precision', 'fp32')} | {settings.get('grad_ckpt', 0)} | "
         f"{'deep' if settings.get('deep_query', 1) else 'shallow'} | "
         f"{'frozen' if settings.get('freeze_vision', 0) else 'trainable'} | {settings.get('num_frames', 8)} | "
+        f"{'NHWC' if settings.get('channels_last_head', 1) else 'NCHW'} | "
         f"{result['samples_per_s']:.2f} | {1e3 * result['seconds_per_step'] / settings['batch_size']:.1f} | "
         f"{result['peak_gb']:.2f} | {achieved:.2f} | {mfu} |"
     )
 
 
 STEP_HEADER = (
-    "| B | precision | grad ckpt | query | DINO | T | samples/s | ms/sample | peak GB | TFLOP/s | MFU |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| B | precision | grad ckpt | query | DINO | T | head convs | samples/s | ms/sample | peak GB | TFLOP/s | MFU |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -477,6 +493,7 @@ def main():
     parser.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--compile_mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--channels_last_head", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -505,7 +522,7 @@ def main():
         # The eager step costs about the same host time at any B (docs/PERFORMANCE.md), so larger B amortises it.
         grid += [dict(batch_size=b, precision="bf16") for b in (32, 64)]
         grid += [dict(batch_size=8, precision="bf16", **change) for change in (
-            dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
+            dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1), dict(channels_last_head=0))]
         grid += [dict(batch_size=2, precision="bf16", grad_ckpt=1)]
         grid += [dict(batch_size=4, precision="bf16", num_frames=t) for t in (4, 8, 16, 32)]
     if "step" in tables:
@@ -586,6 +603,9 @@ def print_parts_table(args):
             print(f"| {name} | {1e3 * seconds:.1f} | {100 * seconds / total:.1f} % |")
         print(f"| **sum of parts** | {1e3 * total:.1f} | 100 % |")
         print(f"| **whole step** | {1e3 * step:.1f} | {step / total:.2f}x the sum |")
+        head = parts["head (both passes)"]
+        print(f"| head (both passes), contiguous conv weights | {1e3 * result['head_contiguous_seconds']:.1f} | "
+              f"{result['head_contiguous_seconds'] / head:.2f}x the channels-last head |")
         if "compiled_step_seconds" in result:
             compiled = result["compiled_step_seconds"]
             print(f"| whole step, torch.compile (first step {result['compile_seconds']:.0f} s) | {1e3 * compiled:.1f} "

@@ -146,6 +146,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(freeze_vision):
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head_type", ["film", "spatial"])
+def test_channels_last_head_gives_the_same_loss_gradients_and_checkpoint(tmp_path, head_type):
+    # What train_hf.py's default `channels_last_head` does: only the memory layout of the conv weights changes.
+    model = make_model(head_type=head_type).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    loss = model(pixel_values, vae_latents).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.prediction_head.to(memory_format=torch.channels_last)
+    conv_weights = [m.weight for m in model.prediction_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    assert any(not w.is_contiguous() for w in conv_weights)  # (a 1x1 kernel's layouts coincide, a 3x3's do not)
+    channels_last_loss = model(pixel_values, vae_latents).loss
+    channels_last_loss.backward()
+    torch.testing.assert_close(channels_last_loss, loss, atol=1e-6, rtol=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = FoveatedVLMModel.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+
+
 def test_shallow_query():
     model = make_model(deep_query=False).train()
     pixel_values, vae_latents = make_batch(model.config)

@@ -308,6 +308,7 @@ def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
         "report_to": "tensorboard",
         "num_attention_figures": 2,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,  # no accelerator here: torch warns at every loader otherwise
         "seed": 0,
     }
     path = folder / "tiny_test.yaml"
@@ -480,6 +481,10 @@ def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsy
     assert trainer.state.global_step == 1
     assert "Peak memory:" in capsys.readouterr().out
     assert not list((tmp_path / "profile").glob("checkpoint-*"))
+    # train_hf.py's default: the head's conv weights, and the optimizer state that follows them, are channels-last.
+    head_weight = trainer.model.prediction_head.latent_decoder[-1].weight
+    assert head_weight.is_contiguous(memory_format=torch.channels_last) and not head_weight.is_contiguous()
+    assert trainer.optimizer.state[head_weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_oracle_fixations_are_the_moving_box_centres():
