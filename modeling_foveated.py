@@ -365,8 +365,22 @@ class FoveatedVLMPredictionHead(nn.Module):
         )
 
     def forward(self, state: torch.Tensor, prev_latent: torch.Tensor) -> torch.Tensor:
-        """`state` (N, E), `prev_latent` (N, C, h, w) -> predicted latent (N, C, h, w)."""
+        """
+        `state` (k * N, E), `prev_latent` (N, C, h, w) -> predicted latents (k * N, C, h, w).
+
+        k >= 1 states per previous latent (the passes, the auxiliary reconstruction), stacked like `torch.cat` of k
+        `(N, E)` blocks. The previous latent is encoded once for all k: its encoding does not depend on the state.
+        """
+        copies, remainder = divmod(state.shape[0], prev_latent.shape[0])
+        if copies == 0 or remainder:
+            raise ValueError(
+                f"the head needs k >= 1 states per previous latent: got {state.shape[0]} states for "
+                f"{prev_latent.shape[0]} latents"
+            )
         features = self.latent_encoder(prev_latent)  # (N, ch, h/2, w/2)
+        if copies > 1:
+            features = features.repeat(copies, 1, 1, 1)  # (k * N, ch, h/2, w/2)
+            prev_latent = prev_latent.repeat(copies, 1, 1, 1)
         if self.config.head_type == "spatial":
             N, _, grid_h, grid_w = features.shape
             state_grid = self.state_to_grid(state)[:, :, None, None].expand(-1, -1, grid_h, grid_w)
@@ -631,21 +645,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
         state_coarse, state_fine = coarse_states[:, :T], fine_states[:, :T]
-        predictions = {}
-        if vae_latents is not None:
-            predictions = self._predict(state_coarse, state_fine, vae_latents)
-            if self.config.aux_current_weight > 0:
-                # States that have just read frame t (positions of z_1..z_T) reconstruct latent t.
-                trained_states = [coarse_states[:, 1:]]
-                if self.config.fine_loss_weight > 0:  # the coarse-only baseline leaves Pass 2 untrained
-                    trained_states.append(fine_states[:, 1:])
-                seen_states = torch.cat(trained_states, dim=0)  # (2B or B, T, E)
-                copies = len(trained_states)
-                prev_latents = predictions["prev_latents"].repeat(copies, 1, 1, 1, 1)
-                reconstruction = self.predict_latents(seen_states, prev_latents).float()
-                loss_aux = F.mse_loss(reconstruction, vae_latents.float().repeat(copies, 1, 1, 1, 1))
-                predictions["loss"] = predictions["loss"] + self.config.aux_current_weight * loss_aux
-                predictions["loss_aux"] = loss_aux
+        predictions = self._predict(coarse_states, fine_states, vae_latents) if vae_latents is not None else {}
         output = FoveatedVLMOutput(
             **predictions,
             queries=queries,
@@ -659,10 +659,14 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def predict_latents(self, states: torch.Tensor, prev_latents: torch.Tensor) -> torch.Tensor:
-        """The shared head over a clip batch: states (B, T, E), prev_latents (B, T, C, h, w) -> (B, T, C, h, w)."""
-        B, T = states.shape[:2]
-        prediction = self.prediction_head(states.reshape(B * T, -1), prev_latents.flatten(0, 1))
-        return prediction.view(B, T, *prediction.shape[1:])
+        """
+        The shared head over a clip batch: states (k * B, T, E), k blocks of B clips stacked on dim 0, and
+        prev_latents (B, T, C, h, w) -> (k * B, T, C, h, w). The previous latents are encoded once for all k.
+        """
+        kB, T = states.shape[:2]
+        prediction = self.prediction_head(states.reshape(kB * T, -1), prev_latents.flatten(0, 1))
+        # The head stacks its k blocks of B * T rows: reshape them back to k blocks of B clips.
+        return prediction.view(kB, T, *prediction.shape[1:])
 
     def previous_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
         """`[z_vae_init, v_1..v_{T-1}]`: the latent the head starts from for each target, (B, T, C, h, w)."""
@@ -674,12 +678,21 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         change = (vae_latents.float() - prev_latents.float()).abs().mean(dim=2, keepdim=True)
         return (change > self.config.changed_cell_threshold).float()
 
-    def _predict(self, state_coarse, state_fine, vae_latents) -> dict:
-        """Predictions and losses of both passes, through the same head in one batched call."""
+    def _predict(self, coarse_states, fine_states, vae_latents) -> dict:
+        """
+        Predictions and losses of both passes from the LLM states at `[mode, z_1..z_T]` (B, T + 1, E), and the
+        auxiliary reconstruction, through the shared head in one batched call.
+        """
+        B, T = vae_latents.shape[:2]
         prev_latents = self.previous_latents(vae_latents)
-        states = torch.cat([state_coarse, state_fine], dim=0)  # (2B, T, E)
-        predictions = self.predict_latents(states, prev_latents.repeat(2, 1, 1, 1, 1))
-        pred_coarse, pred_fine = predictions.float().chunk(2, dim=0)
+        # The states before frame t predict latent t; those that have just read frame t reconstruct it (auxiliary).
+        head_states = [coarse_states[:, :T], fine_states[:, :T]]
+        if self.config.aux_current_weight > 0:
+            head_states.append(coarse_states[:, 1:])
+            if self.config.fine_loss_weight > 0:  # the coarse-only baseline leaves Pass 2 untrained
+                head_states.append(fine_states[:, 1:])
+        predictions = self.predict_latents(torch.cat(head_states, dim=0), prev_latents).float()  # (k * B, T, C, h, w)
+        pred_coarse, pred_fine, reconstructions = predictions[:B], predictions[B : 2 * B], predictions[2 * B :]
         target = vae_latents.float()
         loss_coarse = F.mse_loss(pred_coarse, target)
         loss_fine = F.mse_loss(pred_fine, target)
@@ -691,14 +704,16 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             loss = loss + self.config.lambda_coarse * ((pred_coarse - target).pow(2) * weight).mean()
         else:
             loss = self.config.fine_loss_weight * loss_fine + self.config.lambda_coarse * loss_coarse
-        return dict(
-            loss=loss,
-            loss_fine=loss_fine,
-            loss_coarse=loss_coarse,
-            pred_fine=pred_fine,
-            pred_coarse=pred_coarse,
+        outputs = dict(
+            loss_fine=loss_fine, loss_coarse=loss_coarse, pred_fine=pred_fine, pred_coarse=pred_coarse,
             prev_latents=prev_latents,
         )
+        if len(reconstructions):
+            copies = len(reconstructions) // B
+            loss_aux = F.mse_loss(reconstructions, target.repeat(copies, 1, 1, 1, 1))
+            loss = loss + self.config.aux_current_weight * loss_aux
+            outputs["loss_aux"] = loss_aux
+        return dict(loss=loss, **outputs)
 
     @torch.no_grad()
     def stream(
@@ -762,7 +777,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             pred_fine = pred_coarse = None
             if prev_latent is not None:
                 states = torch.cat([coarse_state, fine_state], dim=0)  # (2B, E)
-                pred_coarse, pred_fine = self.prediction_head(states, prev_latent.repeat(2, 1, 1, 1)).float().chunk(2)
+                pred_coarse, pred_fine = self.prediction_head(states, prev_latent).float().chunk(2)
 
             cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
             coarse_token, attn_static = self._read_coarse(cache, B, 1)

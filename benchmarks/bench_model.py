@@ -96,7 +96,7 @@ def count_flops(model, pixel_values, vae_latents) -> dict:
     query_flops, (tokens, _) = flops_of(lambda: model._read_frames(static, cache, B, T))
     empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
     llm_flops, states = flops_of(lambda: model._run_language_model(model.coarse_token, tokens, empty_text, None))
-    prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
+    prev_latents = model.previous_latents(vae_latents)
     head_flops, _ = flops_of(lambda: model.predict_latents(states[:, :T].repeat(2, 1, 1), prev_latents))
     parts = {"encoder": encoder_flops, "queries": 2 * query_flops, "llm": 2 * llm_flops, "head": head_flops}
     return {**parts, "total": sum(parts.values())}
@@ -160,9 +160,9 @@ def run_step_benchmark(args) -> dict:
 def step_parts(model, pixel_values, vae_latents) -> dict:
     """
     The train step's parts as closures, each forward + backward from detached inputs (in the order the step runs
-    them): encoding, the two query readings, the two LLM passes, the shared head (both passes in one call), the
-    auxiliary head pass, the trainer's per-step diagnostics. Each entry is `(run, times)`: the step runs `run` that
-    many times. Call `model.zero_grad` between runs; the optimizer is left out (it needs real gradients).
+    them): encoding, the two query readings, the two LLM passes, the shared head (both passes and the auxiliary
+    reconstruction in one call), the trainer's per-step diagnostics. Each entry is `(run, times)`: the step runs
+    `run` that many times. Call `model.zero_grad` between runs; the optimizer is left out (it needs real gradients).
     """
     from trainer_foveated import foveation_metrics
 
@@ -184,19 +184,18 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     queries = leaf(output.queries)
     tokens = leaf(torch.randn(B, T, config.text_config.hidden_size))
     empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
-    states = leaf(torch.cat([output.state_coarse, output.state_fine]))
-    prev_latents = model.previous_latents(vae_latents).repeat(2, 1, 1, 1, 1)
-    head = (lambda: backward(model.predict_latents(states, prev_latents)), 1)
-    parts = {
+    # The head's one call in the forward: both passes, and the auxiliary reconstruction's two more blocks of states.
+    copies = 4 if config.aux_current_weight > 0 else 2
+    head_name = "head (both passes + auxiliary)" if copies == 4 else "head (both passes)"
+    states = leaf(torch.cat([output.state_coarse, output.state_fine] * (copies // 2)))
+    prev_latents = model.previous_latents(vae_latents)
+    return {
         "encode frames": (lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple()), 1),
         "2 x query reading": (lambda: backward(*model._read_frames(queries, cache, B, T)), 2),
         "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
-        "head (both passes)": head,
+        head_name: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
+        "trainer diagnostics": (lambda: foveation_metrics(model, output, inputs), 1),
     }
-    if config.aux_current_weight > 0:  # the auxiliary reconstruction runs the head once more over both passes
-        parts["auxiliary head pass"] = head
-    parts["trainer diagnostics"] = (lambda: foveation_metrics(model, output, inputs), 1)
-    return parts
 
 
 def run_parts_benchmark(args) -> dict:
@@ -242,7 +241,8 @@ def run_parts_benchmark(args) -> dict:
     step_part_runs = step_parts(model, pixel_values, vae_latents)
     parts = {name: times * alone(run) for name, (run, times) in step_part_runs.items()}
     model.prediction_head.to(memory_format=torch.contiguous_format)  # the head as it was before `channels_last_head`
-    head_contiguous_seconds = alone(step_part_runs["head (both passes)"][0])
+    head_name = next(name for name in step_part_runs if name.startswith("head"))
+    head_contiguous_seconds = alone(step_part_runs[head_name][0])
     model.prediction_head.to(memory_format=torch.channels_last)
     model.zero_grad(set_to_none=True)
     model(pixel_values, vae_latents).loss.backward()  # real gradients for the optimizer to apply
@@ -603,9 +603,9 @@ def print_parts_table(args):
             print(f"| {name} | {1e3 * seconds:.1f} | {100 * seconds / total:.1f} % |")
         print(f"| **sum of parts** | {1e3 * total:.1f} | 100 % |")
         print(f"| **whole step** | {1e3 * step:.1f} | {step / total:.2f}x the sum |")
-        head = parts["head (both passes)"]
-        print(f"| head (both passes), contiguous conv weights | {1e3 * result['head_contiguous_seconds']:.1f} | "
-              f"{result['head_contiguous_seconds'] / head:.2f}x the channels-last head |")
+        head_name = next(name for name in parts if name.startswith("head"))
+        print(f"| {head_name}, contiguous conv weights | {1e3 * result['head_contiguous_seconds']:.1f} | "
+              f"{result['head_contiguous_seconds'] / parts[head_name]:.2f}x the channels-last head |")
         if "compiled_step_seconds" in result:
             compiled = result["compiled_step_seconds"]
             print(f"| whole step, torch.compile (first step {result['compile_seconds']:.0f} s) | {1e3 * compiled:.1f} "

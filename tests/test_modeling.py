@@ -147,6 +147,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(freeze_vision):
 
 
 @pytest.mark.parametrize("head_type", ["film", "spatial"])
+def test_head_encodes_each_previous_latent_once_for_several_states(head_type):
+    model = make_model(head_type=head_type, head_residual=True)
+    head, config = model.prediction_head, model.config
+    N, h = 6, config.latent_size
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(3 * N, config.text_config.hidden_size, generator=generator)
+    prev_latents = torch.randn(N, config.latent_channels, h, h, generator=generator)
+    encoded_rows = []
+    hook = head.latent_encoder.register_forward_hook(lambda module, args, output: encoded_rows.append(len(args[0])))
+    shared = head(states, prev_latents)  # 3 states per previous latent
+    hook.remove()
+    assert encoded_rows == [N]
+    torch.testing.assert_close(shared, head(states, prev_latents.repeat(3, 1, 1, 1)))
+    with pytest.raises(ValueError, match="7 states for 6 latents"):
+        head(states[:7], prev_latents)
+
+
+@pytest.mark.parametrize("head_type", ["film", "spatial"])
 def test_channels_last_head_gives_the_same_loss_gradients_and_checkpoint(tmp_path, head_type):
     # What train_hf.py's default `channels_last_head` does: only the memory layout of the conv weights changes.
     model = make_model(head_type=head_type).train()
