@@ -106,13 +106,15 @@ def foveation_metrics(model, outputs, inputs, state_contribution: bool = True) -
         metrics["loss/fine_unchanged"] = (fine_error * (1 - changed)).sum() / (1 - changed).sum().clamp_min(1)
         # State contribution: the head's loss with each clip's LLM state swapped for another clip's. Zero means
         # the head ignores the LLM, and then no gradient asks the queries to become selective.
-        swaps = (("fine", outputs.state_fine, outputs.pred_fine), ("coarse", outputs.state_coarse, outputs.pred_coarse))
-        for name, states, predicted in swaps if state_contribution else ():
-            swapped = model.predict_latents(states.roll(1, dims=0), outputs.prev_latents).float()
-            swapped_loss = (swapped[:, later] - target[:, later]).pow(2).mean()
-            metrics[f"diag/state_contribution_{name}"] = swapped_loss - (predicted[:, later] - target[:, later]).pow(
-                2
-            ).mean()
+        if state_contribution:
+            # Both passes' swapped states in one head call: the previous latents are encoded once.
+            swapped_states = torch.cat([outputs.state_fine.roll(1, dims=0), outputs.state_coarse.roll(1, dims=0)])
+            swapped_fine, swapped_coarse = model.predict_latents(swapped_states, outputs.prev_latents).float().chunk(2)
+            swaps = (("fine", swapped_fine, outputs.pred_fine), ("coarse", swapped_coarse, outputs.pred_coarse))
+            for name, swapped, predicted in swaps:
+                swapped_loss = (swapped[:, later] - target[:, later]).pow(2).mean()
+                predicted_loss = (predicted[:, later] - target[:, later]).pow(2).mean()
+                metrics[f"diag/state_contribution_{name}"] = swapped_loss - predicted_loss
         if "moving_boxes" in inputs:
             inside = moving_box_patch_mask(inputs["moving_boxes"], outputs.attn_static.shape[-1])  # (B, T, P)
             metrics["tracking/dynamic"] = (outputs.attn_dynamic * inside).sum(-1).mean()

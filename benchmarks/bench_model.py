@@ -157,6 +157,10 @@ def run_step_benchmark(args) -> dict:
     }
 
 
+# The prediction head's one call per step: both passes, and the auxiliary reconstruction when the config has it.
+HEAD_PART = "head (one call per step)"
+
+
 def step_parts(model, pixel_values, vae_latents) -> dict:
     """
     The train step's parts as closures, each forward + backward from detached inputs (in the order the step runs
@@ -184,16 +188,15 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     queries = leaf(output.queries)
     tokens = leaf(torch.randn(B, T, config.text_config.hidden_size))
     empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
-    # The head's one call in the forward: both passes, and the auxiliary reconstruction's two more blocks of states.
+    # The head's one call in the forward: both passes, and two more blocks of states for the auxiliary reconstruction.
     copies = 4 if config.aux_current_weight > 0 else 2
-    head_name = "head (both passes + auxiliary)" if copies == 4 else "head (both passes)"
     states = leaf(torch.cat([output.state_coarse, output.state_fine] * (copies // 2)))
     prev_latents = model.previous_latents(vae_latents)
     return {
         "encode frames": (lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple()), 1),
         "2 x query reading": (lambda: backward(*model._read_frames(queries, cache, B, T)), 2),
         "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
-        head_name: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
+        HEAD_PART: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
         "trainer diagnostics": (lambda: foveation_metrics(model, output, inputs), 1),
     }
 
@@ -241,8 +244,7 @@ def run_parts_benchmark(args) -> dict:
     step_part_runs = step_parts(model, pixel_values, vae_latents)
     parts = {name: times * alone(run) for name, (run, times) in step_part_runs.items()}
     model.prediction_head.to(memory_format=torch.contiguous_format)  # the head as it was before `channels_last_head`
-    head_name = next(name for name in step_part_runs if name.startswith("head"))
-    head_contiguous_seconds = alone(step_part_runs[head_name][0])
+    head_contiguous_seconds = alone(step_part_runs[HEAD_PART][0])
     model.prediction_head.to(memory_format=torch.channels_last)
     model.zero_grad(set_to_none=True)
     model(pixel_values, vae_latents).loss.backward()  # real gradients for the optimizer to apply
@@ -603,9 +605,8 @@ def print_parts_table(args):
             print(f"| {name} | {1e3 * seconds:.1f} | {100 * seconds / total:.1f} % |")
         print(f"| **sum of parts** | {1e3 * total:.1f} | 100 % |")
         print(f"| **whole step** | {1e3 * step:.1f} | {step / total:.2f}x the sum |")
-        head_name = next(name for name in parts if name.startswith("head"))
-        print(f"| {head_name}, contiguous conv weights | {1e3 * result['head_contiguous_seconds']:.1f} | "
-              f"{result['head_contiguous_seconds'] / parts[head_name]:.2f}x the channels-last head |")
+        print(f"| {HEAD_PART}, contiguous conv weights | {1e3 * result['head_contiguous_seconds']:.1f} | "
+              f"{result['head_contiguous_seconds'] / parts[HEAD_PART]:.2f}x the channels-last head |")
         if "compiled_step_seconds" in result:
             compiled = result["compiled_step_seconds"]
             print(f"| whole step, torch.compile (first step {result['compile_seconds']:.0f} s) | {1e3 * compiled:.1f} "

@@ -20,9 +20,9 @@ import torch
 import yaml
 from datasets import Array3D, Array4D, Dataset, Features
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 from transformers import TrainingArguments
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
