@@ -127,18 +127,23 @@ def main() -> None:
         seed = timed(lambda: seed_guide_precompute(videos, latent_dir, vae, args.num_frames, size))
         precomputed = load_precomputed(output_dir)
         loading = dict(epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers)
-        uint8 = samples_per_second(precomputed, collator=FoveatedVLMDataCollator(normalize_frames=False), **loading)
+        uint8_collator = FoveatedVLMDataCollator(normalize_frames=False)
+        uint8 = samples_per_second(precomputed, collator=uint8_collator, **loading)
+        # datasets' own torch format: the frames as int64, cast back to uint8 in the collator
+        int64 = samples_per_second(precomputed.with_format("torch"), collator=uint8_collator, **loading)
         arrow = samples_per_second(precomputed, **loading)
         decoding = samples_per_second(DecodeEveryStep(videos, latent_dir, args.num_frames, size), **loading)
         workers = f"{args.num_workers} worker{'s' * (args.num_workers != 1)}"
+        loaded = "{:.1f} samples/s".format
         n = len(videos)
         rows += [
             (size, "precompute: precompute_dataset, num_proc 2, batched VAE", f"{n / cold:.2f} videos/s"),
             (size, "precompute: same, rerun (shard caches hit)", f"{n / warm:.2f} videos/s"),
             (size, "precompute: seed 4.2 loop, per-frame VAE", f"{n / seed:.2f} videos/s"),
-            (size, f"training input: Arrow + collator, uint8 frames (train_hf.py), {workers}", f"{uint8:.1f} samples/s"),
-            (size, f"training input: Arrow + collator normalising on the CPU, {workers}", f"{arrow:.1f} samples/s"),
-            (size, f"training input: decord decode per step, {workers}", f"{decoding:.1f} samples/s"),
+            (size, f"training input: Arrow + collator, uint8 frames (train_hf.py), {workers}", loaded(uint8)),
+            (size, f"training input: same, datasets' default torch format (int64 frames), {workers}", loaded(int64)),
+            (size, f"training input: Arrow + collator normalising on the CPU, {workers}", loaded(arrow)),
+            (size, f"training input: decord decode per step, {workers}", loaded(decoding)),
         ]
 
     print(

@@ -248,7 +248,9 @@ def test_precomputed_features_shapes_and_values(precomputed, tiny_vae):
     # The frames are load_video's, the latents the VAE's mean of exactly those frames, times scaling_factor.
     frames, info = load_video(row["video_path"], T, S)
     assert row["frame_indices"].tolist() == info["frame_indices"]
-    assert torch.equal(row["frames"], torch.from_numpy(frames).long())
+    # In their stored dtypes: uint8 frames, not datasets' default int64 (8x the bytes to load and cast back).
+    assert row["frames"].dtype == torch.uint8 and row["vae_latents"].dtype == torch.float32
+    assert torch.equal(row["frames"], torch.from_numpy(frames))
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
     with torch.no_grad():
         expected = vae.encode(frames_to_vae_pixel_values(frames)).latent_dist.mean * vae.config.scaling_factor
