@@ -3,7 +3,7 @@
 Prints Markdown tables; measures, asserts nothing. Each configuration runs in a fresh subprocess so peak memory is
 its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
 
-    python benchmarks/bench_model.py                       # CPU: B=1 fp32 step, query vs re-encode
+    python benchmarks/bench_model.py                       # CPU: B=1, 2 fp32 steps, variations, T scaling; query
     python benchmarks/bench_model.py --suite gpu           # GPU: batch/precision grid, one-factor variations, T scaling
     python benchmarks/bench_model.py --suite cpu --steps 2 # quicker
     python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
@@ -82,11 +82,14 @@ def build_model(
 
 def count_flops(model, pixel_values, vae_latents) -> dict:
     """Forward FLOPs of one batch by part (matmul, conv, attention), counted stage by stage with FlopCounterMode."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     def flops_of(fn):
         counter = FlopCounterMode(display=False)  # its module tracker needs autograd on, so no no_grad here
-        with counter:
+        # The math attention's matmuls are counted on any device; the CPU's fused SDPA kernel has no FLOP formula
+        # and counted 0 (a tenth of the encoder at seed shapes). The GPU's flash kernel counts the same as math.
+        with sdpa_kernel(SDPBackend.MATH), counter:
             result = fn()
         return counter.get_total_flops(), result
 
@@ -518,7 +521,11 @@ def main():
         print(f"# Seed shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) on {where}\n")
     common = dict(device=device, steps=args.steps, warmup=args.warmup)
     if device == "cpu":
-        grid = [dict(batch_size=1, precision="fp32")]
+        # Seed shapes take 5-7 s per clip and step on 2 cores: B = 1 and 2, the variations and T scaling at B = 1.
+        grid = [dict(batch_size=b, precision="fp32") for b in (1, 2)]
+        grid += [dict(batch_size=1, precision="fp32", **change) for change in (
+            dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
+        grid += [dict(batch_size=1, precision="fp32", num_frames=t) for t in (4, 8, 16, 32)]
     else:
         grid = [dict(batch_size=b, precision=p) for p in ("bf16", "fp32") for b in (1, 2, 8, 16)]
         # The eager step costs about the same host time at any B (docs/PERFORMANCE.md), so larger B amortises it.
