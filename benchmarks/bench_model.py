@@ -3,7 +3,7 @@
 Prints Markdown tables; measures, asserts nothing. Each configuration runs in a fresh subprocess so peak memory is
 its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
 
-    python benchmarks/bench_model.py                       # CPU: B=1, 2 fp32 steps, variations, T scaling; query
+    python benchmarks/bench_model.py                       # CPU: B=1-16 fp32, 1-2 bf16, variations, T scaling; query
     python benchmarks/bench_model.py --suite gpu           # GPU: batch/precision grid, one-factor variations, T scaling
     python benchmarks/bench_model.py --suite cpu --steps 2 # quicker
     python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
@@ -521,8 +521,10 @@ def main():
         print(f"# Seed shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) on {where}\n")
     common = dict(device=device, steps=args.steps, warmup=args.warmup)
     if device == "cpu":
-        # Seed shapes take 5-7 s per clip and step on 2 cores: B = 1 and 2, the variations and T scaling at B = 1.
-        grid = [dict(batch_size=b, precision="fp32") for b in (1, 2)]
+        # Seed shapes take 5-7 s per clip and step on 2 cores in fp32 (B = 16: 17 GB of the machine's 24). Without
+        # bf16 instructions (AVX2 only) a bf16 step is about 12x slower, so bf16 only at B = 1 and 2.
+        grid = [dict(batch_size=b, precision="fp32") for b in (1, 2, 8, 16)]
+        grid += [dict(batch_size=b, precision="bf16") for b in (1, 2)]
         grid += [dict(batch_size=1, precision="fp32", **change) for change in (
             dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
         grid += [dict(batch_size=1, precision="fp32", num_frames=t) for t in (4, 8, 16, 32)]

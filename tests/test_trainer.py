@@ -6,6 +6,7 @@ first run. The in-process tests use small Arrow datasets built directly.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -275,6 +276,16 @@ def test_unknown_config_key_names_the_file(tmp_path):
     config.write_text("learning_rat: 0.1\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['learning_rat'\]"):
         train_hf.parse_arguments([str(config)])
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_hf, "cpu_has_native_bf16", lambda: False)
+    for bf16, warns in ((True, True), (False, False)):
+        caplog.clear()
+        args = train_hf.FoveatedTrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16)
+        with caplog.at_level(logging.WARNING, logger=train_hf.__name__):
+            train_hf.warn_if_emulated_bf16(args)
+        assert ("`--bf16 false`" in caplog.text) == warns
 
 
 # ---- End to end: train_hf.py in subprocesses on a tiny synthetic setup ----
