@@ -3,7 +3,7 @@
 Prints Markdown tables; measures, asserts nothing. Each configuration runs in a fresh subprocess so peak memory is
 its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
 
-    python benchmarks/bench_model.py                       # CPU: B=1-16 fp32, 1-2 bf16, variations, T scaling; query
+    python benchmarks/bench_model.py                       # CPU: B=1-16 fp32, 1-2 bf16, variations, T, text; query
     python benchmarks/bench_model.py --suite gpu           # GPU: batch/precision grid, one-factor variations, T scaling
     python benchmarks/bench_model.py --suite cpu --steps 2 # quicker
     python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
@@ -80,7 +80,7 @@ def build_model(
     return model
 
 
-def count_flops(model, pixel_values, vae_latents) -> dict:
+def count_flops(model, pixel_values, vae_latents, input_ids=None) -> dict:
     """Forward FLOPs of one batch by part (matmul, conv, attention), counted stage by stage with FlopCounterMode."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -97,8 +97,11 @@ def count_flops(model, pixel_values, vae_latents) -> dict:
     encoder_flops, cache = flops_of(lambda: model.encoder.encode_patches(pixel_values.flatten(0, 1)))
     static = model.q_static.expand(B, T, -1)
     query_flops, (tokens, _) = flops_of(lambda: model._read_frames(static, cache, B, T))
-    empty_text = tokens.new_zeros(B, 0, tokens.shape[-1])
-    llm_flops, states = flops_of(lambda: model._run_language_model(model.coarse_token, tokens, empty_text, None))
+    if input_ids is None:
+        text_embeds = tokens.new_zeros(B, 0, tokens.shape[-1])
+    else:
+        text_embeds = model.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
+    llm_flops, states = flops_of(lambda: model._run_language_model(model.coarse_token, tokens, text_embeds, None))
     prev_latents = model.previous_latents(vae_latents)
     head_flops, _ = flops_of(lambda: model.predict_latents(states[:, :T].repeat(2, 1, 1), prev_latents))
     parts = {"encoder": encoder_flops, "queries": 2 * query_flops, "llm": 2 * llm_flops, "head": head_flops}
@@ -115,6 +118,11 @@ def run_step_benchmark(args) -> dict:
     B, T, S = args.batch_size, args.num_frames, model.config.image_size
     pixel_values = torch.randn(B, T, 3, S, S, device=device)
     vae_latents = torch.randn(B, T, 4, S // 8, S // 8, device=device)
+    # Phase 2: a caption of `text_tokens` tokens prepended to both LLM sequences (no padding: the longest caption).
+    text = {}
+    if args.text_tokens:
+        input_ids = torch.randint(0, model.config.text_config.vocab_size, (B, args.text_tokens), device=device)
+        text = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda"
     )
@@ -124,7 +132,7 @@ def run_step_benchmark(args) -> dict:
 
     def step():
         with autocast:
-            loss = forward(pixel_values, vae_latents).loss
+            loss = forward(pixel_values, vae_latents, **text).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -150,7 +158,7 @@ def run_step_benchmark(args) -> dict:
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
-    flops = count_flops(model, pixel_values[:1], vae_latents[:1])
+    flops = count_flops(model, pixel_values[:1], vae_latents[:1], text["input_ids"][:1] if text else None)
     return {
         "seconds_per_step": seconds,
         "samples_per_s": B / seconds,
@@ -460,7 +468,8 @@ def step_row(settings, result, device):
     return (
         f"| {settings['batch_size']} | {settings.get('precision', 'fp32')} | {settings.get('grad_ckpt', 0)} | "
         f"{'deep' if settings.get('deep_query', 1) else 'shallow'} | "
-        f"{'frozen' if settings.get('freeze_vision', 0) else 'trainable'} | {settings.get('num_frames', 8)} | "
+        f"{'frozen' if settings.get('freeze_vision', 0) else 'trainable'} | {settings.get('num_frames', 8)}"
+        f"{' + %d text' % settings['text_tokens'] if settings.get('text_tokens') else ''} | "
         f"{'NHWC' if settings.get('channels_last_head', 1) else 'NCHW'} | "
         f"{result['samples_per_s']:.2f} | {1e3 * result['seconds_per_step'] / settings['batch_size']:.1f} | "
         f"{result['peak_gb']:.2f} | {achieved:.2f} | {mfu} |"
@@ -499,6 +508,7 @@ def main():
     parser.add_argument("--compile_mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--channels_last_head", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--text_tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -528,6 +538,8 @@ def main():
         grid += [dict(batch_size=1, precision="fp32", **change) for change in (
             dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1))]
         grid += [dict(batch_size=1, precision="fp32", num_frames=t) for t in (4, 8, 16, 32)]
+        # Phase 2's longest captions (`max_text_length` 256) in both LLM passes, at its 2 x 4 and at 8 x 1.
+        grid += [dict(batch_size=b, precision="fp32", text_tokens=256) for b in (2, 8)]
     else:
         grid = [dict(batch_size=b, precision=p) for p in ("bf16", "fp32") for b in (1, 2, 8, 16)]
         # The eager step costs about the same host time at any B (docs/PERFORMANCE.md), so larger B amortises it.
@@ -536,6 +548,7 @@ def main():
             dict(grad_ckpt=1), dict(deep_query=0), dict(freeze_vision=1), dict(channels_last_head=0))]
         grid += [dict(batch_size=2, precision="bf16", grad_ckpt=1)]
         grid += [dict(batch_size=4, precision="bf16", num_frames=t) for t in (4, 8, 16, 32)]
+        grid += [dict(batch_size=b, precision="bf16", text_tokens=256) for b in (2, 8)]
     if "step" in tables:
         print_step_tables(grid, common, device)
     if "query" in tables:
@@ -550,7 +563,8 @@ def print_step_tables(grid, common, device):
     flops = None
     for settings in grid:
         result = run_child(mode="step", **common, **settings)
-        flops = result.get("flops_per_sample", flops) if settings.get("num_frames", 8) == 8 else flops
+        plain_t8 = settings.get("num_frames", 8) == 8 and not settings.get("text_tokens")
+        flops = result.get("flops_per_sample", flops) if plain_t8 else flops
         print(step_row(settings, result, device), flush=True)
     if flops:
         print("\n## Forward FLOPs per sample (T=8), counted with torch.utils.flop_counter\n")
