@@ -481,7 +481,10 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); without it bf16 math is emulated."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    try:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN (e.g. Arm): nothing known to warn about
+        return True
 
 
 def warn_if_emulated_bf16(training_args: FoveatedTrainingArguments) -> None:
