@@ -193,6 +193,10 @@ class FoveatedVLMEncoder(nn.Module):
 
     def _encode_layer(self, layer, hidden_states, cos, sin):
         """One DINOv3ViTLayer that also returns its keys/values: (N, L, D) -> (N, L, D), 2 x (N, H, L, d)."""
+        # Written out rather than calling `layer` with a K/V-capturing attention function: transformers picks that
+        # function by the shared `vision_config._attn_implementation`, which every encode would have to switch and
+        # restore (global state changed inside a possibly compiled forward), and `_query_layer` reads the same
+        # submodules anyway. test_cached_query_equals_masked_full_sequence checks this against DINOv3's own forward.
         attention = layer.attention
         N, L, D = hidden_states.shape
         normed = layer.norm1(hidden_states)

@@ -310,13 +310,22 @@ def test_model_config_keys_outside_the_design_are_refused_by_name(model_config, 
         train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", json.dumps(model_config)])
 
 
-def test_probes_are_command_line_flags():
+def test_probes_are_command_line_flags_and_build_a_probed_frozen_model():
     *_, probes = train_hf.parse_arguments(["configs/tiny.yaml", "--fine_queries", "oracle", "--fine_loss_weight", "0.5"])
     assert probes == FoveatedVLMProbes(fine_queries="oracle", fine_loss_weight=0.5) and probes.active
-    *_, default = train_hf.parse_arguments(["configs/tiny.yaml"])
+    model_args, data_args, _, default = train_hf.parse_arguments(["configs/tiny.yaml"])
     assert not default.active and default.to_dict() == {
         "coarse_reader": "query", "fine_queries": "predicted", "fine_loss_weight": 1.0
     }
+    assert type(train_hf.build_model(model_args, data_args, (4, 16, 16), probes=default)) is FoveatedVLMModel
+    model_args, data_args, _, probes = train_hf.parse_arguments(
+        ["configs/tiny.yaml", "--fine_queries", "fixed", "--freeze_vision", "true"]
+    )
+    model = train_hf.build_model(model_args, data_args, (4, 16, 16), probes=probes)
+    assert isinstance(model, FoveatedVLMProbedModel) and model.probes == probes
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert {"query_head.weight", "query_head.bias", *NO_GRADIENT} <= frozen
+    assert not any(p.requires_grad for p in model.encoder.backbone.parameters())
 
 
 def test_bad_shapes_say_the_expected_shape():
