@@ -495,6 +495,12 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask needs input_ids of the same shape")
 
+    def _embed_text(self, input_ids: Optional[torch.Tensor], B: int) -> torch.Tensor:
+        """The text prepended to both LLM sequences: (B, text, E), text = 0 without `input_ids`."""
+        if input_ids is None:
+            return self.coarse_token.new_zeros(B, 0, self.config.text_config.hidden_size)
+        return self.language_model.get_input_embeddings()(input_ids)
+
     def _run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
         """
         LLM over `[text, mode, z_1..z_T]`; returns the states at `[mode, z_1..z_T]`: (B, T + 1, E).
@@ -570,11 +576,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         B, T, C, H, W = pixel_values.shape
         cache = self.encoder.encode_patches(pixel_values.reshape(B * T, C, H, W))  # frames encoded once
 
-        text_width = self.config.text_config.hidden_size
-        if input_ids is not None:
-            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
-        else:
-            text_embeds = cache.patch_features.new_zeros(B, 0, text_width)
+        text_embeds = self._embed_text(input_ids, B)  # (B, text, E)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
         coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
@@ -709,10 +711,7 @@ class _FoveatedVLMStreams:
         self.language_model = model.language_model
         text_config = model.config.text_config
         self.caches = DynamicCache(config=text_config), DynamicCache(config=text_config)
-        if input_ids is not None:
-            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
-        else:
-            text_embeds = model.q_static.new_zeros(B, 0, text_config.hidden_size)
+        text_embeds = model._embed_text(input_ids, B)  # (B, text, E)
         self.mask = attention_mask
         self.step(
             torch.cat([text_embeds, model.coarse_token.expand(B, 1, -1)], dim=1),
