@@ -43,6 +43,8 @@ def test_output_shapes():
     expected = output.loss_fine + model.config.lambda_coarse * output.loss_coarse
     torch.testing.assert_close(output.loss, expected)
     assert output.loss_aux is None  # aux_current_weight = 0 in the design
+    as_tuple = model(pixel_values, vae_latents, return_dict=False)
+    assert torch.equal(as_tuple[0], output.loss) and torch.equal(as_tuple[1], output.loss_fine)
     # Without targets: queries and attention only.
     no_target = model(pixel_values)
     assert no_target.loss is None and no_target.pred_fine is None
