@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel, attention_entropy
+from probes_foveated import from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
 from trainer_foveated import (
     REPORT_DIR,
@@ -136,10 +137,10 @@ def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _measure_batch(model, batch: dict, frames: torch.Tensor) -> dict[str, torch.Tensor]:
     """All per-clip measurements of one collated batch; `frames` uint8 (B, T, S, S, 3)."""
-    inputs = model_inputs(batch, model.config)
+    inputs = model_inputs(batch, model)
     outputs = model(**inputs)
     target = batch["vae_latents"].float()  # (B, T, C, h, w)
-    if model.config.fine_queries == "oracle":  # oracle fixations exist in training only: nothing to stream
+    if "oracle_fixations" in inputs:  # oracle fixations exist in training only: nothing to stream
         pred_autoregressive = torch.full_like(outputs.pred_fine, math.nan)
     else:
         streamed = model.stream(
@@ -737,7 +738,7 @@ def _json_safe(value):
 
 def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos: int, device, batch_size, out: Path):
     """Table-1 summary and figures 3-4 from the final model on the eval split: (summary, [(path, caption)])."""
-    model = FoveatedVLMModel.from_pretrained(model_dir).to(device).eval()
+    model = from_pretrained_with_probes(model_dir).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
         tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir).tokenizer
@@ -751,7 +752,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos:
     rows, frames = _rows(dataset, indices)
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
-        outputs = model(**model_inputs(batch, model.config))
+        outputs = model(**model_inputs(batch, model))
     frames, boxes = frames.numpy(), batch["moving_boxes"].cpu().numpy()
     attention_figures = plot_attention_figures(frames, outputs, boxes, clips, indices)
     figures = []

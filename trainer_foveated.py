@@ -22,6 +22,7 @@ from transformers import ProcessorMixin, Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
+from probes_foveated import probe_inputs
 from processing_foveated import frames_to_pixel_values
 
 __all__ = [
@@ -49,26 +50,18 @@ HOST_SYNC_OPERATORS = frozenset(
 # Batch columns the model's forward takes; the rest (moving_boxes, ...) are for metrics and figures only.
 MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+# A latent cell "changes" when its mean absolute change over channels exceeds this (loss/fine_changed).
+CHANGED_CELL_THRESHOLD = 0.1
 
 
-def model_inputs(batch: dict, config=None) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
     """The model's forward arguments from a collated batch, normalising uint8 `frames` where the collator left them
-    (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device they are. For a model `config` with
-    `fine_queries="oracle"`, also the oracle fixations: the centre of each frame's first moving box."""
+    (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device they are, plus a probed `model`'s
+    (`probes_foveated.probe_inputs`)."""
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     if "pixel_values" not in inputs and "frames" in batch:
         inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
-    if config is not None and config.fine_queries == "oracle":
-        inputs["oracle_fixations"] = moving_box_centres(batch["moving_boxes"])
-    return inputs
-
-
-def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
-    """(y, x) in [-1, 1] of the first moving box in each frame, the frame centre where there is none:
-    boxes (B, T, K, 4) normalised xyxy, -1 rows absent -> (B, T, 2)."""
-    box = moving_boxes[:, :, 0].float()  # (B, T, 4)
-    centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # 2 * mid - 1
-    return torch.where((box[..., :1] >= 0), centre, torch.zeros_like(centre))
+    return {**inputs, **probe_inputs(model, batch)}
 
 
 def foveation_metrics(model, outputs, inputs, state_contribution: bool = True) -> dict[str, torch.Tensor]:
@@ -100,7 +93,8 @@ def foveation_metrics(model, outputs, inputs, state_contribution: bool = True) -
         metrics["loss/coarse_t2"] = (outputs.pred_coarse[:, later] - target[:, later]).pow(2).mean()
         metrics["loss/copy_t2"] = (outputs.prev_latents[:, later].float() - target[:, later]).pow(2).mean()
         # Loss split into latent cells that change from the previous frame and cells that do not.
-        changed = model.changed_cells(outputs.prev_latents, target)[:, later]  # (B, T-1, 1, h, w)
+        change = (target - outputs.prev_latents.float()).abs().mean(dim=2, keepdim=True)[:, later]
+        changed = (change > CHANGED_CELL_THRESHOLD).float()  # (B, T-1, 1, h, w)
         fine_error = (outputs.pred_fine[:, later] - target[:, later]).pow(2).mean(2, keepdim=True)
         metrics["loss/fine_changed"] = (fine_error * changed).sum() / changed.sum().clamp_min(1)
         metrics["loss/fine_unchanged"] = (fine_error * (1 - changed)).sum() / (1 - changed).sum().clamp_min(1)
@@ -197,7 +191,7 @@ class FoveatedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
         unwrapped = self.accelerator.unwrap_model(model)
-        outputs = model(**model_inputs(inputs, unwrapped.config))
+        outputs = model(**model_inputs(inputs, unwrapped))
         mode = "train" if model.training else "eval"
         batch_size = inputs["vae_latents"].shape[0]
         # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
@@ -296,10 +290,6 @@ def _architecture_rows(config) -> dict[str, str]:
         "Target": f"next-frame VAE latent {latent}",
         "Prediction head": head,
         "Loss": f"loss_fine + {config.lambda_coarse:g} · loss_coarse (MSE)",
-        "Frozen": ", ".join(
-            name for name, frozen in (("vision", config.freeze_vision), ("text", config.freeze_text)) if frozen
-        )
-        or "nothing",
     }
 
 
@@ -505,7 +495,7 @@ class FoveatedVLMFigureCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # Every rank runs the forward: with sharded parameters (FSDP) it is a collective.
         device = next(model.parameters()).device
-        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model.config).items()}
+        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model).items()}
         was_training = model.training
         model.eval()
         with torch.no_grad():
