@@ -179,6 +179,8 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
     frame when its index is in the list, so a repeated index yields fewer frames than asked for: each distinct frame
     is decoded once here and repeated afterwards).
     """
+    if not isinstance(video, (str, os.PathLike, bytes, bytearray, np.ndarray)):
+        raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
     name = _video_name(video)
     if isinstance(video, np.ndarray):
         if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] not in (1, 3, 4):
@@ -193,13 +195,11 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         return _to_rgb_channels_first(torch.from_numpy(video[metadata.frames_indices])), metadata
     if isinstance(video, (bytes, bytearray)):
         num_bytes, source = len(video), io.BytesIO(video)  # every reader takes a file object
-    elif isinstance(video, (str, os.PathLike)):
+    else:
         source = os.fspath(video)
         if not os.path.isfile(source):
             raise FoveatedVLMVideoError(name, "file not found")
         num_bytes = os.path.getsize(source)
-    else:
-        raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
     if num_bytes == 0:
         raise FoveatedVLMVideoError(name, "empty (0 bytes)")
 
@@ -402,7 +402,9 @@ class FoveatedVLMVideoProcessor(VideoProcessorMixin):
 class FoveatedVLMProcessor(ProcessorMixin):
     """Videos and text -> model inputs: a `FoveatedVLMVideoProcessor` and the LLM's tokenizer.
 
-    Loads with `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
+    Loads with `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`. A saved folder names its video
+    processor as remote code (its `auto_map`), so `FoveatedVLMProcessor.from_pretrained` needs
+    `trust_remote_code=True` as well.
     """
 
     def __init__(self, video_processor: FoveatedVLMVideoProcessor, tokenizer):
