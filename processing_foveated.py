@@ -1,8 +1,9 @@
 """Video loading and preprocessing for the Foveated VLM, on transformers' video processing.
 
 This file is also the remote code of a Hub checkpoint (`trust_remote_code=True`): it stays flat and self-contained and
-imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds). The video
-decoders are imported by transformers' own readers (`transformers.video_utils.VIDEO_DECODERS`), not here.
+imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds, except under
+`if is_<library>_available():`). PyAV and torchcodec are imported by transformers' readers
+(`transformers.video_utils.VIDEO_DECODERS`), decord here under `if is_decord_available()`.
 
 A video becomes T frames of S x S pixels:
     decode (decord, torchcodec or PyAV) -> sample T frame indices -> to RGB -> resize ("crop" or "squash") -> uint8
@@ -55,8 +56,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # "crop": shortest side to S, then a centre crop (keeps the aspect ratio, loses the borders of wide frames).
 # "squash": straight to S x S (keeps everything, distorts the aspect ratio; docs/DESIGN.md's data flow).
 RESIZE_MODES = ("crop", "squash")
-# transformers' readers that take a path or a file object, in the order a default is chosen (the fastest first,
-# benchmarks/bench_data.py); decord has no macOS arm64 wheel, PyAV is always installed with this package.
+# Decoders that take a path or a file object, in the order a default is chosen (decord spends the least CPU time
+# per clip, benchmarks/bench_data.py); decord has no macOS arm64 wheel, PyAV is always installed with this package.
 VIDEO_BACKENDS = ("decord", "torchcodec", "pyav")
 _BACKEND_AVAILABLE = {"decord": is_decord_available, "torchcodec": is_torchcodec_available, "pyav": is_av_available}
 
@@ -167,6 +168,30 @@ def _video_name(video) -> str:
     return os.fspath(video)
 
 
+def _read_video_decord(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, VideoMetadata]:
+    """transformers' `read_video_decord`, with decord on one thread.
+
+    Kept because transformers' reader opens decord with its default of one FFmpeg thread per core: that costs more CPU
+    time per clip (benchmarks/bench_data.py), and a data pipeline already decodes one clip per worker process."""
+    if is_decord_available():  # check_imports does not demand an import under this test of every remote-code user
+        import decord
+    else:
+        raise ImportError("video_backend='decord' needs decord: `pip install decord`")
+
+    reader = decord.VideoReader(video, num_threads=1)
+    try:
+        metadata = VideoMetadata(total_num_frames=len(reader), fps=float(reader.get_avg_fps()), video_backend="decord")
+        indices = sample_indices_fn(metadata=metadata, **kwargs)
+        batch = reader.get_batch(indices)
+        # decord's output "bridge" is process-wide state that other code may have switched to torch.
+        return (batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch.asnumpy())), metadata
+    finally:
+        del reader  # frees the decoder and its file handle now rather than at garbage collection
+
+
+_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": VIDEO_DECODERS["pyav"]}
+
+
 def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[torch.Tensor, VideoMetadata]:
     """Decode the sampled frames of a path, the bytes of a video file, or a uint8 frame array (F, H, W, C).
 
@@ -216,7 +241,7 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         return sampled["distinct"].tolist()
 
     try:
-        frames, metadata = VIDEO_DECODERS[backend](source, sample_distinct)
+        frames, metadata = _READERS[backend](source, sample_distinct)
         frames = torch.as_tensor(frames)
         if len(frames) != len(sampled["distinct"]):  # PyAV's reader stops quietly where a truncated stream ends
             raise ValueError(f"{backend} returned {len(frames)} of {len(sampled['distinct'])} frames")
@@ -228,10 +253,13 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         else:
             reason = f"frames {sampled['indices'].tolist()} failed to decode, truncated file? ({_first_line(error)})"
         raise FoveatedVLMVideoError(name, reason) from error
+    frames = frames[torch.from_numpy(sampled["order"])]  # repeats restored, before the layout changes
     if frames.shape[-1] in (1, 3, 4) and frames.shape[1] not in (1, 3, 4):
-        frames = _to_rgb_channels_first(frames)  # decord and PyAV: (N, H, W, 3); torchcodec: (N, 3, H, W)
+        # decord and PyAV: (T, H, W, 3), viewed channels first; the pixels stay channels-last in memory, which
+        # the antialiased resize reads faster.
+        frames = _to_rgb_channels_first(frames)
     metadata.frames_indices = sampled["indices"]
-    return frames[torch.from_numpy(sampled["order"])], metadata
+    return frames, metadata
 
 
 def load_video(

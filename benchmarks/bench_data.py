@@ -7,6 +7,13 @@ batch) against the seed's section 4.2 loop (per video: decord, resize, one VAE c
 Training input: the Arrow dataset through `load_precomputed` + `FoveatedVLMDataCollator` against decoding the
 video with decord in every step (latents from the seed loop's .pt files), both in a DataLoader with 2 workers.
 All runs use the same synthetic videos and the same small VAE (`make_tiny_vae`).
+
+    python benchmarks/bench_data.py --decode_only --sizes 128 256
+
+Decoding: decode + sample + resize of one clip (`processing_foveated.load_video`) with each installed decoder, and
+with transformers' decord reader (decord's default threads) in place of processing_foveated's (one thread); per video,
+wall and CPU time (CPU time counts every thread of the process, so it is what a loader with one worker per core pays). Also the tokenizer load of
+`train_hf.build_processor`: from the SmolLM2 GGUF file against the folder it is converted to.
 """
 
 import argparse
@@ -29,7 +36,8 @@ from data_foveated import (  # noqa: E402
     make_tiny_vae,
     precompute_dataset,
 )
-from processing_foveated import load_video  # noqa: E402
+import processing_foveated  # noqa: E402
+from processing_foveated import VIDEO_BACKENDS, load_video  # noqa: E402
 from synthetic_videos import generate_split  # noqa: E402
 
 
@@ -90,6 +98,59 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def decoding_rows(videos: list[Path], num_frames: int, size: int, repeats: int) -> list[tuple]:
+    """(S, path, "wall ms, CPU ms per video") for load_video with each installed decoder, and with transformers' own
+    decord reader (decord's default threads) in place of processing_foveated's (one thread); the best of `repeats`
+    interleaved passes, so that load from other processes hits every decoder alike."""
+    from transformers.video_utils import VIDEO_DECODERS
+
+    readers = processing_foveated._READERS
+    decoders = {backend: (backend, readers[backend]) for backend in VIDEO_BACKENDS}
+    decoders = {name: value for name, value in decoders.items() if processing_foveated._BACKEND_AVAILABLE[name]()}
+    if "decord" in decoders:
+        decoders["decord, transformers' reader"] = ("decord", VIDEO_DECODERS["decord"])
+    timings = {name: [] for name in decoders}
+    for _ in range(repeats):
+        for name, (backend, reader) in decoders.items():
+            kept, readers[backend] = readers[backend], reader
+            try:
+                wall, cpu = time.perf_counter(), time.process_time()
+                for path in videos:
+                    load_video(path, num_frames, size, backend=backend)
+                timings[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            finally:
+                readers[backend] = kept
+    rows = []
+    for name, runs in timings.items():
+        wall = 1000 * min(run[0] for run in runs) / len(videos)
+        cpu = 1000 * min(run[1] for run in runs) / len(videos)
+        rows.append((size, f"decode + sample + resize: load_video, {name}", f"{wall:.1f} ms wall, {cpu:.1f} ms CPU"))
+    return rows
+
+
+def tokenizer_rows() -> list[tuple]:
+    """Loading SmolLM2's tokenizer from the GGUF file against loading the folder build_processor converts it to."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from train_hf import SMOLLM2_GGUF, resolve_pretrained
+
+    name, gguf_file = resolve_pretrained(SMOLLM2_GGUF)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+    from_gguf = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        start = time.perf_counter()
+        AutoTokenizer.from_pretrained(folder)
+        from_folder = time.perf_counter() - start
+    return [
+        ("-", "tokenizer: SmolLM2 from the GGUF file", f"{from_gguf:.2f} s"),
+        ("-", "tokenizer: SmolLM2 from its saved folder (build_processor's cache)", f"{from_folder:.2f} s"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="outputs/bench_data", help="Videos, VAE and outputs go here.")
@@ -100,8 +161,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="DataLoader passes over the videos per measurement.")
     parser.add_argument("--batch_size", type=int, default=8, help="Clips per batch (configs/phase1.yaml: 8).")
     parser.add_argument("--num_workers", type=int, default=2, help="Loader workers (configs/phase1.yaml: 4).")
+    parser.add_argument("--decode_only", action="store_true", help="Only the decoding and tokenizer rows.")
+    parser.add_argument("--repeats", type=int, default=5, help="Passes over the videos per decoder (best counts).")
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
+    if args.decode_only:
+        rows = tokenizer_rows()
+        for size in args.sizes:
+            video_dir = work_dir / f"videos_{size}"
+            split = generate_split(video_dir, args.num_videos, 0, "medium", size, args.num_video_frames, fps=8.0)
+            videos = [Path(path) for path in split["train"]]
+            rows += decoding_rows(videos, args.num_frames, size, args.repeats)
+        print_rows(args, rows)
+        return
 
     from diffusers import AutoencoderKL
 
@@ -146,6 +218,10 @@ def main() -> None:
             (size, f"training input: decord decode per step, {workers}", loaded(decoding)),
         ]
 
+    print_rows(args, rows)
+
+
+def print_rows(args, rows: list[tuple]) -> None:
     print(
         f"\n{args.num_videos} synthetic videos of {args.num_video_frames} frames, T={args.num_frames}, "
         f"batches of {args.batch_size}, "
