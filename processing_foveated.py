@@ -2,8 +2,8 @@
 
 This file is also the remote code of a Hub checkpoint (`trust_remote_code=True`): it stays flat and self-contained and
 imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds, except under
-`if is_<library>_available():`). PyAV and torchcodec are imported by transformers' readers
-(`transformers.video_utils.VIDEO_DECODERS`), decord here under `if is_decord_available()`.
+`if is_<library>_available():`). torchcodec is imported by transformers' reader (`transformers.video_utils`),
+decord and PyAV here under that test.
 
 A video becomes T frames of S x S pixels:
     decode (decord, torchcodec or PyAV) -> sample T frame indices -> to RGB -> resize ("crop" or "squash") -> uint8
@@ -56,8 +56,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # "crop": shortest side to S, then a centre crop (keeps the aspect ratio, loses the borders of wide frames).
 # "squash": straight to S x S (keeps everything, distorts the aspect ratio; docs/DESIGN.md's data flow).
 RESIZE_MODES = ("crop", "squash")
-# Decoders that take a path or a file object, in the order a default is chosen (decord spends the least CPU time
-# per clip, benchmarks/bench_data.py); decord has no macOS arm64 wheel, PyAV is always installed with this package.
+# Decoders that take a path or a file object, in the order a default is chosen. decord first: it seeks to the
+# keyframe before each sampled frame, where transformers' PyAV reader decodes every frame up to the last sampled one,
+# so PyAV's cost grows with the video's length (benchmarks/bench_data.py: similar on short clips, decord ahead on
+# long ones). decord has no macOS arm64 wheel; PyAV is always installed with this package.
 VIDEO_BACKENDS = ("decord", "torchcodec", "pyav")
 _BACKEND_AVAILABLE = {"decord": is_decord_available, "torchcodec": is_torchcodec_available, "pyav": is_av_available}
 
@@ -168,7 +170,7 @@ def _video_name(video) -> str:
     return os.fspath(video)
 
 
-def _read_video_decord(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, VideoMetadata]:
+def _read_video_decord(video, sample_indices_fn, **kwargs) -> tuple[torch.Tensor, VideoMetadata]:
     """transformers' `read_video_decord`, with decord on one thread.
 
     Kept because transformers' reader opens decord with its default of one FFmpeg thread per core: that costs more CPU
@@ -189,7 +191,36 @@ def _read_video_decord(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, 
         del reader  # frees the decoder and its file handle now rather than at garbage collection
 
 
-_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": VIDEO_DECODERS["pyav"]}
+def _read_video_pyav(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, VideoMetadata]:
+    """transformers' `read_video_pyav`, counting the frames where the container does not say.
+
+    Kept because transformers' reader takes the frame count from the stream header, which Matroska and WebM files
+    leave at 0, so it finds no frames in them; counting the packets reads the file but decodes nothing. The container
+    is closed on return, not at garbage collection."""
+    if is_av_available():  # check_imports does not demand an import under this test of every remote-code user
+        import av
+    else:
+        raise ImportError("video_backend='pyav' needs PyAV: `pip install av`")
+
+    with av.open(video) as container:
+        stream = container.streams.video[0]
+        num_frames = stream.frames
+        if not num_frames:
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        fps = stream.average_rate or stream.guessed_rate
+        metadata = VideoMetadata(total_num_frames=num_frames, fps=float(fps) if fps else None, video_backend="pyav")
+        indices = sample_indices_fn(metadata=metadata, **kwargs)
+        wanted, frames = set(indices), []
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if index >= indices[-1]:
+                break
+    return np.stack(frames), metadata
+
+
+_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": _read_video_pyav}
 
 
 def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[torch.Tensor, VideoMetadata]:
@@ -199,10 +230,10 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
     Returns uint8 (T, 3, H, W) RGB and the metadata, with `frames_indices` the sampled indices.
     Raises `FoveatedVLMVideoError` naming the video for every kind of broken input, whatever the backend.
 
-    Kept around transformers' readers for three things they lack: bytes (transformers' `load_video` takes a path
-    string, or treats anything else as decoded frames), named errors, and repeated indices (its PyAV reader keeps a
-    frame when its index is in the list, so a repeated index yields fewer frames than asked for: each distinct frame
-    is decoded once here and repeated afterwards).
+    Kept around the readers for three things transformers' `load_video` lacks: bytes (it takes a path string, or
+    treats anything else as decoded frames), named errors, and repeated indices (a short video repeats frames; its
+    PyAV reader keeps a frame when its index is in the list, so a repeated index yields fewer frames than asked for:
+    each distinct frame is decoded once here and repeated afterwards).
     """
     if not isinstance(video, (str, os.PathLike, bytes, bytearray, np.ndarray)):
         raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
@@ -254,9 +285,9 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
             reason = f"frames {sampled['indices'].tolist()} failed to decode, truncated file? ({_first_line(error)})"
         raise FoveatedVLMVideoError(name, reason) from error
     frames = frames[torch.from_numpy(sampled["order"])]  # repeats restored, before the layout changes
-    if frames.shape[-1] in (1, 3, 4) and frames.shape[1] not in (1, 3, 4):
+    if backend != "torchcodec":
         # decord and PyAV: (T, H, W, 3), viewed channels first; the pixels stay channels-last in memory, which
-        # the antialiased resize reads faster.
+        # the antialiased resize reads faster. torchcodec decodes to (T, 3, H, W).
         frames = _to_rgb_channels_first(frames)
     metadata.frames_indices = sampled["indices"]
     return frames, metadata

@@ -123,6 +123,25 @@ def test_bytes_input_equals_path_input(videos, backend):
     assert bytes_info == path_info
 
 
+@pytest.mark.parametrize("container, codec", [("mkv", "libx264"), ("webm", "libvpx-vp9")])
+def test_backends_read_containers_without_a_frame_count(tmp_path, container, codec):
+    # Matroska and WebM leave the stream's frame count at 0; the frames must still be found, by every backend.
+    frames = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / f"clip.{container}"
+    with av.open(str(path), mode="w") as output:
+        stream = output.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in frames:
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
+    with av.open(str(path)) as written:
+        assert written.streams.video[0].frames == 0
+    decoded = {backend: load_video(path, num_frames=4, image_size=32, backend=backend) for backend in BACKENDS}
+    for backend, (clip, info) in decoded.items():
+        assert info["num_video_frames"] == 12 and info["frame_indices"] == [0, 4, 7, 11], backend
+        np.testing.assert_array_equal(clip, decoded["decord"][0], err_msg=backend)
+
+
 @pytest.mark.parametrize("sample_fps", [None, 3.0])
 @pytest.mark.parametrize("name, num_frames", [("square", 16), ("wide", 10), ("long", 48), ("long", 8), ("wide", 16)])
 def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
