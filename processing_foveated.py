@@ -261,7 +261,7 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
 
     backend = backend or default_video_backend()
     if backend not in VIDEO_BACKENDS:
-        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None (the first installed), got {backend!r}")
+        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None (first installed), got {backend!r}")
     sampled = {}
 
     def sample_distinct(metadata, **kwargs):
@@ -426,9 +426,11 @@ class FoveatedVLMVideoProcessor(VideoProcessorMixin):
         if self.video_backend is not None and self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None, got {self.video_backend!r}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean} and {self.image_std}")
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean}, {self.image_std}")
         # Lists, as they come back from the saved JSON, so a reloaded processor compares equal.
         self.image_mean, self.image_std = list(self.image_mean), list(self.image_std)
+        for option in ("num_frames", "image_size", "resize_mode"):  # written out even at their class defaults
+            setattr(self, option, getattr(self, option))
 
     def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
         """T frame indices for a video described by `metadata` (see `sample_frame_indices`)."""

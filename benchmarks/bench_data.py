@@ -1,18 +1,18 @@
-"""Throughput of the data pipeline against the seed guide's way (not a test; prints a table).
+"""Throughput of the data pipeline against a plain per-video loop (not a test; prints a table).
 
     python benchmarks/bench_data.py --sizes 128 256
 
 Precompute: `precompute_dataset` (the path of precompute_latents.py: decode map with 2 workers, one VAE call per
-batch) against the seed's section 4.2 loop (per video: decord, resize, one VAE call per frame, torch.save).
+batch) against a plain loop (per video: decord, resize, one VAE call per frame, torch.save).
 Training input: the Arrow dataset through `load_precomputed` + `FoveatedVLMDataCollator` against decoding the
-video with decord in every step (latents from the seed loop's .pt files), both in a DataLoader with 2 workers.
+video with decord in every step (latents from the plain loop's .pt files), both in a DataLoader with 2 workers.
 All runs use the same synthetic videos and the same small VAE (`make_tiny_vae`).
 
     python benchmarks/bench_data.py --decode_only --sizes 128 256
 
 Decoding: decode + sample + resize of one clip (`processing_foveated.load_video`) with each installed decoder, and
-with transformers' decord reader (decord's default threads) in place of processing_foveated's (one thread); per video,
-wall and CPU time (CPU time counts every thread of the process, so it is what a loader with one worker per core pays). Also the tokenizer load of
+with transformers' decord and PyAV readers in place of processing_foveated's; per video, wall and CPU time (CPU time
+counts every thread of the process, so it is what a loader with one worker per core pays). Also the tokenizer load of
 `train_hf.build_processor`: from the SmolLM2 GGUF file against the folder it is converted to.
 """
 
@@ -42,8 +42,8 @@ from synthetic_videos import generate_split  # noqa: E402
 
 
 @torch.no_grad()
-def seed_guide_precompute(video_paths: list[Path], latent_dir: Path, vae, num_frames: int, image_size: int) -> None:
-    """The seed guide's section 4.2 script, on CPU in fp32: one video at a time, one VAE call per frame."""
+def per_frame_precompute(video_paths: list[Path], latent_dir: Path, vae, num_frames: int, image_size: int) -> None:
+    """The plain precompute loop, on CPU in fp32: one video at a time, one VAE call per frame."""
     import decord
 
     latent_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def seed_guide_precompute(video_paths: list[Path], latent_dir: Path, vae, num_fr
 
 
 class DecodeEveryStep(torch.utils.data.Dataset):
-    """The seed guide's section 4.3 dataset: decodes the video in every step, reads precomputed latents."""
+    """A plain video dataset: decodes the video in every step, reads precomputed latents."""
 
     def __init__(self, video_paths: list[Path], latent_dir: Path, num_frames: int, image_size: int):
         self.video_paths, self.latent_dir = video_paths, latent_dir
@@ -100,15 +100,16 @@ def timed(run) -> float:
 
 def decoding_rows(videos: list[Path], num_frames: int, size: int, repeats: int) -> list[tuple]:
     """(S, path, "wall ms, CPU ms per video") for load_video with each installed decoder, and with transformers' own
-    decord reader (decord's default threads) in place of processing_foveated's (one thread); the best of `repeats`
-    interleaved passes, so that load from other processes hits every decoder alike."""
+    decord and PyAV readers in place of processing_foveated's; the best of `repeats` interleaved passes, so that load
+    from other processes hits every decoder alike."""
     from transformers.video_utils import VIDEO_DECODERS
 
     readers = processing_foveated._READERS
     decoders = {backend: (backend, readers[backend]) for backend in VIDEO_BACKENDS}
     decoders = {name: value for name, value in decoders.items() if processing_foveated._BACKEND_AVAILABLE[name]()}
-    if "decord" in decoders:
-        decoders["decord, transformers' reader"] = ("decord", VIDEO_DECODERS["decord"])
+    for backend in ("decord", "pyav"):  # the two readers processing_foveated replaces
+        if backend in decoders:
+            decoders[f"{backend}, transformers' reader"] = (backend, VIDEO_DECODERS[backend])
     timings = {name: [] for name in decoders}
     for _ in range(repeats):
         for name, (backend, reader) in decoders.items():
@@ -184,7 +185,7 @@ def main() -> None:
         video_dir = work_dir / f"videos_{size}"
         split = generate_split(video_dir, args.num_videos, 0, "medium", size, args.num_video_frames, fps=8.0)
         videos = [Path(path) for path in split["train"]]
-        output_dir, latent_dir = work_dir / f"precomputed_{size}", work_dir / f"seed_latents_{size}"
+        output_dir, latent_dir = work_dir / f"precomputed_{size}", work_dir / f"plain_latents_{size}"
         shutil.rmtree(output_dir, ignore_errors=True)
         shutil.rmtree(latent_dir, ignore_errors=True)
 
@@ -196,7 +197,7 @@ def main() -> None:
         cold = timed(ours)
         shutil.rmtree(output_dir / "dataset")  # warm rerun through the shard caches, not the final-dataset shortcut
         warm = timed(ours)
-        seed = timed(lambda: seed_guide_precompute(videos, latent_dir, vae, args.num_frames, size))
+        plain = timed(lambda: per_frame_precompute(videos, latent_dir, vae, args.num_frames, size))
         precomputed = load_precomputed(output_dir)
         loading = dict(epochs=args.epochs, batch_size=args.batch_size, num_workers=args.num_workers)
         uint8_collator = FoveatedVLMDataCollator(normalize_frames=False)
@@ -211,7 +212,7 @@ def main() -> None:
         rows += [
             (size, "precompute: precompute_dataset, num_proc 2, batched VAE", f"{n / cold:.2f} videos/s"),
             (size, "precompute: same, rerun (shard caches hit)", f"{n / warm:.2f} videos/s"),
-            (size, "precompute: seed 4.2 loop, per-frame VAE", f"{n / seed:.2f} videos/s"),
+            (size, "precompute: plain loop, per-frame VAE", f"{n / plain:.2f} videos/s"),
             (size, f"training input: Arrow + collator, uint8 frames (train_hf.py), {workers}", loaded(uint8)),
             (size, f"training input: same, datasets' default torch format (int64 frames), {workers}", loaded(int64)),
             (size, f"training input: Arrow + collator normalising on the CPU, {workers}", loaded(arrow)),

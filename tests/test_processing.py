@@ -150,9 +150,10 @@ def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
     # H.264 decoder and its BT.601 YUV -> RGB conversion: the measured difference is 0 on all these clips (noise
     # included), so the test asserts equality.
     image_size = {"square": 64, "wide": 96, "long": 128}[name]
-    reference, reference_info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend="decord")
+    options = dict(num_frames=num_frames, image_size=image_size, sample_fps=sample_fps)
+    reference, reference_info = load_video(videos[name], backend="decord", **options)
     for backend in BACKENDS[1:]:
-        frames, info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend=backend)
+        frames, info = load_video(videos[name], backend=backend, **options)
         assert info == reference_info, backend
         np.testing.assert_array_equal(frames, reference, err_msg=backend)
     # And the decoded pixels are the written ones, up to H.264's loss: a wrong frame or channel order would not be.
@@ -479,7 +480,8 @@ def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatc
     assert (cached / "tokenizer_config.json").is_file() and len(processor.tokenizer) == 49152
     assert not list(cached.parent.glob("*.partial"))
     # The second build reads the converted folder, not the GGUF file (here pointed at a folder without it).
-    monkeypatch.setattr(train_hf, "resolve_pretrained", lambda name, gguf_file=None: (str(tmp_path), cached.name + ".gguf"))
+    absent = (str(tmp_path), cached.name + ".gguf")
+    monkeypatch.setattr(train_hf, "resolve_pretrained", lambda name, gguf_file=None: absent)
     again = train_hf.build_processor(model_args, data_args, vocab_size=49152)
     text = "Where does the red square move?"
     assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
