@@ -393,8 +393,12 @@ class FoveatedVLMVideoProcessorKwargs(VideosKwargs, total=False):
 class FoveatedVLMVideoProcessor(VideoProcessorMixin):
     """Videos (paths, bytes or uint8 frame arrays) -> `pixel_values` and `vae_pixel_values`, (B, T, 3, S, S).
 
-    Loads with `AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)`. Of transformers' video keys it
-    reads `num_frames`, `fps`, `image_mean`, `image_std` and `return_tensors`; every option can be given per call.
+    Loads with `AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)`. Without torchvision, the name
+    `transformers.AutoVideoProcessor` is a placeholder that raises (models/auto/video_processing_auto.py:265,
+    `@requires(backends=("vision", "torchvision"))`); the class itself needs no torchvision, so import it from
+    `transformers.models.auto.video_processing_auto` there. `AutoProcessor` does that for the processor's own video
+    processor. Of transformers' video keys it reads `num_frames`, `fps`, `image_mean`, `image_std` and
+    `return_tensors`; every option can be given per call.
 
     Args:
         num_frames: T, frames sampled per video.
