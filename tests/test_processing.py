@@ -26,8 +26,8 @@ from synthetic_videos import generate_video, write_video
 from tiny import tiny_tokenizer
 
 
-# Both decoders this package installs on Linux; torchcodec is tested where it is installed.
-BACKENDS = ["decord", "pyav"] + (["torchcodec"] if processing_foveated.is_torchcodec_available() else [])
+# Every installed decoder: decord and PyAV on Linux (setup.py), PyAV alone on macOS arm64, torchcodec where installed.
+BACKENDS = [backend for backend in VIDEO_BACKENDS if processing_foveated._BACKEND_AVAILABLE[backend]()]
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +60,16 @@ def test_remote_code_imports_only_torch_numpy_transformers():
     assert third_party <= {"torch", "numpy", "transformers"}
 
 
-def test_default_backend_is_the_first_installed():
-    assert default_video_backend() == "decord"  # installed here (setup.py), and first in VIDEO_BACKENDS
-    assert VIDEO_BACKENDS[0] == "decord" and "pyav" in VIDEO_BACKENDS
+def test_default_backend_is_the_first_installed(monkeypatch, videos):
+    assert default_video_backend() == BACKENDS[0]
+    # Without decord (macOS arm64) PyAV decodes.
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "decord", lambda: False)
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "torchcodec", lambda: False)
+    assert default_video_backend() == "pyav"
+    assert load_video(videos["square"], num_frames=2, image_size=16)[0].shape == (2, 16, 16, 3)
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "pyav", lambda: False)
+    with pytest.raises(ImportError, match="pip install av"):
+        default_video_backend()
 
 
 # Frame sampling
@@ -139,7 +146,7 @@ def test_backends_read_containers_without_a_frame_count(tmp_path, container, cod
     decoded = {backend: load_video(path, num_frames=4, image_size=32, backend=backend) for backend in BACKENDS}
     for backend, (clip, info) in decoded.items():
         assert info["num_video_frames"] == 12 and info["frame_indices"] == [0, 4, 7, 11], backend
-        np.testing.assert_array_equal(clip, decoded["decord"][0], err_msg=backend)
+        np.testing.assert_array_equal(clip, decoded[BACKENDS[0]][0], err_msg=backend)
 
 
 @pytest.mark.parametrize("sample_fps", [None, 3.0])
@@ -151,7 +158,7 @@ def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
     # included), so the test asserts equality.
     image_size = {"square": 64, "wide": 96, "long": 128}[name]
     options = dict(num_frames=num_frames, image_size=image_size, sample_fps=sample_fps)
-    reference, reference_info = load_video(videos[name], backend="decord", **options)
+    reference, reference_info = load_video(videos[name], backend=BACKENDS[0], **options)
     for backend in BACKENDS[1:]:
         frames, info = load_video(videos[name], backend=backend, **options)
         assert info == reference_info, backend
