@@ -1,4 +1,5 @@
-"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation.
+"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation,
+the tiny VAE, and train_hf's data arguments and data building.
 
 One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
 random VAE feeds most tests; tests that rerun it copy its output folder first.
@@ -11,7 +12,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import numpy as np
@@ -20,24 +23,26 @@ import torch
 from diffusers import AutoencoderKL
 from tiny import save_tiny_vae
 
+import data_foveated
 import precompute_latents
+import train_hf
 from data_foveated import (
     COLUMNS,
     LLAVA_CAPTIONS_FILE,
     LLAVA_VIDEO_DIR,
     MAX_MOVING_BOXES,
-    VAE_ENCODE_COUNTS,
     FoveatedVLMDataCollator,
     download_llava_video_slice,
     find_videos,
     load_llava_captions,
     load_precomputed,
-    make_tiny_vae,
     precompute_dataset,
+    run_dir_of,
     split_train_eval,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
+from tiny_vae import make_tiny_vae
 from trainer_foveated import model_inputs
 
 
@@ -54,11 +59,32 @@ def precompute(video_dir: Path, output_dir: Path, vae: str, **overrides) -> data
     return precompute_dataset(find_videos(video_dir), output_dir, **{**settings, **overrides})
 
 
+@contextmanager
+def counting_vae_frames():
+    """Counts the frames every VAE that precompute loads meanwhile encodes: yields a list holding the count."""
+    count = [0]
+    load_vae = data_foveated._load_vae
+
+    def load_counting_vae(*args, **kwargs):
+        vae = load_vae(*args, **kwargs)
+        encode = vae.encode
+
+        def counting_encode(pixels, *encode_args, **encode_kwargs):
+            count[0] += len(pixels)
+            return encode(pixels, *encode_args, **encode_kwargs)
+
+        vae.encode = counting_encode
+        return vae
+
+    with mock.patch.object(data_foveated, "_load_vae", load_counting_vae):
+        yield count
+
+
 def precompute_counting_vae_frames(*args, **kwargs) -> tuple[datasets.Dataset, int]:
     """`precompute`, and the number of frames the VAE encoded in this process meanwhile."""
-    before = VAE_ENCODE_COUNTS["frames"]
-    dataset = precompute(*args, **kwargs)
-    return dataset, VAE_ENCODE_COUNTS["frames"] - before
+    with counting_vae_frames() as count:
+        dataset = precompute(*args, **kwargs)
+    return dataset, count[0]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +247,7 @@ def test_precompute_keeps_every_good_video_and_lists_every_broken_one(precompute
     assert sorted(dataset["video_path"]) == good
     assert frames_encoded == NUM_GOOD * T  # the broken rows never reach the VAE
 
-    failures = [json.loads(line) for line in (output_dir / "failures.jsonl").read_text().splitlines()]
+    failures = [json.loads(line) for line in (run_dir_of(dataset) / "failures.jsonl").read_text().splitlines()]
     assert sorted(Path(f["video_path"]).name for f in failures) == sorted(BROKEN)
     assert all(f["reason"] for f in failures)
     reasons = {Path(f["video_path"]).name: f["reason"] for f in failures}
@@ -278,7 +304,7 @@ def test_moving_boxes_without_a_sidecar_and_a_broken_sidecar(video_dir, tiny_vae
     dataset = precompute(videos, tmp_path / "out", tiny_vae).with_format("torch")
     assert dataset["video_id"] == ["no_sidecar"]
     assert (dataset[0]["moving_boxes"] == -1).all()
-    (failure,) = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    (failure,) = [json.loads(line) for line in (run_dir_of(dataset) / "failures.jsonl").read_text().splitlines()]
     assert failure["video_path"].endswith("broken_sidecar.mp4") and "sidecar broken_sidecar.json" in failure["reason"]
 
 
@@ -288,8 +314,8 @@ def test_second_identical_run_does_no_vae_work(precomputed, video_dir, tiny_vae,
     rerun, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
     assert frames == 0 and rerun["video_path"] == dataset["video_path"]
 
-    # Without the final dataset, the shards' map caches are hit: still no VAE work, same content.
-    shutil.rmtree(output_dir / "dataset")
+    # Without the run's record, the shards' map caches are hit: still no VAE work, same content.
+    shutil.rmtree(output_dir / "runs")
     rebuilt, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
     assert frames == 0
     rebuilt = rebuilt.with_format("torch")
@@ -300,8 +326,8 @@ def test_second_identical_run_does_no_vae_work(precomputed, video_dir, tiny_vae,
 def test_resume_redoes_only_the_missing_shard(precomputed, video_dir, tiny_vae, tmp_path):
     output_dir, dataset, _ = precomputed
     output_dir = copy_of(output_dir, tmp_path)
-    # An interruption: the final dataset was never written and one shard never finished.
-    shutil.rmtree(output_dir / "dataset")
+    # An interruption: the run was never recorded and one shard never finished.
+    shutil.rmtree(output_dir / "runs")
     (settings_dir,) = (output_dir / "shards").iterdir()
     # Sorted paths put the 4 broken files (broken/) in shard 0, videos 0-3 in shard 1, videos 4-5 in shard 2.
     shards = sorted(settings_dir.iterdir())
@@ -371,19 +397,26 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
 
 
 def test_load_precomputed_names_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no saved dataset"):
+    with pytest.raises(FileNotFoundError, match="holds no precomputed dataset"):
         load_precomputed(tmp_path)
 
 
-def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, capsys):
+def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog):
+    caplog.set_level("INFO", logger="tiny_vae")
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
     path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
-    assert "held-out PSNR" in capsys.readouterr().out
+    assert "held-out PSNR" in caplog.text
+    # Fitting drew from its own seeded generator: the caller's random state is where it was.
+    assert torch.equal(torch.rand(3), expected_draw)
+    caplog.clear()
     vae = AutoencoderKL.from_pretrained(path)
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x downsampling
     weights = Path(path) / "diffusion_pytorch_model.safetensors"
     written = weights.stat().st_mtime_ns
     assert make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2) == path
-    assert weights.stat().st_mtime_ns == written and capsys.readouterr().out == ""
+    assert weights.stat().st_mtime_ns == written and "held-out PSNR" not in caplog.text
     make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=3)
     assert weights.stat().st_mtime_ns != written
 
@@ -405,15 +438,16 @@ def run_cli(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, capsys):
+def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, caplog):
     ok = run_cli([sys.executable, "precompute_latents.py", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
     assert ok.returncode == 0, ok.stderr
-    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stdout
-    assert len(datasets.load_from_disk(str(tmp_path / "all" / "dataset"))) == NUM_GOOD
+    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stderr
+    assert len(load_precomputed(tmp_path / "all")) == NUM_GOOD
 
     # In this process: a second interpreter start would only repeat what the run above showed.
+    caplog.set_level("INFO", logger="data_foveated")
     assert precompute_latents.main(cli_arguments(video_dir / "broken", tmp_path / "none", tiny_vae)) == 1
-    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in capsys.readouterr().out
+    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in caplog.text
 
 
 def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, tmp_path):
@@ -422,7 +456,7 @@ def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, 
     result = run_cli([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                       "precompute_latents.py", *arguments])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    dataset = load_precomputed(tmp_path / "out")
     assert sorted(dataset["video_path"]) == sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
     assert len(set(dataset["video_path"])) == len(dataset) == NUM_GOOD
     # 6 videos in shards of 2: both processes wrote shards, each exactly once.
