@@ -592,8 +592,9 @@ def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
 
 def run_dir_of(dataset: datasets.Dataset) -> Path:
     """The run folder a `load_precomputed` dataset was read from: the one holding its captions file."""
-    (captions,) = [Path(f["filename"]) for f in dataset.cache_files if Path(f["filename"]).name == "captions.arrow"]
-    return captions.parent
+    files = {Path(f["filename"]) for f in dataset.cache_files}
+    (run_dir,) = {path.parent for path in files if path.name == "captions.arrow"}
+    return run_dir
 
 
 @dataclass
