@@ -575,9 +575,19 @@ def _run_dir(path: str | os.PathLike) -> Path:
 
 
 def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
-    """The precomputed dataset of a run (an `output_dir` of `precompute_dataset`: its latest run; or a run folder),
-    read from the shard caches it names, formatted as torch tensors in the dtypes stored: Arrow arrays become tensors
-    directly (reading Array4D columns as Python lists is ~30x slower), frames stay uint8."""
+    """The precomputed clips at `path`, formatted as torch tensors in the dtypes stored: Arrow arrays become tensors
+    directly (reading Array4D columns as Python lists is ~30x slower), frames stay uint8.
+
+    `path` is an output folder of `precompute_dataset` (its latest run), one of its run folders (read from the shard
+    caches the run names), or a `Dataset.save_to_disk` folder with the same columns (e.g. a split shared on its own).
+    """
+    path = Path(path)
+    if (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(path))
+        missing = set(COLUMNS) - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"{path} lacks the columns {sorted(missing)}; was it written by precompute_dataset?")
+        return dataset.with_format("torch", **KEEP_STORED_DTYPES)
     run_dir = _run_dir(path)
     if not _is_complete_run(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a complete precompute run (or its shard caches were deleted)")
