@@ -104,9 +104,10 @@ def _place_without_overlap(rng: np.random.Generator, num_objects: int, side: flo
     raise RuntimeError(f"could not place {num_objects} objects of side {side:.1f} px in a {size} px frame")
 
 
-def _bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int, extent: float) -> np.ndarray:
-    """Positions (num_frames, 2) of a point moving at `velocity` px/frame inside [0, extent], reflected at the ends."""
-    unfolded = start + velocity * np.arange(num_frames)[:, None]  # (F, 2)
+def _bounce(start: np.ndarray, velocity: np.ndarray, num_video_frames: int, extent: float) -> np.ndarray:
+    """Positions (num_video_frames, 2) of a point moving at `velocity` px/frame inside [0, extent], reflected at the
+    ends."""
+    unfolded = start + velocity * np.arange(num_video_frames)[:, None]  # (F, 2)
     folded = np.mod(unfolded, 2 * extent)
     return np.where(folded <= extent, folded, 2 * extent - folded)
 
@@ -137,17 +138,17 @@ def generate_video(
     difficulty: str = "medium",
     size: int = 128,
     num_video_frames: int = 16,
-    num_sampled_frames: Optional[int] = None,
+    num_frames: Optional[int] = None,
 ) -> tuple[np.ndarray, dict]:
     """Render one synthetic video, fully determined by its arguments.
 
-    A mover's speed assumes the reader samples `num_sampled_frames` frames uniformly over the whole video (default:
-    T of the model's config): between two of them it shifts by about one object side, far enough to change the
+    A mover's speed assumes the reader samples `num_frames` (T) frames uniformly over the whole video (default: T of
+    the model's config): between two of them it shifts by about one object side, far enough to change the
     latent, close enough to be tracked, whatever the video's length. Other sampling changes the task.
 
     Returns:
         frames: uint8 array (num_video_frames, size, size, 3), RGB.
-        ground_truth: {"seed", "difficulty", "size", "num_video_frames", "num_sampled_frames",
+        ground_truth: {"seed", "difficulty", "size", "num_video_frames", "num_frames",
             "frames": [{"objects": [{"box", "moving"}]}]}.
             Boxes are [x0, y0, x1, y1] in continuous pixel coordinates (pixel i spans [i, i+1)); objects keep their
             order in every frame, so index k is the same object throughout.
@@ -158,9 +159,9 @@ def generate_video(
         raise ValueError(f"size must be an even number >= 32 (H.264 with yuv420p needs even sides), got {size}")
     if num_video_frames < 2:
         raise ValueError(f"num_video_frames must be >= 2 so that something can move, got {num_video_frames}")
-    num_sampled_frames = _resolve_sampled_frames(num_sampled_frames)
-    if num_sampled_frames < 2:
-        raise ValueError(f"num_sampled_frames must be >= 2 (speeds are set between two), got {num_sampled_frames}")
+    num_frames = _resolve_num_frames(num_frames)
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2 (speeds are set between two), got {num_frames}")
     spec = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
 
@@ -172,7 +173,7 @@ def generate_video(
     corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
 
     # Movers first, each shifting by about one side between two sampled frames.
-    frames_between_samples = (num_video_frames - 1) / (num_sampled_frames - 1)
+    frames_between_samples = (num_video_frames - 1) / (num_frames - 1)
     tracks = []  # K arrays of (F, 2) top-left corners
     for k in range(num_objects):
         if k < spec.num_moving:
@@ -207,7 +208,7 @@ def generate_video(
         "difficulty": difficulty,
         "size": size,
         "num_video_frames": num_video_frames,
-        "num_sampled_frames": num_sampled_frames,
+        "num_frames": num_frames,
         "frames": ground_truth_frames,
     }
     return frames, ground_truth
@@ -236,20 +237,20 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary_path, path)
 
 
-def _resolve_sampled_frames(num_sampled_frames: Optional[int]) -> int:
-    if num_sampled_frames is not None:
-        return num_sampled_frames
+def _resolve_num_frames(num_frames: Optional[int]) -> int:
+    if num_frames is not None:
+        return num_frames
     from data_foveated import DEFAULT_NUM_FRAMES  # heavy (torch, datasets): only when the default is asked for
 
     return DEFAULT_NUM_FRAMES
 
 
 def _video_params(
-    seed: int, difficulty: str, size: int, fps: float, num_video_frames: int, num_sampled_frames: int
+    seed: int, difficulty: str, size: int, fps: float, num_video_frames: int, num_frames: int
 ) -> dict:
     return {
         "seed": seed, "difficulty": difficulty, "size": size, "fps": fps, "num_video_frames": num_video_frames,
-        "num_sampled_frames": num_sampled_frames,
+        "num_frames": num_frames,
     }  # fmt: skip
 
 
@@ -272,10 +273,10 @@ def generate_split(
     num_video_frames: int = 16,
     fps: float = 8.0,
     seed: int = 0,
-    num_sampled_frames: Optional[int] = None,
+    num_frames: Optional[int] = None,
 ) -> dict[str, list[str]]:
     """Write output_dir/{train,eval}/video_XXXXXX.mp4, each with a JSON sidecar video_XXXXXX.json holding
-    generate_video's ground truth plus the fps. `num_sampled_frames`: see generate_video.
+    generate_video's ground truth plus the fps. `num_frames`: see generate_video.
 
     Train videos use seeds seed .. seed+num_train-1, eval videos seed+EVAL_SEED_OFFSET+i: the eval split is held out
     by seed. A video whose files already exist with the same parameters is not rendered again.
@@ -289,7 +290,7 @@ def generate_split(
         raise ValueError(f"num_eval must be >= 0, got {num_eval}")
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    num_sampled_frames = _resolve_sampled_frames(num_sampled_frames)
+    num_frames = _resolve_num_frames(num_frames)
     split_seeds = {
         "train": [seed + i for i in range(num_train)],
         "eval": [seed + EVAL_SEED_OFFSET + i for i in range(num_eval)],
@@ -303,12 +304,12 @@ def generate_split(
         for i, video_seed in enumerate(seeds):
             video_path = split_dir / f"video_{i:06d}.mp4"
             sidecar_path = video_path.with_suffix(".json")
-            params = _video_params(video_seed, difficulty, size, fps, num_video_frames, num_sampled_frames)
+            params = _video_params(video_seed, difficulty, size, fps, num_video_frames, num_frames)
             paths[split].append(str(video_path))
             if _is_up_to_date(video_path, sidecar_path, params):
                 num_reused += 1
                 continue
-            frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames, num_sampled_frames)
+            frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames, num_frames)
             _write_atomically(video_path, lambda p: write_video(p, frames, fps))
             # The sidecar goes last: its presence with matching params marks the pair as complete.
             sidecar = {**params, "frames": ground_truth["frames"]}
@@ -333,7 +334,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")
     parser.add_argument(
-        "--num_sampled_frames",
+        "--num_frames",
         type=int,
         default=None,
         help="Frames the model samples uniformly per video (T; default: the model config's): sets the movers' speed.",
@@ -353,7 +354,7 @@ def main() -> None:
         num_video_frames=args.num_video_frames,
         fps=args.fps,
         seed=args.seed,
-        num_sampled_frames=args.num_sampled_frames,
+        num_frames=args.num_frames,
     )
     spec = DIFFICULTIES[args.difficulty]
     print(

@@ -57,18 +57,21 @@ SILU_OFFSET = 10.0  # SiLU(x + 10) = x + 10 to 5e-4: the norm's SiLU passes the 
 INITIAL_LOG_VARIANCE = -10.0  # a nearly deterministic posterior to start with
 
 
-def synthetic_fitting_frames(first_seed: int, num_frames: int, image_size: int) -> torch.Tensor:
-    """(num_frames, 3, S, S) VAE pixels in [-1, 1]: frames of synthetic videos of every difficulty in turn."""
+def synthetic_fitting_frames(first_seed: int, num_images: int, image_size: int) -> torch.Tensor:
+    """(num_images, 3, S, S) VAE pixels in [-1, 1]: frames of synthetic videos of every difficulty in turn."""
     difficulties = sorted(DIFFICULTIES)
-    num_videos = math.ceil(num_frames / FRAMES_PER_FITTING_VIDEO)
+    num_videos = math.ceil(num_images / FRAMES_PER_FITTING_VIDEO)
     videos = [
         generate_video(
-            first_seed + i, difficulties[i % len(difficulties)], image_size, FRAMES_PER_FITTING_VIDEO,
-            num_sampled_frames=FRAMES_PER_FITTING_VIDEO,  # every frame is a sampled one: one side per frame
+            first_seed + i,
+            difficulties[i % len(difficulties)],
+            image_size,
+            num_video_frames=FRAMES_PER_FITTING_VIDEO,
+            num_frames=FRAMES_PER_FITTING_VIDEO,  # every frame a sampled one: movers shift one side per frame
         )[0]
         for i in range(num_videos)
     ]
-    return frames_to_vae_pixel_values(np.concatenate(videos)[:num_frames])
+    return frames_to_vae_pixel_values(np.concatenate(videos)[:num_images])
 
 
 def build_tiny_vae(image_size: int):

@@ -368,7 +368,7 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             size=data_args.synthetic_size,
             num_video_frames=data_args.num_video_frames,
             seed=seed,
-            num_sampled_frames=data_args.num_frames,
+            num_frames=data_args.num_frames,
         )
         description = (
             f"Synthetic clips ({data_args.difficulty}: look-alike objects, some moving, on a textured background), "
