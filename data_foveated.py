@@ -336,7 +336,7 @@ def _vae_identity(vae: str) -> str:
 
 
 def _video_identity(path: str) -> list:
-    """What a shard's key knows of a video: its resolved path, size and modification time (-1s when missing)."""
+    """What a shard's key knows of a video: its absolute path, size and modification time (-1s when missing)."""
     try:
         stat = os.stat(path)
     except OSError:
@@ -463,7 +463,7 @@ def precompute_dataset(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if batch_size < 1 or num_proc < 1 or shard_size < 1:
         raise ValueError(f"batch_size, num_proc, shard_size must be >= 1, got {batch_size}, {num_proc}, {shard_size}")
-    paths = sorted({os.path.realpath(p) for p in video_paths})
+    paths = sorted({os.path.abspath(p) for p in video_paths})
     if not paths:
         raise ValueError("video_paths is empty")
     output_dir = Path(output_dir)
@@ -506,8 +506,8 @@ def precompute_dataset(
 
 
 def _is_complete_run(run_dir: Path) -> bool:
-    """A run folder whose record was written (last) and whose shard cache files all still exist."""
-    if not (run_dir / "precompute.json").is_file():
+    """A run folder with all its files (precompute.json, written last, among them) whose shard caches all exist."""
+    if not all((run_dir / name).is_file() for name in RUN_FILES):
         return False
     manifest = json.loads((run_dir / "dataset.json").read_text())
     output_dir = run_dir.parents[1]

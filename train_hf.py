@@ -105,8 +105,9 @@ class ModelArguments:
                 raise ValueError(f"{name} must be a dict of config fields, got {getattr(self, name)!r}")
 
 
-# Options that act under one data_source only (eval_fraction: under the two of real videos). Their fields default to
-# None, meaning "not given", so that one given under another source is refused; these are the defaults in effect.
+# Options that act under one data_source only (eval_fraction: under the two of real videos): (sources, default). Their
+# fields default to None, meaning "not given", so that one given under another source is refused; the default here
+# is filled in when the source is chosen.
 SOURCE_OPTIONS = {
     "num_train_videos": (("synthetic",), 512),
     "num_eval_videos": (("synthetic",), 64),
@@ -134,7 +135,10 @@ class DataArguments:
 
     data_source: str = field(
         default="llava_video",
-        metadata={"help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.", "choices": DATA_SOURCES},
+        metadata={
+            "help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.",
+            "choices": DATA_SOURCES,
+        },
     )
     video_dir: Optional[str] = field(
         default=None, metadata={"help": _only_for("video_dir", "Folder of videos; needs --data_source video_dir")}
@@ -204,8 +208,9 @@ class DataArguments:
 
     def __post_init__(self):
         check_data_arguments(self)
-        for name, (_, default) in SOURCE_OPTIONS.items():
-            if getattr(self, name) is None:
+        # The chosen source's options get their defaults; the others stay None, so a second check still passes.
+        for name, (sources, default) in SOURCE_OPTIONS.items():
+            if getattr(self, name) is None and self.data_source in sources:
                 setattr(self, name, default)
 
 
@@ -407,11 +412,12 @@ class PreparedData:
 
 @contextmanager
 def global_rng_unchanged():
-    """Whatever runs inside leaves Python's, NumPy's and torch's global random states (CPU and CUDA) as it found
-    them, so that what is drawn after it does not depend on how much work it found cached."""
+    """Whatever runs inside leaves Python's, NumPy's and torch's global random states as it found them, so that what
+    is drawn after it does not depend on how much work it found cached."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    # CPU only: data building draws nothing on an accelerator (the VAE encodes to the posterior mean), and forking
+    # every GPU's generator would open a CUDA context on each of them in every process.
+    with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:

@@ -5,6 +5,7 @@ One module-scoped precompute over real mp4 files (6 synthetic videos with sideca
 random VAE feeds most tests; tests that rerun it copy its output folder first.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -545,7 +546,8 @@ def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
 
 def test_source_specific_defaults_apply_to_their_source():
     _, data_args, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
-    assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, "data/llava_video", 512)
+    assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
+    dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
     assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
                                                             data_foveated.DEFAULT_IMAGE_SIZE)  # fmt: skip
     with pytest.raises(ValueError, match="--data_source video_dir needs --video_dir"):
