@@ -476,11 +476,7 @@ def precompute_dataset(
         vae_identity=_vae_identity(vae), version=PRECOMPUTE_VERSION,
     )  # fmt: skip
     settings_id = _hash({key: value for key, value in what.items() if key != "vae"})
-    shard_dirs = []
-    for k, first in enumerate(range(0, len(paths), shard_size)):
-        shard_paths = paths[first : first + shard_size]
-        shard_key = _hash([_video_identity(p) for p in shard_paths])
-        shard_dirs.append((shard_paths, output_dir / "shards" / settings_id / f"{k:05d}-{shard_key}"))
+    shard_dirs = _plan_shards(paths, output_dir / "shards" / settings_id, shard_size)
     run_id = _hash([settings_id, [d.name for _, d in shard_dirs], captions or {}])
     run_dir = output_dir / "runs" / run_id
     if _is_complete_run(run_dir):
@@ -503,6 +499,15 @@ def precompute_dataset(
     get_vae.cache_clear()  # the VAE's memory goes back before training starts
     state.wait_for_everyone()
     return load_precomputed(run_dir)
+
+
+def _plan_shards(paths: list[str], settings_dir: Path, shard_size: int) -> list[tuple[list[str], Path]]:
+    """(video paths, cache folder) per shard; the folder is named by the shard's videos' paths, sizes and mtimes."""
+    plan = []
+    for k, first in enumerate(range(0, len(paths), shard_size)):
+        shard_paths = paths[first : first + shard_size]
+        plan.append((shard_paths, settings_dir / f"{k:05d}-{_hash([_video_identity(p) for p in shard_paths])}"))
+    return plan
 
 
 def _is_complete_run(run_dir: Path) -> bool:
