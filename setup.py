@@ -13,6 +13,7 @@ setup(
         "processing_foveated",
         "synthetic_videos",
         "data_foveated",
+        "tiny_vae",
         "trainer_foveated",
         "report_foveated",
         "precompute_latents",

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_foveated import (  # noqa: E402
     FoveatedVLMDataCollator,
     load_precomputed,
-    make_tiny_vae,
     precompute_dataset,
 )
 import processing_foveated  # noqa: E402
 from processing_foveated import VIDEO_BACKENDS, load_video  # noqa: E402
 from synthetic_videos import generate_split  # noqa: E402
+from tiny_vae import make_tiny_vae  # noqa: E402
 
 
 @torch.no_grad()
@@ -195,7 +195,7 @@ def main() -> None:
             )
 
         cold = timed(ours)
-        shutil.rmtree(output_dir / "dataset")  # warm rerun through the shard caches, not the final-dataset shortcut
+        shutil.rmtree(output_dir / "runs")  # warm rerun through the shard caches, not the recorded-run shortcut
         warm = timed(ours)
         plain = timed(lambda: per_frame_precompute(videos, latent_dir, vae, args.num_frames, size))
         precomputed = load_precomputed(output_dir)

@@ -26,10 +26,11 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaMode
 from transformers import TrainingArguments
 
 import train_hf
-from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
+from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
+from tiny_vae import make_tiny_vae
 from trainer_foveated import (
     HOST_SYNC_OPERATORS,
     FoveatedTrainer,
