@@ -545,7 +545,7 @@ def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
 
 
 def test_source_specific_defaults_apply_to_their_source():
-    _, data_args, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
+    _, data_args, _, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
     assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
     dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
     assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
@@ -560,7 +560,7 @@ def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
         str(cache_dir), "--vae", vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2",
         "--output_dir", str(tmp_path / "unused"),
     ]  # fmt: skip
-    _, data_args, training_args = train_hf.parse_arguments(argv)
+    _, data_args, training_args, _ = train_hf.parse_arguments(argv)
     return train_hf.build_datasets(data_args, training_args)
 
 
@@ -592,10 +592,11 @@ def test_two_video_folders_get_separate_caches(video_dir, tiny_vae, tmp_path):
 
 
 def tiny_training_config(folder: Path) -> Path:
-    from tiny import TINY_TEXT, TINY_VISION
+    from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer
 
     config = {
         "vision_model": "", "text_model": "", "vision_config": dict(TINY_VISION), "text_config": dict(TINY_TEXT),
+        "tokenizer": save_tiny_tokenizer(folder / "tokenizer"),
         "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
         "data_source": "synthetic", "num_train_videos": 4, "num_eval_videos": 2, "synthetic_size": S,
         "num_video_frames": 8, "num_frames": T, "image_size": S, "vae": "tiny", "cache_dir": str(folder / "cache"),

@@ -51,3 +51,9 @@ def tiny_tokenizer(words=("where", "does", "the", "square", "move", "?")):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def save_tiny_tokenizer(folder) -> str:
+    """`tiny_tokenizer()` saved as a folder, for `--tokenizer` in training runs of tiny models (vocabulary 128)."""
+    tiny_tokenizer().save_pretrained(str(folder))
+    return str(folder)
