@@ -35,10 +35,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from card_foveated import REPORT_DIR, architecture_rows
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from figures_foveated import plot_attention_maps, plot_prediction_figure
-from metrics_foveated import derived_metrics
+from metrics_foveated import derived_metrics, model_inputs
 from modeling_foveated import FoveatedVLMModel, attention_entropy
 from processing_foveated import FoveatedVLMProcessor
-from trainer_foveated import model_inputs
 
 __all__ = [
     "DATA_PATHS_FILE",
@@ -131,7 +130,7 @@ def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _measure_batch(model, batch: dict, frames: torch.Tensor) -> dict[str, torch.Tensor]:
     """All per-clip measurements of one collated batch; `frames` uint8 (B, T, S, S, 3)."""
-    inputs = model_inputs(batch, model.config)
+    inputs = model_inputs(batch, model)
     outputs = model(**inputs)
     target = batch["vae_latents"].float()  # (B, T, C, h, w)
     if model.config.fine_queries == "oracle":  # oracle fixations exist in training only: nothing to stream
@@ -729,7 +728,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos:
     rows, frames = _rows(dataset, indices)
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
-        outputs = model(**model_inputs(batch, model.config))
+        outputs = model(**model_inputs(batch, model))
     frames, boxes = frames.numpy(), batch["moving_boxes"].cpu().numpy()
     attention_figures = plot_attention_figures(frames, outputs, boxes, clips, indices)
     figures = []
