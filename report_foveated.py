@@ -717,7 +717,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos:
     model = FoveatedVLMModel.from_pretrained(model_dir).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
-        tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir).tokenizer
+        tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
     dataset = load_precomputed(eval_dataset)
     collator = FoveatedVLMDataCollator(tokenizer)
     clips = evaluate_clips(model, dataset, collator, batch_size, device)
