@@ -1,37 +1,50 @@
 """Training of the Foveated VLM with the 🤗 Trainer.
 
-`FoveatedTrainer` adds the foveation metrics to the Trainer's logs, averaged correctly over gradient-accumulation
-micro-batches and processes. Two callbacks write what a run shows besides scalars: attention maps and decoded
-predictions of a few fixed eval clips to TensorBoard (figures_foveated.py), and a model card (card_foveated.py) into
-every checkpoint so that each saved folder is Hub-ready.
+`FoveatedVLMTrainer` adds the metrics of metrics_foveated.py to the Trainer's logs, averaged correctly over
+gradient-accumulation micro-batches and processes. Callbacks write what a run shows besides scalars: attention maps
+and decoded predictions of a few fixed eval clips to TensorBoard (figures_foveated.py), and a model card
+(card_foveated.py) into every checkpoint so that each saved folder is Hub-ready.
 """
 
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from transformers import ProcessorMixin, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from card_foveated import FoveatedVLMModelCardInfo, write_model_card
 from figures_foveated import plot_attention_maps, plot_prediction_figure
 from metrics_foveated import TABLE1_LOSSES, clip_metrics, improvement_with_se, means_from_totals, model_inputs, totals
 
-__all__ = ["FoveatedTrainer", "FoveatedVLMFigureCallback", "FoveatedVLMHubFilesCallback"]
+__all__ = [
+    "TRAINING_ARGS_JSON",
+    "FoveatedVLMTrainer",
+    "FoveatedVLMFigureCallback",
+    "FoveatedVLMFinalEvaluationCallback",
+    "FoveatedVLMHubFilesCallback",
+]
 
-class FoveatedTrainer(Trainer):
+# The training arguments as saved with the model: JSON, where the Trainer writes a pickle (TRAINING_ARGS_NAME).
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+class FoveatedVLMTrainer(Trainer):
     """
-    A `Trainer` for `FoveatedVLMModel` that logs the metrics of metrics_foveated.py next to the Trainer's own `loss`, `grad_norm` and
-    `learning_rate`, as means over every micro-batch of every process since the last log, `eval_`-prefixed in
-    evaluation. (In distributed evaluation accelerate pads the last batches with repeated clips so that every process
-    gets one; those repeats count here, while the Trainer's own `eval_loss` drops them.)
+    A `Trainer` for `FoveatedVLMModel` that logs the metrics of metrics_foveated.py next to the Trainer's own `loss`,
+    `grad_norm` and `learning_rate`, as means over every clip of every micro-batch and process since the last log,
+    `eval_`-prefixed in evaluation, where it adds Table 1's standard errors (`eval_improvement_se`,
+    `eval_improvement_t2_se`). (In distributed evaluation accelerate pads the last batches with repeated clips so
+    that every process gets one; those repeats count here, while the Trainer's own `eval_loss` drops them.)
 
-    Every saved folder (checkpoints, the final model, pushes) is Hub-ready: weights, config with `auto_map`, remote
-    code, processor and a README.md model card (`write_model_card`).
+    Every saved folder (checkpoints, the final model, pushes) is Hub-ready and holds no pickle: weights, config with
+    `auto_map`, remote code, processor, `training_args.json` and a README.md model card (`write_model_card`).
 
     Args:
         model_card_info (`FoveatedVLMModelCardInfo`, *optional*): what the model card says about the data and base
@@ -42,30 +55,20 @@ class FoveatedTrainer(Trainer):
     # The model's loss is a mean over its clips: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, model_card_info: Optional["FoveatedVLMModelCardInfo"] = None, **kwargs):
-        processor = kwargs.get("processing_class")
-        # transformers' train() aligns the special tokens of a processor's tokenizer with the model and fails on a
-        # processor without one (Phase 1); the Trainer never sees such a processor, `save_model` saves it.
-        self._processor_without_tokenizer = None
-        if isinstance(processor, ProcessorMixin) and getattr(processor, "tokenizer", None) is None:
-            self._processor_without_tokenizer = processor
-            kwargs["processing_class"] = None
+    def __init__(self, *args, model_card_info: Optional[FoveatedVLMModelCardInfo] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError(
-                "FoveatedTrainer needs remove_unused_columns=False: the data collator reads columns the model's "
+                "FoveatedVLMTrainer needs remove_unused_columns=False: the data collator reads columns the model's "
                 "forward does not take (frames, moving_boxes, caption)."
             )
-        # The model's forward takes **kwargs, so the Trainer would think it normalises its loss by
-        # `num_items_in_batch`; it does not (and there are no `labels` to count).
-        self.model_accepts_loss_kwargs = False
         # The targets are the latents. Naming them makes evaluation compute the loss: the model has no `labels`.
         self.label_names = ["vae_latents"]
         # Per mode, per metric: a tensor [sum over clips, number of clips] since the last log (TRL's `_metrics`).
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._eval_clip_losses = []  # (B, len(TABLE1_LOSSES)) per eval micro-batch since the last log
         self.model_card_info = model_card_info
-        self.add_callback(FoveatedVLMHubFilesCallback(model_card_info, processor))
+        self.add_callback(FoveatedVLMHubFilesCallback(model_card_info))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
@@ -85,7 +88,9 @@ class FoveatedTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _step_logs(self) -> bool:
-        """Whether the optimizer step being computed ends with a log (the Trainer's own rule for `steps`)."""
+        """Whether the optimizer step being computed ends with a log: the Trainer's own rule for `steps`
+        (`DefaultFlowCallback.on_step_end`). The Trainer decides it only after the step's micro-batches have run
+        (`TrainerControl.should_log`), too late for them, so it is repeated here."""
         args, step = self.args, self.state.global_step + 1
         if args.logging_strategy != IntervalStrategy.STEPS:
             return True
@@ -119,10 +124,13 @@ class FoveatedTrainer(Trainer):
         return {name: value for name, value in measured.items() if name.endswith("_se")}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """The Trainer's save (weights, config, remote code, processor) plus a processor without a tokenizer."""
+        """The Trainer's save (weights, config, remote code, processor), with the training arguments as JSON instead
+        of the Trainer's pickle, which the Hub would flag and which loads only with this exact transformers."""
         super().save_model(output_dir, _internal_call)
-        if self._processor_without_tokenizer is not None and self.args.should_save:
-            self._processor_without_tokenizer.save_pretrained(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
 
     def create_model_card(self, **kwargs) -> None:
         """Write the package's model card (not the Trainer's generic one) into `output_dir`; `push_to_hub` calls it."""
@@ -135,17 +143,15 @@ class FoveatedTrainer(Trainer):
 
 class FoveatedVLMHubFilesCallback(TrainerCallback):
     """The Hub files the Trainer does not write itself. Into every checkpoint: README.md. Into `output_dir` before a
-    push from a checkpoint (the Trainer then copies in only the weights and config): README.md, the remote code and
-    the processor.
+    push from a checkpoint (the Trainer then copies in only the weights and config, and saves the processor): README.md
+    and the remote code.
 
     Args:
         info: what the model card says about the data and base models.
-        processor: the `FoveatedVLMProcessor` saved with the model.
     """
 
-    def __init__(self, info: Optional[FoveatedVLMModelCardInfo] = None, processor=None):
+    def __init__(self, info: Optional[FoveatedVLMModelCardInfo] = None):
         self.info = info
-        self.processor = processor
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -156,9 +162,17 @@ class FoveatedVLMHubFilesCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             custom_object_save(model, args.output_dir, config=model.config)
-            if self.processor is not None:
-                self.processor.save_pretrained(args.output_dir)
             write_model_card(args.output_dir, model.config, args, state, self.info)
+
+
+class FoveatedVLMFinalEvaluationCallback(TrainerCallback):
+    """Evaluates once at the last step with `eval_strategy="no"`, inside training, as the Trainer itself does with
+    "steps" and "epoch": the run ends with one evaluation of the final model, logged at the last step into the same
+    TensorBoard file as the training (an `evaluate()` after `train()` opens a second one). Needs an eval dataset."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == IntervalStrategy.NO and state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 class FoveatedVLMFigureCallback(TrainerCallback):

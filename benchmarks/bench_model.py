@@ -302,7 +302,7 @@ class DispatchCounter(TorchDispatchMode):
 def run_dispatch_benchmark(args) -> dict:
     """
     Operators, kernel launches and host syncs of one train step, counted with `DispatchCounter`: per part
-    (`step_parts`), and for the real `FoveatedTrainer` step (what `train_hf.py` runs: forward, diagnostics, backward,
+    (`step_parts`), and for the real `FoveatedVLMTrainer` step (what `train_hf.py` runs: forward, diagnostics, backward,
     clipping, fused AdamW, scheduler), with its CPU time. Steps that log are left out (logging reads the metrics).
     """
     import tempfile
@@ -310,7 +310,7 @@ def run_dispatch_benchmark(args) -> dict:
     from transformers import TrainerCallback, TrainingArguments
 
     from data_foveated import MAX_MOVING_BOXES, FoveatedVLMDataCollator
-    from trainer_foveated import FoveatedTrainer
+    from trainer_foveated import FoveatedVLMTrainer
 
     model = build_model(
         args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes, bool(args.channels_last_head)
@@ -375,7 +375,7 @@ def run_dispatch_benchmark(args) -> dict:
             disable_tqdm=True,
             max_grad_norm=1.0,
         )
-        trainer = FoveatedTrainer(
+        trainer = FoveatedVLMTrainer(
             model=model,
             args=training_args,
             train_dataset=rows,
@@ -658,7 +658,7 @@ def print_dispatch_tables(args):
     for name, (graphs, breaks) in next((r["graphs"] for r in results if r.get("graphs")), {}).items():
         print(f"torch.compile of the forward ({name}): {graphs} graph(s), {breaks} graph break(s)")
     print()
-    print("## The FoveatedTrainer's step (forward, diagnostics, backward, clipping, fused AdamW; not a logging step)\n")
+    print("## The FoveatedVLMTrainer's step (forward, diagnostics, backward, clipping, fused AdamW; not a logging step)\n")
     print("| shapes | precision | logging_nan_inf_filter | operators | kernel launches | host syncs | CPU ms/step |")
     print("|---|---|---|---|---|---|---|")
     for variant, result in zip(variants, results):

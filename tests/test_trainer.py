@@ -1,4 +1,4 @@
-"""FoveatedTrainer and train_hf.py: accumulation-correct metrics, frozen parameters, Hub-ready folders, resume after
+"""FoveatedVLMTrainer, metrics_foveated.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
 SIGKILL, two processes, and the configs.
 
 The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
@@ -41,7 +41,7 @@ from metrics_foveated import (
 )
 from modeling_foveated import FoveatedVLMOutput
 from probes_foveated import moving_box_centres
-from trainer_foveated import FoveatedTrainer
+from trainer_foveated import FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -103,7 +103,7 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     collator = FoveatedVLMDataCollator()
     # lr 0: the weights stay those of the hand computation; one step = 4 micro-batches of 2 clips = the whole set.
     args = training_arguments(tmp_path, gradient_accumulation_steps=4, learning_rate=0.0, max_steps=2, logging_steps=1)
-    trainer = FoveatedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = FoveatedVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
 
     model.eval()
@@ -145,7 +145,7 @@ def test_captioned_micro_batches_train_like_one_batch(tmp_path):
             gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_steps=8, logging_steps=2,
         )
         model = FoveatedVLMModel(tiny_config())
-        trainer = FoveatedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer = FoveatedVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         trainer.train()
         models.append(model.eval())
         logs.append([entry for entry in trainer.state.log_history if "loss/fine" in entry])
@@ -173,7 +173,7 @@ def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_foveated, "clip_metrics", recording_metrics)
     torch.manual_seed(0)
     args = training_arguments(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2)
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=FoveatedVLMModel(tiny_config()), args=args, train_dataset=tiny_arrow_dataset(8),
         data_collator=FoveatedVLMDataCollator(),
     )
@@ -215,7 +215,7 @@ def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries)
     torch.manual_seed(0)
     model = FoveatedVLMModel(config)
     args = training_arguments(tmp_path, logging_steps=1)  # the step logs: the state contribution runs too
-    trainer = FoveatedTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
+    trainer = FoveatedVLMTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
     batch = trainer.data_collator([tiny_arrow_dataset(2)[i] for i in range(2)])
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # what train() sets before its micro-batches
@@ -241,7 +241,7 @@ def test_logged_eval_metrics_are_the_metrics_module_means(tmp_path):
     model = FoveatedVLMModel(tiny_config())
     dataset = tiny_arrow_dataset(5)  # 2 + 2 + 1: an uneven last batch
     args = training_arguments(tmp_path, per_device_eval_batch_size=2)
-    trainer = FoveatedTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
+    trainer = FoveatedVLMTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
     logged = trainer.evaluate()
     collator = FoveatedVLMDataCollator()
     model.eval()
@@ -267,7 +267,7 @@ def test_tracking_is_absent_without_boxes(tmp_path):
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config())
     args = training_arguments(tmp_path, per_device_train_batch_size=2, max_steps=2, logging_steps=1)
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=model, args=args, train_dataset=tiny_arrow_dataset(4, boxes=False),
         eval_dataset=tiny_arrow_dataset(3, boxes=False), data_collator=FoveatedVLMDataCollator(),
     )
@@ -377,7 +377,7 @@ def test_frozen_parameters_get_no_optimizer_state(tmp_path):
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     assert any(name.startswith("encoder.backbone.") for name in frozen)
     args = training_arguments(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2)
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=model, args=args, train_dataset=tiny_arrow_dataset(4), data_collator=FoveatedVLMDataCollator()
     )
     trainer.train()
@@ -413,7 +413,7 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
         assert config.vision_config.hidden_size == TINY_VISION["hidden_size"]
         assert config.text_config.hidden_size == TINY_TEXT["hidden_size"]
         processor = train_hf.build_processor(model_args, data_args, config.text_config.vocab_size)
-        assert (processor.tokenizer is not None) == (config_name == "phase2")
+        assert processor.tokenizer is not None  # always, so that every checkpoint takes text
 
 
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -455,9 +455,12 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, ca
 
 
 def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
+    # The processor always carries a tokenizer; the random tiny LLM's vocabulary fits this one.
+    _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(folder / "tokenizer")
     config = {
         "vision_model": "",
         "text_model": "",
+        "tokenizer": str(folder / "tokenizer"),
         "vision_config": dict(TINY_VISION),
         "text_config": dict(TINY_TEXT),
         "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
@@ -477,7 +480,10 @@ def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
         "lr_scheduler_type": "constant",
         "max_steps": MAX_STEPS,
         "logging_steps": 1,
-        "eval_strategy": "no",
+        # The Trainer evaluates at step 2 and, being the last, at step 4: train_hf.py reuses that one (one final
+        # evaluation). The two-process run covers "no".
+        "eval_strategy": "steps",
+        "eval_steps": SAVE_STEPS,
         "save_steps": SAVE_STEPS,
         "report_to": "tensorboard",
         "num_attention_figures": 2,
@@ -541,7 +547,10 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     readme = (output_dir / "README.md").read_text()
     assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
     assert f"| loss_fine   | {eval_results['eval_loss/fine']:.4f} |" in readme
-    assert "Not evaluated yet" in (checkpoint / "README.md").read_text()
+    # A checkpoint's card holds the evaluation made at its step (the Trainer evaluates before it saves).
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    at_checkpoint = next(entry for entry in history if "eval_loss" in entry and entry["step"] == SAVE_STEPS)
+    assert f"| loss_fine   | {at_checkpoint['eval_loss/fine']:.4f} |" in (checkpoint / "README.md").read_text()
     # The analysis report is written after training, and the model card links its figures (the checkpoint's has none).
     report = output_dir / "report"
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
@@ -551,6 +560,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
+    assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
 
     for folder in (output_dir, checkpoint):
         run_isolated_python(
@@ -561,12 +571,39 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
             assert not info["missing_keys"] and not info["unexpected_keys"], info
             processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
             assert type(model).__name__ == "FoveatedVLMModel" and type(processor).__name__ == "FoveatedVLMProcessor"
-            assert processor.num_frames == {T} and processor.image_size == {S}
+            assert processor.video_processor.num_frames == {T} and processor.video_processor.image_size == {S}
             output = model(torch.randn(1, {T}, 3, {S}, {S}), torch.randn(1, {T}, 4, {LATENT}, {LATENT}))
             assert torch.isfinite(output.loss)
             """,
             folder.parent,
         )
+
+
+def test_final_evaluation_runs_once(tiny_run):
+    """The Trainer evaluates at the last step itself: train_hf.py reuses that evaluation for Table 1 instead of
+    running a second one, so the log history and TensorBoard hold it once."""
+    output_dir = tiny_run["output_dir"]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [SAVE_STEPS, MAX_STEPS]
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert eval_results == {name: value for name, value in evaluations[-1].items() if name != "step"}
+    assert eval_results["eval_improvement_se"] > 0
+    scalar_runs = [path for path in (output_dir / "runs").rglob("events.out.tfevents.*") if "figures" not in path.parts]
+    assert len(scalar_runs) == 1, scalar_runs
+
+
+def test_saved_folder_holds_no_pickle(tiny_run):
+    """Every file of the final folder (checkpoints aside: they keep the optimizer state a resume needs) is one the
+    Hub can show without unpickling: no pickle, no torch.save zip."""
+    output_dir = tiny_run["output_dir"]
+    files = [path for path in output_dir.rglob("*") if path.is_file() and not path.relative_to(output_dir).parts[0].startswith("checkpoint-")]
+    assert {"model.safetensors", "training_args.json", "trainer_state.json", "README.md"} <= {p.name for p in files}
+    for path in files:
+        assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".pickle"), path
+        head = path.read_bytes()[:2]
+        assert not head.startswith(b"\x80") and head != b"PK", f"{path} is a pickle or a torch.save zip"
+    assert not list(output_dir.rglob("training_args.bin"))  # nor in the checkpoints
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
@@ -629,14 +666,17 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     # `accelerate launch --cpu` starts a single process unless given an MPI hostfile; --multi_gpu starts one per
     # process through torch.distributed.run, and use_cpu makes them one gloo group on the CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true"]
+    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true",
+                "--eval_strategy", "no"]
     _run(launch + [str(script), str(tmp_path), *run_args], timeout=400)
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["params"] == ranks[1]["params"]
     # Metrics are reduced across ranks identically, so both ranks hold the same (global) values.
     logs = [[entry for entry in rank["log_history"] if "loss/fine" in entry or "eval_loss/fine" in entry] for rank in ranks]
-    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]  # 3 training logs, then the final evaluation
+    # 3 training logs, then the one final evaluation that eval_strategy "no" gets at the last step.
+    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]
+    assert sum("eval_loss/fine" in entry for entry in logs[0]) == 1
     timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
     assert [{k: v for k, v in entry.items() if k not in timings} for entry in logs[0]] == [
         {k: v for k, v in entry.items() if k not in timings} for entry in logs[1]
