@@ -69,10 +69,6 @@ def architecture_rows(config) -> dict[str, str]:
         "Target": f"next-frame VAE latent {latent}",
         "Prediction head": head,
         "Loss": f"loss_fine + {config.lambda_coarse:g} · loss_coarse (MSE)",
-        "Frozen": ", ".join(
-            name for name, frozen in (("vision", config.freeze_vision), ("text", config.freeze_text)) if frozen
-        )
-        or "nothing",
     }
 
 

@@ -37,6 +37,7 @@ from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from figures_foveated import plot_attention_maps, plot_prediction_figure
 from metrics_foveated import derived_metrics, model_inputs
 from modeling_foveated import FoveatedVLMModel, attention_entropy
+from probes_foveated import from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = [
@@ -133,7 +134,7 @@ def _measure_batch(model, batch: dict, frames: torch.Tensor) -> dict[str, torch.
     inputs = model_inputs(batch, model)
     outputs = model(**inputs)
     target = batch["vae_latents"].float()  # (B, T, C, h, w)
-    if model.config.fine_queries == "oracle":  # oracle fixations exist in training only: nothing to stream
+    if "oracle_fixations" in inputs:  # oracle fixations exist in training only: nothing to stream
         pred_autoregressive = torch.full_like(outputs.pred_fine, math.nan)
     else:
         streamed = model.stream(
@@ -714,7 +715,7 @@ def _json_safe(value):
 
 def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos: int, device, batch_size, out: Path):
     """Table-1 summary and figures 3-4 from the final model on the eval split: (summary, [(path, caption)])."""
-    model = FoveatedVLMModel.from_pretrained(model_dir).to(device).eval()
+    model = from_pretrained_with_probes(model_dir).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
         tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
