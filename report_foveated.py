@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from card_foveated import REPORT_DIR, architecture_rows
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from figures_foveated import plot_attention_maps, plot_prediction_figure
-from metrics_foveated import derived_metrics, model_inputs
+from metrics_foveated import box_coverage, derived_metrics, model_inputs
 from modeling_foveated import FoveatedVLMModel, attention_entropy
 from probes_foveated import from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
@@ -104,22 +104,6 @@ class FoveatedVLMClipMetrics:
     box_area: np.ndarray
     frame_diff: np.ndarray
     names: list
-
-
-def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = 8) -> torch.Tensor:
-    """Share of each patch covered by the union of the boxes: (B, T, K, 4) normalised xyxy, rows with a negative
-    value absent -> (B, T, P). Sampled at `subdivisions`² points per patch, so uniform attention's mass inside the
-    boxes equals the mean coverage (chance) exactly."""
-    side = grid * subdivisions
-    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side  # (side,)
-    valid = (boxes >= 0).all(-1)[..., None, None]  # (B, T, K, 1, 1)
-    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))  # (B, T, K, 1, 1) each
-    inside_x = (centres >= x0) & (centres < x1)  # (B, T, K, 1, side)
-    inside_y = (centres[:, None] >= y0) & (centres[:, None] < y1)  # (B, T, K, side, 1)
-    mask = (valid & inside_x & inside_y).any(dim=2).float()  # (B, T, side, side)
-    B, T = mask.shape[:2]
-    mask = mask.view(B, T, grid, subdivisions, grid, subdivisions)  # rows/columns split into patches
-    return mask.mean(dim=(3, 5)).flatten(2)  # (B, T, g, g) -> (B, T, P), row-major like the patch tokens
 
 
 def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
