@@ -39,8 +39,8 @@ __all__ = [
 
 # Batch columns the model's forward takes; the rest (moving_boxes, frames, ...) are for metrics and figures only.
 MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
-# A latent cell "changes" when the mean absolute change of its channels from the previous latent exceeds this. Scaled
-# SD-VAE latents have a standard deviation of about 1, so this separates moving content from codec-level noise.
+# A latent cell "changes" when the mean absolute change of its channels from the previous latent exceeds this: a
+# tenth of the latents' standard deviation, which the VAE's scaling factor makes about 1.
 CHANGED_CELL_THRESHOLD = 0.1
 # Tracking samples each patch at this many points per side to measure how much of it the boxes cover.
 BOX_COVERAGE_SUBDIVISIONS = 8

@@ -580,9 +580,9 @@ def evaluate(trainer: FoveatedVLMTrainer) -> dict:
 
 
 def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
-    """A Hub-ready output_dir: weights, config with auto_map, remote code, processor, the analysis report,
-    README.md with Table 1 and the report's figures; and where the held-out clips and the VAE are
-    (report_foveated.py reads it)."""
+    """A Hub-ready output_dir without a pickle: weights, config with auto_map, remote code, processor,
+    training_args.json, trainer_state.json, the analysis report, README.md with Table 1 and the report's figures;
+    and where the held-out clips and the VAE are (report_foveated.py reads it)."""
     trainer.save_model()
     trainer.save_state()
     if trainer.args.write_report and trainer.is_world_process_zero():
