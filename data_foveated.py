@@ -1,29 +1,30 @@
-"""Training data for the foveated video model: videos are decoded and VAE-encoded ONCE into an Arrow dataset.
+"""Training data for the foveated video model: videos are decoded and VAE-encoded ONCE into Arrow files.
 
     find_videos / download_llava_video_slice + load_llava_captions   -> video paths (+ captions)
-    precompute_dataset: decode map (num_proc CPU workers) -> VAE map (one process per device) -> output_dir/dataset
+    precompute_dataset: decode map (num_proc CPU workers) -> VAE map (one process per device) -> a run of shard caches
     load_precomputed + FoveatedVLMDataCollator                       -> training batches, no video decoding
 
 Layout of `output_dir` after `precompute_dataset`:
-    dataset/                     the final Arrow dataset (`datasets.load_from_disk`), failed videos left out
-    failures.jsonl               one {"video_path", "reason"} line per video that could not be decoded
-    precompute.json              settings, run fingerprint and counts of the run that wrote dataset/
     shards/<settings>/<k>-<ids>/ map caches of shard k: decoded*.arrow (frames), latents.arrow (VAE latents)
+    runs/<run id>/               one run: dataset.json (the shard cache files it reads, the rows kept), captions.arrow,
+                                 failures.jsonl (one {"video_path", "reason"} line per video that could not be decoded)
+                                 and precompute.json (settings and counts; written last, it marks a complete run)
+    precompute.json              the record of the latest run, so that `load_precomputed(output_dir)` finds it
 
-A shard's caches are named by a fingerprint of (VAE id or folder content, T, S, resize mode, sample_fps,
-PRECOMPUTE_VERSION) and of the shard's video paths and sizes, so a rerun reuses every finished shard, and changing
-any setting or video starts fresh caches for what changed.
+The frames and latents are stored once, in the shard caches; a run only names them. A shard's caches are named by a
+fingerprint of (VAE id or folder content, T, S, resize mode, sample_fps, PRECOMPUTE_VERSION) and of the shard's video
+paths, sizes and modification times; the run id hashes those shard names and the captions. So one key decides every
+reuse: a rerun reuses every finished shard, changing any setting or video starts fresh caches for what changed, and
+two folders of videos never share or overwrite each other's data.
 """
 
 import hashlib
+import inspect
 import json
 import logging
-import math
 import os
 import shutil
 import tarfile
-import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,7 +34,9 @@ import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
+from datasets.arrow_writer import ArrowWriter
 
+from configuration_foveated import FoveatedVLMConfig
 from processing_foveated import (
     FoveatedVLMVideoError,
     frames_to_pixel_values,
@@ -45,44 +48,54 @@ from processing_foveated import (
 
 __all__ = [
     "COLUMNS",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_NUM_FRAMES",
     "DEFAULT_SHARD_SIZE",
-    "DEFAULT_VAE",
     "LLAVA_CAPTIONS_FILE",
+    "LLAVA_VIDEO_DATASET",
     "LLAVA_VIDEO_DIR",
     "MAX_MOVING_BOXES",
-    "VAE_ENCODE_COUNTS",
+    "SD_VAE_ID",
     "FoveatedVLMDataCollator",
     "download_llava_video_slice",
     "find_videos",
     "load_llava_captions",
     "load_precomputed",
-    "make_tiny_vae",
     "precompute_dataset",
+    "run_dir_of",
     "split_train_eval",
 ]
 
 logger = logging.getLogger(__name__)
 
+
+def _config_default(name: str):
+    return inspect.signature(FoveatedVLMConfig.__init__).parameters[name].default
+
+
+# T and S of the model's class defaults: data made with nothing set fits a model built with nothing set.
+DEFAULT_NUM_FRAMES = _config_default("num_frames")
+DEFAULT_IMAGE_SIZE = _config_default("image_size")
+SD_VAE_ID = "stabilityai/sd-vae-ft-mse"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 # Bump when the decode or encode code changes what is written: old caches then stop matching.
 PRECOMPUTE_VERSION = 1
 # Videos per resumable unit: an interruption loses at most one shard of work per process.
 DEFAULT_SHARD_SIZE = 256
 # Moving-object boxes kept per frame; the hardest synthetic scene has 2 movers.
 MAX_MOVING_BOXES = 4
-# Pixels per VAE call on CPU (2 frames of 256 px, 8 of 128 px): the fastest chunk measured, see encode_with_vae.
+# Pixels per VAE call on CPU (2 frames of 256 px, 8 of 128 px): the activations of many frames at once spill out of
+# a CPU's caches, so there smaller calls run faster; a GPU wants all frames of a batch in one call.
 CPU_PIXELS_PER_VAE_CALL = 2 * 256 * 256
-# VAE work done in this process; a cached run adds nothing here, which is how tests and logs see a cache hit.
-VAE_ENCODE_COUNTS: Counter = Counter()  # keys "calls", "frames"
-# datasets' torch format makes every integer column int64 (its `dtype` default), so uint8 frames came out 8x larger
-# and were cast back: 9/10 of a batch's loading time. `dtype=None` lets each column keep the dtype Arrow stores.
+# datasets' torch format makes every integer column int64 (its `dtype` default), 8x the bytes of uint8 frames, cast
+# back later at a large share of a batch's loading time. `dtype=None` lets each column keep the dtype Arrow stores.
 KEEP_STORED_DTYPES = {"dtype": None}
 
-LLAVA_REPO_ID = "lmms-lab/LLaVA-Video-178K"
+LLAVA_VIDEO_DATASET = "lmms-lab/LLaVA-Video-178K"
 LLAVA_SUBSET = "0_30_s_academic_v0_1"
 LLAVA_CAPTIONS_FILE = f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_cap_processed.json"  # relative to the slice folder
 LLAVA_VIDEO_DIR = "videos"  # relative to the slice folder
+RUN_FILES = ("dataset.json", "captions.arrow", "failures.jsonl", "precompute.json")
 
 COLUMNS = ("video_id", "video_path", "caption", "fps", "frame_indices", "frames", "vae_latents", "moving_boxes")
 
@@ -138,7 +151,7 @@ def download_llava_video_slice(local_dir: str | os.PathLike, num_video_tars: int
     local_dir = Path(local_dir)
     tar_names = [f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{k}.tar.gz" for k in range(1, num_video_tars + 1)]
     snapshot_download(
-        repo_id=LLAVA_REPO_ID,
+        repo_id=LLAVA_VIDEO_DATASET,
         repo_type="dataset",
         local_dir=local_dir,
         allow_patterns=[LLAVA_CAPTIONS_FILE, *tar_names],
@@ -185,178 +198,6 @@ def load_llava_captions(json_path: str | os.PathLike) -> dict[str, str]:
             raise ValueError(f"{json_path}: record {i} ({record['video']}) has no 'gpt' turn with a caption")
         captions.setdefault(Path(record["video"]).stem, answers[0].strip())
     return captions
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# A tiny VAE with the SD VAE's geometry, for the offline default
-# --------------------------------------------------------------------------------------------------------------------
-
-# Fitting videos use seeds from here on: disjoint from synthetic_videos' train (seed + i) and eval (seed + 1e6 + i).
-TINY_VAE_SEED_OFFSET = 2_000_000
-TINY_VAE_HELD_OUT_SEED_OFFSET = 2_500_000
-TINY_VAE_VERSION = 2
-TINY_VAE_WIDTH = 16  # channels at every level; equal widths keep every shortcut an identity
-
-
-def make_tiny_vae(
-    output_dir: str | os.PathLike, image_size: int = 128, num_train_frames: int = 512, steps: int = 300, seed: int = 0
-) -> str:
-    """A small `diffusers.AutoencoderKL` with the SD VAE's geometry (8x downsampling, 4 latent channels, unit-std
-    scaled latents), started as an 8x average-pool autoencoder and fitted briefly to synthetic frames; saved to
-    `output_dir` and reused when that folder already holds one made with the same settings.
-
-    Returns:
-        `output_dir` as a string, loadable with `AutoencoderKL.from_pretrained`.
-    """
-    from diffusers import AutoencoderKL
-
-    from synthetic_videos import DIFFICULTIES, generate_video
-
-    output_dir = Path(output_dir)
-    settings = dict(
-        image_size=image_size, num_train_frames=num_train_frames, steps=steps, seed=seed, version=TINY_VAE_VERSION
-    )
-    settings_path = output_dir / "tiny_vae_settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) == settings:
-        return str(output_dir)
-
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    difficulties = sorted(DIFFICULTIES)
-    frames_per_video = 8
-
-    def synthetic_frames(first_seed: int, num_frames: int) -> torch.Tensor:
-        num_videos = math.ceil(num_frames / frames_per_video)
-        videos = [
-            generate_video(first_seed + i, difficulties[i % len(difficulties)], image_size, frames_per_video)[0]
-            for i in range(num_videos)
-        ]
-        return frames_to_vae_pixel_values(np.concatenate(videos)[:num_frames])  # (N, 3, S, S) in [-1, 1]
-
-    train_pixels = synthetic_frames(TINY_VAE_SEED_OFFSET + seed * num_train_frames, num_train_frames)
-    # 32 frames of 4 videos: full-resolution passes dominate the time of this function after the fit itself.
-    held_out_pixels = synthetic_frames(TINY_VAE_HELD_OUT_SEED_OFFSET + seed * 32, 32)
-
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 stride-2 steps: 8x, as the SD VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(TINY_VAE_WIDTH,) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,  # see _init_as_pooling_autoencoder
-        sample_size=image_size,
-        mid_block_add_attention=False,  # attention adds nothing on these scenes and costs time at this size
-    )
-    _init_as_pooling_autoencoder(vae)
-    initial_psnr = _reconstruction_psnr(vae, held_out_pixels)
-    _fit_tiny_vae(vae, train_pixels, steps, seed)
-
-    with torch.no_grad():
-        latents = vae.encode(train_pixels[:64]).latent_dist.mean
-    # The SD convention: scaled latents have about unit std, which the prediction head assumes.
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    mean_colour = held_out_pixels.mean(dim=(2, 3), keepdim=True).expand_as(held_out_pixels)
-    print(
-        f"make_tiny_vae: held-out PSNR {_reconstruction_psnr(vae, held_out_pixels):.1f} dB after {steps} steps "
-        f"({initial_psnr:.1f} dB at the average-pool start; each frame's mean colour: "
-        f"{_psnr(mean_colour, held_out_pixels):.1f} dB), scaling_factor {vae.config.scaling_factor:.2f}, "
-        f"{time.perf_counter() - start:.0f}s -> {output_dir}"
-    )
-    vae.save_pretrained(output_dir)
-    settings_path.write_text(json.dumps(settings))  # last: its presence marks a complete folder
-    return str(output_dir)
-
-
-@torch.no_grad()
-def _init_as_pooling_autoencoder(vae) -> None:
-    """Make `vae` an exact autoencoder before any training: the encoder averages RGB over 8x8 cells into latent
-    channels 0-2, the decoder repeats each cell (nearest-neighbour upsampling).
-
-    From random weights a small AutoencoderKL needs thousands of steps to beat a frame's mean colour; from here a
-    few hundred steps improve on a reconstruction that is already recognisable. Each ResNet block starts as the
-    identity (its last conv zeroed). The output GroupNorms (one group) would erase each image's colour level, so
-    every feature map carries the channels [+rgb, -rgb, +A, -A, 0...]: the group mean is 0 and the large anchor A
-    fixes its std, so those norms become fixed scalings (exact to E[rgb^2] / A^2 ~ 3 %).
-    """
-    from diffusers.models.resnet import ResnetBlock2D
-
-    anchor, silu_offset = 10.0, 10.0  # SiLU(x + 10) = x + 10 to 5e-4: the norm's SiLU passes the signal linearly
-    C = vae.config.block_out_channels[0]
-    L = vae.config.latent_channels
-    group_std = math.sqrt(2 * anchor**2 / C)
-
-    def set_conv(conv, taps: list[tuple[int, int, float]], channel_map: list[tuple[int, int, float]]) -> None:
-        conv.weight.zero_()
-        conv.bias.zero_()
-        for out_channel, in_channel, sign in channel_map:
-            for y, x, weight in taps:
-                conv.weight[out_channel, in_channel, y, x] = sign * weight
-
-    def centre(conv) -> list[tuple[int, int, float]]:
-        return [(conv.kernel_size[0] // 2, conv.kernel_size[1] // 2, 1.0)]
-
-    identity = [(c, c, 1.0) for c in range(C)]
-    rgb_and_negated = [(c, c, 1.0) for c in range(3)] + [(3 + c, c, -1.0) for c in range(3)]
-    for module in vae.modules():
-        if isinstance(module, ResnetBlock2D):
-            module.conv2.weight.zero_()
-            module.conv2.bias.zero_()
-    for conv_in in (vae.encoder.conv_in, vae.decoder.conv_in):
-        set_conv(conv_in, centre(conv_in), rgb_and_negated)
-        conv_in.bias[6], conv_in.bias[7] = anchor, -anchor
-    # diffusers pads stride-2 convs on the right and bottom only: taps (0..1, 0..1) average each aligned 2x2 cell.
-    average_2x2 = [(y, x, 0.25) for y in (0, 1) for x in (0, 1)]
-    for block in vae.encoder.down_blocks:
-        for downsampler in block.downsamplers or []:
-            set_conv(downsampler.conv, average_2x2, identity)
-    for block in vae.decoder.up_blocks:
-        for upsampler in block.upsamplers or []:  # nearest 2x, then this conv
-            set_conv(upsampler.conv, centre(upsampler.conv), identity)
-    for norm in (vae.encoder.conv_norm_out, vae.decoder.conv_norm_out):
-        norm.weight.zero_()
-        norm.bias.zero_()
-        norm.weight[:3], norm.bias[:3] = group_std, silu_offset
-    for conv_out in (vae.encoder.conv_out, vae.decoder.conv_out):  # encoder: L means then L log-variances
-        set_conv(conv_out, centre(conv_out), [(c, c, 1.0) for c in range(3)])
-        conv_out.bias[:3] = -silu_offset
-    vae.encoder.conv_out.bias[L:] = -10.0  # nearly deterministic posterior to start with
-    set_conv(vae.quant_conv, centre(vae.quant_conv), [(c, c, 1.0) for c in range(2 * L)])
-    set_conv(vae.post_quant_conv, centre(vae.post_quant_conv), [(c, c, 1.0) for c in range(L)])
-
-
-def _fit_tiny_vae(vae, pixels: torch.Tensor, steps: int, seed: int) -> None:
-    """MSE + a small KL on random 64 px crops on the 8 px latent grid (a fully convolutional VAE sees the same
-    statistics as on whole frames, at a quarter of the cost). A low learning rate: the anchor channels amplify
-    every weight that reads them, and a larger step first undoes the initialisation."""
-    N, _, S, _ = pixels.shape
-    crop, batch_size, kl_weight = min(64, S), 8, 1e-4
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4, weight_decay=0.0)
-    vae.train()
-    for _ in range(steps):
-        index = torch.randint(N, (batch_size,), generator=generator)
-        top, left = (8 * torch.randint((S - crop) // 8 + 1, (2,), generator=generator)).tolist()
-        batch = pixels[index, :, top : top + crop, left : left + crop]  # (B, 3, crop, crop)
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = torch.nn.functional.mse_loss(reconstruction, batch) + kl_weight * kl_per_element
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    vae.eval()
-
-
-@torch.no_grad()
-def _reconstruction_psnr(vae, pixels: torch.Tensor) -> float:
-    reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-    return _psnr(reconstruction, pixels)
-
-
-def _psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1]."""
-    mse = ((prediction - target) / 2).pow(2).mean()
-    return float(10 * torch.log10(1.0 / mse))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -443,15 +284,12 @@ def decode_videos(
     }
 
 
-def _vae_downsampling(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)  # one stride-2 step between consecutive blocks
+def _vae_downsampling(vae_config) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)  # one stride-2 step between consecutive blocks
 
 
 def _latent_features(vae, num_frames: int, image_size: int) -> datasets.Features:
-    downsampling = _vae_downsampling(vae)
-    if image_size % downsampling:
-        raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsampling}")
-    h = image_size // downsampling
+    h = image_size // _vae_downsampling(vae.config)
     shape = (num_frames, vae.config.latent_channels, h, h)
     return datasets.Features({"vae_latents": datasets.Array4D(shape, "float32")})
 
@@ -462,23 +300,19 @@ def encode_with_vae(batch: dict, vae) -> dict:
     batch, in one VAE call on GPU; rows whose decode failed get zeros (they are dropped later)."""
     frames = batch["frames"]  # (B, T, S, S, 3), integer tensor
     B, T, S = frames.shape[:3]
-    h = S // _vae_downsampling(vae)
+    h = S // _vae_downsampling(vae.config)
     latents = torch.zeros(B, T, vae.config.latent_channels, h, h)
     decoded = [i for i, error in enumerate(batch["error"]) if not error]
     if not decoded:
         return {"vae_latents": latents.numpy()}
     pixel_values = frames_to_vae_pixel_values(frames[decoded].to(torch.uint8))  # (b, T, 3, S, S)
     pixel_values = pixel_values.flatten(0, 1).to(vae.device, vae.dtype)  # (b, T, 3, S, S) -> (b*T, 3, S, S)
-    # On CPU the activations of many frames at once spill out of the caches: 64 frames of 256 px in one call took
-    # 2.7x as long as 2 at a time (tiny VAE, 2 cores). A GPU wants them all at once.
     frames_per_call = len(pixel_values) if vae.device.type == "cuda" else max(1, CPU_PIXELS_PER_VAE_CALL // (S * S))
     encoded = torch.cat(
         [vae.encode(chunk).latent_dist.mean for chunk in pixel_values.split(frames_per_call)]
     )  # (b*T, C, h, w)
     encoded = encoded.float().cpu() * vae.config.scaling_factor
     latents[decoded] = encoded.unflatten(0, (len(decoded), T))  # (b*T, C, h, w) -> (b, T, C, h, w)
-    VAE_ENCODE_COUNTS["calls"] += 1
-    VAE_ENCODE_COUNTS["frames"] += len(decoded) * T
     return {"vae_latents": latents.numpy()}
 
 
@@ -501,6 +335,15 @@ def _vae_identity(vae: str) -> str:
     return f"local:{digest.hexdigest()[:16]}"
 
 
+def _video_identity(path: str) -> list:
+    """What a shard's key knows of a video: its absolute path, size and modification time (-1s when missing)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [path, -1, -1]
+    return [path, stat.st_size, stat.st_mtime_ns]
+
+
 def _load_vae(vae: str, device: torch.device):
     from diffusers import AutoencoderKL
 
@@ -509,6 +352,14 @@ def _load_vae(vae: str, device: torch.device):
     model = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_image_size(vae: str, image_size: int) -> None:
+    from diffusers import AutoencoderKL
+
+    downsampling = _vae_downsampling(AutoencoderKL.load_config(vae))
+    if image_size < downsampling or image_size % downsampling:
+        raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor {downsampling}")
 
 
 @dataclass(frozen=True)
@@ -522,8 +373,12 @@ class _PrecomputeSettings:
     num_proc: int
 
 
-def _precompute_shard(paths: list[str], shard_dir: Path, settings: _PrecomputeSettings, get_vae) -> datasets.Dataset:
-    """Decode + encode one shard through two cached maps; a finished shard is two cache hits (no decode, no VAE)."""
+def _precompute_shard(paths: list[str], shard_dir: Path, settings: _PrecomputeSettings, get_vae) -> dict:
+    """Decode + encode one shard through two cached maps; a finished shard is two cache hits (no decode, no VAE).
+
+    Returns:
+        {"decoded": [cache files], "latents": [cache files]}, relative to the output folder (two levels up).
+    """
     shard_dir.mkdir(parents=True, exist_ok=True)
     T, S = settings.num_frames, settings.image_size
     videos = datasets.Dataset.from_dict({"video_path": paths})
@@ -560,15 +415,20 @@ def _precompute_shard(paths: list[str], shard_dir: Path, settings: _PrecomputeSe
     )
     if len(latents) != len(decoded):
         raise RuntimeError(f"{latents_file} has {len(latents)} rows for {len(decoded)} videos; delete {shard_dir}")
-    return datasets.concatenate_datasets([decoded, latents.with_format(None)], axis=1)
+    output_dir = shard_dir.parents[2]
+
+    def relative(dataset: datasets.Dataset) -> list[str]:
+        return [os.path.relpath(f["filename"], output_dir) for f in dataset.cache_files]
+
+    return {"decoded": relative(decoded), "latents": relative(latents)}
 
 
 def precompute_dataset(
     video_paths: list[str | os.PathLike],
     output_dir: str | os.PathLike,
-    num_frames: int = 8,
-    image_size: int = 256,
-    vae: str = DEFAULT_VAE,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    vae: str = SD_VAE_ID,
     resize_mode: str = "crop",
     sample_fps: Optional[float] = None,
     captions: Optional[dict[str, str]] = None,
@@ -577,16 +437,17 @@ def precompute_dataset(
     device: Optional[str | torch.device] = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> datasets.Dataset:
-    """Decode T frames of every video and encode them with a frozen VAE, once, into `output_dir/dataset`.
+    """Decode T frames of every video and encode them with a frozen VAE, once, into `output_dir`.
 
     Videos go in shards of `shard_size`; each shard is a decode map (`num_proc` CPU workers) and a VAE map (this
     process, on `device`, default: the accelerate process's device), both cached under `output_dir/shards/`. Under
-    `accelerate launch` shard k is done by process k mod num_processes; the main process then concatenates the shards
-    into one dataset. A rerun reuses every finished shard; a rerun with nothing changed returns the saved dataset.
+    `accelerate launch` shard k is done by process k mod num_processes; the main process then records the run in
+    `output_dir/runs/<run id>/`, which names the shard caches instead of copying them. A rerun reuses every
+    finished shard; a rerun with nothing changed returns the recorded run.
 
     Args:
         video_paths: video files; duplicates are dropped.
-        output_dir: receives `dataset/`, `failures.jsonl`, `precompute.json` and the shard caches.
+        output_dir: receives `shards/`, `runs/` and `precompute.json` (the latest run).
         num_frames, image_size, resize_mode, sample_fps: T, S and the sampling of `processing_foveated.load_video`.
         vae: a diffusers `AutoencoderKL` Hub id or local folder.
         captions: video_id (file stem) -> caption; missing ones are "".
@@ -596,10 +457,10 @@ def precompute_dataset(
         shard_size: videos per resumable unit.
 
     Returns:
-        The saved dataset, columns `COLUMNS`, failed videos left out.
+        The run's dataset (`load_precomputed`), columns `COLUMNS`, failed videos left out.
     """
-    if num_frames < 1 or image_size < 8 or image_size % 8:
-        raise ValueError(f"need num_frames >= 1 and image_size a multiple of 8, got {num_frames} and {image_size}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if batch_size < 1 or num_proc < 1 or shard_size < 1:
         raise ValueError(f"batch_size, num_proc, shard_size must be >= 1, got {batch_size}, {num_proc}, {shard_size}")
     paths = sorted({os.path.abspath(p) for p in video_paths})
@@ -615,62 +476,90 @@ def precompute_dataset(
         vae_identity=_vae_identity(vae), version=PRECOMPUTE_VERSION,
     )  # fmt: skip
     settings_id = _hash({key: value for key, value in what.items() if key != "vae"})
-    shard_dirs = []
-    for k, first in enumerate(range(0, len(paths), shard_size)):
-        shard_paths = paths[first : first + shard_size]
-        sizes = [os.path.getsize(p) if os.path.isfile(p) else -1 for p in shard_paths]
-        shard_dirs.append((shard_paths, output_dir / "shards" / settings_id / f"{k:05d}-{_hash([shard_paths, sizes])}"))
-    run_id = _hash([settings_id, [str(d) for _, d in shard_dirs], captions or {}])
-    dataset_dir, record_path = output_dir / "dataset", output_dir / "precompute.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if dataset_dir.is_dir() and record.get("run_id") == run_id:
+    shard_dirs = _plan_shards(paths, output_dir / "shards" / settings_id, shard_size)
+    run_id = _hash([settings_id, [d.name for _, d in shard_dirs], captions or {}])
+    run_dir = output_dir / "runs" / run_id
+    if _is_complete_run(run_dir):
+        record = json.loads((run_dir / "precompute.json").read_text())
         if state.is_main_process:
-            print(f"precompute_dataset: {dataset_dir} is up to date ({record['counts']})")
-        return datasets.load_from_disk(str(dataset_dir))
+            logger.info("precompute_dataset: %s is up to date (%s)", run_dir, record["counts"])
+            (output_dir / "precompute.json").write_text(json.dumps(record, indent=1))
+        state.wait_for_everyone()
+        return load_precomputed(run_dir)
 
+    _check_image_size(vae, image_size)
     get_vae = cache(lambda: _load_vae(vae, torch.device(device) if device is not None else state.device))
     for shard_paths, shard_dir in shard_dirs[state.process_index :: state.num_processes]:
         _precompute_shard(shard_paths, shard_dir, settings, get_vae)
     state.wait_for_everyone()
     if state.is_main_process:
         # Every shard is a cache hit here, those of the other processes included.
-        shards = [_precompute_shard(shard_paths, shard_dir, settings, get_vae) for shard_paths, shard_dir in shard_dirs]
-        _save_final_dataset(datasets.concatenate_datasets(shards), output_dir, captions or {}, run_id, what)
+        shard_files = [_precompute_shard(paths_k, shard_dir, settings, get_vae) for paths_k, shard_dir in shard_dirs]
+        _write_run(output_dir, run_id, shard_files, captions or {}, what)
+    get_vae.cache_clear()  # the VAE's memory goes back before training starts
     state.wait_for_everyone()
-    return datasets.load_from_disk(str(dataset_dir))
+    return load_precomputed(run_dir)
 
 
-def _save_final_dataset(
-    dataset: datasets.Dataset, output_dir: Path, captions: dict[str, str], run_id: str, settings: dict
+def _plan_shards(paths: list[str], settings_dir: Path, shard_size: int) -> list[tuple[list[str], Path]]:
+    """(video paths, cache folder) per shard; the folder is named by the shard's videos' paths, sizes and mtimes."""
+    plan = []
+    for k, first in enumerate(range(0, len(paths), shard_size)):
+        shard_paths = paths[first : first + shard_size]
+        plan.append((shard_paths, settings_dir / f"{k:05d}-{_hash([_video_identity(p) for p in shard_paths])}"))
+    return plan
+
+
+def _is_complete_run(run_dir: Path) -> bool:
+    """A run folder with all its files (precompute.json, written last, among them) whose shard caches all exist."""
+    if not all((run_dir / name).is_file() for name in RUN_FILES):
+        return False
+    manifest = json.loads((run_dir / "dataset.json").read_text())
+    output_dir = run_dir.parents[1]
+    names = [name for shard in manifest["shards"] for name in shard["decoded"] + shard["latents"]]
+    return all((output_dir / name).is_file() for name in names)
+
+
+def _shard_tables(output_dir: Path, shard_files: list[dict]) -> datasets.Dataset:
+    """The shard caches side by side (decoded | latents) and one after another, memory-mapped: nothing is copied."""
+
+    def read(names: list[str]) -> datasets.Dataset:
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(output_dir / name)) for name in names])
+
+    shards = [datasets.concatenate_datasets([read(s["decoded"]), read(s["latents"])], axis=1) for s in shard_files]
+    return datasets.concatenate_datasets(shards)
+
+
+def _write_run(
+    output_dir: Path, run_id: str, shard_files: list[dict], captions: dict[str, str], settings: dict
 ) -> None:
-    """Drop failed rows (listed in failures.jsonl), add captions, save to output_dir/dataset through a temporary
-    folder so that an interrupted save never leaves a half-written dataset."""
+    """Record a run: the failed rows (failures.jsonl), the captions of every row (captions.arrow), the shard files
+    and the rows kept (dataset.json); precompute.json last, as the mark of a complete run."""
+    dataset = _shard_tables(output_dir, shard_files)
     errors = list(dataset["error"])
     video_paths = list(dataset["video_path"])
     failures = [{"video_path": path, "reason": error} for path, error in zip(video_paths, errors) if error]
-    with open(output_dir / "failures.jsonl", "w") as file:
+    run_dir = output_dir / "runs" / run_id
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt at the same run
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "failures.jsonl", "w") as file:
         file.writelines(json.dumps(failure) + "\n" for failure in failures)
-
     caption_column = [captions.get(video_id, "") for video_id in dataset["video_id"]]
-    dataset = dataset.add_column("caption", caption_column, feature=datasets.Value("string"))
-    dataset = dataset.select_columns(list(COLUMNS))
-    # select keeps an index mapping (no copy); save_to_disk then writes only the selected rows.
-    dataset = dataset.select([i for i, error in enumerate(errors) if not error])
+    caption_features = datasets.Features({"caption": datasets.Value("string")})
+    with ArrowWriter(path=str(run_dir / "captions.arrow"), features=caption_features) as writer:
+        writer.write_batch({"caption": caption_column})
+        writer.finalize()
+    keep = [i for i, error in enumerate(errors) if not error]
+    (run_dir / "dataset.json").write_text(json.dumps({"shards": shard_files, "rows": keep}))
 
-    dataset_dir, temporary_dir = output_dir / "dataset", output_dir / "dataset.tmp"
-    shutil.rmtree(temporary_dir, ignore_errors=True)
-    # datasets writes no shard at all for zero rows, and then cannot load the folder back.
-    dataset.save_to_disk(str(temporary_dir), num_shards=1 if len(dataset) == 0 else None)
-    shutil.rmtree(dataset_dir, ignore_errors=True)
-    os.replace(temporary_dir, dataset_dir)
-
-    counts = dict(num_in=len(errors), num_ok=len(dataset), num_failed=len(failures))
-    record = dict(run_id=run_id, settings=settings, counts=counts)
+    counts = dict(num_in=len(errors), num_ok=len(keep), num_failed=len(failures))
+    record = dict(run_id=run_id, run_dir=f"runs/{run_id}", settings=settings, counts=counts)
+    (run_dir / "precompute.json").write_text(json.dumps(record, indent=1))
     (output_dir / "precompute.json").write_text(json.dumps(record, indent=1))
-    print(
-        f"precompute_dataset: {counts['num_in']} in = {counts['num_ok']} ok + {counts['num_failed']} failed "
-        f"-> {dataset_dir}" + (f" (failures listed in {output_dir / 'failures.jsonl'})" if failures else "")
-    )
+    logger.info(
+        "precompute_dataset: %d in = %d ok + %d failed -> %s%s", counts["num_in"], counts["num_ok"],
+        counts["num_failed"], run_dir, f" (failures listed in {run_dir / 'failures.jsonl'})" if failures else "",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -678,20 +567,49 @@ def _save_final_dataset(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
-    """The precomputed dataset (`output_dir` or `output_dir/dataset`), formatted as torch tensors in the dtypes
-    stored: Arrow arrays become tensors directly (reading Array4D columns as Python lists is ~30x slower), frames
-    stay uint8."""
+def _run_dir(path: str | os.PathLike) -> Path:
+    """The run folder of `path`: `path` itself when it is one, else the latest run recorded in `path/precompute.json`
+    (a `precompute_dataset` output folder)."""
     path = Path(path)
-    if (path / "dataset").is_dir():
-        path = path / "dataset"
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} holds no saved dataset; run precompute_latents.py first")
-    dataset = datasets.load_from_disk(str(path))
-    missing = set(COLUMNS) - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"{path} lacks the columns {sorted(missing)}; was it written by precompute_dataset?")
+    if (path / "dataset.json").is_file():
+        return path
+    record_path = path / "precompute.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{path} holds no precomputed dataset; run precompute_latents.py first")
+    return path / json.loads(record_path.read_text())["run_dir"]
+
+
+def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
+    """The precomputed clips at `path`, formatted as torch tensors in the dtypes stored: Arrow arrays become tensors
+    directly (reading Array4D columns as Python lists is ~30x slower), frames stay uint8.
+
+    `path` is an output folder of `precompute_dataset` (its latest run), one of its run folders (read from the shard
+    caches the run names), or a `Dataset.save_to_disk` folder with the same columns (e.g. a split shared on its own).
+    """
+    path = Path(path)
+    if (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(path))
+        missing = set(COLUMNS) - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"{path} lacks the columns {sorted(missing)}; was it written by precompute_dataset?")
+        return dataset.with_format("torch", **KEEP_STORED_DTYPES)
+    run_dir = _run_dir(path)
+    if not _is_complete_run(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a complete precompute run (or its shard caches were deleted)")
+    manifest = json.loads((run_dir / "dataset.json").read_text())
+    dataset = _shard_tables(run_dir.parents[1], manifest["shards"])
+    captions = datasets.Dataset.from_file(str(run_dir / "captions.arrow"))
+    dataset = datasets.concatenate_datasets([dataset, captions], axis=1).select_columns(list(COLUMNS))
+    # In memory: an index list, no write next to the shard caches.
+    dataset = dataset.select(manifest["rows"], keep_in_memory=True)
     return dataset.with_format("torch", **KEEP_STORED_DTYPES)
+
+
+def run_dir_of(dataset: datasets.Dataset) -> Path:
+    """The run folder a `load_precomputed` dataset was read from: the one holding its captions file."""
+    files = {Path(f["filename"]) for f in dataset.cache_files}
+    (run_dir,) = {path.parent for path in files if path.name == "captions.arrow"}
+    return run_dir
 
 
 @dataclass

@@ -74,6 +74,8 @@ class FoveatedVLMOutput(ModelOutput):
             loss_coarse`, plus `aux_current_weight * loss_aux` when `config.aux_current_weight > 0`.
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
+        loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
+            (mean over both passes), when `config.aux_current_weight > 0`.
         pred_fine (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-2 prediction of latents 1..T.
         pred_coarse (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-1 prediction of latents 1..T.
         queries (`torch.FloatTensor` of shape `(B, T, Q)`): `q_t` emitted after frame t (Pass 1); frame t+1 is
@@ -87,13 +89,12 @@ class FoveatedVLMOutput(ModelOutput):
             `<coarse>`, z°_1..z°_{T-1}).
         state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
         prev_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): `[z_vae_init, v_1..v_{T-1}]`.
-        loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
-            (mean over both passes), when `config.aux_current_weight > 0`.
     """
 
     loss: Optional[torch.FloatTensor] = None
     loss_fine: Optional[torch.FloatTensor] = None
     loss_coarse: Optional[torch.FloatTensor] = None
+    loss_aux: Optional[torch.FloatTensor] = None
     pred_fine: Optional[torch.FloatTensor] = None
     pred_coarse: Optional[torch.FloatTensor] = None
     queries: Optional[torch.FloatTensor] = None
@@ -104,7 +105,6 @@ class FoveatedVLMOutput(ModelOutput):
     state_coarse: Optional[torch.FloatTensor] = None
     state_fine: Optional[torch.FloatTensor] = None
     prev_latents: Optional[torch.FloatTensor] = None
-    loss_aux: Optional[torch.FloatTensor] = None
 
 
 @dataclass
@@ -495,6 +495,12 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask needs input_ids of the same shape")
 
+    def _embed_text(self, input_ids: Optional[torch.Tensor], B: int) -> torch.Tensor:
+        """The text prepended to both LLM sequences: (B, text, E), text = 0 without `input_ids`."""
+        if input_ids is None:
+            return self.coarse_token.new_zeros(B, 0, self.config.text_config.hidden_size)
+        return self.language_model.get_input_embeddings()(input_ids)
+
     def _run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
         """
         LLM over `[text, mode, z_1..z_T]`; returns the states at `[mode, z_1..z_T]`: (B, T + 1, E).
@@ -570,49 +576,51 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         B, T, C, H, W = pixel_values.shape
         cache = self.encoder.encode_patches(pixel_values.reshape(B * T, C, H, W))  # frames encoded once
 
-        text_width = self.config.text_config.hidden_size
-        if input_ids is not None:
-            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
-        else:
-            text_embeds = cache.patch_features.new_zeros(B, 0, text_width)
+        text_embeds = self._embed_text(input_ids, B)  # (B, text, E)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
         coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
-        coarse_states = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
-        queries = self.query_head(coarse_states[:, 1:])  # (B, T + 1, E) -> (B, T, Q)
+        hidden_coarse = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
+        queries = self.query_head(hidden_coarse[:, 1:])  # (B, T + 1, E) -> (B, T, Q)
 
         # Pass 2: frame t is read with the query emitted after frame t-1.
         shifted_queries = torch.cat([self.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)
         # A Pass 2 that the loss does not weigh is still evaluated, without building its graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.fine_loss_weight > 0):
             fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
-            fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+            hidden_fine = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+
+        loss = loss_fine = loss_coarse = loss_aux = pred_fine = pred_coarse = prev_latents = None
+        if vae_latents is not None:
+            prev_latents = self.previous_latents(vae_latents)  # (B, T, C, h, w)
+            pred_coarse, pred_fine, reconstructions = self._predict(hidden_coarse, hidden_fine, prev_latents)
+            target = vae_latents.float()
+            loss_coarse = F.mse_loss(pred_coarse, target)
+            loss_fine = F.mse_loss(pred_fine, target)
+            loss = self.fine_loss_weight * loss_fine + self.config.lambda_coarse * loss_coarse
+            if reconstructions is not None:
+                loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
+                loss = loss + self.config.aux_current_weight * loss_aux
 
         output = FoveatedVLMOutput(
+            loss=loss,
+            loss_fine=loss_fine,
+            loss_coarse=loss_coarse,
+            loss_aux=loss_aux,
+            pred_fine=pred_fine,
+            pred_coarse=pred_coarse,
             queries=queries,
             attn_static=attn_static,
             attn_dynamic=attn_dynamic,
             entropy_static=attention_entropy(attn_static),
             entropy_dynamic=attention_entropy(attn_dynamic),
-            state_coarse=coarse_states[:, :T],
-            state_fine=fine_states[:, :T],
+            state_coarse=hidden_coarse[:, :T],
+            state_fine=hidden_fine[:, :T],
+            prev_latents=prev_latents,
         )
-        if vae_latents is not None:
-            output.prev_latents = self.previous_latents(vae_latents)  # (B, T, C, h, w)
-            output.pred_coarse, output.pred_fine, reconstructions = self._predict(
-                coarse_states, fine_states, output.prev_latents
-            )
-            target = vae_latents.float()
-            output.loss_coarse = F.mse_loss(output.pred_coarse, target)
-            output.loss_fine = F.mse_loss(output.pred_fine, target)
-            loss = self.fine_loss_weight * output.loss_fine + self.config.lambda_coarse * output.loss_coarse
-            if reconstructions is not None:
-                output.loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
-                loss = loss + self.config.aux_current_weight * output.loss_aux
-            output.loss = loss
         return output if return_dict else output.to_tuple()
 
-    def _predict(self, coarse_states, fine_states, prev_latents):
+    def _predict(self, hidden_coarse, hidden_fine, prev_latents):
         """
         The shared head in one batched call over the LLM states at `[mode, z_1..z_T]` (B, T + 1, E) of both passes:
         predictions of latents 1..T, `pred_coarse` and `pred_fine` (B, T, C, h, w), and the auxiliary
@@ -620,11 +628,11 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         """
         B, T = prev_latents.shape[:2]
         # The states before frame t predict latent t; those that have just read frame t reconstruct it (auxiliary).
-        head_states = [coarse_states[:, :T], fine_states[:, :T]]
+        head_states = [hidden_coarse[:, :T], hidden_fine[:, :T]]
         if self.config.aux_current_weight > 0:
-            head_states.append(coarse_states[:, 1:])
+            head_states.append(hidden_coarse[:, 1:])
             if self.fine_loss_weight > 0:  # a Pass 2 the loss does not weigh stays out of the auxiliary term too
-                head_states.append(fine_states[:, 1:])
+                head_states.append(hidden_fine[:, 1:])
         predictions = self.predict_latents(torch.cat(head_states, dim=0), prev_latents).float()  # (k * B, T, C, h, w)
         reconstructions = predictions[2 * B :] if len(head_states) > 2 else None
         return predictions[:B], predictions[B : 2 * B], reconstructions
@@ -709,10 +717,7 @@ class _FoveatedVLMStreams:
         self.language_model = model.language_model
         text_config = model.config.text_config
         self.caches = DynamicCache(config=text_config), DynamicCache(config=text_config)
-        if input_ids is not None:
-            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
-        else:
-            text_embeds = model.q_static.new_zeros(B, 0, text_config.hidden_size)
+        text_embeds = model._embed_text(input_ids, B)  # (B, text, E)
         self.mask = attention_mask
         self.step(
             torch.cat([text_embeds, model.coarse_token.expand(B, 1, -1)], dim=1),

@@ -4,7 +4,7 @@
     accelerate launch --num_processes 4 precompute_latents.py --video_dir data/videos --output_dir data/precomputed
 
 Reruns reuse finished shards (see data_foveated.precompute_dataset). Exits non-zero only when no video succeeded;
-the videos that failed are listed in OUTPUT_DIR/failures.jsonl.
+the videos that failed are listed in the run's failures.jsonl (OUTPUT_DIR/runs/<run id>/, named in the log).
 """
 
 import logging
@@ -14,7 +14,15 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from data_foveated import DEFAULT_SHARD_SIZE, DEFAULT_VAE, find_videos, load_llava_captions, precompute_dataset
+from data_foveated import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_NUM_FRAMES,
+    DEFAULT_SHARD_SIZE,
+    SD_VAE_ID,
+    find_videos,
+    load_llava_captions,
+    precompute_dataset,
+)
 from processing_foveated import RESIZE_MODES
 
 
@@ -24,10 +32,12 @@ __all__ = ["FoveatedVLMPrecomputeArguments", "main"]
 @dataclass
 class FoveatedVLMPrecomputeArguments:
     video_dir: str = field(metadata={"help": "Folder searched recursively for mp4, webm, mkv, avi and mov files."})
-    output_dir: str = field(metadata={"help": "Receives dataset/, failures.jsonl, precompute.json and shard caches."})
-    num_frames: int = field(default=8, metadata={"help": "Frames T sampled per video."})
-    image_size: int = field(default=256, metadata={"help": "Frame side S in pixels; a multiple of 8 (the VAE's)."})
-    vae: str = field(default=DEFAULT_VAE, metadata={"help": "diffusers AutoencoderKL: a Hub id or a local folder."})
+    output_dir: str = field(metadata={"help": "Receives shards/ (the data), runs/ and precompute.json (latest run)."})
+    num_frames: int = field(default=DEFAULT_NUM_FRAMES, metadata={"help": "Frames T sampled per video."})
+    image_size: int = field(
+        default=DEFAULT_IMAGE_SIZE, metadata={"help": "Frame side S in pixels; a multiple of the VAE's downsampling."}
+    )
+    vae: str = field(default=SD_VAE_ID, metadata={"help": "diffusers AutoencoderKL: a Hub id or a local folder."})
     resize_mode: str = field(
         default="crop",
         metadata={"help": "crop: shortest side to S, centre crop; squash: S x S.", "choices": list(RESIZE_MODES)},

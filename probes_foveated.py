@@ -97,17 +97,9 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         model._oracle_fixations = None
         return model
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        vae_latents: Optional[torch.Tensor] = None,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        oracle_fixations: Optional[torch.Tensor] = None,
-        return_dict: bool = True,
-    ):
+    def forward(self, pixel_values: torch.Tensor, *args, oracle_fixations: Optional[torch.Tensor] = None, **kwargs):
         r"""
-        `FoveatedVLMModel.forward`, and:
+        `FoveatedVLMModel.forward` (which refuses any other argument), and:
             oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"`
                 only: (y, x) in [-1, 1] where Pass 2 looks in each frame, e.g. the moving object's true centre.
         """
@@ -120,7 +112,7 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         # `read_fine` is called from inside the base forward: it finds this call's fixations here.
         self._oracle_fixations = oracle_fixations
         try:
-            return super().forward(pixel_values, vae_latents, input_ids, attention_mask, return_dict)
+            return super().forward(pixel_values, *args, **kwargs)
         finally:
             self._oracle_fixations = None
 

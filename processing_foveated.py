@@ -1,8 +1,9 @@
 """Video loading and preprocessing for the Foveated VLM, on transformers' video processing.
 
 This file is also the remote code of a Hub checkpoint (`trust_remote_code=True`): it stays flat and self-contained and
-imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds). The video
-decoders are imported by transformers' own readers (`transformers.video_utils.VIDEO_DECODERS`), not here.
+imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds, except under
+`if is_<library>_available():`). torchcodec is imported by transformers' reader (`transformers.video_utils`),
+decord and PyAV here under that test.
 
 A video becomes T frames of S x S pixels:
     decode (decord, torchcodec or PyAV) -> sample T frame indices -> to RGB -> resize ("crop" or "squash") -> uint8
@@ -55,8 +56,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # "crop": shortest side to S, then a centre crop (keeps the aspect ratio, loses the borders of wide frames).
 # "squash": straight to S x S (keeps everything, distorts the aspect ratio; docs/DESIGN.md's data flow).
 RESIZE_MODES = ("crop", "squash")
-# transformers' readers that take a path or a file object, in the order a default is chosen (the fastest first,
-# benchmarks/bench_data.py); decord has no macOS arm64 wheel, PyAV is always installed with this package.
+# Decoders that take a path or a file object, in the order a default is chosen. decord first: it seeks to the
+# keyframe before each sampled frame, where transformers' PyAV reader decodes every frame up to the last sampled one,
+# so PyAV's cost grows with the video's length (benchmarks/bench_data.py: similar on short clips, decord ahead on
+# long ones). decord has no macOS arm64 wheel; PyAV is always installed with this package.
 VIDEO_BACKENDS = ("decord", "torchcodec", "pyav")
 _BACKEND_AVAILABLE = {"decord": is_decord_available, "torchcodec": is_torchcodec_available, "pyav": is_av_available}
 
@@ -167,6 +170,59 @@ def _video_name(video) -> str:
     return os.fspath(video)
 
 
+def _read_video_decord(video, sample_indices_fn, **kwargs) -> tuple[torch.Tensor, VideoMetadata]:
+    """transformers' `read_video_decord`, with decord on one thread.
+
+    Kept because transformers' reader opens decord with its default of one FFmpeg thread per core: that costs more CPU
+    time per clip (benchmarks/bench_data.py), and a data pipeline already decodes one clip per worker process."""
+    if is_decord_available():  # check_imports does not demand an import under this test of every remote-code user
+        import decord
+    else:
+        raise ImportError("video_backend='decord' needs decord: `pip install decord`")
+
+    reader = decord.VideoReader(video, num_threads=1)
+    try:
+        metadata = VideoMetadata(total_num_frames=len(reader), fps=float(reader.get_avg_fps()), video_backend="decord")
+        indices = sample_indices_fn(metadata=metadata, **kwargs)
+        batch = reader.get_batch(indices)
+        # decord's output "bridge" is process-wide state that other code may have switched to torch.
+        return (batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch.asnumpy())), metadata
+    finally:
+        del reader  # frees the decoder and its file handle now rather than at garbage collection
+
+
+def _read_video_pyav(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, VideoMetadata]:
+    """transformers' `read_video_pyav`, counting the frames where the container does not say.
+
+    Kept because transformers' reader takes the frame count from the stream header, which Matroska and WebM files
+    leave at 0, so it finds no frames in them; counting the packets reads the file but decodes nothing. The container
+    is closed on return, not at garbage collection."""
+    if is_av_available():  # check_imports does not demand an import under this test of every remote-code user
+        import av
+    else:
+        raise ImportError("video_backend='pyav' needs PyAV: `pip install av`")
+
+    with av.open(video) as container:
+        stream = container.streams.video[0]
+        num_frames = stream.frames
+        if not num_frames:
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        fps = stream.average_rate or stream.guessed_rate
+        metadata = VideoMetadata(total_num_frames=num_frames, fps=float(fps) if fps else None, video_backend="pyav")
+        indices = sample_indices_fn(metadata=metadata, **kwargs)
+        wanted, frames = set(indices), []
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if index >= indices[-1]:
+                break
+    return np.stack(frames), metadata
+
+
+_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": _read_video_pyav}
+
+
 def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[torch.Tensor, VideoMetadata]:
     """Decode the sampled frames of a path, the bytes of a video file, or a uint8 frame array (F, H, W, C).
 
@@ -174,10 +230,10 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
     Returns uint8 (T, 3, H, W) RGB and the metadata, with `frames_indices` the sampled indices.
     Raises `FoveatedVLMVideoError` naming the video for every kind of broken input, whatever the backend.
 
-    Kept around transformers' readers for three things they lack: bytes (transformers' `load_video` takes a path
-    string, or treats anything else as decoded frames), named errors, and repeated indices (its PyAV reader keeps a
-    frame when its index is in the list, so a repeated index yields fewer frames than asked for: each distinct frame
-    is decoded once here and repeated afterwards).
+    Kept around the readers for three things transformers' `load_video` lacks: bytes (it takes a path string, or
+    treats anything else as decoded frames), named errors, and repeated indices (a short video repeats frames; its
+    PyAV reader keeps a frame when its index is in the list, so a repeated index yields fewer frames than asked for:
+    each distinct frame is decoded once here and repeated afterwards).
     """
     if not isinstance(video, (str, os.PathLike, bytes, bytearray, np.ndarray)):
         raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
@@ -205,7 +261,7 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
 
     backend = backend or default_video_backend()
     if backend not in VIDEO_BACKENDS:
-        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None (the first installed), got {backend!r}")
+        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None (first installed), got {backend!r}")
     sampled = {}
 
     def sample_distinct(metadata, **kwargs):
@@ -216,7 +272,7 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         return sampled["distinct"].tolist()
 
     try:
-        frames, metadata = VIDEO_DECODERS[backend](source, sample_distinct)
+        frames, metadata = _READERS[backend](source, sample_distinct)
         frames = torch.as_tensor(frames)
         if len(frames) != len(sampled["distinct"]):  # PyAV's reader stops quietly where a truncated stream ends
             raise ValueError(f"{backend} returned {len(frames)} of {len(sampled['distinct'])} frames")
@@ -228,10 +284,13 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         else:
             reason = f"frames {sampled['indices'].tolist()} failed to decode, truncated file? ({_first_line(error)})"
         raise FoveatedVLMVideoError(name, reason) from error
-    if frames.shape[-1] in (1, 3, 4) and frames.shape[1] not in (1, 3, 4):
-        frames = _to_rgb_channels_first(frames)  # decord and PyAV: (N, H, W, 3); torchcodec: (N, 3, H, W)
+    frames = frames[torch.from_numpy(sampled["order"])]  # repeats restored, before the layout changes
+    if backend != "torchcodec":
+        # decord and PyAV: (T, H, W, 3), viewed channels first; the pixels stay channels-last in memory, which
+        # the antialiased resize reads faster. torchcodec decodes to (T, 3, H, W).
+        frames = _to_rgb_channels_first(frames)
     metadata.frames_indices = sampled["indices"]
-    return frames[torch.from_numpy(sampled["order"])], metadata
+    return frames, metadata
 
 
 def load_video(
@@ -334,8 +393,12 @@ class FoveatedVLMVideoProcessorKwargs(VideosKwargs, total=False):
 class FoveatedVLMVideoProcessor(VideoProcessorMixin):
     """Videos (paths, bytes or uint8 frame arrays) -> `pixel_values` and `vae_pixel_values`, (B, T, 3, S, S).
 
-    Loads with `AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)`. Of transformers' video keys it
-    reads `num_frames`, `fps`, `image_mean`, `image_std` and `return_tensors`; every option can be given per call.
+    Loads with `AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)`. Without torchvision, the name
+    `transformers.AutoVideoProcessor` is a placeholder that raises (models/auto/video_processing_auto.py:265,
+    `@requires(backends=("vision", "torchvision"))`); the class itself needs no torchvision, so import it from
+    `transformers.models.auto.video_processing_auto` there. `AutoProcessor` does that for the processor's own video
+    processor. Of transformers' video keys it reads `num_frames`, `fps`, `image_mean`, `image_std` and
+    `return_tensors`; every option can be given per call.
 
     Args:
         num_frames: T, frames sampled per video.
@@ -367,9 +430,11 @@ class FoveatedVLMVideoProcessor(VideoProcessorMixin):
         if self.video_backend is not None and self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None, got {self.video_backend!r}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean} and {self.image_std}")
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean}, {self.image_std}")
         # Lists, as they come back from the saved JSON, so a reloaded processor compares equal.
         self.image_mean, self.image_std = list(self.image_mean), list(self.image_std)
+        for option in ("num_frames", "image_size", "resize_mode"):  # written out even at their class defaults
+            setattr(self, option, getattr(self, option))
 
     def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
         """T frame indices for a video described by `metadata` (see `sample_frame_indices`)."""

@@ -13,6 +13,7 @@ setup(
         "processing_foveated",
         "synthetic_videos",
         "data_foveated",
+        "tiny_vae",
         "metrics_foveated",
         "card_foveated",
         "figures_foveated",

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import av
 import numpy as np
@@ -28,7 +29,6 @@ import numpy as np
 __all__ = [
     "DIFFICULTIES",
     "EVAL_SEED_OFFSET",
-    "MODEL_NUM_FRAMES",
     "FoveatedVLMSceneSpec",
     "generate_video",
     "write_video",
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 # Eval videos use seeds seed + EVAL_SEED_OFFSET + i, so train and eval never share a seed while num_train stays below.
 EVAL_SEED_OFFSET = 1_000_000
-# The model reads this many frames sampled uniformly from a video; a mover's speed is set so that it shifts by about
-# one object side between two such frames, whatever the video's length.
-MODEL_NUM_FRAMES = 8
 # Smallest luminance difference between objects and the background's base colour, out of 255.
 MIN_OBJECT_CONTRAST = 90.0
 # Peak amplitude of the background texture, out of 255: low contrast, so the texture never looks like an object.
@@ -107,9 +104,10 @@ def _place_without_overlap(rng: np.random.Generator, num_objects: int, side: flo
     raise RuntimeError(f"could not place {num_objects} objects of side {side:.1f} px in a {size} px frame")
 
 
-def _bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int, extent: float) -> np.ndarray:
-    """Positions (num_frames, 2) of a point moving at `velocity` px/frame inside [0, extent], reflected at the ends."""
-    unfolded = start + velocity * np.arange(num_frames)[:, None]  # (F, 2)
+def _bounce(start: np.ndarray, velocity: np.ndarray, num_video_frames: int, extent: float) -> np.ndarray:
+    """Positions (num_video_frames, 2) of a point moving at `velocity` px/frame inside [0, extent], reflected at the
+    ends."""
+    unfolded = start + velocity * np.arange(num_video_frames)[:, None]  # (F, 2)
     folded = np.mod(unfolded, 2 * extent)
     return np.where(folded <= extent, folded, 2 * extent - folded)
 
@@ -136,13 +134,22 @@ def _paint(frame: np.ndarray, shape: str, box: np.ndarray, colour: np.ndarray) -
 
 
 def generate_video(
-    seed: int, difficulty: str = "medium", size: int = 128, num_video_frames: int = 16
+    seed: int,
+    difficulty: str = "medium",
+    size: int = 128,
+    num_video_frames: int = 16,
+    num_frames: Optional[int] = None,
 ) -> tuple[np.ndarray, dict]:
     """Render one synthetic video, fully determined by its arguments.
 
+    A mover's speed assumes the reader samples `num_frames` (T) frames uniformly over the whole video (default: T of
+    the model's config): between two of them it shifts by about one object side, far enough to change the
+    latent, close enough to be tracked, whatever the video's length. Other sampling changes the task.
+
     Returns:
         frames: uint8 array (num_video_frames, size, size, 3), RGB.
-        ground_truth: {"seed", "difficulty", "size", "num_video_frames", "frames": [{"objects": [{"box", "moving"}]}]}.
+        ground_truth: {"seed", "difficulty", "size", "num_video_frames", "num_frames",
+            "frames": [{"objects": [{"box", "moving"}]}]}.
             Boxes are [x0, y0, x1, y1] in continuous pixel coordinates (pixel i spans [i, i+1)); objects keep their
             order in every frame, so index k is the same object throughout.
     """
@@ -152,6 +159,9 @@ def generate_video(
         raise ValueError(f"size must be an even number >= 32 (H.264 with yuv420p needs even sides), got {size}")
     if num_video_frames < 2:
         raise ValueError(f"num_video_frames must be >= 2 so that something can move, got {num_video_frames}")
+    num_frames = _resolve_num_frames(num_frames)
+    if num_frames < 2:
+        raise ValueError(f"num_frames must be >= 2 (speeds are set between two), got {num_frames}")
     spec = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
 
@@ -162,9 +172,8 @@ def generate_video(
     num_objects = spec.num_moving + spec.num_static
     corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
 
-    # Movers first. Between two of the MODEL_NUM_FRAMES frames sampled uniformly from the video a mover shifts by
-    # about one side: far enough to change the latent, close enough to be tracked.
-    frames_between_samples = (num_video_frames - 1) / (MODEL_NUM_FRAMES - 1)
+    # Movers first, each shifting by about one side between two sampled frames.
+    frames_between_samples = (num_video_frames - 1) / (num_frames - 1)
     tracks = []  # K arrays of (F, 2) top-left corners
     for k in range(num_objects):
         if k < spec.num_moving:
@@ -199,6 +208,7 @@ def generate_video(
         "difficulty": difficulty,
         "size": size,
         "num_video_frames": num_video_frames,
+        "num_frames": num_frames,
         "frames": ground_truth_frames,
     }
     return frames, ground_truth
@@ -227,8 +237,21 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary_path, path)
 
 
-def _video_params(seed: int, difficulty: str, size: int, fps: float, num_video_frames: int) -> dict:
-    return {"seed": seed, "difficulty": difficulty, "size": size, "fps": fps, "num_video_frames": num_video_frames}
+def _resolve_num_frames(num_frames: Optional[int]) -> int:
+    if num_frames is not None:
+        return num_frames
+    from data_foveated import DEFAULT_NUM_FRAMES  # heavy (torch, datasets): only when the default is asked for
+
+    return DEFAULT_NUM_FRAMES
+
+
+def _video_params(
+    seed: int, difficulty: str, size: int, fps: float, num_video_frames: int, num_frames: int
+) -> dict:
+    return {
+        "seed": seed, "difficulty": difficulty, "size": size, "fps": fps, "num_video_frames": num_video_frames,
+        "num_frames": num_frames,
+    }  # fmt: skip
 
 
 def _is_up_to_date(video_path: Path, sidecar_path: Path, params: dict) -> bool:
@@ -250,9 +273,10 @@ def generate_split(
     num_video_frames: int = 16,
     fps: float = 8.0,
     seed: int = 0,
+    num_frames: Optional[int] = None,
 ) -> dict[str, list[str]]:
     """Write output_dir/{train,eval}/video_XXXXXX.mp4, each with a JSON sidecar video_XXXXXX.json holding
-    generate_video's ground truth plus the fps.
+    generate_video's ground truth plus the fps. `num_frames`: see generate_video.
 
     Train videos use seeds seed .. seed+num_train-1, eval videos seed+EVAL_SEED_OFFSET+i: the eval split is held out
     by seed. A video whose files already exist with the same parameters is not rendered again.
@@ -266,6 +290,7 @@ def generate_split(
         raise ValueError(f"num_eval must be >= 0, got {num_eval}")
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    num_frames = _resolve_num_frames(num_frames)
     split_seeds = {
         "train": [seed + i for i in range(num_train)],
         "eval": [seed + EVAL_SEED_OFFSET + i for i in range(num_eval)],
@@ -279,12 +304,12 @@ def generate_split(
         for i, video_seed in enumerate(seeds):
             video_path = split_dir / f"video_{i:06d}.mp4"
             sidecar_path = video_path.with_suffix(".json")
-            params = _video_params(video_seed, difficulty, size, fps, num_video_frames)
+            params = _video_params(video_seed, difficulty, size, fps, num_video_frames, num_frames)
             paths[split].append(str(video_path))
             if _is_up_to_date(video_path, sidecar_path, params):
                 num_reused += 1
                 continue
-            frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames)
+            frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames, num_frames)
             _write_atomically(video_path, lambda p: write_video(p, frames, fps))
             # The sidecar goes last: its presence with matching params marks the pair as complete.
             sidecar = {**params, "frames": ground_truth["frames"]}
@@ -308,6 +333,12 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")
+    parser.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="Frames the model samples uniformly per video (T; default: the model config's): sets the movers' speed.",
+    )
     parser.add_argument("--fps", type=float, default=8.0, help="Frame rate written into the mp4.")
     parser.add_argument("--seed", type=int, default=0, help="First train seed; eval seeds are offset from it.")
     args = parser.parse_args()
@@ -323,6 +354,7 @@ def main() -> None:
         num_video_frames=args.num_video_frames,
         fps=args.fps,
         seed=args.seed,
+        num_frames=args.num_frames,
     )
     spec = DIFFICULTIES[args.difficulty]
     print(

@@ -15,14 +15,17 @@ import inspect
 import json
 import logging
 import os
+import random
 import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import yaml
 from datasets import Dataset
@@ -32,11 +35,13 @@ from transformers.trainer_utils import get_last_checkpoint
 import data_foveated
 import report_foveated
 from card_foveated import FoveatedVLMModelCardInfo, latest_eval_metrics, table1_markdown
+from data_foveated import LLAVA_VIDEO_DATASET, SD_VAE_ID
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor, FoveatedVLMVideoProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
+from tiny_vae import make_tiny_vae
 from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMFinalEvaluationCallback, FoveatedVLMTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,7 +52,6 @@ SMOLLM2_GGUF = "smollm2-gguf"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATA_SOURCES = ("synthetic", "video_dir", "llava_video")
-LLAVA_VIDEO_DATASET = "lmms-lab/LLaVA-Video-178K"
 
 
 @dataclass
@@ -111,43 +115,95 @@ class ModelArguments:
             raise ValueError(f"model_config.{key} is not a FoveatedVLMConfig field; the fields are {sorted(design)}")
 
 
+# Options that act under one data_source only (eval_fraction: under the two of real videos): (sources, default). Their
+# fields default to None, meaning "not given", so that one given under another source is refused; the default here
+# is filled in when the source is chosen.
+SOURCE_OPTIONS = {
+    "num_train_videos": (("synthetic",), 512),
+    "num_eval_videos": (("synthetic",), 64),
+    "difficulty": (("synthetic",), "medium"),
+    "synthetic_size": (("synthetic",), 128),
+    "num_video_frames": (("synthetic",), 16),
+    "video_dir": (("video_dir",), None),
+    "eval_fraction": (("video_dir", "llava_video"), 0.05),
+    "llava_dir": (("llava_video",), "data/llava_video"),
+    "download_llava": (("llava_video",), None),  # a bool: only True is an option given
+    "llava_num_video_tars": (("llava_video",), 1),
+}
+
+
+def _only_for(name: str, help: str) -> str:
+    sources, default = SOURCE_OPTIONS[name]
+    default_text = "" if default is None else f"; default {default}"
+    return f"{help} (data_source {' or '.join(sources)} only{default_text})"
+
+
 @dataclass
 class DataArguments:
+    """Where the clips come from and how they are cut. An option that acts only under another `data_source` than the
+    one chosen is an error naming both, so a run never silently ignores a flag."""
+
     data_source: str = field(
         default="llava_video",
-        metadata={"help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.", "choices": DATA_SOURCES},
+        metadata={
+            "help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.",
+            "choices": DATA_SOURCES,
+        },
     )
-    video_dir: Optional[str] = field(default=None, metadata={"help": "Folder of videos for data_source=video_dir."})
-    eval_fraction: float = field(
-        default=0.05, metadata={"help": "Share of video_dir / llava_video videos held out for evaluation."}
+    video_dir: Optional[str] = field(
+        default=None, metadata={"help": _only_for("video_dir", "Folder of videos; needs --data_source video_dir")}
     )
-    llava_dir: str = field(default="data/llava_video", metadata={"help": "Folder of the LLaVA-Video-178K slice."})
-    download_llava: bool = field(default=False, metadata={"help": "Download the LLaVA-Video slice into llava_dir."})
-    llava_num_video_tars: int = field(
-        default=1, metadata={"help": "Video archives (~5 GB each) of the 0-30 s academic subset to download."}
+    eval_fraction: Optional[float] = field(
+        default=None, metadata={"help": _only_for("eval_fraction", "Share of the videos held out for evaluation")}
+    )
+    llava_dir: Optional[str] = field(
+        default=None, metadata={"help": _only_for("llava_dir", "Folder of the LLaVA-Video-178K slice")}
+    )
+    download_llava: bool = field(
+        default=False, metadata={"help": _only_for("download_llava", "Download the LLaVA-Video slice into llava_dir")}
+    )
+    llava_num_video_tars: Optional[int] = field(
+        default=None,
+        metadata={"help": _only_for("llava_num_video_tars", "Video archives (~5 GB each) of the 0-30 s subset")},
     )
     split_seed: int = field(
         default=0,
         metadata={"help": "Seed of the synthetic videos and of the train/eval split; apart from --seed, so runs with "
         "different training seeds are scored on the same held-out videos."},
     )
-    num_train_videos: int = field(default=512, metadata={"help": "Synthetic: number of training videos."})
-    num_eval_videos: int = field(default=64, metadata={"help": "Synthetic: number of held-out videos."})
-    difficulty: str = field(
-        default="medium", metadata={"help": "Synthetic scene difficulty.", "choices": tuple(DIFFICULTIES)}
+    num_train_videos: Optional[int] = field(
+        default=None, metadata={"help": _only_for("num_train_videos", "Number of training videos")}
     )
-    synthetic_size: int = field(default=128, metadata={"help": "Synthetic: frame side in pixels."})
-    num_video_frames: int = field(default=16, metadata={"help": "Synthetic: frames per generated video."})
-    num_frames: int = field(default=8, metadata={"help": "T: frames sampled per clip."})
-    image_size: int = field(default=256, metadata={"help": "S: frame side fed to the model (latent side S/8)."})
+    num_eval_videos: Optional[int] = field(
+        default=None, metadata={"help": _only_for("num_eval_videos", "Number of held-out videos")}
+    )
+    difficulty: Optional[str] = field(
+        default=None,
+        metadata={"help": _only_for("difficulty", "Scene difficulty"), "choices": tuple(DIFFICULTIES)},
+    )
+    synthetic_size: Optional[int] = field(
+        default=None, metadata={"help": _only_for("synthetic_size", "Frame side of the generated videos in pixels")}
+    )
+    num_video_frames: Optional[int] = field(
+        default=None, metadata={"help": _only_for("num_video_frames", "Frames per generated video")}
+    )
+    num_frames: int = field(
+        default=data_foveated.DEFAULT_NUM_FRAMES, metadata={"help": "T: frames sampled per clip."}
+    )
+    image_size: int = field(
+        default=data_foveated.DEFAULT_IMAGE_SIZE,
+        metadata={"help": "S: frame side fed to the model (latent side S / the VAE's downsampling)."},
+    )
     resize_mode: str = field(
         default="crop", metadata={"help": "crop (keep aspect, centre crop) or squash.", "choices": RESIZE_MODES}
     )
     sample_fps: Optional[float] = field(
-        default=None, metadata={"help": "Sample frames at this rate instead of uniformly over the whole video."}
+        default=None,
+        metadata={"help": "Sample frames at this rate instead of uniformly over the whole video (not with synthetic "
+        "clips, whose movers' speed assumes uniform sampling)."},
     )
     vae: str = field(
-        default="stabilityai/sd-vae-ft-mse",
+        default=SD_VAE_ID,
         metadata={"help": "AutoencoderKL for the target latents: Hub id, folder, or 'tiny' (fitted locally)."},
     )
     precompute_num_proc: int = field(default=1, metadata={"help": "Processes decoding videos during precompute."})
@@ -159,6 +215,31 @@ class DataArguments:
     max_text_length: int = field(
         default=256, metadata={"help": "Captions are truncated to this many tokens (a memory knob in Phase 2)."}
     )
+
+    def __post_init__(self):
+        check_data_arguments(self)
+        # The chosen source's options get their defaults; the others stay None, so a second check still passes.
+        for name, (sources, default) in SOURCE_OPTIONS.items():
+            if getattr(self, name) is None and self.data_source in sources:
+                setattr(self, name, default)
+
+
+def check_data_arguments(data_args: DataArguments) -> None:
+    """Refuse an option that has no effect under the chosen data_source, naming both."""
+    source = data_args.data_source
+    for name, (sources, _) in SOURCE_OPTIONS.items():
+        if getattr(data_args, name) not in (None, False) and source not in sources:
+            raise ValueError(
+                f"--{name} has no effect with --data_source {source}: it applies to --data_source "
+                f"{' or '.join(sources)}; leave it out (of the YAML config too)"
+            )
+    if source == "synthetic" and data_args.sample_fps is not None:
+        raise ValueError(
+            "--sample_fps has no meaning with --data_source synthetic: the synthetic movers' speed is set for "
+            "--num_frames frames sampled uniformly over each video"
+        )
+    if source == "video_dir" and not data_args.video_dir:
+        raise ValueError("--data_source video_dir needs --video_dir, a folder of videos")
 
 
 @dataclass
@@ -293,7 +374,9 @@ def resolve_pretrained(name: str, gguf_file: Optional[str] = None) -> tuple[str,
 def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[str]], dict, str]:
     """({"train": paths, "eval": paths}, captions by video, a one-line description for the model card)."""
     if data_args.data_source == "synthetic":
+        # The movers' speed depends on T (synthetic_videos.generate_video), so T is part of the folder's name.
         name = f"{data_args.difficulty}-{data_args.synthetic_size}px-{data_args.num_video_frames}f"
+        name += f"-T{data_args.num_frames}"
         videos = generate_split(
             os.path.join(data_args.cache_dir, "synthetic", name),
             num_train=data_args.num_train_videos,
@@ -302,6 +385,7 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             size=data_args.synthetic_size,
             num_video_frames=data_args.num_video_frames,
             seed=seed,
+            num_frames=data_args.num_frames,
         )
         description = (
             f"Synthetic clips ({data_args.difficulty}: look-alike objects, some moving, on a textured background), "
@@ -309,8 +393,6 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
         )
         return videos, {}, description
     if data_args.data_source == "video_dir":
-        if not data_args.video_dir:
-            raise ValueError("data_source=video_dir needs video_dir, a folder of videos")
         folder, captions, description = data_args.video_dir, {}, f"Videos from the folder {data_args.video_dir}"
     else:
         if data_args.download_llava:
@@ -331,7 +413,7 @@ class PreparedData:
 
     train: Dataset
     eval: Dataset
-    eval_dir: str  # the held-out split's Arrow folder, for reports
+    eval_dir: str  # the held-out split's precompute run folder, for reports
     vae: str
     description: str
 
@@ -340,8 +422,25 @@ class PreparedData:
         return tuple(self.train[0]["vae_latents"].shape[1:])  # (T, C, h, w) -> (C, h, w)
 
 
+@contextmanager
+def global_rng_unchanged():
+    """Whatever runs inside leaves Python's, NumPy's and torch's global random states as it found them, so that what
+    is drawn after it does not depend on how much work it found cached."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # CPU only: data building draws nothing on an accelerator (the VAE encodes to the posterior mean), and forking
+    # every GPU's generator would open a CUDA context on each of them in every process.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@global_rng_unchanged()
 def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArguments) -> PreparedData:
-    """Arrow datasets of both splits, built once and then reused from `cache_dir`."""
+    """Arrow datasets of both splits, built once and then reused from `cache_dir`. Draws nothing from the global
+    random states: a run trains the same model on a cold cache as on a warm one."""
     # Videos and the tiny VAE: made by the main process, found in the cache by the others. precompute_dataset
     # shares its own work among the processes.
     with training_args.main_process_first(desc="videos and VAE"):
@@ -349,17 +448,15 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
         vae = data_args.vae
         if vae == "tiny":
             tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")
-            vae = data_foveated.make_tiny_vae(tiny_vae_dir, data_args.image_size)
-    fps = f"-{data_args.sample_fps:g}fps" if data_args.sample_fps else ""
-    cache_name = f"{data_args.data_source}-T{data_args.num_frames}-{data_args.image_size}px-{data_args.resize_mode}"
-    cache_dir = os.path.join(data_args.cache_dir, "arrow", f"{cache_name}{fps}-{Path(vae).name}")
+            vae = make_tiny_vae(tiny_vae_dir, data_args.image_size)
     splits = {}
     for split, paths in videos.items():
         if not paths:
             raise ValueError(f"no {split} videos: raise num_{split}_videos (synthetic) or eval_fraction (video folders)")
-        data_foveated.precompute_dataset(
+        # precompute_dataset's run id is the one cache key: each set of videos and settings gets its own run.
+        splits[split] = data_foveated.precompute_dataset(
             paths,
-            os.path.join(cache_dir, split),
+            os.path.join(data_args.cache_dir, "arrow", split),
             num_frames=data_args.num_frames,
             image_size=data_args.image_size,
             vae=vae,
@@ -369,12 +466,11 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
             num_proc=data_args.precompute_num_proc,
             batch_size=data_args.precompute_batch_size,
         )
-        splits[split] = data_foveated.load_precomputed(os.path.join(cache_dir, split))
     description += (
         f"; {len(splits['train'])} training and {len(splits['eval'])} held-out clips of T = {data_args.num_frames} "
         f"frames at {data_args.image_size} px, target latents from the VAE `{vae}`."
     )
-    eval_dir = os.path.abspath(os.path.join(cache_dir, "eval"))
+    eval_dir = str(data_foveated.run_dir_of(splits["eval"]).resolve())
     return PreparedData(splits["train"], splits["eval"], eval_dir, vae, description)
 
 
@@ -470,7 +566,7 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_
         # Reading a tokenizer out of a GGUF file parses the whole file and is much slower than loading a saved
         # folder (benchmarks/bench_data.py), so it is converted once into the cache. Each process writes its own
         # folder and renames it into place, so processes that start together never read a half-written one.
-        cached = os.path.join(data_args.cache_dir, "tokenizers", Path(gguf_file).stem)
+        cached = os.path.join(data_args.cache_dir, "tokenizers", f"{Path(name).name}-{Path(gguf_file).stem}")
         if not os.path.isdir(cached):
             partial = f"{cached}.{os.getpid()}.partial"
             AutoTokenizer.from_pretrained(name, gguf_file=gguf_file).save_pretrained(partial)

@@ -1,9 +1,11 @@
-"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation.
+"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation,
+the tiny VAE, and train_hf's data arguments and data building.
 
 One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
 random VAE feeds most tests; tests that rerun it copy its output folder first.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -11,34 +13,39 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from tiny import save_tiny_vae
 
+import data_foveated
 import precompute_latents
+import train_hf
 from data_foveated import (
     COLUMNS,
     LLAVA_CAPTIONS_FILE,
     LLAVA_VIDEO_DIR,
     MAX_MOVING_BOXES,
-    VAE_ENCODE_COUNTS,
     FoveatedVLMDataCollator,
     download_llava_video_slice,
     find_videos,
     load_llava_captions,
     load_precomputed,
-    make_tiny_vae,
     precompute_dataset,
+    run_dir_of,
     split_train_eval,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
 from metrics_foveated import model_inputs
+from tiny_vae import make_tiny_vae
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +61,32 @@ def precompute(video_dir: Path, output_dir: Path, vae: str, **overrides) -> data
     return precompute_dataset(find_videos(video_dir), output_dir, **{**settings, **overrides})
 
 
+@contextmanager
+def counting_vae_frames():
+    """Counts the frames every VAE that precompute loads meanwhile encodes: yields a list holding the count."""
+    count = [0]
+    load_vae = data_foveated._load_vae
+
+    def load_counting_vae(*args, **kwargs):
+        vae = load_vae(*args, **kwargs)
+        encode = vae.encode
+
+        def counting_encode(pixels, *encode_args, **encode_kwargs):
+            count[0] += len(pixels)
+            return encode(pixels, *encode_args, **encode_kwargs)
+
+        vae.encode = counting_encode
+        return vae
+
+    with mock.patch.object(data_foveated, "_load_vae", load_counting_vae):
+        yield count
+
+
 def precompute_counting_vae_frames(*args, **kwargs) -> tuple[datasets.Dataset, int]:
     """`precompute`, and the number of frames the VAE encoded in this process meanwhile."""
-    before = VAE_ENCODE_COUNTS["frames"]
-    dataset = precompute(*args, **kwargs)
-    return dataset, VAE_ENCODE_COUNTS["frames"] - before
+    with counting_vae_frames() as count:
+        dataset = precompute(*args, **kwargs)
+    return dataset, count[0]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +249,7 @@ def test_precompute_keeps_every_good_video_and_lists_every_broken_one(precompute
     assert sorted(dataset["video_path"]) == good
     assert frames_encoded == NUM_GOOD * T  # the broken rows never reach the VAE
 
-    failures = [json.loads(line) for line in (output_dir / "failures.jsonl").read_text().splitlines()]
+    failures = [json.loads(line) for line in (run_dir_of(dataset) / "failures.jsonl").read_text().splitlines()]
     assert sorted(Path(f["video_path"]).name for f in failures) == sorted(BROKEN)
     assert all(f["reason"] for f in failures)
     reasons = {Path(f["video_path"]).name: f["reason"] for f in failures}
@@ -278,7 +306,7 @@ def test_moving_boxes_without_a_sidecar_and_a_broken_sidecar(video_dir, tiny_vae
     dataset = precompute(videos, tmp_path / "out", tiny_vae).with_format("torch")
     assert dataset["video_id"] == ["no_sidecar"]
     assert (dataset[0]["moving_boxes"] == -1).all()
-    (failure,) = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    (failure,) = [json.loads(line) for line in (run_dir_of(dataset) / "failures.jsonl").read_text().splitlines()]
     assert failure["video_path"].endswith("broken_sidecar.mp4") and "sidecar broken_sidecar.json" in failure["reason"]
 
 
@@ -288,8 +316,8 @@ def test_second_identical_run_does_no_vae_work(precomputed, video_dir, tiny_vae,
     rerun, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
     assert frames == 0 and rerun["video_path"] == dataset["video_path"]
 
-    # Without the final dataset, the shards' map caches are hit: still no VAE work, same content.
-    shutil.rmtree(output_dir / "dataset")
+    # Without the run's record, the shards' map caches are hit: still no VAE work, same content.
+    shutil.rmtree(output_dir / "runs")
     rebuilt, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
     assert frames == 0
     rebuilt = rebuilt.with_format("torch")
@@ -300,8 +328,8 @@ def test_second_identical_run_does_no_vae_work(precomputed, video_dir, tiny_vae,
 def test_resume_redoes_only_the_missing_shard(precomputed, video_dir, tiny_vae, tmp_path):
     output_dir, dataset, _ = precomputed
     output_dir = copy_of(output_dir, tmp_path)
-    # An interruption: the final dataset was never written and one shard never finished.
-    shutil.rmtree(output_dir / "dataset")
+    # An interruption: the run was never recorded and one shard never finished.
+    shutil.rmtree(output_dir / "runs")
     (settings_dir,) = (output_dir / "shards").iterdir()
     # Sorted paths put the 4 broken files (broken/) in shard 0, videos 0-3 in shard 1, videos 4-5 in shard 2.
     shards = sorted(settings_dir.iterdir())
@@ -371,19 +399,26 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
 
 
 def test_load_precomputed_names_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no saved dataset"):
+    with pytest.raises(FileNotFoundError, match="holds no precomputed dataset"):
         load_precomputed(tmp_path)
 
 
-def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, capsys):
+def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog):
+    caplog.set_level("INFO", logger="tiny_vae")
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
     path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
-    assert "held-out PSNR" in capsys.readouterr().out
+    assert "held-out PSNR" in caplog.text
+    # Fitting drew from its own seeded generator: the caller's random state is where it was.
+    assert torch.equal(torch.rand(3), expected_draw)
+    caplog.clear()
     vae = AutoencoderKL.from_pretrained(path)
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x downsampling
     weights = Path(path) / "diffusion_pytorch_model.safetensors"
     written = weights.stat().st_mtime_ns
     assert make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2) == path
-    assert weights.stat().st_mtime_ns == written and capsys.readouterr().out == ""
+    assert weights.stat().st_mtime_ns == written and "held-out PSNR" not in caplog.text
     make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=3)
     assert weights.stat().st_mtime_ns != written
 
@@ -405,15 +440,16 @@ def run_cli(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, capsys):
+def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, caplog):
     ok = run_cli([sys.executable, "precompute_latents.py", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
     assert ok.returncode == 0, ok.stderr
-    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stdout
-    assert len(datasets.load_from_disk(str(tmp_path / "all" / "dataset"))) == NUM_GOOD
+    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stderr
+    assert len(load_precomputed(tmp_path / "all")) == NUM_GOOD
 
     # In this process: a second interpreter start would only repeat what the run above showed.
+    caplog.set_level("INFO", logger="data_foveated")
     assert precompute_latents.main(cli_arguments(video_dir / "broken", tmp_path / "none", tiny_vae)) == 1
-    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in capsys.readouterr().out
+    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in caplog.text
 
 
 def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, tmp_path):
@@ -422,10 +458,167 @@ def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, 
     result = run_cli([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                       "precompute_latents.py", *arguments])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
+    dataset = load_precomputed(tmp_path / "out")
     assert sorted(dataset["video_path"]) == sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
     assert len(set(dataset["video_path"])) == len(dataset) == NUM_GOOD
     # 6 videos in shards of 2: both processes wrote shards, each exactly once.
     (settings_dir,) = (tmp_path / "out" / "shards").iterdir()
     assert all((shard / "latents.arrow").is_file() for shard in settings_dir.iterdir())
     assert len(list(settings_dir.iterdir())) == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Storage and keys
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_run_names_the_shard_caches_instead_of_copying_them(precomputed):
+    output_dir, dataset, _ = precomputed
+    arrow_files = sorted(path.relative_to(output_dir) for path in output_dir.rglob("*.arrow"))
+    shard_files = [path for path in arrow_files if path.parts[0] == "shards"]
+    run_files = [path for path in arrow_files if path.parts[0] == "runs"]
+    assert sorted(shard_files + run_files) == arrow_files
+    # Per shard: the decode map's files (one per worker) and one VAE map file; the run adds only its captions.
+    assert {path.name for path in shard_files} == {"decoded_00000_of_00002.arrow", "decoded_00001_of_00002.arrow",
+                                                   "latents.arrow"}  # fmt: skip
+    assert [path.name for path in run_files] == ["captions.arrow"]
+    assert {path.name for path in run_dir_of(dataset).iterdir()} == set(data_foveated.RUN_FILES)
+    # The loaded dataset reads the frames and latents from the shard caches themselves (shard 0, all broken videos,
+    # has no row to read).
+    read = {Path(f["filename"]).relative_to(output_dir) for f in dataset.cache_files}
+    assert read <= set(arrow_files) and len({path.parent for path in read if path.parts[0] == "shards"}) == 2
+    run_bytes = sum(path.stat().st_size for path in (output_dir / "runs").rglob("*") if path.is_file())
+    shard_bytes = sum((output_dir / path).stat().st_size for path in shard_files)
+    assert run_bytes < shard_bytes / 100
+
+
+def test_a_run_with_a_deleted_shard_is_not_up_to_date(precomputed, video_dir, tiny_vae, tmp_path):
+    output_dir, dataset, _ = precomputed
+    output_dir = copy_of(output_dir, tmp_path)
+    (settings_dir,) = (output_dir / "shards").iterdir()
+    shutil.rmtree(sorted(settings_dir.iterdir())[2])
+    with pytest.raises(FileNotFoundError, match="shard caches were deleted"):
+        load_precomputed(output_dir)
+    rebuilt, frames = precompute_counting_vae_frames(video_dir, output_dir, tiny_vae)
+    assert frames == 2 * T and rebuilt["video_path"] == dataset["video_path"]
+
+
+def test_a_changed_video_gets_a_new_shard(precomputed, video_dir, tiny_vae, tmp_path):
+    """The shard key holds each video's size and modification time: a video rewritten in place is encoded again."""
+    videos = tmp_path / "videos"
+    shutil.copytree(video_dir / "train", videos)
+    first, frames = precompute_counting_vae_frames(videos, tmp_path / "out", tiny_vae)
+    assert frames == NUM_GOOD * T
+    replaced = videos / "video_000004.mp4"
+    replaced.write_bytes((videos / "video_000005.mp4").read_bytes())
+    os.utime(replaced, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns + 10**9))
+    second, frames = precompute_counting_vae_frames(videos, tmp_path / "out", tiny_vae)
+    assert frames == 2 * T  # videos 4 and 5 share the last shard of 2
+    assert run_dir_of(second) != run_dir_of(first)
+    second = second.with_format("torch")
+    assert torch.equal(second[4]["frames"], second[5]["frames"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# train_hf: data arguments and data building
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag, source",
+    [
+        (["configs/tiny.yaml", "--video_dir", "/nonexistent/folder"], "--video_dir", "--data_source synthetic"),
+        (["configs/tiny.yaml", "--eval_fraction", "0.1"], "--eval_fraction", "--data_source synthetic"),
+        (["configs/tiny.yaml", "--download_llava"], "--download_llava", "--data_source synthetic"),
+        (["configs/tiny.yaml", "--sample_fps", "4"], "--sample_fps", "--data_source synthetic"),
+        (["--video_dir", "/videos"], "--video_dir", "--data_source llava_video"),
+        (["--data_source", "video_dir", "--video_dir", "/videos", "--llava_dir", "x"], "--llava_dir",
+         "--data_source video_dir"),
+        (["--data_source", "video_dir", "--video_dir", "/v", "--num_train_videos", "8"], "--num_train_videos",
+         "--data_source video_dir"),
+    ],
+)  # fmt: skip
+def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
+    with pytest.raises(ValueError) as error:
+        train_hf.parse_arguments(argv)
+    assert flag in str(error.value) and source in str(error.value)
+
+
+def test_source_specific_defaults_apply_to_their_source():
+    _, data_args, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
+    assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
+    dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
+    assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
+                                                            data_foveated.DEFAULT_IMAGE_SIZE)  # fmt: skip
+    with pytest.raises(ValueError, match="--data_source video_dir needs --video_dir"):
+        train_hf.parse_arguments(["--data_source", "video_dir"])
+
+
+def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
+    argv = [
+        "--data_source", "video_dir", "--video_dir", str(folder), "--eval_fraction", "0.5", "--cache_dir",
+        str(cache_dir), "--vae", vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2",
+        "--output_dir", str(tmp_path / "unused"),
+    ]  # fmt: skip
+    _, data_args, training_args = train_hf.parse_arguments(argv)
+    return train_hf.build_datasets(data_args, training_args)
+
+
+def test_two_video_folders_get_separate_caches(video_dir, tiny_vae, tmp_path):
+    """Two folders with the same file names and other videos, in one cache_dir: each run reads its own videos, and
+    building the second leaves the first's data as it was."""
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(video_dir / "train", folder_a)
+    folder_b.mkdir()
+    for path in sorted(folder_a.glob("*.mp4")):  # the same names, each holding another video (no sidecars)
+        shutil.copy(folder_a / f"video_{(int(path.stem[-1]) + 1) % NUM_GOOD:06d}.mp4", folder_b / path.name)
+    train, held_out = split_train_eval(find_videos(folder_a), 0.5)
+    assert train and held_out
+
+    cache_dir = tmp_path / "cache"
+    data_a = build_from_folder(folder_a, cache_dir, tiny_vae, tmp_path)
+    a_files = {path: path.stat().st_mtime_ns for path in (cache_dir / "arrow").rglob("*") if path.is_file()}
+    data_b = build_from_folder(folder_b, cache_dir, tiny_vae, tmp_path)
+    assert data_a.eval_dir != data_b.eval_dir
+    for data, folder in ((data_a, folder_a), (data_b, folder_b)):
+        for split in (data.train, data.eval):
+            assert {Path(p).parent for p in split["video_path"]} == {folder.resolve()}
+    # Nothing of a's run was rewritten, and a's held-out split still reads a's videos.
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in a_files.items() if path.name != "precompute.json")
+    assert not torch.equal(data_a.eval[:]["frames"], data_b.eval[:]["frames"])
+    reloaded = load_precomputed(data_a.eval_dir)
+    assert reloaded["video_path"] == data_a.eval["video_path"]
+    assert torch.equal(reloaded[:]["vae_latents"], data_a.eval[:]["vae_latents"])
+
+
+def tiny_training_config(folder: Path) -> Path:
+    from tiny import TINY_TEXT, TINY_VISION
+
+    config = {
+        "vision_model": "", "text_model": "", "vision_config": dict(TINY_VISION), "text_config": dict(TINY_TEXT),
+        "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
+        "data_source": "synthetic", "num_train_videos": 4, "num_eval_videos": 2, "synthetic_size": S,
+        "num_video_frames": 8, "num_frames": T, "image_size": S, "vae": "tiny", "cache_dir": str(folder / "cache"),
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "max_steps": 3, "logging_steps": 1,
+        "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "num_attention_figures": 0,
+        "write_report": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False, "seed": 0,
+    }  # fmt: skip
+    path = folder / "tiny_data_test.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cold_and_warm_cache_train_the_same_model(tmp_path):
+    """The first run builds the data (videos, a tiny VAE fit, latents); the second finds it all cached. Building draws
+    nothing from the global random state, so both runs log the same losses."""
+    config = tiny_training_config(tmp_path)
+
+    def quick_tiny_vae(output_dir, image_size):  # a short fit: it still draws random numbers, which is what counts
+        return make_tiny_vae(output_dir, image_size, num_train_frames=8, steps=2)
+
+    losses = []
+    with mock.patch.object(train_hf, "make_tiny_vae", quick_tiny_vae):
+        for name in ("cold", "warm"):
+            trainer = train_hf.main([str(config), "--output_dir", str(tmp_path / name)])
+            losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -43,6 +43,8 @@ def test_output_shapes():
     expected = output.loss_fine + model.config.lambda_coarse * output.loss_coarse
     torch.testing.assert_close(output.loss, expected)
     assert output.loss_aux is None  # aux_current_weight = 0 in the design
+    as_tuple = model(pixel_values, vae_latents, return_dict=False)
+    assert torch.equal(as_tuple[0], output.loss) and torch.equal(as_tuple[1], output.loss_fine)
     # Without targets: queries and attention only.
     no_target = model(pixel_values)
     assert no_target.loss is None and no_target.pred_fine is None
@@ -266,33 +268,23 @@ def test_spatial_residual_head():
 
 
 @pytest.mark.parametrize(
-    "overrides, field",
+    "build, overrides, field",
     [
-        (dict(image_size=60), "image_size"),
-        (dict(latent_size=16), "latent_size"),
-        (dict(num_frames=1), "num_frames"),
-        (dict(head_type="mlp"), "head_type"),
-        (dict(lambda_coarse=-1.0), "lambda_coarse"),
-        (dict(token_dim=0), "token_dim"),
-        (dict(aux_current_weight=-1.0), "aux_current_weight"),
+        (tiny_config, dict(image_size=60), "image_size"),
+        (tiny_config, dict(latent_size=16), "latent_size"),
+        (tiny_config, dict(num_frames=1), "num_frames"),
+        (tiny_config, dict(head_type="mlp"), "head_type"),
+        (tiny_config, dict(lambda_coarse=-1.0), "lambda_coarse"),
+        (tiny_config, dict(token_dim=0), "token_dim"),
+        (tiny_config, dict(aux_current_weight=-1.0), "aux_current_weight"),
+        (FoveatedVLMProbes, dict(coarse_reader="max_pool"), "coarse_reader"),
+        (FoveatedVLMProbes, dict(fine_queries="learned"), "fine_queries"),
+        (FoveatedVLMProbes, dict(fine_loss_weight=-1.0), "fine_loss_weight"),
     ],
 )
-def test_bad_config_names_the_field(overrides, field):
+def test_bad_config_or_probes_name_the_field(build, overrides, field):
     with pytest.raises(ValueError, match=field):
-        tiny_config(**overrides)
-
-
-@pytest.mark.parametrize(
-    "probes, field",
-    [
-        (dict(coarse_reader="max_pool"), "coarse_reader"),
-        (dict(fine_queries="learned"), "fine_queries"),
-        (dict(fine_loss_weight=-1.0), "fine_loss_weight"),
-    ],
-)
-def test_bad_probes_name_the_field(probes, field):
-    with pytest.raises(ValueError, match=field):
-        FoveatedVLMProbes(**probes)
+        build(**overrides)
 
 
 @pytest.mark.parametrize(
@@ -589,6 +581,8 @@ def test_oracle_fixations_steer_pass2_only():
         model(pixel_values, vae_latents)
     with pytest.raises(ValueError, match="moving_boxes"):
         probe_inputs(model, {})
+    with pytest.raises(TypeError, match="vae_latent"):
+        model(pixel_values, vae_latent=vae_latents, **inputs)
     with pytest.raises(TypeError, match="oracle_fixations"):
         make_model()(pixel_values, vae_latents, **inputs)
     with pytest.raises(ValueError, match="oracle_fixations"):

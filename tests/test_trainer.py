@@ -27,7 +27,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaMode
 from transformers import TrainingArguments
 
 import train_hf
-from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
+from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from host_sync import HOST_SYNC_OPERATORS
 from metrics_foveated import (
     CHANGED_CELL_THRESHOLD,
@@ -40,6 +40,7 @@ from metrics_foveated import (
 from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
+from tiny_vae import make_tiny_vae
 from trainer_foveated import FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
