@@ -689,6 +689,8 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     event_files = list((output_dir / "runs").rglob("events.out.tfevents.*"))
     writers = {path.name.split(".")[-2] for path in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
     assert event_files and len(writers) == 1, event_files
+    # The final evaluation ran inside training: one scalar event file, besides the figures run's.
+    assert len([path for path in event_files if "figures" not in path.parts]) == 1, event_files
 
 
 def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsys):
