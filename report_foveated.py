@@ -32,19 +32,13 @@ import torch
 from matplotlib.figure import Figure
 from transformers.trainer_utils import get_last_checkpoint
 
+from card_foveated import REPORT_DIR, architecture_rows
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
+from figures_foveated import plot_attention_maps, plot_prediction_figure
+from metrics_foveated import box_coverage, derived_metrics, model_inputs
 from modeling_foveated import FoveatedVLMModel, attention_entropy
 from probes_foveated import from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
-from trainer_foveated import (
-    REPORT_DIR,
-    _architecture_rows,
-    decode_latents,
-    derived_metrics,
-    model_inputs,
-    plot_attention_maps,
-    plot_predictions,
-)
 
 __all__ = [
     "DATA_PATHS_FILE",
@@ -110,22 +104,6 @@ class FoveatedVLMClipMetrics:
     box_area: np.ndarray
     frame_diff: np.ndarray
     names: list
-
-
-def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = 8) -> torch.Tensor:
-    """Share of each patch covered by the union of the boxes: (B, T, K, 4) normalised xyxy, rows with a negative
-    value absent -> (B, T, P). Sampled at `subdivisions`² points per patch, so uniform attention's mass inside the
-    boxes equals the mean coverage (chance) exactly."""
-    side = grid * subdivisions
-    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side  # (side,)
-    valid = (boxes >= 0).all(-1)[..., None, None]  # (B, T, K, 1, 1)
-    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))  # (B, T, K, 1, 1) each
-    inside_x = (centres >= x0) & (centres < x1)  # (B, T, K, 1, side)
-    inside_y = (centres[:, None] >= y0) & (centres[:, None] < y1)  # (B, T, K, side, 1)
-    mask = (valid & inside_x & inside_y).any(dim=2).float()  # (B, T, side, side)
-    B, T = mask.shape[:2]
-    mask = mask.view(B, T, grid, subdivisions, grid, subdivisions)  # rows/columns split into patches
-    return mask.mean(dim=(3, 5)).flatten(2)  # (B, T, g, g) -> (B, T, P), row-major like the patch tokens
 
 
 def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
@@ -382,23 +360,6 @@ def plot_attention_figures(frames, outputs, boxes, clips, indices) -> list[Figur
     return figures
 
 
-def plot_prediction_figure(vae, frames, latents, outputs) -> tuple[Figure, float]:
-    """Figure 4: the last frame predicted from all earlier ones (the most context), VAE-decoded; and the PSNR (dB)
-    of the VAE's own decoding of the actual latent against the real frame, i.e. what the target can show at best."""
-    t = outputs.pred_fine.shape[1] - 2
-    actual = decode_latents(vae, latents[:, t + 1])  # (N, S, S, 3) in [0, 1]
-    figure = plot_predictions(
-        frames[:, t],
-        actual,
-        decode_latents(vae, outputs.pred_fine[:, t + 1]),
-        decode_latents(vae, outputs.pred_coarse[:, t + 1]),
-        t=t,
-    )
-    figure.suptitle(f"Figure 4: predicting frame {t + 1} from frames 0..{t} (VAE-decoded latents)", fontsize=9)
-    error = np.mean((actual - frames[:, t + 1].astype(np.float32) / 255) ** 2)
-    return figure, float(10 * np.log10(1 / max(error, 1e-12)))
-
-
 # ---- report.md and report.html from one list of blocks ----
 
 
@@ -552,7 +513,7 @@ def _method(doc: _Document, config, state, log_history, eval_path, num_clips):
         "Pass 2: q_init, q_1..q_(T-1) ──read──► z_1..z_T ──LLM──► states ──head(previous latent)──► loss_fine\n"
         f"targets: VAE latents v_1..v_T ({latent}); the prediction of v_t sees frames < t and v_(t-1) only"
     )
-    doc.table(["Part", "This run"], [[name, value] for name, value in _architecture_rows(config).items()])
+    doc.table(["Part", "This run"], [[name, value] for name, value in architecture_rows(config).items()])
     doc.table(["Training", "Value"], _training_rows(state, log_history, eval_path, num_clips))
 
 

@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import data_foveated
 import report_foveated
+from card_foveated import FoveatedVLMModelCardInfo, latest_eval_metrics, table1_markdown
 from data_foveated import LLAVA_VIDEO_DATASET, SD_VAE_ID
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
@@ -41,12 +42,7 @@ from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor, FoveatedVLMVideoProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
 from tiny_vae import make_tiny_vae
-from trainer_foveated import (
-    FoveatedTrainer,
-    FoveatedVLMFigureCallback,
-    FoveatedVLMModelCardInfo,
-    table1_markdown,
-)
+from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMFinalEvaluationCallback, FoveatedVLMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -601,7 +597,7 @@ def base_model_ids(model_args: ModelArguments) -> list[str]:
 # ---- Train, evaluate, save ----
 
 
-def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedTrainer:
+def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedVLMTrainer:
     # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
     collator = data_foveated.FoveatedVLMDataCollator(
         processor.tokenizer, data_args.max_text_length, normalize_frames=False
@@ -611,7 +607,7 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
         datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
         base_models=base_model_ids(model_args),
     )
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
@@ -623,6 +619,8 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
     if training_args.num_attention_figures > 0:
         figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures)
         trainer.add_callback(figures)
+    # Every run ends with one evaluation at its last step (`evaluate` reads it); "steps" and "epoch" have one.
+    trainer.add_callback(FoveatedVLMFinalEvaluationCallback())
     return trainer
 
 
@@ -643,7 +641,7 @@ def warn_if_emulated_bf16(training_args: FoveatedTrainingArguments) -> None:
         )
 
 
-def report_peak_memory(trainer: FoveatedTrainer) -> None:
+def report_peak_memory(trainer: FoveatedVLMTrainer) -> None:
     """One optimizer step (all accumulation micro-batches), then the peak memory, as in the seed's Appendix A."""
     trainer.train()
     if torch.cuda.is_available():
@@ -658,9 +656,18 @@ def report_peak_memory(trainer: FoveatedTrainer) -> None:
     )
 
 
-def evaluate(trainer: FoveatedTrainer) -> dict:
-    """The whole held-out split; prints Table 1 and writes eval_results.json into output_dir."""
-    metrics = trainer.evaluate()
+def final_evaluation(trainer: FoveatedVLMTrainer) -> dict:
+    """The evaluation of the final model: the one the Trainer ran at the last step (see `build_trainer`), else a new
+    one (a run resumed at its last step trains no step)."""
+    last = latest_eval_metrics(trainer.state.log_history)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return {name: value for name, value in last.items() if name != "step"}
+    return trainer.evaluate()
+
+
+def evaluate(trainer: FoveatedVLMTrainer) -> dict:
+    """Table 1 on the whole held-out split, measured once: prints it and writes eval_results.json into output_dir."""
+    metrics = final_evaluation(trainer)
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         print(f"\nTable 1: held-out next-frame latent MSE ({len(trainer.eval_dataset)} clips)\n")
@@ -668,10 +675,10 @@ def evaluate(trainer: FoveatedTrainer) -> dict:
     return metrics
 
 
-def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
-    """A Hub-ready output_dir: weights, config with auto_map, remote code, processor, the analysis report,
-    README.md with Table 1 and the report's figures; and where the held-out clips and the VAE are
-    (report_foveated.py reads it)."""
+def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
+    """A Hub-ready output_dir without a pickle: weights, config with auto_map, remote code, processor,
+    training_args.json, trainer_state.json, the analysis report, README.md with Table 1 and the report's figures;
+    and where the held-out clips and the VAE are (report_foveated.py reads it)."""
     trainer.save_model()
     trainer.save_state()
     if trainer.args.write_report and trainer.is_world_process_zero():
@@ -687,10 +694,10 @@ def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
     if trainer.is_world_process_zero():
         vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
         data_paths = {"eval_dataset": data.eval_dir, "vae": vae}
-        Path(trainer.args.output_dir, "data_paths.json").write_text(json.dumps(data_paths, indent=1))
+        Path(trainer.args.output_dir, report_foveated.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
 
-def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
+def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     model_args, data_args, training_args, probes = parse_arguments(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     warn_if_emulated_bf16(training_args)

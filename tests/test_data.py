@@ -44,8 +44,8 @@ from data_foveated import (
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
+from metrics_foveated import model_inputs
 from tiny_vae import make_tiny_vae
-from trainer_foveated import model_inputs
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

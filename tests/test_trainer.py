@@ -1,4 +1,4 @@
-"""FoveatedTrainer and train_hf.py: accumulation-correct metrics, frozen parameters, Hub-ready folders, resume after
+"""FoveatedVLMTrainer, metrics_foveated.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
 SIGKILL, two processes, and the configs.
 
 The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
@@ -7,6 +7,7 @@ first run. The in-process tests use small Arrow datasets built directly.
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -27,17 +28,20 @@ from transformers import TrainingArguments
 
 import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
-from modeling_foveated import FoveatedVLMModel
+from host_sync import HOST_SYNC_OPERATORS
+from metrics_foveated import (
+    CHANGED_CELL_THRESHOLD,
+    FoveatedVLMImprovement,
+    clip_metrics,
+    improvement_with_se,
+    mean_metrics,
+    model_inputs,
+)
+from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from tiny_vae import make_tiny_vae
-from trainer_foveated import (
-    HOST_SYNC_OPERATORS,
-    FoveatedTrainer,
-    foveation_metrics,
-    model_inputs,
-    moving_box_patch_mask,
-)
+from trainer_foveated import FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -54,11 +58,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_arrow_dataset(num_clips: int, seed: int = 0) -> Dataset:
-    """Random clips with the precomputed columns the collator reads."""
+def tiny_arrow_dataset(num_clips: int, seed: int = 0, boxes: bool = True) -> Dataset:
+    """Random clips with the precomputed columns the collator reads; `boxes=False`: every box row absent (-1), as
+    the collator emits for data without boxes."""
     rng = np.random.default_rng(seed)
-    boxes = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
-    boxes[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
+    boxes_column = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
+    if boxes:
+        boxes_column[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
     features = Features(
         {
             "frames": Array4D((T, S, S, 3), "uint8"),
@@ -69,7 +75,7 @@ def tiny_arrow_dataset(num_clips: int, seed: int = 0) -> Dataset:
     columns = {
         "frames": rng.integers(0, 256, (num_clips, T, S, S, 3), dtype=np.uint8),
         "vae_latents": rng.standard_normal((num_clips, T, 4, LATENT, LATENT)).astype(np.float32),
-        "moving_boxes": boxes,
+        "moving_boxes": boxes_column,
     }
     return Dataset.from_dict(columns, features=features)
 
@@ -97,7 +103,7 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     collator = FoveatedVLMDataCollator()
     # lr 0: the weights stay those of the hand computation; one step = 4 micro-batches of 2 clips = the whole set.
     args = training_arguments(tmp_path, gradient_accumulation_steps=4, learning_rate=0.0, max_steps=2, logging_steps=1)
-    trainer = FoveatedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = FoveatedVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
 
     model.eval()
@@ -139,7 +145,7 @@ def test_captioned_micro_batches_train_like_one_batch(tmp_path):
             gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_steps=8, logging_steps=2,
         )
         model = FoveatedVLMModel(tiny_config())
-        trainer = FoveatedTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer = FoveatedVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         trainer.train()
         models.append(model.eval())
         logs.append([entry for entry in trainer.state.log_history if "loss/fine" in entry])
@@ -160,15 +166,14 @@ def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
 
     flags = []
 
-    def recording_metrics(model, outputs, inputs, state_contribution=True):
+    def recording_metrics(model, outputs, batch, state_contribution=True):
         flags.append(state_contribution)
-        return trainer_foveated_metrics(model, outputs, inputs, state_contribution)
+        return clip_metrics(model, outputs, batch, state_contribution)
 
-    trainer_foveated_metrics = trainer_foveated.foveation_metrics
-    monkeypatch.setattr(trainer_foveated, "foveation_metrics", recording_metrics)
+    monkeypatch.setattr(trainer_foveated, "clip_metrics", recording_metrics)
     torch.manual_seed(0)
     args = training_arguments(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2)
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=FoveatedVLMModel(tiny_config()), args=args, train_dataset=tiny_arrow_dataset(8),
         data_collator=FoveatedVLMDataCollator(),
     )
@@ -210,13 +215,13 @@ def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries)
     torch.manual_seed(0)
     model = FoveatedVLMProbedModel(config, FoveatedVLMProbes(fine_queries=fine_queries))
     args = training_arguments(tmp_path, logging_steps=1)  # the step logs: the state contribution runs too
-    trainer = FoveatedTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
+    trainer = FoveatedVLMTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
     batch = trainer.data_collator([tiny_arrow_dataset(2)[i] for i in range(2)])
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # what train() sets before its micro-batches
     with HostSyncRecorder() as recorder:  # one optimizer step of train(): micro-batch, clipping, optimizer
         loss = trainer.training_step(model, batch)
-        trainer._clip_grad_norm(model)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)  # as train() clips
         trainer.optimizer.step()
     assert recorder.ours() == []
     with recorder:  # the recorder does see a sync in this repository's code
@@ -228,21 +233,142 @@ def _model_inputs(batch: dict) -> dict:
     return {name: batch[name] for name in ("pixel_values", "vae_latents")}
 
 
-def test_evaluation_reports_eval_prefixed_metrics(tmp_path):
+def test_logged_eval_metrics_are_the_metrics_module_means(tmp_path):
+    """One definition: what the trainer logs in evaluation is `mean_metrics` of `clip_metrics` over the same clips,
+    batched the same way (the state contribution swaps states within a batch), and its standard errors are
+    `FoveatedVLMImprovement`'s."""
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config())
     dataset = tiny_arrow_dataset(5)  # 2 + 2 + 1: an uneven last batch
     args = training_arguments(tmp_path, per_device_eval_batch_size=2)
-    trainer = FoveatedTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
-    metrics = trainer.evaluate()
+    trainer = FoveatedVLMTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
+    logged = trainer.evaluate()
     collator = FoveatedVLMDataCollator()
     model.eval()
+    parts = []
     with torch.no_grad():
-        fine = np.mean([model(**_model_inputs(collator([dataset[i]]))).loss_fine.item() for i in range(len(dataset))])
-    assert metrics["eval_loss/fine"] == pytest.approx(fine, rel=1e-4)  # weighted by clips, not by batches
-    for name in ("eval_loss/coarse", "eval_attention/entropy_static", "eval_loss/ratio", "eval_improvement"):
-        assert name in metrics
-    assert not any(name.startswith("loss/") for name in metrics)
+        for rows in ([0, 1], [2, 3], [4]):
+            batch = collator([dataset[i] for i in rows])
+            parts.append(clip_metrics(model, model(**model_inputs(batch, model)), batch))
+    per_clip = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    expected = mean_metrics(per_clip)
+    expected.update(improvement_with_se({name: values.numpy() for name, values in per_clip.items()}))
+    assert {"tracking/dynamic", "diag/state_contribution_fine", "loss/fine_changed", "improvement_t2_se"} <= set(expected)
+    for name, value in expected.items():
+        assert logged[f"eval_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-7), name
+    fine = np.mean([model(**_model_inputs(collator([dataset[i]]))).loss_fine.item() for i in range(len(dataset))])
+    assert logged["eval_loss/fine"] == pytest.approx(fine, rel=1e-4)  # weighted by clips, not by batches
+    assert not any(name.startswith("loss/") for name in logged)
+
+
+def test_tracking_is_absent_without_boxes(tmp_path):
+    """Data without boxes (LLaVA-Video: the collator's moving_boxes are all -1) logs no tracking, not a tracking
+    of 0; the metrics that need no boxes are still there."""
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config())
+    args = training_arguments(tmp_path, per_device_train_batch_size=2, max_steps=2, logging_steps=1)
+    trainer = FoveatedVLMTrainer(
+        model=model, args=args, train_dataset=tiny_arrow_dataset(4, boxes=False),
+        eval_dataset=tiny_arrow_dataset(3, boxes=False), data_collator=FoveatedVLMDataCollator(),
+    )
+    trainer.train()
+    logged = [*[entry for entry in trainer.state.log_history if "loss/fine" in entry], trainer.evaluate()]
+    for entry in logged:
+        assert not any("tracking/" in name for name in entry), entry
+        assert any(name.endswith("loss/fine_t2") for name in entry)
+    batch = FoveatedVLMDataCollator()([tiny_arrow_dataset(2, boxes=False)[i] for i in range(2)])
+    with torch.no_grad():
+        outputs = model(**model_inputs(batch, model))
+        per_clip = clip_metrics(model, outputs, batch)
+        assert per_clip["tracking/dynamic"].isnan().all()  # per clip: undefined
+        assert not any(name.startswith("tracking/") for name in mean_metrics(per_clip))  # means: absent
+        del batch["moving_boxes"]
+        assert not any(name.startswith("tracking/") for name in clip_metrics(model, outputs, batch))
+
+
+class _Head:
+    """A stand-in model whose head predicts each latent cell as the mean of the state: the state contribution of a
+    hand-made output can then be computed by hand."""
+
+    def predict_latents(self, states, prev_latents):
+        return states.mean(-1)[..., None, None, None].expand(*states.shape[:2], *prev_latents.shape[2:])
+
+
+def test_each_metric_matches_a_hand_computation():
+    # 2 clips, T = 2 targets of 1 x 2 x 2 latent cells, P = 4 patches (a 2 x 2 grid).
+    target = torch.zeros(2, 2, 1, 2, 2)
+    target[0, 1, 0, 0, 0] = 1.0  # clip 0: one of the 4 cells changes at t = 2 (above CHANGED_CELL_THRESHOLD)
+    target[1, 1] = CHANGED_CELL_THRESHOLD / 2  # clip 1: every cell changes, below the threshold
+    pred_fine = target.clone()
+    pred_fine[0, 1, 0, 0, 0] += 2.0  # clip 0, t = 2: error 4 on the changed cell ...
+    pred_fine[0, 1, 0, 1, 1] += 1.0  # ... and 1 on an unchanged one
+    pred_fine[1, 0] += 1.0  # clip 1: error 1 on all cells of t = 1 only
+    pred_coarse = target + 1.0  # error 1 everywhere
+    uniform, corner = torch.full((4,), 0.25), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    attn_static = torch.stack([torch.stack([uniform, uniform])] * 2)  # (2, 2, 4)
+    attn_dynamic = torch.stack([torch.stack([uniform, corner])] * 2)
+    boxes = torch.full((2, 2, 1, 4), -1.0)
+    boxes[0, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # clip 0: the top-left patch on both frames
+    boxes[1, 0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # clip 1: a box on frame 1 only, which tracking leaves out
+    state_coarse = torch.zeros(2, 2, 3)
+    state_coarse[1] = 3.0  # swapping clips moves clip 0's coarse prediction to 3, clip 1's to 0
+    state_fine = state_coarse.clone()
+    prev_latents = torch.cat([torch.zeros(2, 1, 1, 2, 2), target[:, :-1]], dim=1)
+    outputs = FoveatedVLMOutput(
+        loss_fine=(pred_fine - target).pow(2).mean(), loss_coarse=(pred_coarse - target).pow(2).mean(),
+        loss_aux=torch.tensor(0.5), pred_fine=pred_fine, pred_coarse=pred_coarse, attn_static=attn_static,
+        attn_dynamic=attn_dynamic, state_coarse=state_coarse, state_fine=state_fine, prev_latents=prev_latents,
+    )
+    metrics = clip_metrics(_Head(), outputs, {"vae_latents": target, "moving_boxes": boxes})
+    # Clip 0: fine errors 4 + 1 over 8 cells; clip 1: 4 x 1 over 8 cells. Coarse: 1 everywhere.
+    expected = {
+        "loss/fine": [5 / 8, 4 / 8],
+        "loss/coarse": [1.0, 1.0],
+        "loss/aux": [0.5, 0.5],
+        "loss/fine_t2": [5 / 4, 0.0],
+        "loss/coarse_t2": [1.0, 1.0],
+        "loss/copy_t2": [1 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2],
+        "loss/fine_changed": [4.0, math.nan],  # clip 1 has no changed cell
+        "loss/fine_unchanged": [1 / 3, 0.0],
+        "attention/entropy_static": [math.log(4)] * 2,
+        "attention/entropy_dynamic": [math.log(4) / 2] * 2,  # frame 1 uniform, frame 2 one-hot
+        "tracking/dynamic": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
+        "tracking/static": [0.25, math.nan],
+        "tracking/chance": [0.25, math.nan],
+    }
+    # State contribution at t = 2, coarse: clip 0 swapped predicts 3 against targets {1, 0, 0, 0} -> (4 + 27) / 4,
+    # unswapped 1 -> 1; clip 1 swapped predicts 0 against 0.05 everywhere -> 0.0025, unswapped 1.
+    swapped = [(4 + 3 * 9) / 4 - 1.0, (CHANGED_CELL_THRESHOLD / 2) ** 2 - 1.0]
+    expected["diag/state_contribution_coarse"] = swapped
+    # Fine: unswapped errors at t = 2 are 5/4 and 0; swapped the same as coarse.
+    expected["diag/state_contribution_fine"] = [(4 + 3 * 9) / 4 - 5 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2]
+    assert set(metrics) == set(expected)
+    for name, values in expected.items():
+        torch.testing.assert_close(metrics[name], torch.tensor(values), equal_nan=True, msg=name)
+    means = mean_metrics(metrics)
+    assert means["loss/fine_changed"] == 4.0 and means["tracking/dynamic"] == 1.0  # NaN clips are left out
+    assert means["improvement"] == pytest.approx((1.0 - 9 / 16) / 1.0)
+    assert means["loss/ratio"] == pytest.approx(16 / 9)
+    assert means["improvement_t2"] == pytest.approx(1.0 - 5 / 8)
+
+
+def test_improvement_metric_and_its_standard_error():
+    # R = mean(fine) / mean(coarse) = 2 / (8/3) = 0.75; residuals fine - R coarse = (-0.5, 0.5, 0), sd 0.5;
+    # SE = 0.5 / (sqrt(3) * 8/3).
+    measured = FoveatedVLMImprovement().compute(loss_fine=[1.0, 2.0, 3.0], loss_coarse=[2.0, 2.0, 4.0])
+    assert measured["improvement"] == pytest.approx(0.25)
+    assert measured["improvement_se"] == pytest.approx(0.5 / (math.sqrt(3) * 8 / 3))
+    assert measured["num_clips"] == 3
+    # The delta method against the spread of the improvement over many resamples of the same clips.
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(1.0, 2.0, 400)
+    fine = coarse * rng.uniform(0.7, 1.0, 400)
+    se = FoveatedVLMImprovement().compute(loss_fine=fine, loss_coarse=coarse)["improvement_se"]
+    resampled = [rng.integers(0, 400, 400) for _ in range(2000)]
+    spread = np.std([1 - fine[i].mean() / coarse[i].mean() for i in resampled])
+    assert se == pytest.approx(spread, rel=0.1)
+    single = FoveatedVLMImprovement().compute(loss_fine=[1.0], loss_coarse=[2.0])
+    assert single["improvement"] == 0.5 and math.isnan(single["improvement_se"])
 
 
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):
@@ -252,7 +378,7 @@ def test_frozen_parameters_get_no_optimizer_state(tmp_path):
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     assert any(name.startswith("encoder.backbone.") for name in frozen)
     args = training_arguments(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2)
-    trainer = FoveatedTrainer(
+    trainer = FoveatedVLMTrainer(
         model=model, args=args, train_dataset=tiny_arrow_dataset(4), data_collator=FoveatedVLMDataCollator()
     )
     trainer.train()
@@ -288,7 +414,7 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
         assert config.vision_config.hidden_size == TINY_VISION["hidden_size"]
         assert config.text_config.hidden_size == TINY_TEXT["hidden_size"]
         processor = train_hf.build_processor(model_args, data_args, config.text_config.vocab_size)
-        assert (processor.tokenizer is not None) == (config_name == "phase2")
+        assert processor.tokenizer is not None  # always, so that every checkpoint takes text
 
 
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -330,9 +456,12 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, ca
 
 
 def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
+    # The processor always carries a tokenizer; the random tiny LLM's vocabulary fits this one.
+    _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(folder / "tokenizer")
     config = {
         "vision_model": "",
         "text_model": "",
+        "tokenizer": str(folder / "tokenizer"),
         "vision_config": dict(TINY_VISION),
         "text_config": dict(TINY_TEXT),
         "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
@@ -352,7 +481,10 @@ def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
         "lr_scheduler_type": "constant",
         "max_steps": MAX_STEPS,
         "logging_steps": 1,
-        "eval_strategy": "no",
+        # The Trainer evaluates at step 2 and, being the last, at step 4: train_hf.py reuses that one (one final
+        # evaluation). The two-process run covers "no".
+        "eval_strategy": "steps",
+        "eval_steps": SAVE_STEPS,
         "save_steps": SAVE_STEPS,
         "report_to": "tensorboard",
         "num_attention_figures": 2,
@@ -416,7 +548,10 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     readme = (output_dir / "README.md").read_text()
     assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
     assert f"| loss_fine   | {eval_results['eval_loss/fine']:.4f} |" in readme
-    assert "Not evaluated yet" in (checkpoint / "README.md").read_text()
+    # A checkpoint's card holds the evaluation made at its step (the Trainer evaluates before it saves).
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    at_checkpoint = next(entry for entry in history if "eval_loss" in entry and entry["step"] == SAVE_STEPS)
+    assert f"| loss_fine   | {at_checkpoint['eval_loss/fine']:.4f} |" in (checkpoint / "README.md").read_text()
     # The analysis report is written after training, and the model card links its figures (the checkpoint's has none).
     report = output_dir / "report"
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
@@ -426,6 +561,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
+    assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
 
     for folder in (output_dir, checkpoint):
         run_isolated_python(
@@ -436,12 +572,39 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
             assert not info["missing_keys"] and not info["unexpected_keys"], info
             processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
             assert type(model).__name__ == "FoveatedVLMModel" and type(processor).__name__ == "FoveatedVLMProcessor"
-            assert processor.num_frames == {T} and processor.image_size == {S}
+            assert processor.video_processor.num_frames == {T} and processor.video_processor.image_size == {S}
             output = model(torch.randn(1, {T}, 3, {S}, {S}), torch.randn(1, {T}, 4, {LATENT}, {LATENT}))
             assert torch.isfinite(output.loss)
             """,
             folder.parent,
         )
+
+
+def test_final_evaluation_runs_once(tiny_run):
+    """The Trainer evaluates at the last step itself: train_hf.py reuses that evaluation for Table 1 instead of
+    running a second one, so the log history and TensorBoard hold it once."""
+    output_dir = tiny_run["output_dir"]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [SAVE_STEPS, MAX_STEPS]
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert eval_results == {name: value for name, value in evaluations[-1].items() if name != "step"}
+    assert eval_results["eval_improvement_se"] > 0
+    scalar_runs = [path for path in (output_dir / "runs").rglob("events.out.tfevents.*") if "figures" not in path.parts]
+    assert len(scalar_runs) == 1, scalar_runs
+
+
+def test_saved_folder_holds_no_pickle(tiny_run):
+    """Every file of the final folder (checkpoints aside: they keep the optimizer state a resume needs) is one the
+    Hub can show without unpickling: no pickle, no torch.save zip."""
+    output_dir = tiny_run["output_dir"]
+    files = [path for path in output_dir.rglob("*") if path.is_file() and not path.relative_to(output_dir).parts[0].startswith("checkpoint-")]
+    assert {"model.safetensors", "training_args.json", "trainer_state.json", "README.md"} <= {p.name for p in files}
+    for path in files:
+        assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".pickle"), path
+        head = path.read_bytes()[:2]
+        assert not head.startswith(b"\x80") and head != b"PK", f"{path} is a pickle or a torch.save zip"
+    assert not list(output_dir.rglob("training_args.bin"))  # nor in the checkpoints
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
@@ -504,14 +667,17 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     # `accelerate launch --cpu` starts a single process unless given an MPI hostfile; --multi_gpu starts one per
     # process through torch.distributed.run, and use_cpu makes them one gloo group on the CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true"]
+    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true",
+                "--eval_strategy", "no"]
     _run(launch + [str(script), str(tmp_path), *run_args], timeout=400)
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["params"] == ranks[1]["params"]
     # Metrics are reduced across ranks identically, so both ranks hold the same (global) values.
     logs = [[entry for entry in rank["log_history"] if "loss/fine" in entry or "eval_loss/fine" in entry] for rank in ranks]
-    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]  # 3 training logs, then the final evaluation
+    # 3 training logs, then the one final evaluation that eval_strategy "no" gets at the last step.
+    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]
+    assert sum("eval_loss/fine" in entry for entry in logs[0]) == 1
     timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
     assert [{k: v for k, v in entry.items() if k not in timings} for entry in logs[0]] == [
         {k: v for k, v in entry.items() if k not in timings} for entry in logs[1]
@@ -523,6 +689,8 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     event_files = list((output_dir / "runs").rglob("events.out.tfevents.*"))
     writers = {path.name.split(".")[-2] for path in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
     assert event_files and len(writers) == 1, event_files
+    # The final evaluation ran inside training: one scalar event file, besides the figures run's.
+    assert len([path for path in event_files if "figures" not in path.parts]) == 1, event_files
 
 
 def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsys):
@@ -546,29 +714,19 @@ def test_oracle_fixations_are_the_moving_box_centres():
     assert set(inputs) == {"pixel_values", "oracle_fixations"}
 
 
-def test_foveation_diagnostics():
+def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config()).eval()
     pixel_values, vae_latents = torch.randn(3, 4, 3, 64, 64), torch.randn(3, 4, 4, 8, 8)
-    boxes = -torch.ones(3, 4, 4, 4)
-    boxes[:, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # the top-left quarter: 4 of 16 patches
-    mask = moving_box_patch_mask(boxes, 16)
-    assert mask.sum(-1).eq(4).all() and mask[0, 0].view(4, 4)[:2, :2].eq(1).all()
+    batch = {"vae_latents": vae_latents}
     with torch.no_grad():
         model.prediction_head.film[-1].weight.normal_(std=1.0)  # a head that reads its state strongly
-        outputs = model(pixel_values, vae_latents)
-        metrics = foveation_metrics(model, outputs, {"vae_latents": vae_latents, "moving_boxes": boxes})
-    torch.testing.assert_close(metrics["tracking/chance"], torch.tensor(0.25))
-    expected_copy = (vae_latents[:, :-1] - vae_latents[:, 1:]).pow(2).mean()
-    torch.testing.assert_close(metrics["loss/copy_t2"], expected_copy)
-    # A head that ignores its state loses nothing when states are swapped across clips.
-    with torch.no_grad():
+        reading = clip_metrics(model, model(pixel_values, vae_latents), batch)
         model.prediction_head.film[-1].weight.zero_()
         model.prediction_head.film[-1].bias.zero_()
-        outputs = model(pixel_values, vae_latents)
-        ignored = foveation_metrics(model, outputs, {"vae_latents": vae_latents})
-    assert ignored["diag/state_contribution_fine"].abs() < 1e-6
-    assert metrics["diag/state_contribution_fine"].abs() > 1e-6
+        ignoring = clip_metrics(model, model(pixel_values, vae_latents), batch)
+    assert ignoring["diag/state_contribution_fine"].abs().max() < 1e-6
+    assert reading["diag/state_contribution_fine"].abs().min() > 1e-6
 
 
 def test_command_line_model_config_updates_the_yaml_one():
