@@ -29,16 +29,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import data_foveated
 import report_foveated
+from card_foveated import FoveatedVLMModelCardInfo, table1_markdown
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
-from trainer_foveated import (
-    FoveatedTrainer,
-    FoveatedVLMFigureCallback,
-    FoveatedVLMModelCardInfo,
-    table1_markdown,
-)
+from trainer_foveated import FoveatedTrainer, FoveatedVLMFigureCallback
 
 logger = logging.getLogger(__name__)
 

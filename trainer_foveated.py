@@ -2,43 +2,33 @@
 
 `FoveatedTrainer` adds the foveation metrics to the Trainer's logs, averaged correctly over gradient-accumulation
 micro-batches and processes. Two callbacks write what a run shows besides scalars: attention maps and decoded
-predictions of a few fixed eval clips to TensorBoard, and a model card (README.md) into every checkpoint so that each
-saved folder is Hub-ready. The figure and table functions are plain functions so that reports can reuse them.
+predictions of a few fixed eval clips to TensorBoard (figures_foveated.py), and a model card (card_foveated.py) into
+every checkpoint so that each saved folder is Hub-ready.
 """
 
-import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from huggingface_hub import ModelCard, ModelCardData
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from transformers import ProcessorMixin, Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
+from card_foveated import FoveatedVLMModelCardInfo, write_model_card
+from figures_foveated import plot_attention_maps, plot_prediction_figure
+from metrics_foveated import derived_metrics
 from processing_foveated import frames_to_pixel_values
 
 __all__ = [
     "HOST_SYNC_OPERATORS",
     "MODEL_INPUT_NAMES",
     "FoveatedTrainer",
-    "FoveatedVLMModelCardInfo",
     "FoveatedVLMFigureCallback",
     "FoveatedVLMHubFilesCallback",
     "foveation_metrics",
-    "derived_metrics",
-    "table1_markdown",
-    "latest_eval_metrics",
-    "write_model_card",
-    "plot_attention_maps",
-    "plot_predictions",
-    "decode_latents",
+    "model_inputs",
 ]
 
 # Operators that make the host wait for the accelerator: reading a value (`.item()`, `bool(tensor)`) or an output
@@ -48,7 +38,6 @@ HOST_SYNC_OPERATORS = frozenset(
 )
 # Batch columns the model's forward takes; the rest (moving_boxes, ...) are for metrics and figures only.
 MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
 
 def model_inputs(batch: dict, config=None) -> dict[str, torch.Tensor]:
@@ -134,21 +123,6 @@ def moving_box_patch_mask(moving_boxes: torch.Tensor, num_patches: int) -> torch
     inside = (xs >= boxes[..., 0, :]) & (xs <= boxes[..., 2, :]) & (ys >= boxes[..., 1, :]) & (ys <= boxes[..., 3, :])
     valid = (moving_boxes[..., 0] >= 0)[..., None]  # (B, T, K, 1)
     return (inside & valid).any(dim=2).float()
-
-
-def derived_metrics(means: dict[str, float]) -> dict[str, float]:
-    """`loss/ratio` = coarse / fine (> 1: foveation helps) and `improvement` = (coarse - fine) / coarse, the seed's
-    success metric, from MEAN losses: a mean of per-batch ratios would weight noisy batches differently."""
-    if "loss/fine" not in means or "loss/coarse" not in means:
-        return {}
-    fine, coarse = means["loss/fine"], means["loss/coarse"]
-    derived = {
-        "loss/ratio": coarse / fine if fine > 0 else math.inf,
-        "improvement": (coarse - fine) / coarse if coarse > 0 else 0.0,
-    }
-    if means.get("loss/coarse_t2", 0) > 0:
-        derived["improvement_t2"] = (means["loss/coarse_t2"] - means["loss/fine_t2"]) / means["loss/coarse_t2"]
-    return derived
 
 
 class FoveatedTrainer(Trainer):
@@ -247,138 +221,6 @@ class FoveatedTrainer(Trainer):
             )
 
 
-# ---- Tables and the model card ----
-
-
-def latest_eval_metrics(log_history: list[dict]) -> Optional[dict]:
-    """The last evaluation in a Trainer's `log_history` that has the foveation losses, or None."""
-    evaluations = [entry for entry in log_history if "eval_loss/fine" in entry]
-    return evaluations[-1] if evaluations else None
-
-
-def table1_markdown(metrics: dict, prefix: str = "eval_") -> str:
-    """The seed's Table 1 (loss_coarse, loss_fine, improvement) as Markdown from logged means."""
-    coarse, fine = metrics[f"{prefix}loss/coarse"], metrics[f"{prefix}loss/fine"]
-    improvement = derived_metrics({"loss/fine": fine, "loss/coarse": coarse})["improvement"]
-    return "\n".join(
-        [
-            "| Metric      | Value |",
-            "|-------------|-------|",
-            f"| loss_coarse | {coarse:.4f} |",
-            f"| loss_fine   | {fine:.4f} |",
-            f"| Improvement | {improvement:.1%} |",
-        ]
-    )
-
-
-@dataclass
-class FoveatedVLMModelCardInfo:
-    """What the model card says that the model config and training arguments do not."""
-
-    data_description: str = field(metadata={"help": "One paragraph: which videos, how many, how preprocessed."})
-    datasets: list[str] = field(default_factory=list, metadata={"help": "Hub dataset ids, for the metadata."})
-    base_models: list[str] = field(default_factory=list, metadata={"help": "Hub ids of pretrained backbones."})
-    # Not a generation or classification model: AutoModel returns queries, states and latent predictions.
-    pipeline_tag: str = field(default="feature-extraction", metadata={"help": "Hub pipeline tag."})
-
-
-def _architecture_rows(config) -> dict[str, str]:
-    vision, text = config.vision_config, config.text_config
-    latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
-    head = f"{config.head_type} ({'residual' if config.head_residual else 'full latent'}), {config.head_channels} ch"
-    return {
-        "Vision encoder": f"{vision.model_type}: {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-        f"patch {vision.patch_size}, {config.num_patches} patches per frame",
-        "Language model": f"{text.model_type}: {text.num_hidden_layers} layers, width {text.hidden_size}",
-        "Query": f"{'deep (joins every encoder layer)' if config.deep_query else 'shallow (one cross-attention)'}, "
-        f"width {config.query_dim}; one visual token per frame",
-        "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
-        "Target": f"next-frame VAE latent {latent}",
-        "Prediction head": head,
-        "Loss": f"loss_fine + {config.lambda_coarse:g} · loss_coarse (MSE)",
-        "Frozen": ", ".join(
-            name for name, frozen in (("vision", config.freeze_vision), ("text", config.freeze_text)) if frozen
-        )
-        or "nothing",
-    }
-
-
-def _hyperparameter_rows(args, state) -> dict[str, str]:
-    per_device = args.per_device_train_batch_size
-    effective = per_device * args.gradient_accumulation_steps * args.world_size
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    return {
-        "Optimizer steps done": str(state.global_step),
-        "Planned steps": str(args.max_steps) if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
-        "Clips per step": f"{effective} ({per_device} per device × {args.gradient_accumulation_steps} accumulation × "
-        f"{args.world_size} processes)",
-        "Learning rate": f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, "
-        f"{args.warmup_steps} warmup steps)",
-        "Weight decay": f"{args.weight_decay:g}",
-        "Precision": precision,
-        "Seed": str(args.seed),
-    }
-
-
-REPORT_DIR = "report"
-# Titles of report_foveated.py's figures, for the model card's links (glob pattern -> title).
-REPORT_FIGURES = {
-    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
-    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
-    "fig3_attention_*.png": "Figure 3: static and dynamic attention on a held-out clip",
-    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
-}
-
-
-def report_figure_links(folder) -> list[tuple[str, str]]:
-    """(title, path relative to `folder`) of every report figure found in `folder`/report, in figure order."""
-    report = Path(folder, REPORT_DIR)
-    links = []
-    for pattern, title in REPORT_FIGURES.items():
-        paths = sorted(report.glob(pattern))
-        for number, path in enumerate(paths, start=1):
-            links.append((f"{title} ({number})" if len(paths) > 1 else title, f"{REPORT_DIR}/{path.name}"))
-    return links
-
-
-def write_model_card(
-    folder, config, args, state, info: Optional[FoveatedVLMModelCardInfo] = None, **card_kwargs
-) -> ModelCard:
-    """Render `model_card.md` into `folder`/README.md with the measured Table 1 from `state.log_history`, if any.
-
-    `card_kwargs` are what `Trainer.push_to_hub` passes to `create_model_card`: `model_name`, `tags`, ...
-    """
-    info = info or FoveatedVLMModelCardInfo(data_description="Not recorded.")
-    tags = card_kwargs.get("tags") or []
-    tags = [tags] if isinstance(tags, str) else list(tags)
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=info.pipeline_tag,
-        tags=["foveated-vlm", "video", "next-frame-prediction", "custom_code", *tags],
-        datasets=info.datasets or None,
-        base_model=info.base_models or None,
-    )
-    evaluation = latest_eval_metrics(state.log_history)
-    repo_id = args.hub_model_id or card_kwargs.get("model_name") or Path(folder).name
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(MODEL_CARD_TEMPLATE),
-        model_name=Path(repo_id).name,
-        repo_id=repo_id,
-        architecture=_architecture_rows(config),
-        data_description=info.data_description,
-        hyperparameters=_hyperparameter_rows(args, state),
-        table1=table1_markdown(evaluation) if evaluation else None,
-        eval_step=evaluation["step"] if evaluation else None,
-        num_frames=config.num_frames,
-        image_size=config.image_size,
-        figures=report_figure_links(folder),
-        has_report=Path(folder, REPORT_DIR, "report.md").is_file(),
-    )
-    card.save(os.path.join(folder, "README.md"))
-    return card
-
-
 class FoveatedVLMHubFilesCallback(TrainerCallback):
     """The Hub files the Trainer does not write itself. Into every checkpoint: README.md. Into `output_dir` before a
     push from a checkpoint (the Trainer then copies in only the weights and config): README.md, the remote code and
@@ -405,79 +247,6 @@ class FoveatedVLMHubFilesCallback(TrainerCallback):
             if self.processor is not None:
                 self.processor.save_pretrained(args.output_dir)
             write_model_card(args.output_dir, model.config, args, state, self.info)
-
-
-# ---- Figures ----
-
-
-def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure:
-    """Static vs dynamic attention of one clip over time.
-
-    Args:
-        frames: uint8 (T, S, S, 3).
-        attn_static, attn_dynamic: (T, P) attention over the P = g × g patches of each frame.
-        boxes: optional (T, K, 4) ground-truth moving boxes, normalised [x0, y0, x1, y1]; rows with a negative
-            value are absent boxes.
-
-    Returns:
-        A figure, rows static / dynamic, one column per frame, the heatmap over the frame. Both rows share one colour
-        scale from 0, so a flat (uniform) map looks flat instead of being stretched into noise.
-    """
-    frames = np.asarray(frames)
-    attn_static, attn_dynamic = np.asarray(attn_static, dtype=np.float32), np.asarray(attn_dynamic, dtype=np.float32)
-    T, S = frames.shape[0], frames.shape[1]
-    P = attn_static.shape[-1]
-    grid = math.isqrt(P)
-    if grid * grid != P:
-        raise ValueError(f"attention has {P} patches per frame; expected a square number (a g x g patch grid)")
-    vmax = float(max(attn_static.max(), attn_dynamic.max()))
-    figure = Figure(figsize=(1.8 * T, 4.0), layout="constrained")
-    axes = figure.subplots(2, T, squeeze=False)
-    for row, (name, attention) in enumerate((("static", attn_static), ("dynamic", attn_dynamic))):
-        for t in range(T):
-            ax = axes[row, t]
-            ax.imshow(frames[t])
-            heatmap = attention[t].reshape(grid, grid)  # (P,) -> (g, g), row-major like the patch sequence
-            ax.imshow(heatmap, cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax, extent=(0, S, S, 0))
-            if boxes is not None:
-                for x0, y0, x1, y1 in np.asarray(boxes)[t]:
-                    if min(x0, y0, x1, y1) >= 0:
-                        ax.add_patch(
-                            Rectangle((x0 * S, y0 * S), (x1 - x0) * S, (y1 - y0) * S, fill=False, edgecolor="cyan")
-                        )
-            ax.set_title(f"{name} t={t}", fontsize=8)
-            ax.axis("off")
-    return figure
-
-
-def plot_predictions(frames_t, actual_next, predicted_fine, predicted_coarse=None, t: Optional[int] = None) -> Figure:
-    """Next-frame predictions of N clips, one row each: frame t | actual t+1 | predicted t+1 (fine) [| (coarse)].
-
-    All images are (N, H, W, 3), uint8 or float in [0, 1]; `t` (optional) puts the frame index in the titles. Pass the VAE decoding of the actual latent as
-    `actual_next` to compare like with like: the model predicts latents, so the VAE's own loss is not its error.
-    """
-    now, then = ("t", "t+1") if t is None else (str(t), str(t + 1))
-    columns = [(f"frame {now}", frames_t), (f"actual {then} (VAE)", actual_next)]
-    columns.append((f"predicted {then}, fine", predicted_fine))
-    if predicted_coarse is not None:
-        columns.append((f"predicted {then}, coarse", predicted_coarse))
-    N = len(frames_t)
-    figure = Figure(figsize=(2.2 * len(columns), 2.2 * N), layout="constrained")
-    axes = figure.subplots(N, len(columns), squeeze=False)
-    for col, (title, images) in enumerate(columns):
-        for row in range(N):
-            axes[row, col].imshow(np.asarray(images[row]))
-            axes[row, col].axis("off")
-        axes[0, col].set_title(title, fontsize=8)
-    return figure
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
-    """Scaled VAE latents (N, C, h, w), as stored in the dataset, -> float images (N, H, W, 3) in [0, 1]."""
-    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-    images = vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
-    return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class FoveatedVLMFigureCallback(TrainerCallback):
@@ -527,22 +296,12 @@ class FoveatedVLMFigureCallback(TrainerCallback):
             writer.add_figure("predictions", self._prediction_figure(outputs, device), state.global_step)
         writer.flush()
 
-    def _prediction_figure(self, outputs, device) -> Figure:
-        """Predict the last frame from all the earlier ones: the prediction with the most context."""
+    def _prediction_figure(self, outputs, device):
         from diffusers import AutoencoderKL  # only the process that draws needs diffusers
 
         if self._vae is None:
             self._vae = AutoencoderKL.from_pretrained(self.vae_path).eval()
-        vae = self._vae.to(device)
-        t = outputs.pred_fine.shape[1] - 2
-        latents = self.batch["vae_latents"][:, t + 1]
-        figure = plot_predictions(
-            self.frames[:, t],
-            decode_latents(vae, latents),
-            decode_latents(vae, outputs.pred_fine[:, t + 1]),
-            decode_latents(vae, outputs.pred_coarse[:, t + 1]),
-            t=t,
-        )
+        figure, _ = plot_prediction_figure(self._vae.to(device), self.frames, self.batch["vae_latents"], outputs)
         self._vae.to("cpu")  # keep accelerator memory for training
         return figure
 

@@ -1,0 +1,98 @@
+"""Figures of a Foveated VLM run, drawn by the trainer's figure callback (TensorBoard) and by the report (PNG)."""
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+__all__ = ["decode_latents", "plot_attention_maps", "plot_prediction_figure", "plot_predictions"]
+
+
+def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure:
+    """Static vs dynamic attention of one clip over time.
+
+    Args:
+        frames: uint8 (T, S, S, 3).
+        attn_static, attn_dynamic: (T, P) attention over the P = g × g patches of each frame.
+        boxes: optional (T, K, 4) ground-truth moving boxes, normalised [x0, y0, x1, y1]; rows with a negative
+            value are absent boxes.
+
+    Returns:
+        A figure, rows static / dynamic, one column per frame, the heatmap over the frame. Both rows share one colour
+        scale from 0, so a flat (uniform) map looks flat instead of being stretched into noise.
+    """
+    frames = np.asarray(frames)
+    attn_static, attn_dynamic = np.asarray(attn_static, dtype=np.float32), np.asarray(attn_dynamic, dtype=np.float32)
+    T, S = frames.shape[0], frames.shape[1]
+    P = attn_static.shape[-1]
+    grid = math.isqrt(P)
+    if grid * grid != P:
+        raise ValueError(f"attention has {P} patches per frame; expected a square number (a g x g patch grid)")
+    vmax = float(max(attn_static.max(), attn_dynamic.max()))
+    figure = Figure(figsize=(1.8 * T, 4.0), layout="constrained")
+    axes = figure.subplots(2, T, squeeze=False)
+    for row, (name, attention) in enumerate((("static", attn_static), ("dynamic", attn_dynamic))):
+        for t in range(T):
+            ax = axes[row, t]
+            ax.imshow(frames[t])
+            heatmap = attention[t].reshape(grid, grid)  # (P,) -> (g, g), row-major like the patch sequence
+            ax.imshow(heatmap, cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax, extent=(0, S, S, 0))
+            if boxes is not None:
+                for x0, y0, x1, y1 in np.asarray(boxes)[t]:
+                    if min(x0, y0, x1, y1) >= 0:
+                        ax.add_patch(
+                            Rectangle((x0 * S, y0 * S), (x1 - x0) * S, (y1 - y0) * S, fill=False, edgecolor="cyan")
+                        )
+            ax.set_title(f"{name} t={t}", fontsize=8)
+            ax.axis("off")
+    return figure
+
+
+def plot_predictions(frames_t, actual_next, predicted_fine, predicted_coarse=None, t: Optional[int] = None) -> Figure:
+    """Next-frame predictions of N clips, one row each: frame t | actual t+1 | predicted t+1 (fine) [| (coarse)].
+
+    All images are (N, H, W, 3), uint8 or float in [0, 1]; `t` (optional) puts the frame index in the titles. Pass the VAE decoding of the actual latent as
+    `actual_next` to compare like with like: the model predicts latents, so the VAE's own loss is not its error.
+    """
+    now, then = ("t", "t+1") if t is None else (str(t), str(t + 1))
+    columns = [(f"frame {now}", frames_t), (f"actual {then} (VAE)", actual_next)]
+    columns.append((f"predicted {then}, fine", predicted_fine))
+    if predicted_coarse is not None:
+        columns.append((f"predicted {then}, coarse", predicted_coarse))
+    N = len(frames_t)
+    figure = Figure(figsize=(2.2 * len(columns), 2.2 * N), layout="constrained")
+    axes = figure.subplots(N, len(columns), squeeze=False)
+    for col, (title, images) in enumerate(columns):
+        for row in range(N):
+            axes[row, col].imshow(np.asarray(images[row]))
+            axes[row, col].axis("off")
+        axes[0, col].set_title(title, fontsize=8)
+    return figure
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Scaled VAE latents (N, C, h, w), as stored in the dataset, -> float images (N, H, W, 3) in [0, 1]."""
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    images = vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
+    return ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def plot_prediction_figure(vae, frames, latents, outputs) -> tuple[Figure, float]:
+    """Figure 4: the last frame predicted from all earlier ones (the most context), VAE-decoded; and the PSNR (dB)
+    of the VAE's own decoding of the actual latent against the real frame, i.e. what the target can show at best."""
+    t = outputs.pred_fine.shape[1] - 2
+    actual = decode_latents(vae, latents[:, t + 1])  # (N, S, S, 3) in [0, 1]
+    figure = plot_predictions(
+        frames[:, t],
+        actual,
+        decode_latents(vae, outputs.pred_fine[:, t + 1]),
+        decode_latents(vae, outputs.pred_coarse[:, t + 1]),
+        t=t,
+    )
+    figure.suptitle(f"Figure 4: predicting frame {t + 1} from frames 0..{t} (VAE-decoded latents)", fontsize=9)
+    error = np.mean((actual - frames[:, t + 1].astype(np.float32) / 255) ** 2)
+    return figure, float(10 * np.log10(1 / max(error, 1e-12)))
