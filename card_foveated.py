@@ -123,7 +123,7 @@ def loss_formula(config, probes: Optional[dict] = None) -> str:
     terms.append(f"{config.lambda_coarse:g} · loss_coarse")
     if config.aux_current_weight > 0:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
-    return " + ".join(terms) + " (MSE each)"
+    return " + ".join(terms)
 
 
 def architecture_rows(config, probes: Optional[dict] = None) -> dict[str, str]:
@@ -139,7 +139,7 @@ def architecture_rows(config, probes: Optional[dict] = None) -> dict[str, str]:
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
         "Target": f"next-frame VAE latent {latent}",
         "Prediction head": head,
-        "Loss": loss_formula(config, probes),
+        "Loss": f"`{loss_formula(config, probes)}`, each term an MSE",
     }
 
 
