@@ -27,6 +27,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -45,6 +46,7 @@ from figures_foveated import (
     plot_ratio,
 )
 from modeling_foveated import FoveatedVLMModel
+from probes_foveated import PROBES_FILE, from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = [
@@ -66,8 +68,6 @@ __all__ = [
 
 # Written by the training script next to the model: {"eval_dataset": folder, "vae": folder or Hub id}.
 DATA_PATHS_FILE = "data_paths.json"
-# Written beside a probed model by `FoveatedVLMProbedModel.save_pretrained` (probes_foveated.py).
-PROBES_FILE = "probes.json"
 
 # Clip heuristics on the mean absolute difference of consecutive frames (pixels scaled to [0, 1]). A 16 px square
 # moving on a 128 px synthetic frame gives about 0.01; a camera pan over a textured real scene 0.05-0.15.
@@ -165,7 +165,7 @@ class FoveatedVLMClipSummary:
     entropy_uniform: float  # log P, the entropy of uniform attention (nats)
     improvement_stderr: float  # clip-level standard error of the full-loss improvement
     loss_fine_two_pass: float
-    loss_fine_streamed: Optional[float]  # `model.stream(autoregressive=True)`; None for a probed model
+    loss_fine_streamed: Optional[float]  # `model.stream(autoregressive=True)`; None with oracle fixations
     loss_fine_two_pass_t2: float
     loss_fine_streamed_t2: Optional[float]
     hardest: list[FoveatedVLMHardClip]
@@ -202,24 +202,26 @@ class FoveatedVLMReportSummary:
 
 @dataclass
 class FoveatedVLMClipMetrics:
-    """Per-clip values of the final model on the eval split (N clips), by metrics_foveated.py's definitions.
+    """Per-clip values of the final model on the eval split (N clips).
 
     Args:
-        metrics: name -> (N,) value of each clip, the trainer's metric names (NaN where a clip lacks what a metric
-            needs, e.g. tracking on a clip without boxes).
-        batch_means: name -> mean over clips of each batch's metric, weighted by batch size: the trainer's evaluation.
+        metrics: `metrics_foveated.clip_metrics` of every clip: the trainer's metric name -> (N,), NaN where a clip
+            lacks what a metric needs (tracking on a clip without boxes).
         loss_streamed, loss_streamed_t2: (N,) loss_fine of `model.stream(autoregressive=True)`, all targets and t >= 2;
-            None for a probed model (its fixations or queries exist in the two-pass forward only).
+            None for a model probed with oracle fixations (they exist in the two-pass forward only).
         frame_diff: (N, T - 1) mean absolute difference of consecutive frames, pixels in [0, 1].
         names: (N,) the clips' video_id (or row index).
     """
 
     metrics: dict[str, np.ndarray]
-    batch_means: dict[str, float]
     loss_streamed: Optional[np.ndarray]
     loss_streamed_t2: Optional[np.ndarray]
     frame_diff: np.ndarray
     names: list[str]
+
+    def means(self) -> dict[str, float]:
+        """The means the trainer logs for these clips (`metrics_foveated.mean_metrics`), derived metrics included."""
+        return metrics_foveated.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
 
 
 def _stack_frames(rows: list[dict]) -> torch.Tensor:
@@ -230,9 +232,9 @@ def _to_device(batch: dict, device) -> dict:
     return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
-def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-clip loss_fine of the focused stream, where each next query comes from the stream itself (deployment):
-    (B,) over all targets and (B,) over t >= 2."""
+def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Tensor]:
+    """Per-clip loss_fine of the stream where each next query comes from the stream itself (deployment):
+    [(B,) over all targets, (B,) over t >= 2], the MSEs of `metrics_foveated`'s `loss/fine` and `loss/fine_t2`."""
     streamed = model.stream(
         inputs["pixel_values"].unbind(1),
         target.unbind(1),
@@ -240,27 +242,26 @@ def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> tuple[torch.T
         attention_mask=inputs.get("attention_mask"),
         autoregressive=True,
     )
-    error = (torch.stack([step.pred_fine for step in streamed], dim=1).float() - target).pow(2)  # (B, T, C, h, w)
-    return error.mean(dim=(1, 2, 3, 4)), error[:, 1:].mean(dim=(1, 2, 3, 4))
+    prediction = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
+    losses = metrics_foveated.loss_metrics(SimpleNamespace(pred_fine=prediction, pred_coarse=prediction, loss_aux=None),
+                                           {"vae_latents": target})
+    return [losses["loss/fine"], losses["loss/fine_t2"]]
 
 
 @torch.no_grad()
 def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu") -> FoveatedVLMClipMetrics:
     """Run the final model over the whole eval split and keep each clip's metrics."""
     model.eval()
-    stream = not getattr(getattr(model, "probes", None), "active", False)
-    per_clip, totals, streamed, frame_diffs = {}, {}, [], []
+    per_clip, streamed, frame_diffs, stream = {}, [], [], True
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
         inputs = metrics_foveated.model_inputs(batch, model)
         outputs = model(**inputs)
-        for name, value in metrics_foveated.clip_metrics(outputs, batch, model).items():
+        for name, value in metrics_foveated.clip_metrics(model, outputs, batch).items():
             per_clip.setdefault(name, []).append(value.float().cpu().numpy())
-        size = len(rows)
-        for name, value in metrics_foveated.foveation_metrics(outputs, batch, model).items():
-            total = totals.setdefault(name, [0.0, 0])
-            total[0], total[1] = total[0] + float(value) * size, total[1] + size
+        # Probe inputs (oracle fixations) come from the batch's ground truth, which a stream does not have.
+        stream = stream and inputs.keys() <= set(metrics_foveated.MODEL_INPUT_NAMES)
         if stream:
             streamed.append([loss.cpu().numpy() for loss in _streamed_losses(model, inputs, batch["vae_latents"].float())])
         pixels = _stack_frames(rows).float() / 255
@@ -268,7 +269,6 @@ def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu")
     names = dataset["video_id"] if "video_id" in dataset.column_names else range(len(dataset))
     return FoveatedVLMClipMetrics(
         metrics={name: np.concatenate(parts) for name, parts in per_clip.items()},
-        batch_means={name: total / count for name, (total, count) in totals.items()},
         loss_streamed=np.concatenate([part[0] for part in streamed]) if stream else None,
         loss_streamed_t2=np.concatenate([part[1] for part in streamed]) if stream else None,
         frame_diff=np.concatenate(frame_diffs),
@@ -331,7 +331,7 @@ def summarize_clips(
         num_clips=len(fine),
         num_targets=num_targets,
         entropy_uniform=math.log(num_patches),
-        improvement_stderr=metrics_foveated.improvement_stderr(coarse, fine),
+        improvement_stderr=metrics_foveated.improvement_with_se(clips.metrics)["improvement_se"],
         loss_fine_two_pass=float(fine.mean()),
         loss_fine_streamed=float(clips.loss_streamed.mean()) if streamed else None,
         loss_fine_two_pass_t2=float(clips.metrics["loss/fine_t2"].mean()),
@@ -377,17 +377,6 @@ def _model_dir(run_dir: Path) -> Optional[Path]:
         return run_dir
     checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
     return Path(checkpoint) if checkpoint and (Path(checkpoint) / "config.json").is_file() else None
-
-
-def load_model(model_dir: Path, device):
-    """The saved model, with the research probes it was trained with re-applied (`probes.json` beside it)."""
-    model = FoveatedVLMModel.from_pretrained(model_dir)
-    if (model_dir / PROBES_FILE).is_file():
-        from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
-
-        probes = FoveatedVLMProbes(**json.loads((model_dir / PROBES_FILE).read_text()))
-        model = FoveatedVLMProbedModel.from_model(model, probes)
-    return model.to(device).eval()
 
 
 def resolve_data_paths(run_dir: Path, eval_dataset: Optional[str], vae: Optional[str]) -> tuple:
@@ -601,7 +590,7 @@ def _limits(summary: FoveatedVLMReportSummary, train: dict) -> list[str]:
                      "is not measured.")
     if clips is not None:
         if clips.streamed_gap is None:
-            items.append("Deployment: a probed model is not streamed (its probe acts in the two-pass forward only).")
+            items.append("Deployment: not measured: oracle fixations come from ground-truth boxes that a stream lacks.")
         else:
             items.append(f"Deployment: streaming with the stream's own queries changes loss_fine by "
                          f"{_pct(clips.streamed_gap)} (t ≥ 2: {_pct(clips.streamed_gap_t2)}) relative to the two-pass "
@@ -726,7 +715,7 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
 
 def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_size, out: Path):
     """The pass over the held-out clips: (the model, its clip metrics, the clip summary, [(figure path, caption)])."""
-    model = load_model(model_dir, device)
+    model = from_pretrained_with_probes(str(model_dir)).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
         tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir).tokenizer
@@ -773,7 +762,7 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
         if eval_dataset is not None:
             clips, clip_summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
             if held_out is None:
-                held_out = FoveatedVLMHeldOut.from_logged(clips.batch_means, "measured by this report", prefix="")
+                held_out = FoveatedVLMHeldOut.from_logged(clips.means(), "measured by this report", prefix="")
     summary = FoveatedVLMReportSummary(
         held_out=held_out,
         clips=clip_summary,
