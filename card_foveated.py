@@ -20,6 +20,7 @@ __all__ = [
     "eval_results",
     "improvement_band",
     "latest_eval_metrics",
+    "logged_means",
     "loss_formula",
     "report_figure_links",
     "table1_markdown",
@@ -48,7 +49,10 @@ def improvement_bands_text() -> str:
     """The bands in words: "< 0 % foveation hurts, 0-5 % marginal, ..."."""
     parts, lower = [], None
     for upper, label in IMPROVEMENT_BANDS:
-        span = f"< {upper:.0%}" if lower is None else f"> {lower:.0%}" if math.isinf(upper) else f"{lower:.0%}–{upper:.0%}"
+        if lower is None:
+            span = f"< {upper:.0%}"
+        else:
+            span = f"> {lower:.0%}" if math.isinf(upper) else f"{lower:.0%}–{upper:.0%}"
         parts.append(f"{span} {label}")
         lower = upper
     return ", ".join(parts)
@@ -63,11 +67,16 @@ TABLE1_METRICS = {
 }
 
 
-def table1_values(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
-    """Table 1's values from logged means (a log entry or eval_results.json); improvements the log lacks are derived
-    from its losses."""
+def logged_means(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
+    """Metric name -> value of a log entry or eval_results.json, without `prefix`; the derived metrics (improvements)
+    computed from its losses where the log lacks them."""
     means = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
-    means = {**derived_metrics(means), **means}
+    return {**derived_metrics(means), **means}
+
+
+def table1_values(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
+    """Table 1's values from logged means."""
+    means = logged_means(metrics, prefix)
     return {metric: float(means[logged]) for metric, logged in TABLE1_METRICS.items() if logged in means}
 
 

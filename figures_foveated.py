@@ -14,11 +14,13 @@ __all__ = [
     "REPORT_DIR",
     "REPORT_FIGURES",
     "decode_latents",
+    "evenly_spaced_clips",
     "plot_attention_maps",
     "plot_losses",
     "plot_prediction_figure",
     "plot_predictions",
     "plot_ratio",
+    "stack_frames",
 ]
 
 # The report's folder inside a run, and its figures: file name (glob pattern) -> title. The report draws them, the
@@ -30,6 +32,17 @@ REPORT_FIGURES = {
     "fig3_attention_*.png": "Figure 3: Pass 1 and Pass 2 attention on a held-out clip",
     "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
 }
+
+
+def evenly_spaced_clips(num_rows: int, num_clips: int) -> list[int]:
+    """Row indices of `num_clips` clips spread evenly over a split of `num_rows`, first and last included: the clips
+    the figures show."""
+    return np.linspace(0, num_rows - 1, min(num_clips, num_rows)).round().astype(int).tolist()
+
+
+def stack_frames(rows: list[dict]) -> np.ndarray:
+    """The uint8 `frames` of dataset rows stacked: (N, T, S, S, 3)."""
+    return np.stack([np.asarray(row["frames"], dtype=np.uint8) for row in rows])
 
 
 def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure:

@@ -11,8 +11,8 @@ metrics.json (every number the text quotes), report.md and report.html (self-con
 
 Table 1 is what training logged: the `eval_*` values of the last evaluation in trainer_state.json (of the run or of
 its last checkpoint). The report runs the final model over the held-out split only for what training does not log:
-per-clip numbers (the improvement's standard error, the hardest clips), the streamed loss and figures 3-4; it measures
-Table 1 itself only where the log has no evaluation, with the same metric functions (metrics_foveated.py), and says so.
+per-clip numbers (the hardest clips and their kinds of motion), the streamed loss and figures 3-4. It measures Table 1
+itself only where the log has no evaluation, with the trainer's metric functions (metrics_foveated.py), and says so.
 Whatever is missing is said in the report instead of stopping it.
 
 Targets are numbered as in docs/DESIGN.md: the model predicts latents v_1..v_T; "t >= 2" are the targets that have a
@@ -35,15 +35,17 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 import metrics_foveated
-from card_foveated import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics
+from card_foveated import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from figures_foveated import (
     REPORT_DIR,
     REPORT_FIGURES,
+    evenly_spaced_clips,
     plot_attention_maps,
     plot_losses,
     plot_prediction_figure,
     plot_ratio,
+    stack_frames,
 )
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import PROBES_FILE, from_pretrained_with_probes
@@ -60,6 +62,7 @@ __all__ = [
     "compare_runs",
     "evaluate_clips",
     "load_log_history",
+    "markdown_to_html",
     "resolve_data_paths",
     "summarize_clips",
     "write_report",
@@ -122,8 +125,7 @@ class FoveatedVLMHeldOut:
     @classmethod
     def from_logged(cls, metrics: dict, source: str, prefix: str = "eval_") -> "FoveatedVLMHeldOut":
         """From a log entry or eval_results.json; the improvements derived where the log lacks them."""
-        means = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
-        means = {**metrics_foveated.derived_metrics(means), **means}
+        means = logged_means(metrics, prefix)
         values = {f.name: means[f.metadata["logged"]] for f in fields(cls) if f.metadata.get("logged") in means}
         return cls(source=source, step=metrics.get("step"), **values)
 
@@ -180,7 +182,9 @@ class FoveatedVLMClipSummary:
 
     @property
     def streamed_gap_t2(self) -> Optional[float]:
-        return None if self.loss_fine_streamed_t2 is None else self.loss_fine_streamed_t2 / self.loss_fine_two_pass_t2 - 1
+        if self.loss_fine_streamed_t2 is None:
+            return None
+        return self.loss_fine_streamed_t2 / self.loss_fine_two_pass_t2 - 1
 
 
 @dataclass
@@ -221,10 +225,6 @@ class FoveatedVLMClipMetrics:
         return metrics_foveated.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
 
 
-def _stack_frames(rows: list[dict]) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(row["frames"]) for row in rows]).to(torch.uint8)  # (B, T, S, S, 3)
-
-
 def _to_device(batch: dict, device) -> dict:
     return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
@@ -240,8 +240,9 @@ def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Te
         autoregressive=True,
     )
     prediction = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
-    losses = metrics_foveated.loss_metrics(SimpleNamespace(pred_fine=prediction, pred_coarse=prediction, loss_aux=None),
-                                           {"vae_latents": target})
+    # The streamed predictions in place of both passes' two-pass ones: loss/fine keeps its one definition.
+    streamed_outputs = SimpleNamespace(pred_fine=prediction, pred_coarse=prediction, loss_aux=None)
+    losses = metrics_foveated.loss_metrics(streamed_outputs, {"vae_latents": target})
     return [losses["loss/fine"], losses["loss/fine_t2"]]
 
 
@@ -260,8 +261,9 @@ def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu")
         # Probe inputs (oracle fixations) come from the batch's ground truth, which a stream does not have.
         stream = stream and inputs.keys() <= set(metrics_foveated.MODEL_INPUT_NAMES)
         if stream:
-            streamed.append([loss.cpu().numpy() for loss in _streamed_losses(model, inputs, batch["vae_latents"].float())])
-        pixels = _stack_frames(rows).float() / 255
+            losses = _streamed_losses(model, inputs, batch["vae_latents"].float())
+            streamed.append([loss.cpu().numpy() for loss in losses])
+        pixels = torch.from_numpy(stack_frames(rows)).float() / 255  # (B, T, S, S, 3)
         frame_diffs.append((pixels[:, 1:] - pixels[:, :-1]).abs().mean(dim=(2, 3, 4)).numpy())
     names = dataset["video_id"] if "video_id" in dataset.column_names else range(len(dataset))
     return FoveatedVLMClipMetrics(
@@ -300,7 +302,7 @@ def summarize_clips(
 ) -> FoveatedVLMClipSummary:
     """The per-clip part of the report, from the clips' metrics."""
     fine, coarse = clips.metrics["loss/fine"], clips.metrics["loss/coarse"]
-    copy = clips.metrics.get("loss/copy_t2", np.full_like(fine, math.nan))
+    copy = clips.metrics["loss/copy_t2"]
     order = np.argsort(-fine)[:num_hardest]
     categories = [clip_category(diffs) for diffs in clips.frame_diff]
     mean_diff = clips.frame_diff.mean(1)
@@ -675,12 +677,12 @@ def _json_safe(value):
 def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, num_videos, device, out: Path):
     """Figures 3 (attention, one per clip) and 4 (decoded predictions) on evenly spaced eval clips:
     ([(path, caption)], VAE PSNR or None)."""
-    indices = np.linspace(0, len(dataset) - 1, min(num_videos, len(dataset))).round().astype(int).tolist()
+    indices = evenly_spaced_clips(len(dataset), num_videos)
     rows = [dataset[i] for i in indices]
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
         outputs = model(**metrics_foveated.model_inputs(batch, model))
-    frames, boxes = _stack_frames(rows).numpy(), batch["moving_boxes"].cpu().numpy()
+    frames, boxes = stack_frames(rows), batch["moving_boxes"].cpu().numpy()
     tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
     figures = []
     for k, i in enumerate(indices):
@@ -690,7 +692,9 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
         )
         numbers = ""
         if tracking["chance"] is not None and not np.isnan(tracking["chance"][i]):
-            numbers = "; attention mass on the box: " + ", ".join(f"{name} {value[i]:.3f}" for name, value in tracking.items())
+            numbers = "; attention mass on the box: " + ", ".join(
+                f"{name} {value[i]:.3f}" for name, value in tracking.items()
+            )
         figure.suptitle(f"{REPORT_FIGURES['fig3_attention_*.png']}, clip {clips.names[i]}{numbers}", fontsize=9)
         caption = (f"Figure 3.{k + 1}. Eval clip {clips.names[i]}: Pass 1 (static query, top) and Pass 2 (predicted "
                    "queries, bottom) attention over each frame's patches, one colour scale from 0 for both rows (a "
@@ -758,7 +762,9 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
         probes_path = model_dir / PROBES_FILE
         probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
         if eval_dataset is not None:
-            clips, clip_summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
+            clips, clip_summary, clip_figures = _measure(
+                model_dir, eval_dataset, vae, num_videos, device, batch_size, out
+            )
             if held_out is None:
                 measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
                 held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report", prefix="")
