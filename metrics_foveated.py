@@ -1,20 +1,277 @@
-"""Every metric of the Foveated VLM, one definition each, used by the trainer's logging and by the report."""
+"""Every metric of the Foveated VLM, one definition each (docs/TRAINING.md lists them with their logged names).
+
+A metric is a value per clip, a tensor of shape (B,) computed from the model's `FoveatedVLMOutput` and the collated
+batch (`clip_metrics`). The trainer logs means over the clips since its last log (`FoveatedVLMTrainer.log`), the
+report reads the per-clip values for standard errors and its hardest clips: both use these functions. A clip for
+which a metric is undefined (no latent cell changed, no moving box) holds NaN there; means skip such clips, and a
+metric that no clip defines is absent from the means, not 0.
+
+Targets are numbered as in docs/DESIGN.md: the model predicts latents v_1..v_T; "t >= 2" are the targets that have
+a previous latent (v_1 is predicted from a learned start latent, the same task in both passes).
+"""
 
 import math
+from typing import Optional
 
-__all__ = ["derived_metrics"]
+import datasets
+import evaluate
+import numpy as np
+import torch
+
+from modeling_foveated import attention_entropy
+from probes_foveated import probe_inputs
+from processing_foveated import frames_to_pixel_values
+
+__all__ = [
+    "CHANGED_CELL_THRESHOLD",
+    "MODEL_INPUT_NAMES",
+    "FoveatedVLMImprovement",
+    "box_coverage",
+    "clip_metrics",
+    "derived_metrics",
+    "improvement",
+    "improvement_with_se",
+    "mean_metrics",
+    "means_from_totals",
+    "model_inputs",
+    "totals",
+]
+
+# Batch columns the model's forward takes; the rest (moving_boxes, frames, ...) are for metrics and figures only.
+MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
+# A latent cell "changes" when the mean absolute change of its channels from the previous latent exceeds this. Scaled
+# SD-VAE latents have a standard deviation of about 1, so this separates moving content from codec-level noise.
+CHANGED_CELL_THRESHOLD = 0.1
+# Tracking samples each patch at this many points per side to measure how much of it the boxes cover.
+BOX_COVERAGE_SUBDIVISIONS = 8
+# The per-clip losses Table 1's improvements and their standard errors are computed from.
+TABLE1_LOSSES = ("loss/fine", "loss/coarse", "loss/fine_t2", "loss/coarse_t2")
+
+
+def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
+    """The model's forward arguments from a collated batch: its model columns, uint8 `frames` normalised into
+    `pixel_values` where the collator left them (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device
+    they are, and a probed model's extra inputs (`probes_foveated.probe_inputs`)."""
+    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
+    if "pixel_values" not in inputs and "frames" in batch:
+        inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
+    return {**inputs, **probe_inputs(model, batch)}
+
+
+def _clip_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, T', C, h, w) x (B, T', C, h, w) -> (B,): the MSE over each clip's targets."""
+    return (prediction.float() - target).pow(2).flatten(1).mean(1)
+
+
+def loss_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
+    """Per clip: the two passes' MSE over all targets (`loss/fine`, `loss/coarse`, whose batch means are the model's
+    `loss_fine` and `loss_coarse`), over the targets t >= 2 (`loss/*_t2`: the first target is the same task in both
+    passes and dominates the mean), and the MSE of copying the previous latent there (`loss/copy_t2`, the baseline a
+    useful prediction beats). `loss/aux` is the model's auxiliary reconstruction loss where it trains one; the model
+    returns it for the batch only, so each clip carries the batch value (its batch mean is exact, a clip value is not
+    that clip's)."""
+    target = batch["vae_latents"].float()
+    B = target.shape[0]
+    later = slice(1, None)
+    metrics = {
+        "loss/fine": _clip_mse(outputs.pred_fine, target),
+        "loss/coarse": _clip_mse(outputs.pred_coarse, target),
+        "loss/fine_t2": _clip_mse(outputs.pred_fine[:, later], target[:, later]),
+        "loss/coarse_t2": _clip_mse(outputs.pred_coarse[:, later], target[:, later]),
+        "loss/copy_t2": _clip_mse(target[:, :-1], target[:, later]),
+    }
+    if outputs.loss_aux is not None:
+        metrics["loss/aux"] = outputs.loss_aux.detach().float().expand(B)
+    return metrics
+
+
+def changed_cell_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
+    """Per clip, on targets t >= 2: Pass 2's MSE over the latent cells that change from the previous latent by more
+    than `CHANGED_CELL_THRESHOLD` (`loss/fine_changed`: where a glimpse can help) and over the others
+    (`loss/fine_unchanged`: where copying suffices). NaN for a clip without such cells."""
+    target = batch["vae_latents"].float()
+    change = (target[:, 1:] - target[:, :-1]).abs().mean(dim=2)  # (B, T-1, h, w)
+    changed = (change > CHANGED_CELL_THRESHOLD).float()
+    error = (outputs.pred_fine[:, 1:].float() - target[:, 1:]).pow(2).mean(dim=2)  # (B, T-1, h, w)
+    metrics = {}
+    for name, cells in (("loss/fine_changed", changed), ("loss/fine_unchanged", 1 - changed)):
+        count = cells.flatten(1).sum(1)
+        mean = (error * cells).flatten(1).sum(1) / count.clamp_min(1)
+        metrics[name] = torch.where(count > 0, mean, math.nan)
+    return metrics
+
+
+def entropy_metrics(outputs) -> dict[str, torch.Tensor]:
+    """Per clip: the mean entropy (nats) of the static and the dynamic attention over the clip's frames, the model's
+    `attention_entropy` of one clip; log(P) is uniform attention."""
+    per_clip = torch.vmap(attention_entropy)
+    return {
+        "attention/entropy_static": per_clip(outputs.attn_static.float()),
+        "attention/entropy_dynamic": per_clip(outputs.attn_dynamic.float()),
+    }
+
+
+def state_contribution_metrics(model, outputs, batch: dict) -> dict[str, torch.Tensor]:
+    """Per clip, on targets t >= 2: how much worse the head predicts with each clip's LLM states swapped for another
+    clip's (`diag/state_contribution_*`). Zero means the head ignores the LLM, and then no gradient asks the queries to
+    become selective. Re-runs the head through `model.predict_latents`: two head passes, one call."""
+    target = batch["vae_latents"].float()[:, 1:]
+    swapped_states = torch.cat([outputs.state_fine.roll(1, dims=0), outputs.state_coarse.roll(1, dims=0)])
+    swapped_fine, swapped_coarse = model.predict_latents(swapped_states, outputs.prev_latents).chunk(2)
+    swaps = (("fine", swapped_fine, outputs.pred_fine), ("coarse", swapped_coarse, outputs.pred_coarse))
+    return {
+        f"diag/state_contribution_{name}": _clip_mse(swapped[:, 1:], target) - _clip_mse(predicted[:, 1:], target)
+        for name, swapped, predicted in swaps
+    }
+
+
+def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = BOX_COVERAGE_SUBDIVISIONS) -> torch.Tensor:
+    """Share of each patch covered by the union of the boxes: (B, T, K, 4) normalised xyxy, rows with a negative
+    value absent -> (B, T, P), on the boxes' device. Sampled at `subdivisions`² points per patch (half-open intervals),
+    so uniform attention's mass inside the boxes equals the mean coverage exactly."""
+    side = grid * subdivisions
+    centres = (torch.arange(side, dtype=torch.float32, device=boxes.device) + 0.5) / side  # (side,)
+    boxes = boxes.float()
+    valid = (boxes >= 0).all(-1)[..., None, None]  # (B, T, K, 1, 1)
+    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))  # (B, T, K, 1, 1) each
+    inside_x = (centres >= x0) & (centres < x1)  # (B, T, K, 1, side)
+    inside_y = (centres[:, None] >= y0) & (centres[:, None] < y1)  # (B, T, K, side, 1)
+    mask = (valid & inside_x & inside_y).any(dim=2).float()  # (B, T, side, side)
+    B, T = mask.shape[:2]
+    mask = mask.view(B, T, grid, subdivisions, grid, subdivisions)  # rows/columns split into patches
+    return mask.mean(dim=(3, 5)).flatten(2)  # (B, T, g, g) -> (B, T, P), row-major like the patch tokens
+
+
+def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
+    """Per clip: the attention mass inside the moving boxes, averaged over frames 2..T that have a box, for the
+    dynamic (`tracking/dynamic`) and the static (`tracking/static`) query, and the same for uniform attention, the
+    boxes' mean coverage (`tracking/chance`). NaN for a clip with no box on those frames; no keys for a batch without
+    `moving_boxes`.
+
+    This is the one definition of "attention on the mover", chosen for faithfulness:
+    - Fractional coverage: a patch half inside the box counts half, so uniform attention scores exactly the box's
+      share of the frame; counting patch centres would make chance jump with where a box's edge falls.
+    - Frames 2..T: the dynamic query of frame 1 is the learned initial query, emitted before any frame was seen, so
+      it cannot track; including it would dilute the dynamic score with a constant.
+    - Frames without a box are left out, not counted as 0: there is nothing to track there, and data without boxes
+      (LLaVA-Video) would otherwise log a tracking of 0 that means nothing.
+    """
+    if "moving_boxes" not in batch:
+        return {}
+    coverage = box_coverage(batch["moving_boxes"], math.isqrt(outputs.attn_static.shape[-1]))[:, 1:]  # (B, T-1, P)
+    has_box = (coverage.sum(-1) > 0).float()  # (B, T-1)
+    frames = has_box.sum(1)
+
+    def over_frames(per_frame: torch.Tensor) -> torch.Tensor:  # (B, T-1) -> (B,), NaN without a box
+        return torch.where(frames > 0, (per_frame * has_box).sum(1) / frames.clamp_min(1), math.nan)
+
+    return {
+        "tracking/dynamic": over_frames((outputs.attn_dynamic[:, 1:].float() * coverage).sum(-1)),
+        "tracking/static": over_frames((outputs.attn_static[:, 1:].float() * coverage).sum(-1)),
+        "tracking/chance": over_frames(coverage.mean(-1)),
+    }
+
+
+@torch.no_grad()
+def clip_metrics(model, outputs, batch: dict, state_contribution: bool = True) -> dict[str, torch.Tensor]:
+    """Every metric of one batch, per clip: name -> (B,) float tensor, left on the device (reading it would make
+    the host wait).
+
+    Args:
+        model: the unwrapped `FoveatedVLMModel` that produced `outputs` (for the state contribution's head pass).
+        outputs: its `FoveatedVLMOutput` on this batch.
+        batch: the whole collated batch, model inputs and the other columns (`moving_boxes`, ...).
+        state_contribution: also measure the state contribution (most of what these metrics cost); the trainer asks
+            for it in evaluation and on the steps that log.
+
+    The keys depend only on what the batch and the output carry and on `state_contribution`, never on values: the
+    trainer reduces them across processes by name.
+    """
+    metrics = entropy_metrics(outputs)
+    if outputs.pred_fine is None:  # no targets: no losses
+        return metrics
+    metrics.update(loss_metrics(outputs, batch))
+    metrics.update(changed_cell_metrics(outputs, batch))
+    if state_contribution:
+        metrics.update(state_contribution_metrics(model, outputs, batch))
+    metrics.update(tracking_metrics(outputs, batch))
+    return metrics
+
+
+def totals(values: torch.Tensor) -> torch.Tensor:
+    """Per-clip values (..., N) -> (..., 2): [sum, count] over the clips that define them (not NaN), on the device;
+    what adds up across micro-batches and processes."""
+    defined = ~values.isnan()
+    return torch.stack([torch.where(defined, values, 0.0).sum(-1), defined.sum(-1).to(values.dtype)], dim=-1)
+
+
+def means_from_totals(names: list[str], summed: list[list[float]]) -> dict[str, float]:
+    """Means from `totals` added up, with the derived metrics; a metric that no clip defines is left out."""
+    means = {name: total / count for name, (total, count) in zip(names, summed) if count > 0}
+    return {**means, **derived_metrics(means)}
+
+
+def mean_metrics(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-clip values of any number of clips (name -> (N,)) -> the means the trainer would log for them."""
+    names = sorted(values)
+    return means_from_totals(names, [totals(values[name].float()).tolist() for name in names])
+
+
+def improvement(fine: float, coarse: float) -> float:
+    """Table 1's improvement (docs/DESIGN.md): (coarse - fine) / coarse, from MEAN losses over clips (a mean of
+    per-clip ratios would weight clips with a small coarse loss heavily). Above 0: choosing where to look helps."""
+    return (coarse - fine) / coarse if coarse > 0 else 0.0
 
 
 def derived_metrics(means: dict[str, float]) -> dict[str, float]:
-    """`loss/ratio` = coarse / fine (> 1: foveation helps) and `improvement` = (coarse - fine) / coarse, the seed's
-    success metric, from MEAN losses: a mean of per-batch ratios would weight noisy batches differently."""
+    """From mean losses: `loss/ratio` = coarse / fine (> 1: foveation helps), `improvement` and, where the t >= 2
+    losses exist, `improvement_t2`."""
     if "loss/fine" not in means or "loss/coarse" not in means:
         return {}
     fine, coarse = means["loss/fine"], means["loss/coarse"]
-    derived = {
-        "loss/ratio": coarse / fine if fine > 0 else math.inf,
-        "improvement": (coarse - fine) / coarse if coarse > 0 else 0.0,
-    }
-    if means.get("loss/coarse_t2", 0) > 0:
-        derived["improvement_t2"] = (means["loss/coarse_t2"] - means["loss/fine_t2"]) / means["loss/coarse_t2"]
+    derived = {"loss/ratio": coarse / fine if fine > 0 else math.inf, "improvement": improvement(fine, coarse)}
+    if "loss/fine_t2" in means and "loss/coarse_t2" in means:
+        derived["improvement_t2"] = improvement(means["loss/fine_t2"], means["loss/coarse_t2"])
     return derived
+
+
+class FoveatedVLMImprovement(evaluate.Metric):
+    """Table 1's improvement = (coarse - fine) / coarse from per-clip losses, with its clip-level standard error.
+
+    The improvement is `improvement(mean(fine), mean(coarse))` = 1 - R with R = mean(fine) / mean(coarse), a ratio
+    of means. Its standard error is the delta method's for a ratio of means: the residuals d_i = fine_i - R coarse_i
+    have mean 0, and SE = sd(d) / (sqrt(n) mean(coarse)), with the sample standard deviation (n - 1). Clips are the
+    unit, since the frames of one clip are not independent. With fewer than 2 clips the SE is NaN.
+
+    Instantiate it directly (`FoveatedVLMImprovement().compute(loss_fine=..., loss_coarse=...)`); it is not an
+    `evaluate.load` script. Returns `improvement`, `improvement_se` and `num_clips`.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Improvement (coarse - fine) / coarse of the foveated model, with a clip-level standard error.",
+            citation="",
+            inputs_description="loss_fine, loss_coarse: one mean-squared error per held-out clip, for each pass.",
+            features=datasets.Features({"loss_fine": datasets.Value("float64"), "loss_coarse": datasets.Value("float64")}),
+        )
+
+    def _compute(self, loss_fine, loss_coarse) -> dict:
+        fine, coarse = np.asarray(loss_fine, dtype=np.float64), np.asarray(loss_coarse, dtype=np.float64)
+        n = len(fine)
+        ratio = fine.mean() / coarse.mean()
+        se = (fine - ratio * coarse).std(ddof=1) / (math.sqrt(n) * coarse.mean()) if n > 1 else math.nan
+        return {"improvement": improvement(fine.mean(), coarse.mean()), "improvement_se": float(se), "num_clips": n}
+
+
+def improvement_with_se(values: dict, metric: Optional[FoveatedVLMImprovement] = None) -> dict[str, float]:
+    """`improvement`, `improvement_se` and, where the t >= 2 losses are there, `improvement_t2` and
+    `improvement_t2_se` from per-clip losses (`TABLE1_LOSSES` -> (N,) tensors or arrays)."""
+    metric = metric or FoveatedVLMImprovement(keep_in_memory=True)
+    results = {}
+    for suffix in ("", "_t2"):
+        fine, coarse = values.get(f"loss/fine{suffix}"), values.get(f"loss/coarse{suffix}")
+        if fine is not None and coarse is not None and len(fine) > 0:
+            measured = metric.compute(loss_fine=np.asarray(fine), loss_coarse=np.asarray(coarse))
+            results[f"improvement{suffix}"] = measured["improvement"]
+            results[f"improvement{suffix}_se"] = measured["improvement_se"]
+    return results

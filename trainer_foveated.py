@@ -6,6 +6,7 @@ predictions of a few fixed eval clips to TensorBoard (figures_foveated.py), and 
 every checkpoint so that each saved folder is Hub-ready.
 """
 
+import math
 import os
 from collections import defaultdict
 from typing import Optional
@@ -18,116 +19,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from card_foveated import FoveatedVLMModelCardInfo, write_model_card
 from figures_foveated import plot_attention_maps, plot_prediction_figure
-from metrics_foveated import derived_metrics
-from processing_foveated import frames_to_pixel_values
+from metrics_foveated import TABLE1_LOSSES, clip_metrics, improvement_with_se, means_from_totals, model_inputs, totals
 
-__all__ = [
-    "HOST_SYNC_OPERATORS",
-    "MODEL_INPUT_NAMES",
-    "FoveatedTrainer",
-    "FoveatedVLMFigureCallback",
-    "FoveatedVLMHubFilesCallback",
-    "foveation_metrics",
-    "model_inputs",
-]
-
-# Operators that make the host wait for the accelerator: reading a value (`.item()`, `bool(tensor)`) or an output
-# whose size depends on the data. The train step must not call them outside logging (tests/test_trainer.py).
-HOST_SYNC_OPERATORS = frozenset(
-    {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "repeat_interleave"}
-)
-# Batch columns the model's forward takes; the rest (moving_boxes, ...) are for metrics and figures only.
-MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
-
-
-def model_inputs(batch: dict, config=None) -> dict[str, torch.Tensor]:
-    """The model's forward arguments from a collated batch, normalising uint8 `frames` where the collator left them
-    (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device they are. For a model `config` with
-    `fine_queries="oracle"`, also the oracle fixations: the centre of each frame's first moving box."""
-    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
-    if "pixel_values" not in inputs and "frames" in batch:
-        inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
-    if config is not None and config.fine_queries == "oracle":
-        inputs["oracle_fixations"] = moving_box_centres(batch["moving_boxes"])
-    return inputs
-
-
-def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
-    """(y, x) in [-1, 1] of the first moving box in each frame, the frame centre where there is none:
-    boxes (B, T, K, 4) normalised xyxy, -1 rows absent -> (B, T, 2)."""
-    box = moving_boxes[:, :, 0].float()  # (B, T, 4)
-    centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # 2 * mid - 1
-    return torch.where((box[..., :1] >= 0), centre, torch.zeros_like(centre))
-
-
-def foveation_metrics(model, outputs, inputs, state_contribution: bool = True) -> dict[str, torch.Tensor]:
-    """Per-micro-batch diagnostics: batch-mean scalar tensors, left on the device (reading them would sync the host).
-
-    Args:
-        model: the unwrapped `FoveatedVLMModel`.
-        outputs: its `FoveatedVLMOutput` on this batch.
-        inputs: the whole collated batch, model inputs and the other columns (`moving_boxes`, ...).
-        state_contribution: also measure the state contribution, two more forward passes of the head (most of
-            what these diagnostics cost); the trainer asks for it in evaluation and on the steps that log.
-
-    Return the same keys on every call with the same `state_contribution`: the trainer reduces them across
-    processes by name.
-    """
-    metrics = {
-        "loss/fine": outputs.loss_fine,
-        "loss/coarse": outputs.loss_coarse,
-        "attention/entropy_static": outputs.entropy_static,
-        "attention/entropy_dynamic": outputs.entropy_dynamic,
-    }
-    if outputs.pred_fine is None:
-        return metrics
-    target = inputs["vae_latents"].float()
-    with torch.no_grad():
-        # Targets t >= 2 have a previous latent; the first is the same task in both passes and dominates the mean.
-        later = slice(1, None)
-        metrics["loss/fine_t2"] = (outputs.pred_fine[:, later] - target[:, later]).pow(2).mean()
-        metrics["loss/coarse_t2"] = (outputs.pred_coarse[:, later] - target[:, later]).pow(2).mean()
-        metrics["loss/copy_t2"] = (outputs.prev_latents[:, later].float() - target[:, later]).pow(2).mean()
-        # Loss split into latent cells that change from the previous frame and cells that do not.
-        changed = model.changed_cells(outputs.prev_latents, target)[:, later]  # (B, T-1, 1, h, w)
-        fine_error = (outputs.pred_fine[:, later] - target[:, later]).pow(2).mean(2, keepdim=True)
-        metrics["loss/fine_changed"] = (fine_error * changed).sum() / changed.sum().clamp_min(1)
-        metrics["loss/fine_unchanged"] = (fine_error * (1 - changed)).sum() / (1 - changed).sum().clamp_min(1)
-        # State contribution: the head's loss with each clip's LLM state swapped for another clip's. Zero means
-        # the head ignores the LLM, and then no gradient asks the queries to become selective.
-        if state_contribution:
-            # Both passes' swapped states in one head call: the previous latents are encoded once.
-            swapped_states = torch.cat([outputs.state_fine.roll(1, dims=0), outputs.state_coarse.roll(1, dims=0)])
-            swapped_fine, swapped_coarse = model.predict_latents(swapped_states, outputs.prev_latents).float().chunk(2)
-            swaps = (("fine", swapped_fine, outputs.pred_fine), ("coarse", swapped_coarse, outputs.pred_coarse))
-            for name, swapped, predicted in swaps:
-                swapped_loss = (swapped[:, later] - target[:, later]).pow(2).mean()
-                predicted_loss = (predicted[:, later] - target[:, later]).pow(2).mean()
-                metrics[f"diag/state_contribution_{name}"] = swapped_loss - predicted_loss
-        if "moving_boxes" in inputs:
-            inside = moving_box_patch_mask(inputs["moving_boxes"], outputs.attn_static.shape[-1])  # (B, T, P)
-            metrics["tracking/dynamic"] = (outputs.attn_dynamic * inside).sum(-1).mean()
-            metrics["tracking/static"] = (outputs.attn_static * inside).sum(-1).mean()
-            metrics["tracking/chance"] = inside.mean(-1).mean()
-    return metrics
-
-
-def moving_box_patch_mask(moving_boxes: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """1.0 for patches whose centre lies in a moving object's box: boxes (B, T, K, 4) normalised xyxy, -1 rows
-    absent -> (B, T, P)."""
-    side = int(round(num_patches**0.5))
-    centres = (torch.arange(side, device=moving_boxes.device, dtype=torch.float32) + 0.5) / side
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    xs, ys = xs.flatten(), ys.flatten()  # (P,)
-    boxes = moving_boxes.float()[..., None]  # (B, T, K, 4, 1)
-    inside = (xs >= boxes[..., 0, :]) & (xs <= boxes[..., 2, :]) & (ys >= boxes[..., 1, :]) & (ys <= boxes[..., 3, :])
-    valid = (moving_boxes[..., 0] >= 0)[..., None]  # (B, T, K, 1)
-    return (inside & valid).any(dim=2).float()
-
+__all__ = ["FoveatedTrainer", "FoveatedVLMFigureCallback", "FoveatedVLMHubFilesCallback"]
 
 class FoveatedTrainer(Trainer):
     """
-    A `Trainer` for `FoveatedVLMModel` that logs `foveation_metrics` next to the Trainer's own `loss`, `grad_norm` and
+    A `Trainer` for `FoveatedVLMModel` that logs the metrics of metrics_foveated.py next to the Trainer's own `loss`, `grad_norm` and
     `learning_rate`, as means over every micro-batch of every process since the last log, `eval_`-prefixed in
     evaluation. (In distributed evaluation accelerate pads the last batches with repeated clips so that every process
     gets one; those repeats count here, while the Trainer's own `eval_loss` drops them.)
@@ -165,21 +63,25 @@ class FoveatedTrainer(Trainer):
         self.label_names = ["vae_latents"]
         # Per mode, per metric: a tensor [sum over clips, number of clips] since the last log (TRL's `_metrics`).
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._eval_clip_losses = []  # (B, len(TABLE1_LOSSES)) per eval micro-batch since the last log
         self.model_card_info = model_card_info
         self.add_callback(FoveatedVLMHubFilesCallback(model_card_info, processor))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
         unwrapped = self.accelerator.unwrap_model(model)
-        outputs = model(**model_inputs(inputs, unwrapped.config))
+        outputs = model(**model_inputs(inputs, unwrapped))
         mode = "train" if model.training else "eval"
-        batch_size = inputs["vae_latents"].shape[0]
         # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
         state_contribution = mode == "eval" or self._step_logs()
-        metrics = foveation_metrics(unwrapped, outputs, inputs, state_contribution)
-        for name, value in metrics.items():
-            value = value.detach().float()
-            self._metrics[mode][name] += torch.stack([value * batch_size, torch.full_like(value, batch_size)])
+        metrics = clip_metrics(unwrapped, outputs, inputs, state_contribution)
+        names = list(metrics)
+        summed = totals(torch.stack([metrics[name].detach().float() for name in names]))  # (M, B) -> (M, 2)
+        for name, row in zip(names, summed):
+            self._metrics[mode][name] += row
+        if mode == "eval" and all(name in metrics for name in TABLE1_LOSSES):
+            # Table 1's standard errors need every clip's losses, not only their sums.
+            self._eval_clip_losses.append(torch.stack([metrics[name].float() for name in TABLE1_LOSSES], dim=1))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _step_logs(self) -> bool:
@@ -197,14 +99,24 @@ class FoveatedTrainer(Trainer):
         if metrics:
             names = sorted(metrics)
             # Every rank calls log() at the same points with the same names, so this collective matches up.
-            totals = self.accelerator.reduce(torch.stack([metrics[name] for name in names]), "sum").tolist()
-            means = {name: total / count for name, (total, count) in zip(names, totals)}
-            means.update(derived_metrics(means))
+            summed = self.accelerator.reduce(torch.stack([metrics[name] for name in names]), "sum").tolist()
+            means = means_from_totals(names, summed)
+            if mode == "eval" and self._eval_clip_losses:
+                means.update(self._improvement_standard_errors())
             prefix = "eval_" if mode == "eval" else ""
             # In place, as the Trainer adds "epoch": `evaluate()` returns this same dict, so it carries them too.
             logs.update({prefix + name: value for name, value in means.items()})
             metrics.clear()
         super().log(logs, start_time)
+
+    def _improvement_standard_errors(self) -> dict[str, float]:
+        """`improvement_se` and `improvement_t2_se` over every process's eval clips (`FoveatedVLMImprovement`)."""
+        losses = self.accelerator.pad_across_processes(torch.cat(self._eval_clip_losses), pad_index=math.nan)
+        losses = self.accelerator.gather(losses).cpu().numpy()  # (clips, len(TABLE1_LOSSES)), NaN rows: padding
+        losses = losses[~np.isnan(losses).any(axis=1)]
+        self._eval_clip_losses.clear()
+        measured = improvement_with_se({name: losses[:, i] for i, name in enumerate(TABLE1_LOSSES)})
+        return {name: value for name, value in measured.items() if name.endswith("_se")}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The Trainer's save (weights, config, remote code, processor) plus a processor without a tokenizer."""
@@ -274,7 +186,7 @@ class FoveatedVLMFigureCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         # Every rank runs the forward: with sharded parameters (FSDP) it is a collective.
         device = next(model.parameters()).device
-        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model.config).items()}
+        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model).items()}
         was_training = model.training
         model.eval()
         with torch.no_grad():

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_foveated import DINOV3_VITS16_DEFAULTS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
-from trainer_foveated import HOST_SYNC_OPERATORS  # noqa: E402
+from tests.host_sync import HOST_SYNC_OPERATORS  # noqa: E402
 
 # Dense peak throughput of the devices we report against (vendor figures, TFLOP/s): bf16 tensor cores, fp32 via TF32.
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
@@ -179,7 +179,7 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     reconstruction in one call), the trainer's per-step diagnostics. Each entry is `(run, times)`: the step runs
     `run` that many times. Call `model.zero_grad` between runs; the optimizer is left out (it needs real gradients).
     """
-    from trainer_foveated import foveation_metrics
+    from metrics_foveated import clip_metrics
 
     config = model.config
     B, T = pixel_values.shape[:2]
@@ -208,7 +208,7 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
         "2 x query reading": (lambda: backward(*model._read_frames(queries, cache, B, T)), 2),
         "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
         HEAD_PART: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
-        "trainer diagnostics": (lambda: foveation_metrics(model, output, inputs), 1),
+        "trainer diagnostics": (lambda: clip_metrics(model, output, inputs), 1),
     }
 
 
@@ -217,7 +217,7 @@ def run_parts_benchmark(args) -> dict:
     The train step against the sum of its parts (`step_parts`, plus the optimizer step), each timed alone. What
     the whole step costs beyond the sum is glue (concatenations, losses, autograd bookkeeping).
     """
-    from trainer_foveated import foveation_metrics
+    from metrics_foveated import clip_metrics
 
     model = build_model(args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes)
     config = model.config
@@ -237,7 +237,7 @@ def run_parts_benchmark(args) -> dict:
 
     def step():  # what the Trainer does per step: forward, diagnostics, backward, optimizer
         step_output = model(pixel_values, vae_latents)
-        foveation_metrics(model, step_output, inputs)
+        clip_metrics(model, step_output, inputs)
         step_output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

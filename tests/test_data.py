@@ -38,7 +38,7 @@ from data_foveated import (
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
-from trainer_foveated import model_inputs
+from metrics_foveated import model_inputs
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ first run. The in-process tests use small Arrow datasets built directly.
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -29,14 +30,18 @@ import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
 from modeling_foveated import FoveatedVLMModel
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
-from trainer_foveated import (
-    HOST_SYNC_OPERATORS,
-    FoveatedTrainer,
-    foveation_metrics,
+from host_sync import HOST_SYNC_OPERATORS
+from metrics_foveated import (
+    CHANGED_CELL_THRESHOLD,
+    FoveatedVLMImprovement,
+    clip_metrics,
+    improvement_with_se,
+    mean_metrics,
     model_inputs,
-    moving_box_centres,
-    moving_box_patch_mask,
 )
+from modeling_foveated import FoveatedVLMOutput
+from probes_foveated import moving_box_centres
+from trainer_foveated import FoveatedTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -53,11 +58,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_arrow_dataset(num_clips: int, seed: int = 0) -> Dataset:
-    """Random clips with the precomputed columns the collator reads."""
+def tiny_arrow_dataset(num_clips: int, seed: int = 0, boxes: bool = True) -> Dataset:
+    """Random clips with the precomputed columns the collator reads; `boxes=False`: every box row absent (-1), as
+    the collator emits for data without boxes."""
     rng = np.random.default_rng(seed)
-    boxes = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
-    boxes[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
+    boxes_column = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
+    if boxes:
+        boxes_column[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
     features = Features(
         {
             "frames": Array4D((T, S, S, 3), "uint8"),
@@ -68,7 +75,7 @@ def tiny_arrow_dataset(num_clips: int, seed: int = 0) -> Dataset:
     columns = {
         "frames": rng.integers(0, 256, (num_clips, T, S, S, 3), dtype=np.uint8),
         "vae_latents": rng.standard_normal((num_clips, T, 4, LATENT, LATENT)).astype(np.float32),
-        "moving_boxes": boxes,
+        "moving_boxes": boxes_column,
     }
     return Dataset.from_dict(columns, features=features)
 
@@ -159,12 +166,11 @@ def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
 
     flags = []
 
-    def recording_metrics(model, outputs, inputs, state_contribution=True):
+    def recording_metrics(model, outputs, batch, state_contribution=True):
         flags.append(state_contribution)
-        return trainer_foveated_metrics(model, outputs, inputs, state_contribution)
+        return clip_metrics(model, outputs, batch, state_contribution)
 
-    trainer_foveated_metrics = trainer_foveated.foveation_metrics
-    monkeypatch.setattr(trainer_foveated, "foveation_metrics", recording_metrics)
+    monkeypatch.setattr(trainer_foveated, "clip_metrics", recording_metrics)
     torch.manual_seed(0)
     args = training_arguments(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2)
     trainer = FoveatedTrainer(
@@ -227,21 +233,142 @@ def _model_inputs(batch: dict) -> dict:
     return {name: batch[name] for name in ("pixel_values", "vae_latents")}
 
 
-def test_evaluation_reports_eval_prefixed_metrics(tmp_path):
+def test_logged_eval_metrics_are_the_metrics_module_means(tmp_path):
+    """One definition: what the trainer logs in evaluation is `mean_metrics` of `clip_metrics` over the same clips,
+    batched the same way (the state contribution swaps states within a batch), and its standard errors are
+    `FoveatedVLMImprovement`'s."""
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config())
     dataset = tiny_arrow_dataset(5)  # 2 + 2 + 1: an uneven last batch
     args = training_arguments(tmp_path, per_device_eval_batch_size=2)
     trainer = FoveatedTrainer(model=model, args=args, eval_dataset=dataset, data_collator=FoveatedVLMDataCollator())
-    metrics = trainer.evaluate()
+    logged = trainer.evaluate()
     collator = FoveatedVLMDataCollator()
     model.eval()
+    parts = []
     with torch.no_grad():
-        fine = np.mean([model(**_model_inputs(collator([dataset[i]]))).loss_fine.item() for i in range(len(dataset))])
-    assert metrics["eval_loss/fine"] == pytest.approx(fine, rel=1e-4)  # weighted by clips, not by batches
-    for name in ("eval_loss/coarse", "eval_attention/entropy_static", "eval_loss/ratio", "eval_improvement"):
-        assert name in metrics
-    assert not any(name.startswith("loss/") for name in metrics)
+        for rows in ([0, 1], [2, 3], [4]):
+            batch = collator([dataset[i] for i in rows])
+            parts.append(clip_metrics(model, model(**model_inputs(batch, model)), batch))
+    per_clip = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    expected = mean_metrics(per_clip)
+    expected.update(improvement_with_se({name: values.numpy() for name, values in per_clip.items()}))
+    assert {"tracking/dynamic", "diag/state_contribution_fine", "loss/fine_changed", "improvement_t2_se"} <= set(expected)
+    for name, value in expected.items():
+        assert logged[f"eval_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-7), name
+    fine = np.mean([model(**_model_inputs(collator([dataset[i]]))).loss_fine.item() for i in range(len(dataset))])
+    assert logged["eval_loss/fine"] == pytest.approx(fine, rel=1e-4)  # weighted by clips, not by batches
+    assert not any(name.startswith("loss/") for name in logged)
+
+
+def test_tracking_is_absent_without_boxes(tmp_path):
+    """Data without boxes (LLaVA-Video: the collator's moving_boxes are all -1) logs no tracking, not a tracking
+    of 0; the metrics that need no boxes are still there."""
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config())
+    args = training_arguments(tmp_path, per_device_train_batch_size=2, max_steps=2, logging_steps=1)
+    trainer = FoveatedTrainer(
+        model=model, args=args, train_dataset=tiny_arrow_dataset(4, boxes=False),
+        eval_dataset=tiny_arrow_dataset(3, boxes=False), data_collator=FoveatedVLMDataCollator(),
+    )
+    trainer.train()
+    logged = [*[entry for entry in trainer.state.log_history if "loss/fine" in entry], trainer.evaluate()]
+    for entry in logged:
+        assert not any("tracking/" in name for name in entry), entry
+        assert any(name.endswith("loss/fine_t2") for name in entry)
+    batch = FoveatedVLMDataCollator()([tiny_arrow_dataset(2, boxes=False)[i] for i in range(2)])
+    with torch.no_grad():
+        outputs = model(**model_inputs(batch, model))
+        per_clip = clip_metrics(model, outputs, batch)
+        assert per_clip["tracking/dynamic"].isnan().all()  # per clip: undefined
+        assert not any(name.startswith("tracking/") for name in mean_metrics(per_clip))  # means: absent
+        del batch["moving_boxes"]
+        assert not any(name.startswith("tracking/") for name in clip_metrics(model, outputs, batch))
+
+
+class _Head:
+    """A stand-in model whose head predicts each latent cell as the mean of the state: the state contribution of a
+    hand-made output can then be computed by hand."""
+
+    def predict_latents(self, states, prev_latents):
+        return states.mean(-1)[..., None, None, None].expand(*states.shape[:2], *prev_latents.shape[2:])
+
+
+def test_each_metric_matches_a_hand_computation():
+    # 2 clips, T = 2 targets of 1 x 2 x 2 latent cells, P = 4 patches (a 2 x 2 grid).
+    target = torch.zeros(2, 2, 1, 2, 2)
+    target[0, 1, 0, 0, 0] = 1.0  # clip 0: one of the 4 cells changes at t = 2 (above CHANGED_CELL_THRESHOLD)
+    target[1, 1] = CHANGED_CELL_THRESHOLD / 2  # clip 1: every cell changes, below the threshold
+    pred_fine = target.clone()
+    pred_fine[0, 1, 0, 0, 0] += 2.0  # clip 0, t = 2: error 4 on the changed cell ...
+    pred_fine[0, 1, 0, 1, 1] += 1.0  # ... and 1 on an unchanged one
+    pred_fine[1, 0] += 1.0  # clip 1: error 1 on all cells of t = 1 only
+    pred_coarse = target + 1.0  # error 1 everywhere
+    uniform, corner = torch.full((4,), 0.25), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    attn_static = torch.stack([torch.stack([uniform, uniform])] * 2)  # (2, 2, 4)
+    attn_dynamic = torch.stack([torch.stack([uniform, corner])] * 2)
+    boxes = torch.full((2, 2, 1, 4), -1.0)
+    boxes[0, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # clip 0: the top-left patch on both frames
+    boxes[1, 0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # clip 1: a box on frame 1 only, which tracking leaves out
+    state_coarse = torch.zeros(2, 2, 3)
+    state_coarse[1] = 3.0  # swapping clips moves clip 0's coarse prediction to 3, clip 1's to 0
+    state_fine = state_coarse.clone()
+    prev_latents = torch.cat([torch.zeros(2, 1, 1, 2, 2), target[:, :-1]], dim=1)
+    outputs = FoveatedVLMOutput(
+        loss_fine=(pred_fine - target).pow(2).mean(), loss_coarse=(pred_coarse - target).pow(2).mean(),
+        loss_aux=torch.tensor(0.5), pred_fine=pred_fine, pred_coarse=pred_coarse, attn_static=attn_static,
+        attn_dynamic=attn_dynamic, state_coarse=state_coarse, state_fine=state_fine, prev_latents=prev_latents,
+    )
+    metrics = clip_metrics(_Head(), outputs, {"vae_latents": target, "moving_boxes": boxes})
+    # Clip 0: fine errors 4 + 1 over 8 cells; clip 1: 4 x 1 over 8 cells. Coarse: 1 everywhere.
+    expected = {
+        "loss/fine": [5 / 8, 4 / 8],
+        "loss/coarse": [1.0, 1.0],
+        "loss/aux": [0.5, 0.5],
+        "loss/fine_t2": [5 / 4, 0.0],
+        "loss/coarse_t2": [1.0, 1.0],
+        "loss/copy_t2": [1 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2],
+        "loss/fine_changed": [4.0, math.nan],  # clip 1 has no changed cell
+        "loss/fine_unchanged": [1 / 3, 0.0],
+        "attention/entropy_static": [math.log(4)] * 2,
+        "attention/entropy_dynamic": [math.log(4) / 2] * 2,  # frame 1 uniform, frame 2 one-hot
+        "tracking/dynamic": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
+        "tracking/static": [0.25, math.nan],
+        "tracking/chance": [0.25, math.nan],
+    }
+    # State contribution at t = 2, coarse: clip 0 swapped predicts 3 against targets {1, 0, 0, 0} -> (4 + 27) / 4,
+    # unswapped 1 -> 1; clip 1 swapped predicts 0 against 0.05 everywhere -> 0.0025, unswapped 1.
+    swapped = [(4 + 3 * 9) / 4 - 1.0, (CHANGED_CELL_THRESHOLD / 2) ** 2 - 1.0]
+    expected["diag/state_contribution_coarse"] = swapped
+    # Fine: unswapped errors at t = 2 are 5/4 and 0; swapped the same as coarse.
+    expected["diag/state_contribution_fine"] = [(4 + 3 * 9) / 4 - 5 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2]
+    assert set(metrics) == set(expected)
+    for name, values in expected.items():
+        torch.testing.assert_close(metrics[name], torch.tensor(values), equal_nan=True, msg=name)
+    means = mean_metrics(metrics)
+    assert means["loss/fine_changed"] == 4.0 and means["tracking/dynamic"] == 1.0  # NaN clips are left out
+    assert means["improvement"] == pytest.approx((1.0 - 9 / 16) / 1.0)
+    assert means["loss/ratio"] == pytest.approx(16 / 9)
+    assert means["improvement_t2"] == pytest.approx(1.0 - 5 / 8)
+
+
+def test_improvement_metric_and_its_standard_error():
+    # R = mean(fine) / mean(coarse) = 2 / (8/3) = 0.75; residuals fine - R coarse = (-0.5, 0.5, 0), sd 0.5;
+    # SE = 0.5 / (sqrt(3) * 8/3).
+    measured = FoveatedVLMImprovement().compute(loss_fine=[1.0, 2.0, 3.0], loss_coarse=[2.0, 2.0, 4.0])
+    assert measured["improvement"] == pytest.approx(0.25)
+    assert measured["improvement_se"] == pytest.approx(0.5 / (math.sqrt(3) * 8 / 3))
+    assert measured["num_clips"] == 3
+    # The delta method against the spread of the improvement over many resamples of the same clips.
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(1.0, 2.0, 400)
+    fine = coarse * rng.uniform(0.7, 1.0, 400)
+    se = FoveatedVLMImprovement().compute(loss_fine=fine, loss_coarse=coarse)["improvement_se"]
+    resampled = [rng.integers(0, 400, 400) for _ in range(2000)]
+    spread = np.std([1 - fine[i].mean() / coarse[i].mean() for i in resampled])
+    assert se == pytest.approx(spread, rel=0.1)
+    single = FoveatedVLMImprovement().compute(loss_fine=[1.0], loss_coarse=[2.0])
+    assert single["improvement"] == 0.5 and math.isnan(single["improvement_se"])
 
 
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):
@@ -539,34 +666,24 @@ def test_oracle_fixations_are_the_moving_box_centres():
     boxes[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 1.0])  # x0, y0, x1, y1: centre x 0.25, y 0.75
     centres = moving_box_centres(boxes)
     torch.testing.assert_close(centres, torch.tensor([[[0.5, -0.5], [0.0, 0.0]]]))  # (y, x); no box -> centre
-    inputs = model_inputs({"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "moving_boxes": boxes},
-                          tiny_config(fine_queries="oracle"))
+    model = FoveatedVLMModel(tiny_config(fine_queries="oracle"))
+    inputs = model_inputs({"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "moving_boxes": boxes}, model)
     assert set(inputs) == {"pixel_values", "oracle_fixations"}
 
 
-def test_foveation_diagnostics():
+def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config()).eval()
     pixel_values, vae_latents = torch.randn(3, 4, 3, 64, 64), torch.randn(3, 4, 4, 8, 8)
-    boxes = -torch.ones(3, 4, 4, 4)
-    boxes[:, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # the top-left quarter: 4 of 16 patches
-    mask = moving_box_patch_mask(boxes, 16)
-    assert mask.sum(-1).eq(4).all() and mask[0, 0].view(4, 4)[:2, :2].eq(1).all()
+    batch = {"vae_latents": vae_latents}
     with torch.no_grad():
         model.prediction_head.film[-1].weight.normal_(std=1.0)  # a head that reads its state strongly
-        outputs = model(pixel_values, vae_latents)
-        metrics = foveation_metrics(model, outputs, {"vae_latents": vae_latents, "moving_boxes": boxes})
-    torch.testing.assert_close(metrics["tracking/chance"], torch.tensor(0.25))
-    expected_copy = (vae_latents[:, :-1] - vae_latents[:, 1:]).pow(2).mean()
-    torch.testing.assert_close(metrics["loss/copy_t2"], expected_copy)
-    # A head that ignores its state loses nothing when states are swapped across clips.
-    with torch.no_grad():
+        reading = clip_metrics(model, model(pixel_values, vae_latents), batch)
         model.prediction_head.film[-1].weight.zero_()
         model.prediction_head.film[-1].bias.zero_()
-        outputs = model(pixel_values, vae_latents)
-        ignored = foveation_metrics(model, outputs, {"vae_latents": vae_latents})
-    assert ignored["diag/state_contribution_fine"].abs() < 1e-6
-    assert metrics["diag/state_contribution_fine"].abs() > 1e-6
+        ignoring = clip_metrics(model, model(pixel_values, vae_latents), batch)
+    assert ignoring["diag/state_contribution_fine"].abs().max() < 1e-6
+    assert reading["diag/state_contribution_fine"].abs().min() > 1e-6
 
 
 def test_command_line_model_config_updates_the_yaml_one():
