@@ -84,10 +84,10 @@ def table1_markdown(metrics: dict, prefix: str = "eval_") -> str:
     """Table 1 (loss_coarse, loss_fine, improvement on all targets and on t >= 2) as Markdown from logged means."""
     values = table1_values(metrics, prefix)
     rows = [
-        f"| {metric} | {value:.4f} |" if metric.startswith("loss") else f"| {metric} | {value:.2%} |"
+        f"| {metric:<11} | {value:.4f} |" if metric.startswith("loss") else f"| {metric:<11} | {value:.2%} |"
         for metric, value in values.items()
     ]
-    return "\n".join(["| Metric | Value |", "|---|---|", *rows])
+    return "\n".join(["| Metric      | Value |", "|-------------|-------|", *rows])
 
 
 def eval_results(metrics: dict, info: "FoveatedVLMModelCardInfo", prefix: str = "eval_") -> list[EvalResult]:
@@ -121,6 +121,9 @@ class FoveatedVLMModelCardInfo:
     )
     frozen: Optional[list[str]] = field(
         default=None, metadata={"help": "Parts frozen in training (training policy, not in the checkpoint)."}
+    )
+    probes: dict = field(
+        default_factory=dict, metadata={"help": "The research probes the run trained with (probes.json), if any."}
     )
 
 
@@ -208,11 +211,11 @@ def write_model_card(
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=Path(repo_id).name,
         repo_id=repo_id,
-        architecture=architecture_rows(config),
+        architecture=architecture_rows(config, info.probes),
         data_description=info.data_description,
         hyperparameters=_hyperparameter_rows(args, state, info),
         table1=table1_markdown(evaluation) if evaluation else None,
-        loss=loss_formula(config),
+        loss=loss_formula(config, info.probes),
         improvement_bands=improvement_bands_text(),
         eval_step=evaluation["step"] if evaluation else None,
         num_frames=config.num_frames,

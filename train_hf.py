@@ -536,7 +536,7 @@ def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
     if trainer.is_world_process_zero():
         vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
         data_paths = {"eval_dataset": data.eval_dir, "vae": vae}
-        Path(trainer.args.output_dir, "data_paths.json").write_text(json.dumps(data_paths, indent=1))
+        Path(trainer.args.output_dir, report_foveated.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
 
 def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:

@@ -290,6 +290,8 @@ def test_card_states_every_trained_loss_term(tmp_path, aux):
     assert ("0.5 · loss_aux" in formula) == (aux > 0) and "0.25 · loss_coarse" in formula
     card = card_for(tmp_path, config, [])
     assert formula in card.text
+    # A probe that reweights loss_fine (probes.json) is part of what was trained.
+    assert loss_formula(config, {"fine_loss_weight": 0.0}).startswith("0 · loss_fine + 0.25 · loss_coarse")
 
 
 def test_probed_run_is_reported_with_its_probes(tmp_path, data):
