@@ -6,20 +6,11 @@ from transformers.models.llama import LlamaConfig
 
 __all__ = ["FoveatedVLMConfig"]
 
-# Shapes of facebook/dinov3-vits16-pretrain-lvd1689m (ViT-S/16 with 4 register tokens).
-DINOV3_VITS16_DEFAULTS = dict(
-    hidden_size=384,
-    intermediate_size=1536,
-    num_hidden_layers=12,
-    num_attention_heads=6,
-    patch_size=16,
-    num_register_tokens=4,
-    layerscale_value=1.0,
-    rope_theta=100.0,
-    image_size=256,
-)
+# DINOv3ViTConfig's defaults are the shapes of facebook/dinov3-vits16-pretrain-lvd1689m (ViT-S/16) except for its
+# 4 register tokens.
+DINOV3_VITS16_REGISTER_TOKENS = 4
 
-# Shapes of HuggingFaceTB/SmolLM2-135M-Instruct (a Llama).
+# Shapes of HuggingFaceTB/SmolLM2-135M-Instruct (a Llama; LlamaConfig's defaults are Llama-2-7B's).
 SMOLLM2_135M_DEFAULTS = dict(
     vocab_size=49152,
     hidden_size=576,
@@ -36,8 +27,6 @@ SMOLLM2_135M_DEFAULTS = dict(
 )
 
 HEAD_TYPES = ("film", "spatial")
-COARSE_READERS = ("query", "mean_pool")
-FINE_QUERIES = ("predicted", "fixed", "random", "oracle")
 
 
 class FoveatedVLMConfig(PretrainedConfig):
@@ -45,6 +34,14 @@ class FoveatedVLMConfig(PretrainedConfig):
     Configuration of [`FoveatedVLMModel`]: a DINOv3 ViT reads each frame once, a query token reads one visual token
     per frame out of the cached encoder keys/values, an LLM reads the tokens and emits the next query, and a
     prediction head predicts the next frame's VAE latent.
+
+    The class defaults are the design in docs/DESIGN.md. The shipped `configs/tiny.yaml` switches on six of the
+    options below on top of it: `head_type="spatial"`, `head_residual=True`, `aux_current_weight=1.0`,
+    `fixation_bias=True`, `glimpse_position=True` and `token_dim=8`.
+
+    The config records the model's design only. Freezing is training policy (`train_hf.py --freeze_vision`), and the
+    research probes (oracle fixations, fixed or random Pass-2 queries, coarse-only training) live in
+    `probes_foveated.py`.
 
     Args:
         vision_config (`dict` or `DINOv3ViTConfig`, *optional*):
@@ -62,26 +59,20 @@ class FoveatedVLMConfig(PretrainedConfig):
         latent_size (`int`, *optional*, defaults to 32):
             Side of the target VAE latent; must be `image_size / 8` (the SD VAE downsamples 8x).
         lambda_coarse (`float`, *optional*, defaults to 1.0):
-            Weight of the Pass-1 loss: `loss = loss_fine + lambda_coarse * loss_coarse`.
+            Weight of the Pass-1 loss: `loss = loss_fine + lambda_coarse * loss_coarse (+ aux_current_weight *
+            loss_aux)`.
         deep_query (`bool`, *optional*, defaults to `True`):
             `True`: the query joins every encoder layer, attending to that layer's cached keys/values.
             `False` ("shallow"): one cross-attention of the query over the final encoder features.
-        freeze_vision (`bool`, *optional*, defaults to `False`):
-            Freeze the DINOv3 encoder weights (the query path through its layers still trains the query).
-        freeze_text (`bool`, *optional*, defaults to `False`):
-            Freeze the LLM weights.
-        train_text_embeddings (`bool`, *optional*, defaults to `False`):
-            Train the LLM's token embeddings. Off by default: the objective never reads vocabulary logits and
-            Phase-1 batches carry no text, so the embeddings would get no gradient (which DDP rejects).
         head_type (`str`, *optional*, defaults to `"film"`):
-            `"film"`: the seed's per-channel FiLM head. `"spatial"`: the state is also broadcast over the latent
-            grid with x/y coordinate channels, so it can say *where* something changes.
+            `"film"`: a per-channel FiLM head. `"spatial"`: the state is also broadcast over the latent grid with
+            x/y coordinate channels, so it can say *where* something changes.
         head_channels (`int`, *optional*, defaults to 128):
             Conv width of the prediction head.
         head_mlp_dim (`int`, *optional*, defaults to 512):
             Hidden width of the MLP mapping the LLM state to FiLM's gamma and beta.
         head_residual (`bool`, *optional*, defaults to `False`):
-            Predict `previous latent + output` instead of the full latent (the seed's head is non-residual).
+            Predict `previous latent + output` instead of the full latent.
         fixation_bias (`bool`, *optional*, defaults to `False`):
             Give the query a spatial component: a fixation point and spread, read from the query vector by a learned
             projection, add `-|p - mu|^2 / (2 sigma^2)` to its attention logits over patch p at every layer. Both
@@ -89,34 +80,15 @@ class FoveatedVLMConfig(PretrainedConfig):
         glimpse_position (`bool`, *optional*, defaults to `False`):
             Tell the LLM where the glimpse landed: the attention-weighted mean patch position and spread are projected
             and added to each visual token (both passes).
-        query_temperature (`float`, *optional*, defaults to 1.0):
-            Divides the query's attention logits (< 1 sharpens); the same for both passes.
-        changed_cell_weight (`float`, *optional*, defaults to 1.0):
-            Training-loss weight of latent cells that change between consecutive frames (mean absolute change over
-            channels above `changed_cell_threshold`); 1.0 is plain MSE. `loss_fine`/`loss_coarse` stay plain MSE.
-        changed_cell_threshold (`float`, *optional*, defaults to 0.1):
-            What counts as a changed cell for `changed_cell_weight` and the changed/unchanged loss split.
         aux_current_weight (`float`, *optional*, defaults to 0.0):
-            Weight of an auxiliary loss in both passes: the shared head, given the state that has just read frame t
-            and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame it saw,
-            which the next-frame loss alone does not get started (the head ignores a state that carries nothing).
-            Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
+            Weight of an auxiliary loss `loss_aux` in both passes: the shared head, given the state that has just
+            read frame t and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame
+            it saw, which the next-frame loss alone does not get started (the head ignores a state that carries
+            nothing). Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
         token_dim (`int`, *optional*):
             Width of a linear bottleneck every visual token passes through before the LLM (both passes). `None`
             keeps the encoder width. A narrow token cannot summarise a whole frame, which is where a glimpse that
             picks *what* to summarise can beat a static one.
-        coarse_reader (`str`, *optional*, defaults to `"query"`):
-            How Pass 1 reads a frame: `"query"` with the learned `q_static` (the design), `"mean_pool"` by averaging
-            the final patch features (an ablation: the plainest static summary).
-        fine_queries (`str`, *optional*, defaults to `"predicted"`):
-            Which queries Pass 2 reads with: `"predicted"` (the design: the coarse LLM's query after frame t-1),
-            `"fixed"` (the learned `q_init` for every frame), `"random"` (fresh Gaussian queries with the predicted
-            queries' RMS each call), `"oracle"` (`q_init` looking where `forward(oracle_fixations=...)` says, e.g.
-            at the moving object: an upper bound on what choosing where to look can give). All but the first cut the
-            link between LLM and glimpse.
-        fine_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of `loss_fine` in the training loss; 0 trains Pass 1 alone (the coarse-only baseline; the fine
-            pass is still evaluated, and its own parameters are frozen).
         query_init_std (`float`, *optional*, defaults to 1.0):
             Std of the learned `q_static` and `q_init` vectors.
         mode_token_init_std (`float`, *optional*, defaults to 0.02):
@@ -139,30 +111,21 @@ class FoveatedVLMConfig(PretrainedConfig):
         latent_size: int = 32,
         lambda_coarse: float = 1.0,
         deep_query: bool = True,
-        freeze_vision: bool = False,
-        freeze_text: bool = False,
-        train_text_embeddings: bool = False,
         head_type: str = "film",
         head_channels: int = 128,
         head_mlp_dim: int = 512,
         head_residual: bool = False,
         fixation_bias: bool = False,
         glimpse_position: bool = False,
-        query_temperature: float = 1.0,
-        changed_cell_weight: float = 1.0,
-        changed_cell_threshold: float = 0.1,
         aux_current_weight: float = 0.0,
         token_dim=None,
-        coarse_reader: str = "query",
-        fine_queries: str = "predicted",
-        fine_loss_weight: float = 1.0,
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
         initializer_range: float = 0.02,
         **kwargs,
     ):
         if vision_config is None:
-            vision_config = DINOv3ViTConfig(**{**DINOV3_VITS16_DEFAULTS, "image_size": image_size})
+            vision_config = DINOv3ViTConfig(num_register_tokens=DINOV3_VITS16_REGISTER_TOKENS, image_size=image_size)
         elif isinstance(vision_config, dict):
             vision_config = DINOv3ViTConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         if text_config is None:
@@ -182,26 +145,19 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.latent_size = latent_size
         self.lambda_coarse = lambda_coarse
         self.deep_query = deep_query
-        self.freeze_vision = freeze_vision
-        self.freeze_text = freeze_text
-        self.train_text_embeddings = train_text_embeddings
         self.head_type = head_type
         self.head_channels = head_channels
         self.head_mlp_dim = head_mlp_dim
         self.head_residual = head_residual
         self.fixation_bias = fixation_bias
         self.glimpse_position = glimpse_position
-        self.query_temperature = query_temperature
-        self.changed_cell_weight = changed_cell_weight
-        self.changed_cell_threshold = changed_cell_threshold
         self.aux_current_weight = aux_current_weight
         self.token_dim = token_dim
-        self.coarse_reader = coarse_reader
-        self.fine_queries = fine_queries
-        self.fine_loss_weight = fine_loss_weight
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
+        # A config.json written with options this class no longer has still loads: transformers keeps unknown keys
+        # as plain attributes, which the model never reads.
         super().__init__(**kwargs)
         self._validate()
 
@@ -235,21 +191,9 @@ class FoveatedVLMConfig(PretrainedConfig):
                 f"vision_config.hidden_size={vision_width} must be divisible by "
                 f"vision_config.num_attention_heads={self.vision_config.num_attention_heads}"
             )
-        if self.query_temperature <= 0:
-            raise ValueError(f"query_temperature={self.query_temperature} must be > 0")
         if self.aux_current_weight < 0:
             raise ValueError(f"aux_current_weight={self.aux_current_weight} must be >= 0")
-        if self.changed_cell_weight <= 0:
-            raise ValueError(f"changed_cell_weight={self.changed_cell_weight} must be > 0")
         if self.lambda_coarse < 0:
             raise ValueError(f"lambda_coarse={self.lambda_coarse} must be >= 0")
-        if self.fine_loss_weight < 0:
-            raise ValueError(f"fine_loss_weight={self.fine_loss_weight} must be >= 0")
-        if self.fine_loss_weight == 0 and self.lambda_coarse == 0:
-            raise ValueError("fine_loss_weight and lambda_coarse are both 0: nothing would be trained")
         if self.token_dim is not None and self.token_dim <= 0:
             raise ValueError(f"token_dim={self.token_dim} must be positive or None")
-        if self.coarse_reader not in COARSE_READERS:
-            raise ValueError(f"coarse_reader={self.coarse_reader!r} must be one of {COARSE_READERS}")
-        if self.fine_queries not in FINE_QUERIES:
-            raise ValueError(f"fine_queries={self.fine_queries!r} must be one of {FINE_QUERIES}")

@@ -7,14 +7,13 @@ Shapes: B clips, T frames, S = image_size, P = (S / patch)^2 patches, L = 1 + re
 D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
 """
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -29,10 +28,6 @@ try:
     from .configuration_foveated import FoveatedVLMConfig
 except ImportError:  # installed as a top-level module rather than loaded as remote code
     from configuration_foveated import FoveatedVLMConfig
-
-# Spread of an oracle fixation (fine_queries="oracle"), log sigma in [-1, 1] frame units: sigma ~ 0.14, about the
-# half-side of a synthetic object.
-ORACLE_LOG_SIGMA = -2.0
 
 __all__ = [
     "FoveatedVLMOutput",
@@ -75,10 +70,10 @@ class FoveatedVLMOutput(ModelOutput):
     Output of [`FoveatedVLMModel`]: both passes of one clip batch.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): `loss_fine + lambda_coarse * loss_coarse` (each term
-            re-weighted towards changed cells when `config.changed_cell_weight != 1`).
-        loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (dynamic queries).
-        loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query).
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss, `loss_fine + lambda_coarse *
+            loss_coarse`, plus `aux_current_weight * loss_aux` when `config.aux_current_weight > 0`.
+        loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
+        loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
         pred_fine (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-2 prediction of latents 1..T.
         pred_coarse (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-1 prediction of latents 1..T.
         queries (`torch.FloatTensor` of shape `(B, T, Q)`): `q_t` emitted after frame t (Pass 1); frame t+1 is
@@ -93,7 +88,7 @@ class FoveatedVLMOutput(ModelOutput):
         state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
         prev_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): `[z_vae_init, v_1..v_{T-1}]`.
         loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
-            (mean of both passes), when `config.aux_current_weight > 0`; already included in `loss`.
+            (mean over both passes), when `config.aux_current_weight > 0`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -118,12 +113,13 @@ class FoveatedVLMStreamOutput(ModelOutput):
     One frame t of [`FoveatedVLMModel.stream`] (B clips).
 
     Args:
-        pred_fine (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): focused-stream prediction of latent t,
-            made before frame t was read (from frames < t and latent t-1); None when latent t-1 was not given.
-        pred_coarse (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): coarse-stream prediction of latent t.
+        pred_fine (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): the Pass-2 (focused) stream's
+            prediction of latent t, made before frame t was read (from frames < t and latent t-1); None when latent
+            t-1 was not given.
+        pred_coarse (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): the Pass-1 stream's prediction.
         query (`torch.FloatTensor` of shape `(B, Q)`): the query emitted after frame t (reads frame t+1).
         attn_static (`torch.FloatTensor` of shape `(B, P)`): `q_static`'s attention over frame t.
-        attn_dynamic (`torch.FloatTensor` of shape `(B, P)`): the focused query's attention over frame t.
+        attn_dynamic (`torch.FloatTensor` of shape `(B, P)`): the Pass-2 query's attention over frame t.
     """
 
     pred_fine: Optional[torch.FloatTensor] = None
@@ -159,7 +155,6 @@ class FoveatedVLMCrossAttention(nn.Module):
         key = self.k_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.head_dim**-0.5  # (N, H, 1, L)
-        logits = logits / self.config.query_temperature
         if logit_bias is not None:
             logits = logits + logit_bias[:, None, None, :]
         weights = logits.softmax(dim=-1).to(value.dtype)
@@ -254,8 +249,7 @@ class FoveatedVLMEncoder(nn.Module):
         # whole cache for every query.
         cache_logits = torch.matmul(query, key_cache.transpose(-1, -2))  # (N, H, 1, L)
         own_logit = (query * own_key).sum(-1, keepdim=True)  # (N, H, 1, 1)
-        logits = torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling  # (N, H, 1, L + 1)
-        logits = logits.float() / self.config.query_temperature
+        logits = (torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling).float()  # (N, H, 1, L + 1)
         if logit_bias is not None:
             logits = logits + logit_bias[:, None, None, :]
         weights = logits.softmax(dim=-1).to(value_cache.dtype)
@@ -272,18 +266,17 @@ class FoveatedVLMEncoder(nn.Module):
         side = int(round(num_patches**0.5))
         return get_patches_center_coordinates(side, side, dtype=torch.float32, device=device)
 
-    def fixation_logit_bias(
-        self, queries: torch.Tensor, patch_features: torch.Tensor, centres: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Gaussian fixation prior over patches: queries (N, Q) -> logit bias (N, P). `centres` (N, 2), (y, x) in
-        [-1, 1], replace the fixation points read from the queries (the oracle ablation), with a fixed spread."""
-        if centres is not None:
-            centre, log_sigma = centres.float(), torch.full_like(centres[:, 0], ORACLE_LOG_SIGMA, dtype=torch.float32)
-        else:
-            fixation = self.fixation_proj(queries).float()  # (N, 3)
-            centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
-            log_sigma = fixation[:, 2].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
-        coords = self.patch_coordinates(patch_features.shape[1], queries.device)  # (P, 2)
+    def fixation(self, queries: torch.Tensor) -> torch.Tensor:
+        """The fixation a query asks for: (N, Q) -> (N, 3) = centre (y, x) in [-1, 1] and log sigma."""
+        fixation = self.fixation_proj(queries).float()  # (N, 3)
+        centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
+        log_sigma = fixation[:, 2:].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
+        return torch.cat([centre, log_sigma], dim=-1)
+
+    def fixation_logit_bias(self, fixations: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Gaussian fixation prior over patches: fixations (N, 3) as (y, x, log sigma) -> logit bias (N, P)."""
+        centre, log_sigma = fixations[:, :2].float(), fixations[:, 2].float()
+        coords = self.patch_coordinates(num_patches, fixations.device)  # (P, 2)
         squared_distance = (coords[None] - centre[:, None]).pow(2).sum(-1)  # (N, P)
         return -squared_distance / (2 * torch.exp(2 * log_sigma)[:, None])
 
@@ -296,8 +289,8 @@ class FoveatedVLMEncoder(nn.Module):
         Args:
             queries: `(N, Q)`, one per cached frame.
             cache: `encode_patches` of the same N frames.
-            fixations: `(N, 2)`, *optional*: (y, x) in [-1, 1] where each query must look, a Gaussian bias of fixed
-                spread on its attention logits (the oracle ablation); otherwise the query's own fixation, if any.
+            fixations: `(N, 3)`, *optional*: (y, x, log sigma) of a Gaussian bias on the attention logits that
+                replaces the query's own fixation (`config.fixation_bias`); a probe imposes one this way.
 
         Returns:
             tokens `(N, D)`: the query's final (normalised) encoder state.
@@ -306,9 +299,9 @@ class FoveatedVLMEncoder(nn.Module):
             map has entropy `log(P)`.
         """
         query_state = self.query_in_proj(queries).unsqueeze(1)  # (N, Q) -> (N, 1, D)
-        patch_bias = None
-        if self.config.fixation_bias or fixations is not None:
-            patch_bias = self.fixation_logit_bias(queries, cache.patch_features, fixations)
+        if fixations is None and self.config.fixation_bias:
+            fixations = self.fixation(queries)
+        patch_bias = None if fixations is None else self.fixation_logit_bias(fixations, cache.patch_features.shape[1])
         if self.config.deep_query:
             logit_bias = None
             if patch_bias is not None:  # no bias on CLS, registers and the query's own key
@@ -419,14 +412,20 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
 
 class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     """
-    The two-pass foveated next-frame predictor.
+    The two-pass foveated next-frame predictor (docs/DESIGN.md).
 
     Pass 1 reads every frame with the learned `q_static` (coarse tokens), runs the LLM over
     `[text, <coarse>, z°_1..z°_T]` and emits a query `q_t` after each frame. Pass 2 reads frame t with `q_{t-1}`
     (`q_init` for the first frame; fine tokens) and runs the same LLM over `[text, <fine>, z_1..z_T]`. In both
     passes the shared head predicts latent t from the state at the position just before frame t and latent t-1
-    (`z_vae_init` for t = 1), so each prediction sees frames < t only.
+    (`z_vae_init` for t = 1), so each prediction sees frames < t only (the index rule).
+
+    `read_coarse`, `read_fine` and `fine_loss_weight` are the design's choices of how Pass 1 reads a frame, which
+    queries Pass 2 reads with and how much `loss_fine` weighs; `probes_foveated.FoveatedVLMProbedModel` overrides them.
     """
+
+    # The loss is a mean over latent cells, not a sum over tokens: the Trainer must not pass `num_items_in_batch`.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: FoveatedVLMConfig):
         super().__init__(config)
@@ -450,42 +449,6 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         self.z_vae_init = nn.Parameter(torch.empty(latent_shape))
 
         self.post_init()
-        self._apply_freezing()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
-        model._apply_freezing()  # loading replaces the parameters, and with them their requires_grad flags
-        return loaded
-
-    def _apply_freezing(self):
-        # The mask token is only for masked-image pretraining; keep it out of the optimizer (DDP needs every
-        # trainable parameter to get a gradient).
-        self.encoder.backbone.embeddings.mask_token.requires_grad_(False)
-        if self.config.freeze_vision:
-            self.encoder.backbone.requires_grad_(False)
-        if self.config.freeze_text:
-            self.language_model.requires_grad_(False)
-        if not self.config.train_text_embeddings:
-            self.language_model.get_input_embeddings().requires_grad_(False)
-        # Ablations leave some parameters out of the loss; freezing them keeps DDP and the optimizer honest.
-        for name in self._parameters_outside_loss():
-            self.get_parameter(name).requires_grad_(False)
-
-    def _parameters_outside_loss(self) -> list[str]:
-        config = self.config
-        unused = []
-        if config.coarse_reader == "mean_pool":
-            unused.append("q_static")
-        if config.fine_queries != "predicted" or config.fine_loss_weight == 0:
-            # Pass 2 alone reads the predicted queries.
-            unused += ["query_head.weight", "query_head.bias"]
-        if config.fine_queries == "random" or config.fine_loss_weight == 0:
-            unused.append("q_init")
-        if config.fine_loss_weight == 0:
-            unused.append("fine_token")
-        return unused
 
     @classmethod
     def from_backbones(
@@ -538,29 +501,20 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         attention_mask = position_ids = None
         if text_mask is not None:
             # Padding inside the text must not shift the visual positions: positions count real tokens only.
-            ones = text_mask.new_ones(B, T + 1)
-            attention_mask = torch.cat([text_mask, ones], dim=1)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            attention_mask = torch.cat([text_mask, text_mask.new_ones(B, T + 1)], dim=1)
+            position_ids = _position_ids(attention_mask)
         hidden = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         return hidden[:, text_embeds.shape[1] :]
 
     def _read_frames(self, queries, cache, B, T, fixations=None):
-        """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P)."""
+        """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P).
+        `fixations` (B, T, 3), *optional*, replace the queries' own (see `FoveatedVLMEncoder.query`)."""
         if fixations is not None:
-            fixations = fixations.reshape(B * T, 2)
+            fixations = fixations.reshape(B * T, 3)  # (B, T, 3) -> (B*T, 3)
         tokens, attention = self.encoder.query(queries.reshape(B * T, -1), cache, fixations)  # (B*T, D), (B*T, P)
         return self._tokens_to_llm(tokens, attention, B, T)
-
-    def _read_coarse(self, cache, B, T):
-        """Pass 1's reading of every cached frame (`coarse_reader`): (B, T, E) tokens, (B, T, P) attention."""
-        if self.config.coarse_reader == "mean_pool":
-            tokens = cache.patch_features.mean(dim=1)  # (B*T, P, D) -> (B*T, D)
-            num_patches = cache.patch_features.shape[1]
-            attention = torch.full((B * T, num_patches), 1.0 / num_patches, device=tokens.device)
-            return self._tokens_to_llm(tokens, attention, B, T)
-        return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
 
     def _tokens_to_llm(self, tokens, attention, B, T):
         """Encoder-width tokens (B*T, D) -> LLM inputs (B, T, E), through the optional bottleneck."""
@@ -569,27 +523,21 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         tokens = self.dino_to_llm(tokens)  # (B*T, E)
         if self.config.glimpse_position:
             tokens = tokens + self.glimpse_to_llm(self.glimpse_summary(attention).to(tokens.dtype))
-        return tokens.view(B, T, -1), attention.view(B, T, -1)
+        return tokens.view(B, T, -1), attention.view(B, T, -1)  # (B*T, E) -> (B, T, E), (B*T, P) -> (B, T, P)
 
-    def _oracle_fixations(self, oracle_fixations, B, T) -> Optional[torch.Tensor]:
-        oracle = self.config.fine_queries == "oracle"
-        if oracle != (oracle_fixations is not None):
-            raise ValueError("oracle_fixations (B, T, 2) are needed with fine_queries='oracle', and only then")
-        if oracle and tuple(oracle_fixations.shape) != (B, T, 2):
-            raise ValueError(f"oracle_fixations must have shape ({B}, {T}, 2); got {tuple(oracle_fixations.shape)}")
-        return oracle_fixations
+    def read_coarse(self, cache: FoveatedVLMPatchCache, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 reads every cached frame with `q_static`: tokens (B, T, E), attention (B, T, P)."""
+        return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
 
-    def _pass2_queries(self, predicted: torch.Tensor) -> torch.Tensor:
-        """
-        The queries Pass 2 reads frames with (`fine_queries`), from the queries `predicted` for them: (B, T, Q).
-        """
-        mode = self.config.fine_queries
-        if mode in ("fixed", "oracle"):
-            return self.q_init.to(predicted.dtype).expand_as(predicted)
-        if mode == "random":
-            rms = predicted.detach().float().pow(2).mean().sqrt()
-            return (torch.randn_like(predicted, dtype=torch.float32) * rms).to(predicted.dtype)
-        return predicted
+    def read_fine(self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, B: int, T: int):
+        """Pass 2 reads frame t with the query predicted for it, queries (B, T, Q): tokens (B, T, E), attention
+        (B, T, P)."""
+        return self._read_frames(queries, cache, B, T)
+
+    @property
+    def fine_loss_weight(self) -> float:
+        """Weight of `loss_fine` in the loss: 1 in the design."""
+        return 1.0
 
     def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
         """Where a glimpse landed: attention (N, P) -> (N, 3) = attention-weighted mean (y, x) and spread."""
@@ -604,10 +552,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         vae_latents: Optional[torch.Tensor] = None,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        oracle_fixations: Optional[torch.Tensor] = None,
-        output_attentions: bool = False,
         return_dict: bool = True,
-        **kwargs,
     ) -> FoveatedVLMOutput:
         r"""
         Args:
@@ -616,9 +561,6 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 the model returns queries and attention only.
             input_ids, attention_mask (`torch.LongTensor` of shape `(B, text_length)`, *optional*): text prepended
                 to both LLM sequences (Phase 2).
-            oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"`
-                only: (y, x) in [-1, 1] where Pass 2 looks in each frame, e.g. the moving object's true centre.
-            output_attentions: accepted for API symmetry; attention maps are always returned (they are cheap).
         """
         self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask)
         B, T, C, H, W = pixel_values.shape
@@ -631,32 +573,57 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             text_embeds = cache.patch_features.new_zeros(B, 0, text_width)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
-        coarse_tokens, attn_static = self._read_coarse(cache, B, T)
+        coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
         coarse_states = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
-        queries = self.query_head(coarse_states[:, 1:])  # (B, T, Q)
+        queries = self.query_head(coarse_states[:, 1:])  # (B, T + 1, E) -> (B, T, Q)
 
         # Pass 2: frame t is read with the query emitted after frame t-1.
         shifted_queries = torch.cat([self.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)
-        # The coarse-only baseline still evaluates Pass 2, without building its graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.fine_loss_weight > 0):
-            fine_tokens, attn_dynamic = self._read_frames(
-                self._pass2_queries(shifted_queries), cache, B, T, self._oracle_fixations(oracle_fixations, B, T)
-            )
+        # A Pass 2 that the loss does not weigh is still evaluated, without building its graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.fine_loss_weight > 0):
+            fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
             fine_states = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
-        state_coarse, state_fine = coarse_states[:, :T], fine_states[:, :T]
-        predictions = self._predict(coarse_states, fine_states, vae_latents) if vae_latents is not None else {}
         output = FoveatedVLMOutput(
-            **predictions,
             queries=queries,
             attn_static=attn_static,
             attn_dynamic=attn_dynamic,
             entropy_static=attention_entropy(attn_static),
             entropy_dynamic=attention_entropy(attn_dynamic),
-            state_coarse=state_coarse,
-            state_fine=state_fine,
+            state_coarse=coarse_states[:, :T],
+            state_fine=fine_states[:, :T],
         )
+        if vae_latents is not None:
+            output.prev_latents = self.previous_latents(vae_latents)  # (B, T, C, h, w)
+            output.pred_coarse, output.pred_fine, reconstructions = self._predict(
+                coarse_states, fine_states, output.prev_latents
+            )
+            target = vae_latents.float()
+            output.loss_coarse = F.mse_loss(output.pred_coarse, target)
+            output.loss_fine = F.mse_loss(output.pred_fine, target)
+            loss = self.fine_loss_weight * output.loss_fine + self.config.lambda_coarse * output.loss_coarse
+            if reconstructions is not None:
+                output.loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
+                loss = loss + self.config.aux_current_weight * output.loss_aux
+            output.loss = loss
         return output if return_dict else output.to_tuple()
+
+    def _predict(self, coarse_states, fine_states, prev_latents):
+        """
+        The shared head in one batched call over the LLM states at `[mode, z_1..z_T]` (B, T + 1, E) of both passes:
+        predictions of latents 1..T, `pred_coarse` and `pred_fine` (B, T, C, h, w), and the auxiliary
+        reconstructions (k * B, T, C, h, w) stacked pass by pass, or None when `aux_current_weight` is 0.
+        """
+        B, T = prev_latents.shape[:2]
+        # The states before frame t predict latent t; those that have just read frame t reconstruct it (auxiliary).
+        head_states = [coarse_states[:, :T], fine_states[:, :T]]
+        if self.config.aux_current_weight > 0:
+            head_states.append(coarse_states[:, 1:])
+            if self.fine_loss_weight > 0:  # a Pass 2 the loss does not weigh stays out of the auxiliary term too
+                head_states.append(fine_states[:, 1:])
+        predictions = self.predict_latents(torch.cat(head_states, dim=0), prev_latents).float()  # (k * B, T, C, h, w)
+        reconstructions = predictions[2 * B :] if len(head_states) > 2 else None
+        return predictions[:B], predictions[B : 2 * B], reconstructions
 
     def predict_latents(self, states: torch.Tensor, prev_latents: torch.Tensor) -> torch.Tensor:
         """
@@ -673,48 +640,6 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         first = self.z_vae_init.to(vae_latents.dtype).expand(vae_latents.shape[0], 1, -1, -1, -1)
         return torch.cat([first, vae_latents[:, :-1]], dim=1)
 
-    def changed_cells(self, prev_latents: torch.Tensor, vae_latents: torch.Tensor) -> torch.Tensor:
-        """1.0 where a latent cell changes from the previous latent, else 0.0: (B, T, 1, h, w)."""
-        change = (vae_latents.float() - prev_latents.float()).abs().mean(dim=2, keepdim=True)
-        return (change > self.config.changed_cell_threshold).float()
-
-    def _predict(self, coarse_states, fine_states, vae_latents) -> dict:
-        """
-        Predictions and losses of both passes from the LLM states at `[mode, z_1..z_T]` (B, T + 1, E), and the
-        auxiliary reconstruction, through the shared head in one batched call.
-        """
-        B, T = vae_latents.shape[:2]
-        prev_latents = self.previous_latents(vae_latents)
-        # The states before frame t predict latent t; those that have just read frame t reconstruct it (auxiliary).
-        head_states = [coarse_states[:, :T], fine_states[:, :T]]
-        if self.config.aux_current_weight > 0:
-            head_states.append(coarse_states[:, 1:])
-            if self.config.fine_loss_weight > 0:  # the coarse-only baseline leaves Pass 2 untrained
-                head_states.append(fine_states[:, 1:])
-        predictions = self.predict_latents(torch.cat(head_states, dim=0), prev_latents).float()  # (k * B, T, C, h, w)
-        pred_coarse, pred_fine, reconstructions = predictions[:B], predictions[B : 2 * B], predictions[2 * B :]
-        target = vae_latents.float()
-        loss_coarse = F.mse_loss(pred_coarse, target)
-        loss_fine = F.mse_loss(pred_fine, target)
-        if self.config.changed_cell_weight != 1.0:
-            changed = self.changed_cells(prev_latents, vae_latents)  # (B, T, 1, h, w)
-            weight = 1.0 + (self.config.changed_cell_weight - 1.0) * changed
-            weight = weight / weight.mean()
-            loss = self.config.fine_loss_weight * ((pred_fine - target).pow(2) * weight).mean()
-            loss = loss + self.config.lambda_coarse * ((pred_coarse - target).pow(2) * weight).mean()
-        else:
-            loss = self.config.fine_loss_weight * loss_fine + self.config.lambda_coarse * loss_coarse
-        outputs = dict(
-            loss_fine=loss_fine, loss_coarse=loss_coarse, pred_fine=pred_fine, pred_coarse=pred_coarse,
-            prev_latents=prev_latents,
-        )
-        if len(reconstructions):
-            copies = len(reconstructions) // B
-            loss_aux = F.mse_loss(reconstructions, target.repeat(copies, 1, 1, 1, 1))
-            loss = loss + self.config.aux_current_weight * loss_aux
-            outputs["loss_aux"] = loss_aux
-        return dict(loss=loss, **outputs)
-
     @torch.no_grad()
     def stream(
         self,
@@ -728,10 +653,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         Streaming inference: frames arrive one at a time, each is encoded once, and two LLM streams step one token
         per frame with their own KV caches, so the cost per frame stays constant as the clip grows.
 
-        The coarse stream reads frame t with `q_static` and emits `q_t`; the focused stream reads frame t with the
-        previous query and its state predicts the next latent. With `autoregressive=True` the next query comes from
-        the focused stream instead (what a deployed model would do; training uses the two-pass approximation).
-        Without it, stacking the outputs over t reproduces the parallel `forward`.
+        The Pass-1 stream reads frame t with `q_static` and emits `q_t`; the Pass-2 (focused) stream reads frame t
+        with the previous query and its state predicts the next latent. With `autoregressive=True` the next query
+        comes from the focused stream instead (what a deployed model would do; training uses the two-pass
+        approximation). Without it, stacking the outputs over t reproduces the parallel `forward`.
 
         Args:
             frames: iterable of `(B, 3, S, S)` ImageNet-normalised frames.
@@ -739,58 +664,26 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 head predict latent t+1.
             input_ids, attention_mask: optional text prepended to both streams.
         """
-        from transformers import DynamicCache
-
-        if self.config.fine_queries == "oracle":
-            raise ValueError("stream() has no oracle fixations: fine_queries='oracle' is a training ablation")
-
-        text_width = self.config.text_config.hidden_size
-        parameter = self.q_static
-        text_embeds = (
-            self.language_model.get_input_embeddings()(input_ids)
-            if input_ids is not None
-            else parameter.new_zeros(1, 0, text_width)
-        )
-        B = text_embeds.shape[0] if input_ids is not None else None
-        coarse_cache, fine_cache = DynamicCache(config=self.config.text_config), DynamicCache(
-            config=self.config.text_config
-        )
-        # transformers renamed `past_key_values` to `cache` during 5.x (the old name warns, then goes).
-        llm_arguments = inspect.signature(self.language_model.forward).parameters
-        cache_argument = "cache" if "cache" in llm_arguments else "past_key_values"
         latents = iter(vae_latents) if vae_latents is not None else None
-        coarse_state = fine_state = query = prev_latent = None
-        mask = attention_mask
-        for t, frame in enumerate(frames):
-            if B is None:
-                B = frame.shape[0]
-                text_embeds = text_embeds.expand(B, -1, -1)
-            if t == 0:
+        streams = None
+        for frame in frames:
+            B = frame.shape[0]
+            if streams is None:
                 # Prime both streams with [text, mode]; their last states predict latent 1 from z_vae_init.
-                mode_inputs = lambda token: torch.cat([text_embeds, token.expand(B, 1, -1)], dim=1)  # noqa: E731
-                mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
-                coarse_state = self._language_step(mode_inputs(self.coarse_token), mask, coarse_cache, cache_argument)
-                fine_state = self._language_step(mode_inputs(self.fine_token), mask, fine_cache, cache_argument)
-                query = self.q_init.expand(B, -1)
-                prev_latent = self.z_vae_init.expand(B, -1, -1, -1)
+                streams = _FoveatedVLMStreams(self, B, input_ids, attention_mask)
+                query, prev_latent = self.q_init.expand(B, -1), self.z_vae_init.expand(B, -1, -1, -1)
 
             pred_fine = pred_coarse = None
             if prev_latent is not None:
-                states = torch.cat([coarse_state, fine_state], dim=0)  # (2B, E)
+                states = torch.cat([streams.coarse_state, streams.fine_state], dim=0)  # (2B, E)
                 pred_coarse, pred_fine = self.prediction_head(states, prev_latent).float().chunk(2)
 
             cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
-            coarse_token, attn_static = self._read_coarse(cache, B, 1)
-            fine_query = self._pass2_queries(query.unsqueeze(1))[:, 0]
-            fine_token, attn_dynamic = self._read_frames(fine_query.unsqueeze(1), cache, B, 1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            coarse_state = self._language_step(coarse_token, mask, coarse_cache, cache_argument)
-            fine_state = self._language_step(fine_token, mask, fine_cache, cache_argument)
-            query = self.query_head(fine_state if autoregressive else coarse_state)  # (B, Q)
-
-            latent = next(latents) if latents is not None else None
-            prev_latent = latent
+            coarse_token, attn_static = self.read_coarse(cache, B, 1)  # (B, 1, E), (B, 1, P)
+            fine_token, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1)
+            streams.step(coarse_token, fine_token)
+            query = self.query_head(streams.fine_state if autoregressive else streams.coarse_state)  # (B, Q)
+            prev_latent = next(latents) if latents is not None else None
             yield FoveatedVLMStreamOutput(
                 pred_fine=pred_fine,
                 pred_coarse=pred_coarse,
@@ -799,30 +692,40 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 attn_dynamic=attn_dynamic[:, 0],
             )
 
-    def _language_step(self, inputs_embeds, attention_mask, cache, cache_argument) -> torch.Tensor:
-        """Append `inputs_embeds` (B, n, E) to a stream's KV cache; return the last state (B, E)."""
-        position_ids = None
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -inputs_embeds.shape[1] :]
-        hidden = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_argument: cache},
-        ).last_hidden_state
-        return hidden[:, -1]
 
-    @torch.no_grad()
-    def get_attention_maps(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static (`q_static`) and dynamic (Pass 2) attention over each frame's patches: 2 x (B, T, P)."""
-        output = self.forward(pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        return output.attn_static, output.attn_dynamic
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, so left or inner padding does not shift what follows: (B, n)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class _FoveatedVLMStreams:
+    """The two LLM streams of `FoveatedVLMModel.stream`, each with its own KV cache and last state (B, E)."""
+
+    def __init__(self, model: FoveatedVLMModel, B: int, input_ids=None, attention_mask=None):
+        self.language_model = model.language_model
+        text_config = model.config.text_config
+        self.caches = DynamicCache(config=text_config), DynamicCache(config=text_config)
+        if input_ids is not None:
+            text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
+        else:
+            text_embeds = model.q_static.new_zeros(B, 0, text_config.hidden_size)
+        self.mask = attention_mask
+        self.step(
+            torch.cat([text_embeds, model.coarse_token.expand(B, 1, -1)], dim=1),
+            torch.cat([text_embeds, model.fine_token.expand(B, 1, -1)], dim=1),
+        )
+
+    def step(self, coarse_inputs, fine_inputs):
+        """Append (B, n, E) inputs, the last one a mode or visual token, to each stream; keep the last states."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        position_ids = None if self.mask is None else _position_ids(self.mask)[:, -coarse_inputs.shape[1] :]
+        self.coarse_state, self.fine_state = (
+            self.language_model(
+                inputs_embeds=inputs, attention_mask=self.mask, position_ids=position_ids, cache=cache, use_cache=True
+            ).last_hidden_state[:, -1]
+            for inputs, cache in zip((coarse_inputs, fine_inputs), self.caches)
+        )
 
 
 FoveatedVLMConfig.register_for_auto_class()

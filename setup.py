@@ -9,6 +9,7 @@ setup(
     py_modules=[
         "configuration_foveated",
         "modeling_foveated",
+        "probes_foveated",
         "processing_foveated",
         "synthetic_videos",
         "data_foveated",

@@ -11,6 +11,7 @@ evaluate on the held-out videos (Table 1), save a Hub-ready folder to `output_di
 """
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import report_foveated
 from card_foveated import FoveatedVLMModelCardInfo, table1_markdown
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
+from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
 from trainer_foveated import FoveatedTrainer, FoveatedVLMFigureCallback
@@ -77,10 +79,12 @@ class ModelArguments:
     )
     model_config: Union[dict, str, None] = field(
         default=None,
-        metadata={"help": "FoveatedVLMConfig overrides, e.g. {lambda_coarse: 1.0, deep_query: true, head_type: film}."},
+        metadata={"help": "FoveatedVLMConfig fields (the model's design), e.g. {lambda_coarse: 1.0, head_type: film}."},
     )
-    freeze_vision: bool = field(default=False, metadata={"help": "Freeze the DINOv3 weights (the query still trains)."})
-    freeze_text: bool = field(default=False, metadata={"help": "Freeze the LLM weights."})
+    freeze_vision: bool = field(
+        default=False, metadata={"help": "Training policy: freeze the DINOv3 weights (the query still trains)."}
+    )
+    freeze_text: bool = field(default=False, metadata={"help": "Training policy: freeze the LLM weights."})
     init_from: Optional[str] = field(
         default=None, metadata={"help": "A saved FoveatedVLM folder (or Hub id) to start from instead of backbones."}
     )
@@ -95,6 +99,15 @@ class ModelArguments:
                     raise ValueError(f"{name} must be a JSON object on the command line, got {value!r}") from error
             if not isinstance(getattr(self, name) or {}, dict):
                 raise ValueError(f"{name} must be a dict of config fields, got {getattr(self, name)!r}")
+        # FoveatedVLMConfig keeps unknown keys (old checkpoints load), so a misplaced or removed key is caught here.
+        design = set(inspect.signature(FoveatedVLMConfig.__init__).parameters) - {"self", "kwargs"}
+        flags = {f.name for f in fields(ModelArguments)} | {f.name for f in fields(FoveatedVLMProbes)}
+        for key in sorted(set(self.model_config or {}) - design):
+            if key in flags:
+                value = self.model_config[key]
+                value = value if isinstance(value, str) else json.dumps(value)
+                raise ValueError(f"model_config.{key} is not part of the model's design: use --{key} {value}")
+            raise ValueError(f"model_config.{key} is not a FoveatedVLMConfig field; the fields are {sorted(design)}")
 
 
 @dataclass
@@ -239,10 +252,12 @@ def merge_dict_overrides(config: dict, argv: list[str]) -> list[str]:
     return remaining
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments]:
+def parse_arguments(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes]:
     """`[CONFIG.yaml] [--key value ...]`: the YAML's keys become arguments placed before the command line's, so the
     command line wins; output_dir defaults to outputs/<config file name>."""
-    dataclass_types = (ModelArguments, DataArguments, FoveatedTrainingArguments)
+    dataclass_types = (ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes)
     parser = HfArgumentParser(dataclass_types)
     config_argv, config_name = [], "default"
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -378,11 +393,38 @@ def resume_checkpoint(training_args: FoveatedTrainingArguments) -> Optional[str]
     return checkpoint
 
 
+def freeze_for_training(model: FoveatedVLMModel, freeze_vision: bool = False, freeze_text: bool = False) -> None:
+    """Training policy, applied to a fully trainable model: the optimizer and DDP see only parameters that get a
+    gradient. DINOv3's mask token (for masked-image pretraining) and the LLM's input embeddings (the objective
+    reads no vocabulary logits) never do, nor the parameters a probe cuts out of the loss."""
+    model.encoder.backbone.embeddings.mask_token.requires_grad_(False)
+    model.language_model.get_input_embeddings().requires_grad_(False)
+    if freeze_vision:
+        model.encoder.backbone.requires_grad_(False)
+    if freeze_text:
+        model.language_model.requires_grad_(False)
+    if isinstance(model, FoveatedVLMProbedModel):
+        for name in model.parameters_outside_loss():
+            model.get_parameter(name).requires_grad_(False)
+
+
 def build_model(
-    model_args: ModelArguments, data_args: DataArguments, latent_shape: tuple, checkpoint: Optional[str] = None
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    latent_shape: tuple,
+    checkpoint: Optional[str] = None,
+    probes: Optional[FoveatedVLMProbes] = None,
 ) -> FoveatedVLMModel:
     """From the checkpoint being resumed, from `init_from`, from pretrained backbones, or random from
-    `vision_config` / `text_config`."""
+    `vision_config` / `text_config`; wrapped with the probes when any is set, then frozen by the training policy."""
+    model = _build_plain_model(model_args, data_args, latent_shape, checkpoint)
+    if probes is not None and probes.active:
+        model = FoveatedVLMProbedModel.from_model(model, probes)
+    freeze_for_training(model, model_args.freeze_vision, model_args.freeze_text)
+    return model
+
+
+def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> FoveatedVLMModel:
     model_config = dict(model_args.model_config or {})
     clashes = sorted(set(model_config) & set(DATA_SHAPE_FIELDS))
     if clashes:
@@ -394,9 +436,6 @@ def build_model(
         num_frames=data_args.num_frames,
         latent_channels=C,
         latent_size=h,
-        # Either place may ask for freezing: the flag or model_config.
-        freeze_vision=model_args.freeze_vision or model_config.get("freeze_vision", False),
-        freeze_text=model_args.freeze_text or model_config.get("freeze_text", False),
     )
     # A resumed checkpoint's weights go through from_pretrained too: transformers 5 saves DINOv3's layers under their
     # original names, which the Trainer's own resume (a plain load_state_dict) does not map back and would leave at
@@ -540,7 +579,7 @@ def save(trainer: FoveatedTrainer, data: PreparedData) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else list(argv))
+    model_args, data_args, training_args, probes = parse_arguments(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     warn_if_emulated_bf16(training_args)
     start = time.perf_counter()
@@ -549,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> FoveatedTrainer:
     data = build_datasets(data_args, training_args)
     data_seconds = time.perf_counter() - start
     checkpoint = resume_checkpoint(training_args)
-    model = build_model(model_args, data_args, data.latent_shape, checkpoint)
+    model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
     if training_args.channels_last_head:
         # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.

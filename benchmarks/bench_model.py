@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from configuration_foveated import DINOV3_VITS16_DEFAULTS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
+from configuration_foveated import DINOV3_VITS16_REGISTER_TOKENS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
 from tests.host_sync import HOST_SYNC_OPERATORS  # noqa: E402
 
@@ -55,7 +55,7 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
     them (what a launch-bound GPU step pays)."""
     narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
     return FoveatedVLMConfig(
-        vision_config={**DINOV3_VITS16_DEFAULTS, **narrow, "image_size": 32},
+        vision_config={**narrow, "num_register_tokens": DINOV3_VITS16_REGISTER_TOKENS, "image_size": 32},
         text_config={**SMOLLM2_135M_DEFAULTS, **narrow, "num_key_value_heads": 1, "vocab_size": 256},
         image_size=32,
         latent_size=4,
@@ -69,12 +69,15 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
 def build_model(
     deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed", channels_last_head=True
 ):
-    overrides = dict(num_frames=num_frames, deep_query=deep_query, freeze_vision=freeze_vision)
+    from train_hf import freeze_for_training
+
+    overrides = dict(num_frames=num_frames, deep_query=deep_query)
     builders = {"tiny": tiny_config, "hollow": hollow_config, "seed": FoveatedVLMConfig}
     config = builders[shapes](**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = FoveatedVLMModel(config).to(device).train()
+    freeze_for_training(model, freeze_vision=freeze_vision)  # train_hf.py's policy
     if channels_last_head:  # train_hf.py's default
         model.prediction_head.to(memory_format=torch.channels_last)
     return model
@@ -95,8 +98,7 @@ def count_flops(model, pixel_values, vae_latents, input_ids=None) -> dict:
 
     B, T = pixel_values.shape[:2]
     encoder_flops, cache = flops_of(lambda: model.encoder.encode_patches(pixel_values.flatten(0, 1)))
-    static = model.q_static.expand(B, T, -1)
-    query_flops, (tokens, _) = flops_of(lambda: model._read_frames(static, cache, B, T))
+    query_flops, (tokens, _) = flops_of(lambda: model.read_coarse(cache, B, T))
     if input_ids is None:
         text_embeds = tokens.new_zeros(B, 0, tokens.shape[-1])
     else:
@@ -205,7 +207,7 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     prev_latents = model.previous_latents(vae_latents)
     return {
         "encode frames": (lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple()), 1),
-        "2 x query reading": (lambda: backward(*model._read_frames(queries, cache, B, T)), 2),
+        "2 x query reading": (lambda: backward(*model.read_fine(queries, cache, B, T)), 2),
         "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
         HEAD_PART: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
         "trainer diagnostics": (lambda: clip_metrics(model, output, inputs), 1),

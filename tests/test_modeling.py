@@ -1,10 +1,19 @@
 import importlib.util
+import json
 
 import pytest
 import torch
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 
+import train_hf
 from modeling_foveated import FoveatedVLMModel
+from probes_foveated import (
+    PROBES_FILE,
+    FoveatedVLMProbedModel,
+    FoveatedVLMProbes,
+    from_pretrained_with_probes,
+    probe_inputs,
+)
 
 
 def make_model(seed=0, **overrides) -> FoveatedVLMModel:
@@ -33,10 +42,27 @@ def test_output_shapes():
     assert 0 <= output.entropy_static <= torch.log(torch.tensor(float(P))) + 1e-5
     expected = output.loss_fine + model.config.lambda_coarse * output.loss_coarse
     torch.testing.assert_close(output.loss, expected)
+    assert output.loss_aux is None  # aux_current_weight = 0 in the design
     # Without targets: queries and attention only.
     no_target = model(pixel_values)
     assert no_target.loss is None and no_target.pred_fine is None
     torch.testing.assert_close(no_target.queries, output.queries)
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    model = make_model()
+    pixel_values, vae_latents = make_batch(model.config)
+    with pytest.raises(TypeError, match="vae_latent"):
+        model(pixel_values, vae_latent=vae_latents)
+    with pytest.raises(TypeError, match="output_attentions"):
+        model(pixel_values, output_attentions=True)
+
+
+def test_the_trainer_does_not_pass_loss_kwargs():
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    assert not Trainer(model=make_model(), args=args).model_accepts_loss_kwargs
 
 
 def reference_query_through_full_sequence(encoder, pixel_values, query):
@@ -108,14 +134,22 @@ def test_predictions_only_see_the_past():
         assert not torch.allclose(getattr(moved, name)[:, keep:], getattr(base, name)[:, keep:])
 
 
-def test_every_trainable_parameter_gets_a_gradient():
+def without_gradient(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+
+
+# What the objective never trains; train_hf.freeze_for_training freezes them.
+NO_GRADIENT = ["encoder.backbone.embeddings.mask_token", "language_model.embed_tokens.weight"]
+
+
+def test_every_parameter_gets_a_gradient_but_the_mask_token_and_input_embeddings():
     model = make_model().train()
+    assert all(p.requires_grad for p in model.parameters())
     pixel_values, vae_latents = make_batch(model.config)
     model(pixel_values, vae_latents).loss.backward()
-    missing = [
-        name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
-    ]
-    assert missing == []
+    assert without_gradient(model) == NO_GRADIENT
+    train_hf.freeze_for_training(model)
+    assert without_gradient(model) == []
     for name in ("q_static", "q_init", "coarse_token", "fine_token", "z_vae_init"):
         assert getattr(model, name).grad.abs().sum() > 0
     assert model.encoder.backbone.model.layer[0].attention.q_proj.weight.grad.abs().sum() > 0
@@ -123,7 +157,8 @@ def test_every_trainable_parameter_gets_a_gradient():
 
 
 def test_frozen_parts_get_no_gradient():
-    model = make_model(freeze_vision=True, freeze_text=True).train()
+    model = make_model().train()
+    train_hf.freeze_for_training(model, freeze_vision=True, freeze_text=True)
     pixel_values, vae_latents = make_batch(model.config)
     model(pixel_values, vae_latents).loss.backward()
     for p in list(model.encoder.backbone.parameters()) + list(model.language_model.parameters()):
@@ -134,7 +169,8 @@ def test_frozen_parts_get_no_gradient():
 
 @pytest.mark.parametrize("freeze_vision", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(freeze_vision):
-    model = make_model(freeze_vision=freeze_vision).train()
+    model = make_model().train()
+    train_hf.freeze_for_training(model, freeze_vision=freeze_vision)
     pixel_values, vae_latents = make_batch(model.config)
     model(pixel_values, vae_latents).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -238,15 +274,49 @@ def test_spatial_residual_head():
         (dict(head_type="mlp"), "head_type"),
         (dict(lambda_coarse=-1.0), "lambda_coarse"),
         (dict(token_dim=0), "token_dim"),
-        (dict(coarse_reader="max_pool"), "coarse_reader"),
-        (dict(fine_queries="learned"), "fine_queries"),
-        (dict(fine_loss_weight=-1.0), "fine_loss_weight"),
-        (dict(fine_loss_weight=0.0, lambda_coarse=0.0), "fine_loss_weight"),
+        (dict(aux_current_weight=-1.0), "aux_current_weight"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "probes, field",
+    [
+        (dict(coarse_reader="max_pool"), "coarse_reader"),
+        (dict(fine_queries="learned"), "fine_queries"),
+        (dict(fine_loss_weight=-1.0), "fine_loss_weight"),
+    ],
+)
+def test_bad_probes_name_the_field(probes, field):
+    with pytest.raises(ValueError, match=field):
+        FoveatedVLMProbes(**probes)
+
+
+@pytest.mark.parametrize(
+    "model_config, message",
+    [
+        ({"fine_queries": "oracle"}, "model_config.fine_queries .* use --fine_queries oracle"),
+        ({"fine_loss_weight": 0}, "use --fine_loss_weight 0"),
+        ({"freeze_vision": True}, "use --freeze_vision true"),
+        ({"query_temperature": 0.5}, "model_config.query_temperature is not a FoveatedVLMConfig field"),
+        ({"changed_cell_weight": 4.0}, "model_config.changed_cell_weight is not a FoveatedVLMConfig field"),
+    ],
+)
+def test_model_config_keys_outside_the_design_are_refused_by_name(model_config, message):
+    with pytest.raises(ValueError, match=message):
+        train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", json.dumps(model_config)])
+
+
+def test_probes_are_command_line_flags():
+    *_, probes = train_hf.parse_arguments(["configs/tiny.yaml", "--fine_queries", "oracle", "--fine_loss_weight", "0.5"])
+    assert probes == FoveatedVLMProbes(fine_queries="oracle", fine_loss_weight=0.5) and probes.active
+    *_, default = train_hf.parse_arguments(["configs/tiny.yaml"])
+    assert not default.active and default.to_dict() == {
+        "coarse_reader": "query", "fine_queries": "predicted", "fine_loss_weight": 1.0
+    }
 
 
 def test_bad_shapes_say_the_expected_shape():
@@ -260,8 +330,9 @@ def test_bad_shapes_say_the_expected_shape():
         model(pixel_values[:, :1])
 
 
-def test_save_and_load_in_a_fresh_process(tmp_path, run_isolated_python):
+def test_save_and_load_in_a_fresh_process_fully_trainable(tmp_path, run_isolated_python):
     model = make_model()
+    train_hf.freeze_for_training(model, freeze_vision=True, freeze_text=True)  # policy, not saved
     pixel_values, vae_latents = make_batch(model.config)
     with torch.no_grad():
         expected = model(pixel_values, vae_latents)
@@ -280,6 +351,8 @@ config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
 assert config.model_type == "foveated_vlm" and config.text_config.tie_word_embeddings
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+assert frozen == [], frozen
 inputs = torch.load({str(tmp_path / "inputs.pt")!r})
 expected = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
@@ -292,13 +365,31 @@ print("ok")
     )
 
 
-def test_load_in_process_keeps_weights_and_frozen_embeddings(tmp_path):
+def test_load_in_process_keeps_weights_and_is_fully_trainable(tmp_path):
     model = make_model()
+    train_hf.freeze_for_training(model, freeze_vision=True)
     model.save_pretrained(tmp_path)
     loaded = FoveatedVLMModel.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    assert not loaded.language_model.get_input_embeddings().weight.requires_grad
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_config_json_with_removed_options_still_loads(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    removed = dict(
+        freeze_vision=True, freeze_text=True, train_text_embeddings=False, query_temperature=0.5,
+        changed_cell_weight=4.0, changed_cell_threshold=0.1, coarse_reader="mean_pool", fine_queries="oracle",
+        fine_loss_weight=0.0,
+    )
+    (tmp_path / "config.json").write_text(json.dumps({**config, **removed}))
+    loaded = FoveatedVLMModel.from_pretrained(tmp_path).eval()
+    assert all(p.requires_grad for p in loaded.parameters())
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():  # the old keys are kept as attributes and change nothing
+        torch.testing.assert_close(loaded(pixel_values, vae_latents).loss, model(pixel_values, vae_latents).loss)
 
 
 def test_from_backbones_with_local_folders(tmp_path):
@@ -341,24 +432,17 @@ def test_from_backbones_loads_the_real_smollm2_gguf(tmp_path):
 
 @pytest.mark.parametrize("deep_query", [True, False])
 def test_foveation_options_train_and_keep_the_index_rule(deep_query):
-    model = make_model(
-        deep_query=deep_query, fixation_bias=True, glimpse_position=True, query_temperature=0.5,
-        changed_cell_weight=4.0, aux_current_weight=0.5,
-    ).train()
-    pixel_values, _ = make_batch(model.config)
-    # A still scene in which one 2x2 latent block changes per frame: few changed cells.
-    vae_latents = torch.randn(2, 1, 4, 8, 8).repeat(1, 4, 1, 1, 1)
-    for t in range(4):
-        vae_latents[:, t, :, 2 * t : 2 * t + 2, 2:4] += 3.0
+    model = make_model(deep_query=deep_query, fixation_bias=True, glimpse_position=True, aux_current_weight=0.5)
+    model.train()
+    pixel_values, vae_latents = make_batch(model.config)
     output = model(pixel_values, vae_latents)
     output.loss.backward()
     assert model.encoder.fixation_proj.weight.grad.abs().sum() > 0
     assert model.glimpse_to_llm.weight.grad.abs().sum() > 0
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert missing == []
-    # The weighted training loss (plus the auxiliary term) differs from the plain MSE pair it is reported with.
+    assert without_gradient(model) == NO_GRADIENT
+    # Every trained term is in the output.
     assert output.loss_aux > 0
-    assert not torch.isclose(output.loss, output.loss_fine + output.loss_coarse + 0.5 * output.loss_aux)
+    torch.testing.assert_close(output.loss, output.loss_fine + output.loss_coarse + 0.5 * output.loss_aux)
     model.eval()
     other_pixels = pixel_values.clone()
     other_pixels[:, 2] = torch.randn_like(other_pixels[:, 2])
@@ -379,56 +463,90 @@ def test_fixation_bias_moves_the_attention():
     assert (mean_position > 0.5).all(), mean_position
 
 
-# ---- Ablation options: each trains every parameter it uses and freezes the ones it cuts out of the loss ----
-
-
-def trainable_without_gradient(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
-
-
 def test_token_bottleneck_narrows_every_visual_token():
     model = make_model(token_dim=3).train()
     assert model.token_bottleneck.out_features == 3 and model.dino_to_llm.in_features == 3
     pixel_values, vae_latents = make_batch(model.config)
     output = model(pixel_values, vae_latents)
     output.loss.backward()
-    assert trainable_without_gradient(model) == []
-    # Both passes go through it: zeroing the bottleneck leaves the LLM the same input for every frame.
+    assert without_gradient(model) == NO_GRADIENT
+    # Both passes go through it: zeroing the bottleneck gives the LLM the same inputs for two different clips.
     with torch.no_grad():
         model.token_bottleneck.weight.zero_()
         model.eval()
-        tokens, _ = model._read_frames(model.q_static.expand(2, 4, -1), model.encoder.encode_patches(
-            pixel_values.flatten(0, 1)), 2, 4)
-    torch.testing.assert_close(tokens, tokens[:1, :1].expand_as(tokens))
+        output = model(pixel_values, vae_latents)
+    torch.testing.assert_close(output.state_coarse[0], output.state_coarse[1])
+    torch.testing.assert_close(output.state_fine[0], output.state_fine[1])
+
+
+# ---- Probes (probes_foveated.py): each trains what it uses, and leaves the parameters it cuts out without gradient ----
+
+PROBES = {
+    "mean_pool": FoveatedVLMProbes(coarse_reader="mean_pool"),
+    "fixed": FoveatedVLMProbes(fine_queries="fixed"),
+    "random": FoveatedVLMProbes(fine_queries="random"),
+    "oracle": FoveatedVLMProbes(fine_queries="oracle"),
+    "coarse_only": FoveatedVLMProbes(fine_loss_weight=0.0),
+}
+
+
+def make_probed(probes: FoveatedVLMProbes, seed=0, **overrides) -> FoveatedVLMProbedModel:
+    return FoveatedVLMProbedModel.from_model(make_model(seed, **overrides), probes)
+
+
+def oracle_batch(config, batch_size=2) -> dict:
+    """A box in the bottom-left quarter of every frame, as the collator gives `moving_boxes` (B, T, K, 4)."""
+    boxes = -torch.ones(batch_size, config.num_frames, 4, 4)
+    boxes[:, :, 0] = torch.tensor([0.0, 0.75, 0.25, 1.0])  # x0, y0, x1, y1: centre (y, x) = (0.75, -0.75)
+    return {"moving_boxes": boxes}
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_probe_shapes_and_gradients(name):
+    model = make_probed(PROBES[name], aux_current_weight=0.5).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    output = model(pixel_values, vae_latents, **probe_inputs(model, oracle_batch(model.config)))
+    B, T, P = 2, 4, model.config.num_patches
+    assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
+    assert output.attn_static.shape == output.attn_dynamic.shape == (B, T, P)
+    output.loss.backward()
+    outside = model.parameters_outside_loss()
+    assert outside and all(model.get_parameter(n).grad is None for n in outside)
+    assert without_gradient(model) == sorted(NO_GRADIENT + outside, key=list(dict(model.named_parameters())).index)
+    train_hf.freeze_for_training(model)
+    assert without_gradient(model) == []
+
+
+def test_probed_model_without_probes_is_the_model():
+    model = make_model(aux_current_weight=0.5)
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        expected = model(pixel_values, vae_latents)
+        probed = FoveatedVLMProbedModel.from_model(model, FoveatedVLMProbes())(pixel_values, vae_latents)
+    for name in ("loss", "loss_aux", "pred_fine", "queries", "attn_dynamic"):
+        assert torch.equal(probed[name], expected[name]), name
+    assert model.parameters_outside_loss() == [] and probe_inputs(model, {}) == {}
 
 
 def test_mean_pool_coarse_reader_averages_the_patches():
-    model = make_model(coarse_reader="mean_pool").train()
-    assert not model.q_static.requires_grad
+    model = make_probed(PROBES["mean_pool"])
     pixel_values, vae_latents = make_batch(model.config)
-    output = model(pixel_values, vae_latents)
-    output.loss.backward()
-    assert trainable_without_gradient(model) == []
-    torch.testing.assert_close(output.attn_static, torch.full_like(output.attn_static, 1 / 16))
-    model.eval()
     with torch.no_grad():
         base = model(pixel_values, vae_latents)
+        torch.testing.assert_close(base.attn_static, torch.full_like(base.attn_static, 1 / 16))
         model.q_static.normal_()  # Pass 1 no longer reads with it
         assert torch.equal(model(pixel_values, vae_latents).pred_coarse, base.pred_coarse)
-        patch_mean = model.encoder.encode_patches(pixel_values.flatten(0, 1)).patch_features.mean(1)
-        tokens, _ = model._read_coarse(model.encoder.encode_patches(pixel_values.flatten(0, 1)), 2, 4)
-    torch.testing.assert_close(tokens, model.dino_to_llm(patch_mean).view(2, 4, -1))
+        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
+        tokens, _ = model.read_coarse(cache, 2, 4)
+    torch.testing.assert_close(tokens, model.dino_to_llm(cache.patch_features.mean(1)).view(2, 4, -1))
 
 
-@pytest.mark.parametrize("fine_queries", ["fixed", "random"])
-def test_pass2_query_ablations_cut_the_llm_out_of_the_glimpse(fine_queries):
-    model = make_model(fine_queries=fine_queries).train()
-    assert not model.query_head.weight.requires_grad
-    assert model.q_init.requires_grad == (fine_queries == "fixed")
+@pytest.mark.parametrize("name", ["fixed", "random"])
+def test_pass2_query_probes_cut_the_llm_out_of_the_glimpse(name):
+    model = make_probed(PROBES[name])
     pixel_values, vae_latents = make_batch(model.config)
-    model(pixel_values, vae_latents).loss.backward()
-    assert trainable_without_gradient(model) == []
-    model.eval()
+    read_with = []  # what the encoder's query path reads with: Pass 1's queries, then Pass 2's
+    model.encoder.query_in_proj.register_forward_pre_hook(lambda module, args: read_with.append(args[0]))
     torch.manual_seed(3)
     with torch.no_grad():
         base = model(pixel_values, vae_latents)
@@ -437,78 +555,94 @@ def test_pass2_query_ablations_cut_the_llm_out_of_the_glimpse(fine_queries):
         changed = model(pixel_values, vae_latents)
         again = model(pixel_values, vae_latents)  # fresh random queries, or the same fixed ones
     assert not torch.allclose(changed.queries, base.queries)
-    if fine_queries == "fixed":  # every frame read with q_init
-        torch.testing.assert_close(changed.attn_dynamic, base.attn_dynamic)
-        _, reference = model.encoder.query(model.q_init.expand(8, -1), model.encoder.encode_patches(
-            pixel_values.flatten(0, 1)))
-        torch.testing.assert_close(changed.attn_dynamic, reference.view(2, 4, -1))
+    pass2 = read_with[3]  # (B*T, Q) of the second call
+    if name == "fixed":  # every frame read with q_init
+        torch.testing.assert_close(pass2, model.q_init.expand_as(pass2))
         assert torch.equal(again.attn_dynamic, changed.attn_dynamic)
+        torch.testing.assert_close(changed.attn_dynamic, base.attn_dynamic)
     else:  # fresh Gaussian queries each call, as large as the predicted ones
         assert not torch.allclose(again.attn_dynamic, changed.attn_dynamic)
-        queries = model._pass2_queries(changed.queries)
-        assert not torch.allclose(queries, changed.queries)
-        torch.testing.assert_close(queries.pow(2).mean().sqrt(), changed.queries.pow(2).mean().sqrt(), rtol=0.3, atol=0)
+        rms = changed.queries.pow(2).mean().sqrt()
+        torch.testing.assert_close(pass2.pow(2).mean().sqrt(), rms, rtol=0.3, atol=0)
 
 
 def test_oracle_fixations_steer_pass2_only():
-    model = make_model(fine_queries="oracle").train()
+    model = make_probed(PROBES["oracle"])
     pixel_values, vae_latents = make_batch(model.config)
-    fixations = torch.tensor([0.75, -0.75]).expand(2, 4, 2)  # bottom-left in every frame
-    output = model(pixel_values, vae_latents, oracle_fixations=fixations)
-    output.loss.backward()
-    assert trainable_without_gradient(model) == []
+    inputs = probe_inputs(model, oracle_batch(model.config))
+    with torch.no_grad():
+        output = model(pixel_values, vae_latents, **inputs)
     coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
     dynamic_centre, static_centre = output.attn_dynamic @ coords, output.attn_static @ coords  # (B, T, 2)
     assert (dynamic_centre[..., 0] > 0.4).all() and (dynamic_centre[..., 1] < -0.4).all(), dynamic_centre
     assert static_centre.abs().max() < 0.4  # Pass 1 is untouched
     with pytest.raises(ValueError, match="oracle_fixations"):
         model(pixel_values, vae_latents)
+    with pytest.raises(ValueError, match="moving_boxes"):
+        probe_inputs(model, {})
+    with pytest.raises(TypeError, match="oracle_fixations"):
+        make_model()(pixel_values, vae_latents, **inputs)
     with pytest.raises(ValueError, match="oracle_fixations"):
-        make_model()(pixel_values, vae_latents, oracle_fixations=fixations)
-    with pytest.raises(ValueError, match="oracle"):
+        make_probed(PROBES["fixed"])(pixel_values, vae_latents, **inputs)
+    with pytest.raises(ValueError, match="stream"):
         next(model.stream(pixel_values.unbind(1)))
 
 
 def test_coarse_only_trains_pass1_and_still_reports_loss_fine():
-    model = make_model(fine_loss_weight=0.0, aux_current_weight=0.5).train()
-    frozen = {"q_init", "fine_token", "query_head.weight", "query_head.bias"}
-    assert {n for n, p in model.named_parameters() if not p.requires_grad} >= frozen
+    model = make_probed(PROBES["coarse_only"], aux_current_weight=0.5).train()
     pixel_values, vae_latents = make_batch(model.config)
     output = model(pixel_values, vae_latents)
     assert not output.state_fine.requires_grad and output.loss_fine > 0
     torch.testing.assert_close(output.loss, output.loss_coarse + 0.5 * output.loss_aux)
-    output.loss.backward()
-    assert trainable_without_gradient(model) == []
 
 
-@pytest.mark.parametrize("with_text", [False, True])
-def test_streaming_equals_the_parallel_forward(with_text):
-    model = make_model(fixation_bias=True, glimpse_position=True)
+def test_probed_save_is_a_plain_checkpoint_with_probes_json(tmp_path):
+    model = make_probed(PROBES["oracle"])
+    model.save_pretrained(tmp_path)
+    assert type(model) is FoveatedVLMProbedModel  # saving leaves the model probed
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["FoveatedVLMModel"]
+    assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
+    assert not (tmp_path / "probes_foveated.py").exists()
+    assert json.loads((tmp_path / PROBES_FILE).read_text()) == PROBES["oracle"].to_dict()
+    plain = FoveatedVLMModel.from_pretrained(tmp_path)
+    assert type(plain) is FoveatedVLMModel
+    for name, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value), name
+    reloaded = from_pretrained_with_probes(tmp_path)
+    assert isinstance(reloaded, FoveatedVLMProbedModel) and reloaded.probes == PROBES["oracle"]
+    (tmp_path / PROBES_FILE).unlink()
+    assert type(from_pretrained_with_probes(tmp_path)) is FoveatedVLMModel
+
+
+# ---- Streaming ----
+
+
+def assert_stream_equals_forward(model, names=("pred_fine", "pred_coarse", "query", "attn_static", "attn_dynamic"),
+                                 **text):
     pixel_values, vae_latents = make_batch(model.config)
-    text = {}
-    if with_text:
-        text = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
     with torch.no_grad():
         parallel = model(pixel_values, vae_latents, **text)
     steps = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1), **text))
     assert len(steps) == model.config.num_frames
-    stacked = {name: torch.stack([getattr(s, name) for s in steps], dim=1) for name in steps[0].keys()}
-    for name, reference in [
-        ("pred_fine", parallel.pred_fine), ("pred_coarse", parallel.pred_coarse), ("query", parallel.queries),
-        ("attn_static", parallel.attn_static), ("attn_dynamic", parallel.attn_dynamic),
-    ]:
-        torch.testing.assert_close(stacked[name], reference, atol=1e-5, rtol=1e-4, msg=name)
+    for name in names:
+        reference = parallel["queries" if name == "query" else name]
+        stacked = torch.stack([getattr(step, name) for step in steps], dim=1)
+        torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("overrides", [dict(token_dim=4), dict(coarse_reader="mean_pool"), dict(fine_queries="fixed")])
-def test_streaming_follows_the_ablation_options(overrides):
-    model = make_model(**overrides)
-    pixel_values, vae_latents = make_batch(model.config)
-    with torch.no_grad():
-        parallel = model(pixel_values, vae_latents)
-    steps = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1)))
-    for name, reference in [("pred_fine", parallel.pred_fine), ("pred_coarse", parallel.pred_coarse)]:
-        torch.testing.assert_close(torch.stack([getattr(s, name) for s in steps], 1), reference, atol=1e-5, rtol=1e-4)
+@pytest.mark.parametrize("with_text", [False, True])
+def test_streaming_equals_the_parallel_forward(with_text):
+    text = {}
+    if with_text:
+        text = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert_stream_equals_forward(make_model(fixation_bias=True, glimpse_position=True), **text)
+
+
+@pytest.mark.parametrize("name", ["token_dim", "mean_pool", "fixed", "coarse_only"])
+def test_streaming_follows_the_options_and_probes(name):
+    model = make_model(token_dim=4) if name == "token_dim" else make_probed(PROBES[name])
+    assert_stream_equals_forward(model)
 
 
 def test_autoregressive_streaming_takes_queries_from_the_focused_stream():

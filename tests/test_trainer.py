@@ -29,6 +29,7 @@ from transformers import TrainingArguments
 import train_hf
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, make_tiny_vae
 from modeling_foveated import FoveatedVLMModel
+from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from host_sync import HOST_SYNC_OPERATORS
 from metrics_foveated import (
@@ -210,10 +211,10 @@ def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries)
     # once per pass, and the Trainer's NaN filter twice per micro-batch: train_hf.py turns that one off).
     config = tiny_config(
         head_type="spatial", head_residual=True, aux_current_weight=1.0, fixation_bias=True, glimpse_position=True,
-        token_dim=8, fine_queries=fine_queries,
+        token_dim=8,
     )
     torch.manual_seed(0)
-    model = FoveatedVLMModel(config)
+    model = FoveatedVLMProbedModel(config, FoveatedVLMProbes(fine_queries=fine_queries))
     args = training_arguments(tmp_path, logging_steps=1)  # the step logs: the state contribution runs too
     trainer = FoveatedTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
     batch = trainer.data_collator([tiny_arrow_dataset(2)[i] for i in range(2)])
@@ -373,7 +374,8 @@ def test_improvement_metric_and_its_standard_error():
 
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):
     torch.manual_seed(0)
-    model = FoveatedVLMModel(tiny_config(freeze_vision=True))
+    model = FoveatedVLMModel(tiny_config())
+    train_hf.freeze_for_training(model, freeze_vision=True)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     assert any(name.startswith("encoder.backbone.") for name in frozen)
     args = training_arguments(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2)
@@ -397,7 +399,7 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
     LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
     _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(text_dir)
     for config_name in ("phase1", "phase2"):
-        model_args, data_args, training_args = train_hf.parse_arguments(
+        model_args, data_args, training_args, _ = train_hf.parse_arguments(
             [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
             + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
         )
@@ -666,7 +668,7 @@ def test_oracle_fixations_are_the_moving_box_centres():
     boxes[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 1.0])  # x0, y0, x1, y1: centre x 0.25, y 0.75
     centres = moving_box_centres(boxes)
     torch.testing.assert_close(centres, torch.tensor([[[0.5, -0.5], [0.0, 0.0]]]))  # (y, x); no box -> centre
-    model = FoveatedVLMModel(tiny_config(fine_queries="oracle"))
+    model = FoveatedVLMProbedModel(tiny_config(), FoveatedVLMProbes(fine_queries="oracle"))
     inputs = model_inputs({"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "moving_boxes": boxes}, model)
     assert set(inputs) == {"pixel_values", "oracle_fixations"}
 
@@ -687,13 +689,13 @@ def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
 
 
 def test_command_line_model_config_updates_the_yaml_one():
-    model_args, data_args, _ = train_hf.parse_arguments(
-        ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "freeze_vision": true, "token_dim": null}']
+    model_args, data_args, _, _ = train_hf.parse_arguments(
+        ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
     )
     tiny_yaml = yaml.safe_load(Path("configs/tiny.yaml").read_text())["model_config"]
-    assert model_args.model_config == {**tiny_yaml, "lambda_coarse": 3, "freeze_vision": True, "token_dim": None}
+    assert model_args.model_config == {**tiny_yaml, "lambda_coarse": 3, "token_dim": None}
     model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
     assert model.config.lambda_coarse == 3 and model.config.token_dim is None and model.config.query_dim == 64
-    assert model.config.freeze_vision and not any(p.requires_grad for p in model.encoder.backbone.parameters())
+    assert not any(p.requires_grad for p in model.encoder.backbone.parameters())
     with pytest.raises(ValueError, match="model_config must be a JSON object"):
         train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", "[1, 2]"])
