@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import TrainerState, TrainingArguments
 
 import metrics_foveated
-from card_foveated import loss_formula, write_model_card
+from card_foveated import FoveatedVLMModelCardInfo, loss_formula, write_model_card
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel
 from report_foveated import DATA_PATHS_FILE, PROBES_FILE, compare_runs, main, write_report
@@ -258,24 +258,28 @@ def test_compare_and_table2_show_the_same_tracking(tiny_run):
         assert f"{value:.4f}" in row and f"{value:.3f}" in markdown, name
 
 
-def card_for(tmp_path, config, log_history) -> ModelCard:
+def card_for(tmp_path, config, log_history, info=None) -> ModelCard:
     folder = tmp_path / "card"
     folder.mkdir()
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
     state = TrainerState(global_step=4, log_history=log_history)
-    write_model_card(folder, config, args, state)
+    write_model_card(folder, config, args, state, info)
     return ModelCard.load(folder / "README.md")
 
 
 def test_model_card_model_index_carries_the_logged_results(tmp_path):
-    card = card_for(tmp_path, tiny_config(), trainer_state()["log_history"])
+    info = FoveatedVLMModelCardInfo(data_description="Synthetic clips.", eval_dataset_name="5 held-out clips",
+                                    frozen=["vision"])
+    card = card_for(tmp_path, tiny_config(), trainer_state()["log_history"], info)
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
     assert results["loss_fine"] == fine and results["loss_coarse"] == coarse
     assert results["improvement"] == pytest.approx((coarse - fine) / coarse)
     t2 = (LOGGED_EVAL["eval_loss/coarse_t2"] - LOGGED_EVAL["eval_loss/fine_t2"]) / LOGGED_EVAL["eval_loss/coarse_t2"]
     assert results["improvement_t2"] == pytest.approx(t2)
+    assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
     assert "0.9871" in card.text  # Table 1 in the text as well
+    assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
 
 
 def test_model_card_without_evaluation_has_no_model_index(tmp_path):
