@@ -1,14 +1,24 @@
-"""Video loading and preprocessing for the Foveated VLM.
+"""Video loading and preprocessing for the Foveated VLM, on transformers' video processing.
 
 This file is also the remote code of a Hub checkpoint (`trust_remote_code=True`): it stays flat and self-contained and
-imports only torch, numpy and transformers at module level. transformers' `check_imports` reads every import in the
-file, nested ones included, except those under `if is_<library>_available():`; decord is imported that way.
+imports only torch, numpy and transformers (transformers' `check_imports` demands every import it finds). The video
+decoders are imported by transformers' own readers (`transformers.video_utils.VIDEO_DECODERS`), not here.
 
 A video becomes T frames of S x S pixels:
-    decode (decord) -> sample T frame indices -> to RGB -> resize ("crop" or "squash") -> uint8 (T, S, S, 3)
+    decode (decord, torchcodec or PyAV) -> sample T frame indices -> to RGB -> resize ("crop" or "squash") -> uint8
 and the uint8 frames become the two model inputs, nowhere else:
     frames_to_pixel_values      -> float32 (..., T, 3, S, S), ImageNet-normalised (DINOv3 input)
     frames_to_vae_pixel_values  -> float32 (..., T, 3, S, S) in [-1, 1] (Stable Diffusion VAE input)
+
+`FoveatedVLMVideoProcessor` (AutoVideoProcessor) runs that chain; `FoveatedVLMProcessor` (AutoProcessor) pairs it with
+the LLM's tokenizer.
+
+Why `VideoProcessorMixin` and not `BaseVideoProcessor`: `BaseVideoProcessor` is `VideoProcessorMixin` plus
+`TorchvisionBackend` (transformers/video_processing_utils.py:586-587, `@requires(backends=("vision", "torchvision"))`),
+and every operation it adds runs on `torchvision.transforms.v2.functional`, imported only when torchvision is
+installed (video_processing_utils.py:67-68). No torchvision build works with the CPU wheel of torch 2.13 (the PyPI
+wheels link libtorch_cuda.so), so this class builds on the mixin, which has the loading, saving, kwargs validation and
+`preprocess` flow, and implements the four steps the mixin leaves open with torch alone.
 """
 
 import io
@@ -18,32 +28,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature, ProcessorMixin
-from transformers.dynamic_module_utils import custom_object_save
-from transformers.utils import PROCESSOR_NAME, is_decord_available
+from transformers.processing_utils import VideosKwargs
+from transformers.utils import is_av_available, is_decord_available, is_torchcodec_available
+from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VIDEO_DECODERS, VideoMetadata
 
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RESIZE_MODES",
+    "VIDEO_BACKENDS",
     "FoveatedVLMVideoError",
+    "default_video_backend",
     "sample_frame_indices",
     "load_video",
     "transform_box",
     "frames_to_pixel_values",
     "frames_to_vae_pixel_values",
+    "FoveatedVLMVideoProcessor",
     "FoveatedVLMProcessor",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # "crop": shortest side to S, then a centre crop (keeps the aspect ratio, loses the borders of wide frames).
-# "squash": straight to S x S (keeps everything, distorts the aspect ratio; the seed guide's way).
+# "squash": straight to S x S (keeps everything, distorts the aspect ratio; docs/DESIGN.md's data flow).
 RESIZE_MODES = ("crop", "squash")
+# transformers' readers that take a path or a file object, in the order a default is chosen (the fastest first,
+# benchmarks/bench_data.py); decord has no macOS arm64 wheel, PyAV is always installed with this package.
+VIDEO_BACKENDS = ("decord", "torchcodec", "pyav")
+_BACKEND_AVAILABLE = {"decord": is_decord_available, "torchcodec": is_torchcodec_available, "pyav": is_av_available}
 
 
 class FoveatedVLMVideoError(ValueError):
-    """A video that cannot be loaded: missing, empty, not a video, truncated, or without frames."""
+    """A video that cannot be loaded: missing, empty, not a video, truncated, or without frames.
+
+    Kept because transformers' readers raise whatever their decoder raises (a RuntimeError from decord, an
+    `av.error.InvalidDataError`, a bare `ValueError` from numpy on a stream that yields no frame): a data pipeline needs
+    one type to catch, naming the file."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"Cannot load video {path}: {reason}")
@@ -55,20 +78,26 @@ class FoveatedVLMVideoError(ValueError):
         return type(self), (self.path, self.reason)
 
 
+def default_video_backend() -> str:
+    """The first installed of `VIDEO_BACKENDS`."""
+    for backend in VIDEO_BACKENDS:
+        if _BACKEND_AVAILABLE[backend]():
+            return backend
+    raise ImportError(f"Decoding video files needs one of {VIDEO_BACKENDS}: `pip install av`.")
+
+
 def sample_frame_indices(
     num_video_frames: int, num_frames: int, video_fps: float | None = None, sample_fps: float | None = None
 ) -> np.ndarray:
     """Which `num_frames` frames of a video of `num_video_frames` frames to read.
 
-    Uniform (default): spread evenly over the whole video, first and last frame included,
-    `np.linspace(0, n - 1, num_frames).round()` (numpy rounds halves to even). The seed guide truncates
-    (`dtype=int`), which pulls every index towards the start; rounding takes the frame nearest to each ideal position.
+    Uniform (default): spread evenly over the whole video, first and last frame included, each position rounded to
+    the nearest frame. Fixed rate (`sample_fps` given): one frame every `video_fps / sample_fps` frames from frame 0.
+    A video too short for the request repeats frames instead of failing (fixed rate repeats the last frame).
 
-    Fixed rate (`sample_fps` given): one frame every `video_fps / sample_fps` frames starting at frame 0, positions
-    rounded the same way.
-
-    A video too short for the request repeats frames instead of failing: uniform sampling then shows every frame
-    about equally often, in order; fixed-rate sampling repeats the last frame.
+    Kept instead of transformers' `default_sample_indices_fn`, which takes `arange(n) * total // n` (never the last
+    frame, so the end of a clip's motion is lost), raises on a video shorter than `num_frames`, and turns `fps` into a
+    frame count; the model takes exactly T frames.
 
     Returns:
         int64 array (num_frames,), non-decreasing, in [0, num_video_frames - 1].
@@ -101,23 +130,27 @@ def _resize_geometry(orig_size: tuple[int, int], image_size: int, resize_mode: s
     return resized_height, resized_width, (resized_height - image_size) // 2, (resized_width - image_size) // 2
 
 
-def _resize_frames(frames: np.ndarray, image_size: int, resize_mode: str) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> uint8 (T, S, S, 3)."""
-    T, H, W, _ = frames.shape
+def _resize_frames(frames: torch.Tensor, image_size: int, resize_mode: str) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, S, S).
+
+    Kept because transformers' resize and centre crop are torchvision operations (`TorchvisionBackend`); the geometry
+    is shared with `transform_box`, so the boxes of a clip land where its pixels do."""
+    T, _, H, W = frames.shape
     resized_height, resized_width, top, left = _resize_geometry((H, W), image_size, resize_mode)
-    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, 3, H, W)
+    pixels = frames.float()
     if (resized_height, resized_width) != (H, W):
         # antialias: a plain bilinear downscale aliases fine texture into moire that the VAE would then encode.
         pixels = F.interpolate(pixels, size=(resized_height, resized_width), mode="bilinear", antialias=True)
     pixels = pixels[:, :, top : top + image_size, left : left + image_size]  # (T, 3, S, S)
-    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (T, S, S, 3)
+    return pixels.round().clamp(0, 255).to(torch.uint8)
 
 
-def _to_rgb(frames: np.ndarray) -> np.ndarray:
-    """uint8 (T, H, W, C) with C in {1, 3, 4} -> uint8 (T, H, W, 3): grey is repeated, alpha is dropped."""
-    if frames.shape[-1] == 1:
-        return np.repeat(frames, 3, axis=-1)
-    return frames[..., :3]
+def _to_rgb_channels_first(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, C) with C in {1, 3, 4} -> uint8 (T, 3, H, W): grey is repeated, alpha is dropped."""
+    frames = frames.permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+    if frames.shape[1] == 1:
+        return frames.expand(-1, 3, -1, -1)
+    return frames[:, :3]
 
 
 def _first_line(error: Exception) -> str:
@@ -126,20 +159,42 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _import_decord():
-    # Under `if is_decord_available()` so that check_imports does not require decord of every remote-code user.
-    if is_decord_available():
-        import decord
-
-        return decord
-    raise ImportError("FoveatedVLMProcessor decodes video files with decord: `pip install decord`.")
-
-
-def _decode_video(video: str | os.PathLike | bytes, name: str, num_frames: int, sample_fps: float | None):
-    """Decode the sampled frames of a video file or its bytes: (uint8 (T, H, W, 3), frame indices, fps, frame count)."""
+def _video_name(video) -> str:
     if isinstance(video, (bytes, bytearray)):
-        num_bytes = len(video)
-        source = io.BytesIO(video)  # decord reads file-like objects through its own in-memory AVIO
+        return f"<{len(video)} bytes>"
+    if isinstance(video, np.ndarray):
+        return f"<array of shape {video.shape}>"
+    return os.fspath(video)
+
+
+def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[torch.Tensor, VideoMetadata]:
+    """Decode the sampled frames of a path, the bytes of a video file, or a uint8 frame array (F, H, W, C).
+
+    `sample_indices_fn(metadata) -> int array` picks the frames once the frame count and rate are known.
+    Returns uint8 (T, 3, H, W) RGB and the metadata, with `frames_indices` the sampled indices.
+    Raises `FoveatedVLMVideoError` naming the video for every kind of broken input, whatever the backend.
+
+    Kept around transformers' readers for three things they lack: bytes (transformers' `load_video` takes a path
+    string, or treats anything else as decoded frames), named errors, and repeated indices (its PyAV reader keeps a
+    frame when its index is in the list, so a repeated index yields fewer frames than asked for: each distinct frame
+    is decoded once here and repeated afterwards).
+    """
+    if not isinstance(video, (str, os.PathLike, bytes, bytearray, np.ndarray)):
+        raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
+    name = _video_name(video)
+    if isinstance(video, np.ndarray):
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] not in (1, 3, 4):
+            raise FoveatedVLMVideoError(
+                name, f"a frame array must be uint8 (F, H, W, C) with C in (1, 3, 4), got {video.dtype}"
+            )
+        if len(video) == 0:
+            raise FoveatedVLMVideoError(name, "the video has no frames")
+        # An array carries no frame rate, so fixed-rate sampling fails with a message about video_fps.
+        metadata = VideoMetadata(total_num_frames=len(video), fps=None, height=video.shape[1], width=video.shape[2])
+        metadata.frames_indices = np.asarray(sample_indices_fn(metadata))
+        return _to_rgb_channels_first(torch.from_numpy(video[metadata.frames_indices])), metadata
+    if isinstance(video, (bytes, bytearray)):
+        num_bytes, source = len(video), io.BytesIO(video)  # every reader takes a file object
     else:
         source = os.fspath(video)
         if not os.path.isfile(source):
@@ -148,30 +203,35 @@ def _decode_video(video: str | os.PathLike | bytes, name: str, num_frames: int, 
     if num_bytes == 0:
         raise FoveatedVLMVideoError(name, "empty (0 bytes)")
 
-    decord = _import_decord()
-    try:
-        reader = decord.VideoReader(source, num_threads=1)
-    except Exception as error:  # decord raises RuntimeError, DECORDError or AssertionError for unreadable input
-        raise FoveatedVLMVideoError(
-            name, f"decord cannot open it: not a video, or truncated or corrupt ({_first_line(error)})"
-        ) from error
-    try:
-        num_video_frames = len(reader)
-        if num_video_frames == 0:
+    backend = backend or default_video_backend()
+    if backend not in VIDEO_BACKENDS:
+        raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None (the first installed), got {backend!r}")
+    sampled = {}
+
+    def sample_distinct(metadata, **kwargs):
+        if not metadata.total_num_frames:
             raise FoveatedVLMVideoError(name, "the video has no frames")
-        fps = float(reader.get_avg_fps())
-        frame_indices = sample_frame_indices(num_video_frames, num_frames, fps, sample_fps)
-        try:
-            batch = reader.get_batch(frame_indices.tolist())
-            # decord's output "bridge" is process-wide state that other code may have switched to torch.
-            frames = batch.numpy() if isinstance(batch, torch.Tensor) else batch.asnumpy()  # (T, H, W, 3)
-        except Exception as error:
-            raise FoveatedVLMVideoError(
-                name, f"frames {frame_indices.tolist()} failed to decode, truncated file? ({_first_line(error)})"
-            ) from error
-    finally:
-        del reader  # frees the decoder and its file handle now rather than at garbage collection
-    return frames, frame_indices, fps, num_video_frames
+        sampled["indices"] = np.asarray(sample_indices_fn(metadata))
+        sampled["distinct"], sampled["order"] = np.unique(sampled["indices"], return_inverse=True)
+        return sampled["distinct"].tolist()
+
+    try:
+        frames, metadata = VIDEO_DECODERS[backend](source, sample_distinct)
+        frames = torch.as_tensor(frames)
+        if len(frames) != len(sampled["distinct"]):  # PyAV's reader stops quietly where a truncated stream ends
+            raise ValueError(f"{backend} returned {len(frames)} of {len(sampled['distinct'])} frames")
+    except (FoveatedVLMVideoError, ImportError):
+        raise
+    except Exception as error:  # decord: RuntimeError/DECORDError; PyAV: av.error.*; numpy: ValueError on no frames
+        if "indices" not in sampled:
+            reason = f"{backend} cannot open it: not a video, or truncated or corrupt ({_first_line(error)})"
+        else:
+            reason = f"frames {sampled['indices'].tolist()} failed to decode, truncated file? ({_first_line(error)})"
+        raise FoveatedVLMVideoError(name, reason) from error
+    if frames.shape[-1] in (1, 3, 4) and frames.shape[1] not in (1, 3, 4):
+        frames = _to_rgb_channels_first(frames)  # decord and PyAV: (N, H, W, 3); torchcodec: (N, 3, H, W)
+    metadata.frames_indices = sampled["indices"]
+    return frames[torch.from_numpy(sampled["order"])], metadata
 
 
 def load_video(
@@ -180,6 +240,7 @@ def load_video(
     image_size: int,
     resize_mode: str = "crop",
     sample_fps: float | None = None,
+    backend: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Read `num_frames` frames of a video as RGB S x S.
 
@@ -190,6 +251,7 @@ def load_video(
         image_size: S, the side of the output frames.
         resize_mode: "crop" (shortest side to S, centre crop) or "squash" (S x S, aspect ratio not kept).
         sample_fps: sample at this rate instead of uniformly over the whole video.
+        backend: "decord", "torchcodec" or "pyav" (transformers' readers); None takes the first installed.
 
     Returns:
         frames: uint8 (T, S, S, 3).
@@ -201,31 +263,20 @@ def load_video(
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    if isinstance(video, np.ndarray):
-        name = f"<array of shape {video.shape}>"
-        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] not in (1, 3, 4):
-            raise FoveatedVLMVideoError(
-                name, f"a frame array must be uint8 (F, H, W, C) with C in (1, 3, 4), got {video.dtype}"
-            )
-        if len(video) == 0:
-            raise FoveatedVLMVideoError(name, "the video has no frames")
-        fps, num_video_frames = 0.0, len(video)
-        frame_indices = sample_frame_indices(num_video_frames, num_frames, fps, sample_fps)
-        frames = _to_rgb(video[frame_indices])  # (T, H, W, 3)
-    elif isinstance(video, (str, os.PathLike, bytes, bytearray)):
-        name = f"<{len(video)} bytes>" if isinstance(video, (bytes, bytearray)) else os.fspath(video)
-        frames, frame_indices, fps, num_video_frames = _decode_video(video, name, num_frames, sample_fps)
-    else:
-        raise TypeError(f"video must be a path, bytes or a uint8 numpy array, got {type(video).__name__}")
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
 
-    H, W = frames.shape[1:3]
+    def sample(metadata):
+        return sample_frame_indices(metadata.total_num_frames, num_frames, metadata.fps, sample_fps)
+
+    frames, metadata = _read_video(video, sample, backend)  # (T, 3, H, W)
     info = {
-        "frame_indices": frame_indices.tolist(),
-        "fps": fps,
-        "num_video_frames": num_video_frames,
-        "orig_size": (H, W),
+        "frame_indices": metadata.frames_indices.tolist(),
+        "fps": float(metadata.fps or 0.0),
+        "num_video_frames": int(metadata.total_num_frames),
+        "orig_size": tuple(frames.shape[2:]),
     }
-    return _resize_frames(frames, image_size, resize_mode), info
+    return _resize_frames(frames, image_size, resize_mode).permute(0, 2, 3, 1).numpy(), info  # (T, S, S, 3)
 
 
 def transform_box(
@@ -255,7 +306,10 @@ def frames_to_pixel_values(
     image_mean: tuple[float, ...] = IMAGENET_MEAN,
     image_std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """uint8 (..., T, S, S, 3) -> float32 (..., T, 3, S, S), normalised with ImageNet statistics (DINOv3 input)."""
+    """uint8 (..., T, S, S, 3) -> float32 (..., T, 3, S, S), normalised with ImageNet statistics (DINOv3 input).
+
+    Kept as a function because the collator and the trainer normalise uint8 frames read from the Arrow cache, where
+    no video processor runs (transformers' fused rescale-and-normalise is a `TorchvisionBackend` method)."""
     pixels = _channels_first_float(frames) / 255.0
     mean = torch.tensor(image_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
@@ -263,49 +317,109 @@ def frames_to_pixel_values(
 
 
 def frames_to_vae_pixel_values(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 (..., T, S, S, 3) -> float32 (..., T, 3, S, S) in [-1, 1] (Stable Diffusion VAE input)."""
+    """uint8 (..., T, S, S, 3) -> float32 (..., T, 3, S, S) in [-1, 1] (Stable Diffusion VAE input).
+
+    Kept because a transformers video processor has one normalisation; the VAE needs this second range of the same
+    frames."""
     return _channels_first_float(frames) / 127.5 - 1.0
 
 
-class FoveatedVLMProcessor(ProcessorMixin):
-    """Turns videos (and, from Phase 2 on, text) into model inputs.
+class FoveatedVLMVideoProcessorKwargs(VideosKwargs, total=False):
+    """transformers' video keys plus this processor's own (`image_size`, `resize_mode`)."""
 
-    The tokenizer is optional: Phase 1 trains on videos alone. ProcessorMixin expects every sub-processor to exist,
-    so the methods that touch them are adapted to an absent tokenizer: the type check, `model_input_names`,
-    `save_pretrained` (no tokenizer files), `to_dict` (records whether there are any) and
-    `_get_arguments_from_pretrained` (loads none when there are none).
+    image_size: int
+    resize_mode: str
+
+
+class FoveatedVLMVideoProcessor(VideoProcessorMixin):
+    """Videos (paths, bytes or uint8 frame arrays) -> `pixel_values` and `vae_pixel_values`, (B, T, 3, S, S).
+
+    Loads with `AutoVideoProcessor.from_pretrained(folder, trust_remote_code=True)`. Of transformers' video keys it
+    reads `num_frames`, `fps`, `image_mean`, `image_std` and `return_tensors`; every option can be given per call.
 
     Args:
-        tokenizer: the LLM's tokenizer, or None for video-only use.
         num_frames: T, frames sampled per video.
+        fps: sample T frames at this rate from frame 0, instead of uniformly over the whole video. Unlike
+            transformers' `fps`, which sets how many frames to take, T stays fixed: the model takes T frames.
         image_size: S, the side of each frame.
         resize_mode: "crop" (shortest side to S, centre crop) or "squash" (S x S, aspect ratio not kept).
-        sample_fps: sample at this rate from frame 0 instead of uniformly over the whole video.
+        video_backend: "decord", "torchcodec" or "pyav"; None takes the first installed when a video is decoded, so
+            a saved processor also works where decord is missing (macOS arm64). A constructor option only: the
+            decoder is a property of the machine, not of one call.
         image_mean, image_std: per-channel normalisation of `pixel_values` (ImageNet for DINOv3).
     """
 
-    def __init__(
-        self,
-        tokenizer=None,
-        num_frames: int = 8,
-        image_size: int = 256,
-        resize_mode: str = "crop",
-        sample_fps: float | None = None,
-        image_mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
-        image_std: tuple[float, ...] | list[float] = IMAGENET_STD,
-    ):
+    valid_kwargs = FoveatedVLMVideoProcessorKwargs
+    model_input_names = ["pixel_values", "vae_pixel_values"]
+    num_frames = 8
+    fps = None
+    image_size = 256
+    resize_mode = "crop"
+    video_backend = None
+    image_mean = IMAGENET_MEAN
+    image_std = IMAGENET_STD
+    do_sample_frames = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.video_backend is not None and self.video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None, got {self.video_backend!r}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean} and {self.image_std}")
+        # Lists, as they come back from the saved JSON, so a reloaded processor compares equal.
+        self.image_mean, self.image_std = list(self.image_mean), list(self.image_std)
+
+    def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
+        """T frame indices for a video described by `metadata` (see `sample_frame_indices`)."""
+        num_frames = num_frames if num_frames is not None else self.num_frames
+        return sample_frame_indices(metadata.total_num_frames, num_frames, metadata.fps, fps)
+
+    def _decode_and_sample_videos(self, videos, video_metadata=None, do_sample_frames=None, sample_indices_fn=None):
+        """Each video (path, bytes or frame array) -> uint8 (T, 3, H, W) and its `VideoMetadata`."""
+        if not do_sample_frames or sample_indices_fn is None:
+            raise ValueError("FoveatedVLMVideoProcessor always samples T frames: do_sample_frames must stay True")
+        videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
+        decoded = [_read_video(video, sample_indices_fn, self.video_backend) for video in videos]
+        return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
+
+    def _prepare_input_videos(self, videos, **kwargs):
+        return videos  # already RGB, channels first (done per video while decoding, where the layout is known)
+
+    def _preprocess(self, videos, image_size, resize_mode, image_mean, image_std, return_tensors=None, **kwargs):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {image_mean} and {image_std}")
-        self.num_frames = num_frames
-        self.image_size = image_size
-        self.resize_mode = resize_mode
-        self.sample_fps = sample_fps
-        # Lists, as they come back from processor_config.json, so a reloaded processor compares equal.
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        super().__init__(tokenizer)
+        frames = torch.stack([_resize_frames(video, image_size, resize_mode) for video in videos])  # (B, T, 3, S, S)
+        frames = frames.permute(0, 1, 3, 4, 2)  # (B, T, S, S, 3): the layout of the uint8 Arrow cache
+        data = {
+            "pixel_values": frames_to_pixel_values(frames, image_mean, image_std),
+            "vae_pixel_values": frames_to_vae_pixel_values(frames),
+        }
+        return BatchFeature(data, tensor_type=return_tensors)
+
+
+class FoveatedVLMProcessor(ProcessorMixin):
+    """Videos and text -> model inputs: a `FoveatedVLMVideoProcessor` and the LLM's tokenizer.
+
+    Loads with `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`. A saved folder names its video
+    processor as remote code (its `auto_map`), so `FoveatedVLMProcessor.from_pretrained` needs
+    `trust_remote_code=True` as well.
+    """
+
+    def __init__(self, video_processor: FoveatedVLMVideoProcessor, tokenizer):
+        super().__init__(video_processor, tokenizer)
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # Kept because the inherited check looks the base class "VideoProcessorMixin" up in
+        # `transformers.VIDEO_PROCESSOR_MAPPING` (processing_utils.py:1084, 2036-2042), which without torchvision is a
+        # placeholder object (`AutoVideoProcessor` is `@requires(backends=("vision", "torchvision"))`,
+        # models/auto/video_processing_auto.py:265), so any processor with a video processor fails to build there.
+        if argument_name == "video_processor":
+            if not isinstance(argument, VideoProcessorMixin):
+                raise TypeError(f"video_processor must be a VideoProcessorMixin, got {type(argument).__name__}")
+            return VideoProcessorMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
 
     def __call__(
         self,
@@ -313,9 +427,12 @@ class FoveatedVLMProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         return_tensors: str | None = "pt",
         padding: bool | str = True,
-        **tokenizer_kwargs,
+        **kwargs,
     ) -> BatchFeature:
-        """Process one video or a list of them (paths, bytes or uint8 arrays), and optionally text.
+        """Process one video or a list of them (paths, bytes or uint8 arrays), and text.
+
+        Video options (`num_frames`, `fps`, `image_size`, `resize_mode`, ...) go to the video processor,
+        everything else to the tokenizer.
 
         Returns:
             BatchFeature with `pixel_values` (B, T, 3, S, S) ImageNet-normalised and `vae_pixel_values`
@@ -323,63 +440,19 @@ class FoveatedVLMProcessor(ProcessorMixin):
         """
         if videos is None and text is None:
             raise ValueError("FoveatedVLMProcessor needs `videos`, `text` or both.")
+        video_keys = FoveatedVLMVideoProcessorKwargs.__annotations__
+        video_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in video_keys}
         data = {}
         if videos is not None:
             videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
-            frames = np.stack(
-                [
-                    load_video(video, self.num_frames, self.image_size, self.resize_mode, self.sample_fps)[0]
-                    for video in videos
-                ]
-            )  # (B, T, S, S, 3)
-            data["pixel_values"] = frames_to_pixel_values(frames, self.image_mean, self.image_std)
-            data["vae_pixel_values"] = frames_to_vae_pixel_values(frames)
+            data.update(self.video_processor(videos, return_tensors=return_tensors, **video_kwargs))
         if text is not None:
-            if self.tokenizer is None:
-                raise ValueError("`text` needs a tokenizer, but this FoveatedVLMProcessor has none (tokenizer=None).")
             num_texts = 1 if isinstance(text, str) else len(text)
             if videos is not None and num_texts != len(videos):
                 raise ValueError(f"got {num_texts} texts for {len(videos)} videos; pass one text per video")
-            data.update(self.tokenizer(text, padding=padding, **tokenizer_kwargs))
+            data.update(self.tokenizer(text, padding=padding, return_tensors=return_tensors, **kwargs))
         return BatchFeature(data, tensor_type=return_tensors)
 
-    @property
-    def model_input_names(self) -> list[str]:
-        text_input_names = self.tokenizer.model_input_names if self.tokenizer is not None else []
-        return ["pixel_values", "vae_pixel_values", *text_input_names]
 
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument is None:  # the optional tokenizer
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-    def to_dict(self) -> dict:
-        output = super().to_dict()
-        output["has_tokenizer"] = self.tokenizer is not None  # read back by _get_arguments_from_pretrained
-        return output
-
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Write processor_config.json (with `auto_map`), this file as remote code, and the tokenizer if any."""
-        if self.tokenizer is not None:
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        if push_to_hub:
-            raise ValueError(
-                "save_pretrained(push_to_hub=True) needs a tokenizer; use processor.push_to_hub(repo_id), which saves "
-                "to a temporary folder and uploads it."
-            )
-        # What ProcessorMixin.save_pretrained does, minus the sub-processors: copy this file next to the config and
-        # point the config's auto_map at it.
-        os.makedirs(save_directory, exist_ok=True)
-        custom_object_save(self, save_directory, config=self)
-        processor_file = os.path.join(save_directory, PROCESSOR_NAME)
-        self.to_json_file(processor_file)
-        return [processor_file]
-
-    @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        if processor_dict is not None and processor_dict.get("has_tokenizer") is False:
-            return [None]  # saved without a tokenizer: there are no tokenizer files to load
-        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-
-
+FoveatedVLMVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 FoveatedVLMProcessor.register_for_auto_class("AutoProcessor")

@@ -720,7 +720,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_
     model = from_pretrained_with_probes(str(model_dir)).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
-        tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir).tokenizer
+        tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
     dataset = load_precomputed(eval_dataset)
     collator = FoveatedVLMDataCollator(tokenizer)
     clips = evaluate_clips(model, dataset, collator, batch_size, device)

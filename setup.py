@@ -27,7 +27,11 @@ setup(
         "accelerate>=1.0",
         "datasets>=3.0",
         "diffusers>=0.30",
-        "decord>=0.6",
+        # Video decoding: processing_foveated takes the first installed of decord, torchcodec and PyAV. decord 0.6
+        # has no wheel for macOS on Apple silicon, so there PyAV decodes (the same frames, tests/test_processing.py).
+        # torchvision is not required: transformers' BaseVideoProcessor ops need it, but no torchvision wheel works
+        # with the CPU build of torch (the PyPI wheels link libtorch_cuda.so), so the video processor runs on torch.
+        'decord>=0.6; platform_system != "Darwin" or platform_machine != "arm64"',
         "av>=12",
         "safetensors>=0.4",
         "evaluate>=0.4",

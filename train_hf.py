@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -34,7 +35,7 @@ from card_foveated import FoveatedVLMModelCardInfo, table1_markdown
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
-from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor
+from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor, FoveatedVLMVideoProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
 from trainer_foveated import FoveatedTrainer, FoveatedVLMFigureCallback
 
@@ -459,23 +460,34 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
 
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> FoveatedVLMProcessor:
-    """The processor saved with the model; it carries the text model's tokenizer when captions are used."""
-    tokenizer = None
-    if data_args.use_captions:
-        name = model_args.tokenizer or model_args.text_model
-        if not name:
-            raise ValueError("use_captions needs a tokenizer: set tokenizer (or a pretrained text_model)")
-        name, gguf_file = resolve_pretrained(name, model_args.text_gguf_file if name == model_args.text_model else None)
-        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
-        if len(tokenizer) > vocab_size:
-            raise ValueError(f"tokenizer {name} has {len(tokenizer)} tokens; the text model only {vocab_size}")
-    return FoveatedVLMProcessor(
-        tokenizer=tokenizer,
+    """The processor saved with the model: the video processor and a tokenizer (`tokenizer`, else the text model's,
+    else SmolLM2-135M-Instruct's from the offline GGUF), so that every checkpoint takes text."""
+    name = model_args.tokenizer or model_args.text_model or SMOLLM2_GGUF
+    name, gguf_file = resolve_pretrained(name, model_args.text_gguf_file if name == model_args.text_model else None)
+    if gguf_file is None:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        # Reading a tokenizer out of a GGUF file parses the whole file and is much slower than loading a saved
+        # folder (benchmarks/bench_data.py), so it is converted once into the cache. Each process writes its own
+        # folder and renames it into place, so processes that start together never read a half-written one.
+        cached = os.path.join(data_args.cache_dir, "tokenizers", Path(gguf_file).stem)
+        if not os.path.isdir(cached):
+            partial = f"{cached}.{os.getpid()}.partial"
+            AutoTokenizer.from_pretrained(name, gguf_file=gguf_file).save_pretrained(partial)
+            try:
+                os.rename(partial, cached)
+            except OSError:  # another process renamed its copy first
+                shutil.rmtree(partial)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {name} has {len(tokenizer)} tokens; the text model only {vocab_size}")
+    video_processor = FoveatedVLMVideoProcessor(
         num_frames=data_args.num_frames,
         image_size=data_args.image_size,
         resize_mode=data_args.resize_mode,
-        sample_fps=data_args.sample_fps,
+        fps=data_args.sample_fps,
     )
+    return FoveatedVLMProcessor(video_processor, tokenizer)
 
 
 def base_model_ids(model_args: ModelArguments) -> list[str]:

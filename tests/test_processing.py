@@ -5,15 +5,17 @@ import av
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_imports
 
 import processing_foveated
 from processing_foveated import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VIDEO_BACKENDS,
     FoveatedVLMProcessor,
     FoveatedVLMVideoError,
+    FoveatedVLMVideoProcessor,
+    default_video_backend,
     frames_to_pixel_values,
     frames_to_vae_pixel_values,
     load_video,
@@ -21,34 +23,46 @@ from processing_foveated import (
     transform_box,
 )
 from synthetic_videos import generate_video, write_video
+from tiny import tiny_tokenizer
+
+
+# Both decoders this package installs on Linux; torchcodec is tested where it is installed.
+BACKENDS = ["decord", "pyav"] + (["torchcodec"] if processing_foveated.is_torchcodec_available() else [])
 
 
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory):
-    """Real H.264 files: a square synthetic clip (16 frames) and a wide one (96 x 160, 10 frames)."""
+    """Real H.264 files: a square synthetic clip (16 frames), a wide one of noise (96 x 160, 10 frames) and a
+    128 px synthetic clip of 48 frames."""
     folder = tmp_path_factory.mktemp("videos")
     square_frames, _ = generate_video(seed=0, difficulty="medium", size=64, num_video_frames=16)
     write_video(folder / "square.mp4", square_frames, fps=8)
     wide_frames = np.random.default_rng(0).integers(0, 256, size=(10, 96, 160, 3), dtype=np.uint8)
     write_video(folder / "wide.mp4", wide_frames, fps=25)
-    return {"square": folder / "square.mp4", "wide": folder / "wide.mp4", "square_frames": square_frames}
+    long_frames, _ = generate_video(seed=1, difficulty="hard", size=128, num_video_frames=48)
+    write_video(folder / "long.mp4", long_frames, fps=8)
+    return {
+        "square": folder / "square.mp4",
+        "wide": folder / "wide.mp4",
+        "long": folder / "long.mp4",
+        "square_frames": square_frames,
+    }
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """A word-level tokenizer built offline: no Hub download is possible in the tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["[PAD]", "[UNK]", "where", "does", "the", "square", "move", "?"]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+def tokenizer():
+    return tiny_tokenizer()
 
 
 def test_remote_code_imports_only_torch_numpy_transformers():
-    # transformers' check_imports demands every import it finds; decord is exempt under `if is_decord_available()`.
+    # transformers' check_imports demands every import it finds; the decoders are imported by transformers' readers.
     third_party = set(get_imports(processing_foveated.__file__)) - sys.stdlib_module_names
     assert third_party <= {"torch", "numpy", "transformers"}
+
+
+def test_default_backend_is_the_first_installed():
+    assert default_video_backend() == "decord"  # installed here (setup.py), and first in VIDEO_BACKENDS
+    assert VIDEO_BACKENDS[0] == "decord" and "pyav" in VIDEO_BACKENDS
 
 
 # Frame sampling
@@ -87,8 +101,9 @@ def test_sampling_rejects_bad_arguments():
 # Loading and resizing
 
 
-def test_load_mp4(videos):
-    frames, info = load_video(videos["square"], num_frames=8, image_size=32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_mp4(videos, backend):
+    frames, info = load_video(videos["square"], num_frames=8, image_size=32, backend=backend)
     assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8
     assert info == {
         "frame_indices": [0, 2, 4, 6, 9, 11, 13, 15],
@@ -96,15 +111,35 @@ def test_load_mp4(videos):
         "num_video_frames": 16,
         "orig_size": (64, 64),
     }
-    frames, info = load_video(str(videos["wide"]), num_frames=4, image_size=48, sample_fps=5)
+    frames, info = load_video(str(videos["wide"]), num_frames=4, image_size=48, sample_fps=5, backend=backend)
     assert info["frame_indices"] == [0, 5, 9, 9] and info["fps"] == 25.0 and info["orig_size"] == (96, 160)
 
 
-def test_bytes_input_equals_path_input(videos):
-    from_path, path_info = load_video(videos["square"], num_frames=8, image_size=32)
-    from_bytes, bytes_info = load_video(videos["square"].read_bytes(), num_frames=8, image_size=32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bytes_input_equals_path_input(videos, backend):
+    from_path, path_info = load_video(videos["square"], num_frames=8, image_size=32, backend=backend)
+    from_bytes, bytes_info = load_video(videos["square"].read_bytes(), num_frames=8, image_size=32, backend=backend)
     np.testing.assert_array_equal(from_bytes, from_path)
     assert bytes_info == path_info
+
+
+@pytest.mark.parametrize("sample_fps", [None, 3.0])
+@pytest.mark.parametrize("name, num_frames", [("square", 16), ("wide", 10), ("long", 48), ("long", 8), ("wide", 16)])
+def test_backends_give_the_same_frames(videos, name, num_frames, sample_fps):
+    # Every frame (or a sample, with repeats when num_frames exceeds the video), at the native size where crop mode
+    # only cuts (no resampling), so the decoders' pixels are compared as decoded. decord and PyAV both run FFmpeg's
+    # H.264 decoder and its BT.601 YUV -> RGB conversion: the measured difference is 0 on all these clips (noise
+    # included), so the test asserts equality.
+    image_size = {"square": 64, "wide": 96, "long": 128}[name]
+    reference, reference_info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend="decord")
+    for backend in BACKENDS[1:]:
+        frames, info = load_video(videos[name], num_frames, image_size, sample_fps=sample_fps, backend=backend)
+        assert info == reference_info, backend
+        np.testing.assert_array_equal(frames, reference, err_msg=backend)
+    # And the decoded pixels are the written ones, up to H.264's loss: a wrong frame or channel order would not be.
+    if name == "square" and sample_fps is None:
+        error = np.abs(reference.astype(np.int16) - videos["square_frames"].astype(np.int16))
+        assert error.mean() < 3
 
 
 @pytest.mark.parametrize("resize_mode", ["crop", "squash"])
@@ -172,6 +207,8 @@ def test_load_video_rejects_bad_options_and_arrays(videos):
         load_video(np.zeros((2, 16, 16, 3), dtype=np.uint8), num_frames=2, image_size=16, sample_fps=2)
     with pytest.raises(TypeError, match="video must be"):
         load_video(123, num_frames=2, image_size=16)
+    with pytest.raises(ValueError, match="video_backend"):
+        load_video(videos["square"], num_frames=2, image_size=16, backend="opencv")
 
 
 # Bad files: every kind raises FoveatedVLMVideoError naming the file
@@ -184,8 +221,9 @@ def _write_without_frames(path):
         container.start_encoding()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["missing", "zero_bytes", "random_bytes", "truncated", "no_frames"])
-def test_bad_video_file_raises_naming_the_file(videos, tmp_path, kind):
+def test_bad_video_file_raises_naming_the_file(videos, tmp_path, kind, backend):
     path = tmp_path / f"{kind}.mp4"
     if kind == "zero_bytes":
         path.write_bytes(b"")
@@ -197,28 +235,34 @@ def test_bad_video_file_raises_naming_the_file(videos, tmp_path, kind):
     elif kind == "no_frames":
         _write_without_frames(path)
         assert path.stat().st_size > 0
-    with pytest.raises(FoveatedVLMVideoError) as error:
-        load_video(path, num_frames=4, image_size=32)
-    assert error.value.path == str(path) and str(path) in str(error.value)
-    assert error.value.reason and error.value.reason in str(error.value)
+    for num_frames in (4, 16):  # a few frames, and every frame
+        with pytest.raises(FoveatedVLMVideoError) as error:
+            load_video(path, num_frames=num_frames, image_size=32, backend=backend)
+        assert error.value.path == str(path) and str(path) in str(error.value)
+        assert error.value.reason and error.value.reason in str(error.value)
 
 
-def test_truncated_file_whose_index_survives_fails_at_decoding(videos, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_file_whose_index_survives_fails_at_decoding(videos, tmp_path, backend):
     # faststart puts the index first, so a file cut inside its last frame still opens; that frame cannot be decoded.
     with av.open(str(videos["square"])) as container:
         last_packet = [packet for packet in container.demux(video=0) if packet.size][-1]
     path = tmp_path / "cut.mp4"
     path.write_bytes(videos["square"].read_bytes()[: last_packet.pos + last_packet.size // 2])
     with pytest.raises(FoveatedVLMVideoError, match="cut.mp4") as error:
-        load_video(path, num_frames=16, image_size=32)
+        load_video(path, num_frames=16, image_size=32, backend=backend)
     assert "failed to decode" in error.value.reason
 
 
-def test_bad_video_bytes_and_arrays_raise():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_video_bytes_and_arrays_raise(videos, backend):
     with pytest.raises(FoveatedVLMVideoError, match="<0 bytes>"):
-        load_video(b"", num_frames=4, image_size=32)
+        load_video(b"", num_frames=4, image_size=32, backend=backend)
     with pytest.raises(FoveatedVLMVideoError, match="<4096 bytes>"):
-        load_video(np.random.default_rng(0).bytes(4096), num_frames=4, image_size=32)
+        load_video(np.random.default_rng(0).bytes(4096), num_frames=4, image_size=32, backend=backend)
+    data = videos["square"].read_bytes()
+    with pytest.raises(FoveatedVLMVideoError, match=f"<{len(data) // 2} bytes>"):
+        load_video(data[: len(data) // 2], num_frames=4, image_size=32, backend=backend)
     with pytest.raises(FoveatedVLMVideoError, match="no frames"):
         load_video(np.zeros((0, 16, 16, 3), dtype=np.uint8), num_frames=4, image_size=32)
 
@@ -261,72 +305,122 @@ def test_normalisation_rejects_float_frames():
         frames_to_vae_pixel_values(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
 
 
-# Processor
+# Processors
 
 
-def test_processor_on_videos(videos):
-    processor = FoveatedVLMProcessor(num_frames=4, image_size=32)
+def test_video_processor_on_videos(videos):
+    video_processor = FoveatedVLMVideoProcessor(num_frames=4, image_size=32)
     video_inputs = [videos["square"], videos["wide"].read_bytes(), videos["square_frames"]]
-    batch = processor(videos=video_inputs)
+    batch = video_processor(video_inputs)
     assert set(batch) == {"pixel_values", "vae_pixel_values"}
     assert batch["pixel_values"].shape == batch["vae_pixel_values"].shape == (3, 4, 3, 32, 32)
     frames = torch.from_numpy(np.stack([load_video(video, 4, 32)[0] for video in video_inputs]))
     torch.testing.assert_close(batch["pixel_values"], frames_to_pixel_values(frames), rtol=0, atol=0)
     torch.testing.assert_close(batch["vae_pixel_values"], frames_to_vae_pixel_values(frames), rtol=0, atol=0)
-    assert processor(videos=videos["square"])["pixel_values"].shape == (1, 4, 3, 32, 32)
-    with pytest.raises(ValueError, match="tokenizer"):
-        processor(videos=videos["square"], text="where does the square move ?")
+    assert video_processor(videos["square"])["pixel_values"].shape == (1, 4, 3, 32, 32)
+
+
+def test_video_processor_options_per_call_and_per_instance(videos):
+    # transformers' video processors take every option per call too; the instance keeps its own.
+    video_processor = FoveatedVLMVideoProcessor(num_frames=4, image_size=32)
+    batch = video_processor(videos["wide"], num_frames=3, image_size=24, resize_mode="squash", fps=5.0)
+    frames, _ = load_video(videos["wide"], 3, 24, resize_mode="squash", sample_fps=5.0)
+    torch.testing.assert_close(batch["vae_pixel_values"][0], frames_to_vae_pixel_values(frames), rtol=0, atol=0)
+    assert video_processor(videos["wide"])["pixel_values"].shape == (1, 4, 3, 32, 32)
+    for backend in BACKENDS:
+        pinned = FoveatedVLMVideoProcessor(num_frames=4, image_size=32, video_backend=backend)
+        torch.testing.assert_close(pinned(videos["square"]), video_processor(videos["square"]), rtol=0, atol=0)
+
+
+def test_video_processor_rejects_bad_options(videos, tmp_path):
+    with pytest.raises(ValueError, match="resize_mode"):
+        FoveatedVLMVideoProcessor(resize_mode="pad")
+    with pytest.raises(ValueError, match="video_backend"):
+        FoveatedVLMVideoProcessor(video_backend="opencv")
+    with pytest.raises(ValueError, match="image_mean"):
+        FoveatedVLMVideoProcessor(image_mean=[0.5])
+    video_processor = FoveatedVLMVideoProcessor(num_frames=2, image_size=16)
+    with pytest.raises(ValueError, match="resize_mode"):
+        video_processor(videos["square"], resize_mode="pad")
+    with pytest.raises(ValueError, match="do_sample_frames"):
+        video_processor(videos["square"], do_sample_frames=False)
+    with pytest.raises(FoveatedVLMVideoError, match="file not found"):
+        video_processor(tmp_path / "missing.mp4")
+
+
+def test_processor_with_text(videos, tokenizer):
+    processor = FoveatedVLMProcessor(FoveatedVLMVideoProcessor(num_frames=2, image_size=16), tokenizer)
+    batch = processor(videos=[videos["square"]] * 2, text=["where does the square move ?", "the square"])
+    assert batch["input_ids"].tolist() == [[2, 3, 4, 5, 6, 7], [4, 5, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 0, 0, 0, 0]]
+    assert batch["pixel_values"].shape == batch["vae_pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert processor.model_input_names == ["pixel_values", "vae_pixel_values", "input_ids", "attention_mask"]
+    assert set(processor(text="the square")) == {"input_ids", "attention_mask"}
+    assert set(processor(videos=videos["square"])) == {"pixel_values", "vae_pixel_values"}
+    # Video options go to the video processor, the rest to the tokenizer.
+    batch = processor(videos=videos["square"], text="the square", num_frames=3, padding="max_length", max_length=4)
+    assert batch["pixel_values"].shape[1] == 3 and batch["input_ids"].tolist() == [[4, 5, 0, 0]]
+    with pytest.raises(ValueError, match="one text per video"):
+        processor(videos=[videos["square"]] * 2, text="the square")
     with pytest.raises(ValueError, match="videos"):
         processor()
 
 
-def test_processor_with_text(videos, tokenizer):
-    processor = FoveatedVLMProcessor(tokenizer, num_frames=2, image_size=16)
-    batch = processor(videos=[videos["square"]] * 2, text=["where does the square move ?", "the square"])
-    assert batch["input_ids"].tolist() == [[2, 3, 4, 5, 6, 7], [4, 5, 0, 0, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 0, 0, 0, 0]]
-    assert batch["pixel_values"].shape == (2, 2, 3, 16, 16)
-    assert processor.model_input_names[:2] == ["pixel_values", "vae_pixel_values"]
-    assert "input_ids" in processor(text="the square")
-    with pytest.raises(ValueError, match="one text per video"):
-        processor(videos=[videos["square"]] * 2, text="the square")
+def test_processor_needs_a_tokenizer_and_a_video_processor(tokenizer):
+    with pytest.raises((TypeError, ValueError)):
+        FoveatedVLMProcessor(FoveatedVLMVideoProcessor(), None)
+    with pytest.raises(TypeError, match="video_processor"):
+        FoveatedVLMProcessor(tokenizer, tokenizer)
 
 
 def test_save_and_load_in_a_fresh_process(videos, tokenizer, tmp_path, run_isolated_python):
     processors = {
-        "video_only": FoveatedVLMProcessor(num_frames=4, image_size=32, resize_mode="squash", sample_fps=16),
-        "with_tokenizer": FoveatedVLMProcessor(tokenizer, num_frames=2, image_size=24),
+        "crop_any_backend": FoveatedVLMProcessor(FoveatedVLMVideoProcessor(num_frames=2, image_size=24), tokenizer),
+        "squash_pyav": FoveatedVLMProcessor(
+            FoveatedVLMVideoProcessor(num_frames=4, image_size=32, resize_mode="squash", fps=16, video_backend="pyav"),
+            tokenizer,
+        ),
     }
     video_inputs = [str(videos["square"]), str(videos["wide"])]
     text = ["where does the square move ?", "the square"]
     for name, processor in processors.items():
         processor.save_pretrained(tmp_path / name)
         assert (tmp_path / name / "processing_foveated.py").is_file()
-        expected = processor(videos=video_inputs, text=text if processor.tokenizer is not None else None)
-        torch.save(dict(expected), tmp_path / f"{name}.pt")
+        torch.save(dict(processor(videos=video_inputs, text=text)), tmp_path / f"{name}.pt")
 
+    # `transformers.AutoVideoProcessor` is a placeholder that raises without torchvision
+    # (models/auto/video_processing_auto.py: `@requires(backends=("vision", "torchvision"))`); the class itself, from
+    # its module, needs nothing of torchvision, and is what `AutoProcessor` uses for the video processor.
     run_isolated_python(
         f"""
 import torch
 from transformers import AutoProcessor
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 try:
     import processing_foveated
     raise SystemExit("processing_foveated must not be importable here")
 except ImportError:
     pass
-for name, text in [("video_only", None), ("with_tokenizer", {text!r})]:
+for name in ("crop_any_backend", "squash_pyav"):
+    expected = torch.load(f"{{name}}.pt")
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
     assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-    assert (processor.tokenizer is None) == (name == "video_only"), name
-    output = processor(videos={video_inputs!r}, text=text)
-    expected = torch.load(f"{{name}}.pt")
+    assert type(processor.video_processor).__name__ == "FoveatedVLMVideoProcessor"
+    output = processor(videos={video_inputs!r}, text={text!r})
     assert output.keys() == expected.keys(), (name, output.keys(), expected.keys())
     for key in expected:
+        assert torch.equal(output[key], expected[key]), (name, key)
+    video_processor = AutoVideoProcessor.from_pretrained(name, trust_remote_code=True)
+    assert type(video_processor).__module__.startswith("transformers_modules"), type(video_processor).__module__
+    output = video_processor({video_inputs!r})
+    for key in ("pixel_values", "vae_pixel_values"):
         assert torch.equal(output[key], expected[key]), (name, key)
 """,
         cwd=tmp_path,
     )
     for name, processor in processors.items():
-        reloaded = FoveatedVLMProcessor.from_pretrained(tmp_path / name)
-        for option in ("num_frames", "image_size", "resize_mode", "sample_fps", "image_mean", "image_std"):
-            assert getattr(reloaded, option) == getattr(processor, option), (name, option)
+        # The saved folder names its video processor as remote code (auto_map), found through AutoVideoProcessor.
+        reloaded = FoveatedVLMProcessor.from_pretrained(tmp_path / name, trust_remote_code=True)
+        for option in ("num_frames", "fps", "image_size", "resize_mode", "video_backend", "image_mean", "image_std"):
+            assert getattr(reloaded.video_processor, option) == getattr(processor.video_processor, option), option
+        assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()

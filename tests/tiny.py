@@ -40,3 +40,14 @@ def save_tiny_vae(path, sample_size: int) -> str:
     )
     vae.save_pretrained(str(path))
     return str(path)
+
+
+def tiny_tokenizer(words=("where", "does", "the", "square", "move", "?")):
+    """A word-level tokenizer built offline (no Hub download in the tests): [PAD] 0, [UNK] 1, then `words` in order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
