@@ -220,6 +220,19 @@ def test_missing_pieces_are_reported(tiny_run, tmp_path):
     assert metrics["held_out"] is None and metrics["clips"] is None
 
 
+def test_logged_table1_without_the_eval_split(tiny_run, tmp_path):
+    """A run folder without data paths still reports Table 1 from its log; only the per-clip analysis is missing."""
+    run_dir, _ = tiny_run
+    bare = tmp_path / "logged"
+    FoveatedVLMModel.from_pretrained(str(run_dir)).save_pretrained(str(bare))
+    (bare / "trainer_state.json").write_text(json.dumps(trainer_state()))
+    out = main([str(bare)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["held_out"]["loss_fine"] == LOGGED_EVAL["eval_loss/fine"] and metrics["clips"] is None
+    markdown = (out / "report.md").read_text()
+    assert "0.9871" in markdown and "No held-out dataset" in markdown and "Where it fails" not in markdown
+
+
 def test_cli_paths_without_vae(tiny_run, data, tmp_path):
     """--eval_dataset given on the command line, no VAE: the clip analysis and attention figures, no Figure 4."""
     run_dir, _ = tiny_run
