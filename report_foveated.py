@@ -103,7 +103,7 @@ def _logged(name: str, default=None):
 class FoveatedVLMHeldOut:
     """Table 1: held-out means of the final model, with the trainer's metric names (docs/TRAINING.md)."""
 
-    source: str  # where the numbers come from, for the text: "logged at step N" or "measured by this report"
+    source: str  # where the numbers come from, for the text: the logged evaluation or this report's own pass
     step: Optional[int] = None
     loss_fine: float = _logged("loss/fine", math.nan)
     loss_coarse: float = _logged("loss/coarse", math.nan)
@@ -427,7 +427,7 @@ def _executive_summary(summary: FoveatedVLMReportSummary) -> list[str]:
         f"**Pass 2 (predicted queries) {verb} held-out next-frame latent MSE by {abs(full) * 100:.3g}% against Pass 1 "
         f"(static query) on the full loss** (improvement {_pct(full)}: {improvement_band(full)} in docs/DESIGN.md's "
         f"reading), and changes it by {_pct(later)} on the targets that have a previous latent (t ≥ 2), after "
-        f"{steps} training steps; {held_out.source}."
+        f"{steps} training steps ({held_out.source})."
     ]
     stderr = held_out.improvement_se
     if stderr is not None and not math.isnan(stderr):
@@ -732,6 +732,29 @@ def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_
     return clips, summary, figures
 
 
+def _held_out(run_dir: Path, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes):
+    """Table 1 (logged, else measured), the clip analysis and figures 3-4, and the model's config and probes:
+    (held_out, clip summary, [(figure path, caption)], config, probes), None where the run lacks what they need."""
+    logged = latest_eval_metrics(log_history)
+    held_out = None
+    if logged:
+        held_out = FoveatedVLMHeldOut.from_logged(logged, f"from the evaluation logged at step {logged.get('step')}")
+    model_dir = _model_dir(run_dir)
+    if model_dir is None:
+        notes.append(f"No saved model in {run_dir} or its checkpoints: nothing on the held-out split is measured.")
+        return held_out, None, [], None, None
+    config = FoveatedVLMModel.config_class.from_pretrained(model_dir)
+    probes_path = model_dir / PROBES_FILE
+    probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
+    if eval_dataset is None:
+        return held_out, None, [], config, probes
+    clips, clip_summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
+    if held_out is None:
+        measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
+        held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report (the log has no evaluation)", "")
+    return held_out, clip_summary, clip_figures, config, probes
+
+
 def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, device="cpu", batch_size: int = 16) -> Path:
     """Write RUN_DIR/report/ (figures, metrics.json, report.md, report.html); return that folder."""
     run_dir = Path(run_dir)
@@ -748,29 +771,14 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
         notes.append("The log history has no evaluation: Figures 1-2 show training means only.")
     fig1 = _save(plot_losses(train, evaluation), out / "fig1_losses.png")
     fig2 = _save(plot_ratio(train, evaluation), out / "fig2_ratio.png")
-
-    logged = latest_eval_metrics(log_history)
-    held_out = FoveatedVLMHeldOut.from_logged(logged, f"logged at step {logged.get('step')}") if logged else None
-    model_dir = _model_dir(run_dir)
     eval_dataset, vae, data_notes = resolve_data_paths(run_dir, eval_dataset, vae)
     notes += data_notes
-    clips, clip_summary, clip_figures, config, probes = None, None, [], None, None
-    if model_dir is None:
-        notes.append(f"No saved model in {run_dir} or its checkpoints: nothing on the held-out split is measured.")
-    else:
-        config = FoveatedVLMModel.config_class.from_pretrained(model_dir)
-        probes_path = model_dir / PROBES_FILE
-        probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
-        if eval_dataset is not None:
-            clips, clip_summary, clip_figures = _measure(
-                model_dir, eval_dataset, vae, num_videos, device, batch_size, out
-            )
-            if held_out is None:
-                measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
-                held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report", prefix="")
+    held_out, clips, clip_figures, config, probes = _held_out(
+        run_dir, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes
+    )
     summary = FoveatedVLMReportSummary(
         held_out=held_out,
-        clips=clip_summary,
+        clips=clips,
         notes=notes,
         steps=state.get("global_step") if state else None,
         num_targets=config.num_frames if config is not None else None,
@@ -779,11 +787,11 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
 
     text = [f"# Foveated VLM: report on {run_dir.name}", "## 1. Executive summary", *_executive_summary(summary)]
     if config is not None:
-        num_clips = clip_summary.num_clips if clip_summary else None
+        num_clips = clips.num_clips if clips else None
         text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips)]
     text.append("## 3. Results")
     if held_out is not None:
-        text += _table1(held_out, clip_summary, summary.num_targets)
+        text += _table1(held_out, clips, summary.num_targets)
     text += [
         _figure(fig1, f"{REPORT_FIGURES['fig1_losses.png']}. Full loss over optimizer steps: training means per "
                       "logging interval (lines), held-out evaluations (markers)."),
@@ -791,8 +799,8 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
                       "predicts better."),
         *(_figure(path, caption) for path, caption in clip_figures),
     ]
-    if clip_summary is not None:
-        text += _hardest_section(clip_summary)
+    if clips is not None:
+        text += _hardest_section(clips)
     text += ["## 4. What limits it", _bullets(_limits(summary, train))]
     text += ["## 5. Next steps and resource request", _bullets(_next_steps(summary, state, log_history))]
     report_md = "\n\n".join(text) + "\n"
