@@ -18,7 +18,8 @@ import metrics_foveated
 from card_foveated import FoveatedVLMModelCardInfo, loss_formula, write_model_card
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel
-from report_foveated import DATA_PATHS_FILE, PROBES_FILE, compare_runs, main, write_report
+from probes_foveated import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
+from report_foveated import DATA_PATHS_FILE, compare_runs, main, write_report
 from tiny import save_tiny_vae, tiny_config
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -313,14 +314,13 @@ def test_card_states_every_trained_loss_term(tmp_path, aux):
 
 def test_probed_run_is_reported_with_its_probes(tmp_path, data):
     """A run trained with oracle fixations: the report re-applies them from probes.json and does not stream."""
-    probes_foveated = pytest.importorskip("probes_foveated")
     run_dir = make_run(tmp_path / "oracle", data, with_eval=False)
     (run_dir / PROBES_FILE).write_text(json.dumps({"fine_queries": "oracle"}))
     out = write_report(run_dir, num_videos=1, batch_size=8)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clips"]["loss_fine_streamed"] is None
-    model = probes_foveated.FoveatedVLMProbedModel.from_model(
-        FoveatedVLMModel.from_pretrained(str(run_dir)), probes_foveated.FoveatedVLMProbes(fine_queries="oracle")
+    model = FoveatedVLMProbedModel.from_model(
+        FoveatedVLMModel.from_pretrained(str(run_dir)), FoveatedVLMProbes(fine_queries="oracle")
     ).eval()
     dataset = load_precomputed(data["eval_dataset"])
     batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
