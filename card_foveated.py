@@ -1,22 +1,30 @@
 """The model card of a Foveated VLM folder: README.md rendered from model_card.md with the architecture, the
 training hyperparameters, Table 1 from the Trainer's log history and links to the report's figures."""
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from figures_foveated import REPORT_DIR, REPORT_FIGURES
 from metrics_foveated import derived_metrics
 
 __all__ = [
-    "REPORT_DIR",
+    "IMPROVEMENT_BANDS",
+    "TABLE1_METRICS",
     "FoveatedVLMModelCardInfo",
     "architecture_rows",
+    "eval_results",
+    "improvement_band",
     "latest_eval_metrics",
+    "logged_means",
+    "loss_formula",
     "report_figure_links",
     "table1_markdown",
+    "table1_values",
     "write_model_card",
 ]
 
@@ -29,19 +37,74 @@ def latest_eval_metrics(log_history: list[dict]) -> Optional[dict]:
     return evaluations[-1] if evaluations else None
 
 
+# How docs/DESIGN.md reads improvement = (coarse - fine) / coarse: upper bound of each band, and its name.
+IMPROVEMENT_BANDS = ((0.0, "foveation hurts"), (0.05, "marginal"), (0.15, "proof of concept"), (math.inf, "strong"))
+
+
+def improvement_band(value: float) -> str:
+    return next(label for upper, label in IMPROVEMENT_BANDS if value < upper)
+
+
+def improvement_bands_text() -> str:
+    """The bands in words: "< 0 % foveation hurts, 0-5 % marginal, ..."."""
+    parts, lower = [], None
+    for upper, label in IMPROVEMENT_BANDS:
+        if lower is None:
+            span = f"< {upper:.0%}"
+        else:
+            span = f"> {lower:.0%}" if math.isinf(upper) else f"{lower:.0%}–{upper:.0%}"
+        parts.append(f"{span} {label}")
+        lower = upper
+    return ", ".join(parts)
+
+
+# Table 1: model-index metric type -> logged metric name (docs/TRAINING.md), in the table's order.
+TABLE1_METRICS = {
+    "loss_coarse": "loss/coarse",
+    "loss_fine": "loss/fine",
+    "improvement": "improvement",
+    "improvement_t2": "improvement_t2",
+}
+
+
+def logged_means(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
+    """Metric name -> value of a log entry or eval_results.json, without `prefix`; the derived metrics (improvements)
+    computed from its losses where the log lacks them."""
+    means = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
+    return {**derived_metrics(means), **means}
+
+
+def table1_values(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
+    """Table 1's values from logged means."""
+    means = logged_means(metrics, prefix)
+    return {metric: float(means[logged]) for metric, logged in TABLE1_METRICS.items() if logged in means}
+
+
 def table1_markdown(metrics: dict, prefix: str = "eval_") -> str:
-    """The seed's Table 1 (loss_coarse, loss_fine, improvement) as Markdown from logged means."""
-    coarse, fine = metrics[f"{prefix}loss/coarse"], metrics[f"{prefix}loss/fine"]
-    improvement = derived_metrics({"loss/fine": fine, "loss/coarse": coarse})["improvement"]
-    return "\n".join(
-        [
-            "| Metric      | Value |",
-            "|-------------|-------|",
-            f"| loss_coarse | {coarse:.4f} |",
-            f"| loss_fine   | {fine:.4f} |",
-            f"| Improvement | {improvement:.1%} |",
-        ]
-    )
+    """Table 1 (loss_coarse, loss_fine, improvement on all targets and on t >= 2) as Markdown from logged means."""
+    values = table1_values(metrics, prefix)
+    rows = [
+        f"| {metric:<11} | {value:.4f} |" if metric.startswith("loss") else f"| {metric:<11} | {value:.2%} |"
+        for metric, value in values.items()
+    ]
+    return "\n".join(["| Metric      | Value |", "|-------------|-------|", *rows])
+
+
+def eval_results(metrics: dict, info: "FoveatedVLMModelCardInfo", prefix: str = "eval_") -> list[EvalResult]:
+    """Table 1 as model-index entries, so that the Hub shows the results."""
+    return [
+        EvalResult(
+            task_type="other",
+            task_name="Next-frame VAE latent prediction",
+            dataset_type=info.datasets[0] if info.datasets else "custom",
+            dataset_name=info.eval_dataset_name,
+            dataset_split="eval",
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=value,
+        )
+        for metric, value in table1_values(metrics, prefix).items()
+    ]
 
 
 @dataclass
@@ -53,9 +116,29 @@ class FoveatedVLMModelCardInfo:
     base_models: list[str] = field(default_factory=list, metadata={"help": "Hub ids of pretrained backbones."})
     # Not a generation or classification model: AutoModel returns queries, states and latent predictions.
     pipeline_tag: str = field(default="feature-extraction", metadata={"help": "Hub pipeline tag."})
+    eval_dataset_name: str = field(
+        default="held-out clips", metadata={"help": "The held-out split Table 1 is measured on, for model-index."}
+    )
+    frozen: Optional[list[str]] = field(
+        default=None, metadata={"help": "Parts frozen in training (training policy, not in the checkpoint)."}
+    )
+    probes: dict = field(
+        default_factory=dict, metadata={"help": "The research probes the run trained with (probes.json), if any."}
+    )
 
 
-def architecture_rows(config) -> dict[str, str]:
+def loss_formula(config, probes: Optional[dict] = None) -> str:
+    """The trained loss with every term, as the model's forward sums it; `probes` (probes.json) may reweight
+    loss_fine."""
+    fine_weight = (probes or {}).get("fine_loss_weight", 1.0)
+    terms = ["loss_fine" if fine_weight == 1 else f"{fine_weight:g} · loss_fine"]
+    terms.append(f"{config.lambda_coarse:g} · loss_coarse")
+    if config.aux_current_weight > 0:
+        terms.append(f"{config.aux_current_weight:g} · loss_aux")
+    return " + ".join(terms)
+
+
+def architecture_rows(config, probes: Optional[dict] = None) -> dict[str, str]:
     vision, text = config.vision_config, config.text_config
     latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
     head = f"{config.head_type} ({'residual' if config.head_residual else 'full latent'}), {config.head_channels} ch"
@@ -68,11 +151,11 @@ def architecture_rows(config) -> dict[str, str]:
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
         "Target": f"next-frame VAE latent {latent}",
         "Prediction head": head,
-        "Loss": f"loss_fine + {config.lambda_coarse:g} · loss_coarse (MSE)",
+        "Loss": f"`{loss_formula(config, probes)}`, each term an MSE",
     }
 
 
-def _hyperparameter_rows(args, state) -> dict[str, str]:
+def _hyperparameter_rows(args, state, info: "FoveatedVLMModelCardInfo") -> dict[str, str]:
     per_device = args.per_device_train_batch_size
     effective = per_device * args.gradient_accumulation_steps * args.world_size
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -86,17 +169,8 @@ def _hyperparameter_rows(args, state) -> dict[str, str]:
         "Weight decay": f"{args.weight_decay:g}",
         "Precision": precision,
         "Seed": str(args.seed),
+        **({"Frozen in training": ", ".join(info.frozen) or "nothing"} if info.frozen is not None else {}),
     }
-
-
-REPORT_DIR = "report"
-# Titles of report_foveated.py's figures, for the model card's links (glob pattern -> title).
-REPORT_FIGURES = {
-    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
-    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
-    "fig3_attention_*.png": "Figure 3: static and dynamic attention on a held-out clip",
-    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
-}
 
 
 def report_figure_links(folder) -> list[tuple[str, str]]:
@@ -129,15 +203,20 @@ def write_model_card(
     )
     evaluation = latest_eval_metrics(state.log_history)
     repo_id = args.hub_model_id or card_kwargs.get("model_name") or Path(folder).name
+    if evaluation:
+        card_data.model_name = Path(repo_id).name
+        card_data.eval_results = eval_results(evaluation, info)
     card = ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=Path(repo_id).name,
         repo_id=repo_id,
-        architecture=architecture_rows(config),
+        architecture=architecture_rows(config, info.probes),
         data_description=info.data_description,
-        hyperparameters=_hyperparameter_rows(args, state),
+        hyperparameters=_hyperparameter_rows(args, state, info),
         table1=table1_markdown(evaluation) if evaluation else None,
+        loss=loss_formula(config, info.probes),
+        improvement_bands=improvement_bands_text(),
         eval_step=evaluation["step"] if evaluation else None,
         num_frames=config.num_frames,
         image_size=config.image_size,

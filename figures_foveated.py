@@ -8,7 +8,41 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["decode_latents", "plot_attention_maps", "plot_prediction_figure", "plot_predictions"]
+from metrics_foveated import derived_metrics
+
+__all__ = [
+    "REPORT_DIR",
+    "REPORT_FIGURES",
+    "decode_latents",
+    "evenly_spaced_clips",
+    "plot_attention_maps",
+    "plot_losses",
+    "plot_prediction_figure",
+    "plot_predictions",
+    "plot_ratio",
+    "stack_frames",
+]
+
+# The report's folder inside a run, and its figures: file name (glob pattern) -> title. The report draws them, the
+# model card links them.
+REPORT_DIR = "report"
+REPORT_FIGURES = {
+    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
+    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
+    "fig3_attention_*.png": "Figure 3: Pass 1 and Pass 2 attention on a held-out clip",
+    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
+}
+
+
+def evenly_spaced_clips(num_rows: int, num_clips: int) -> list[int]:
+    """Row indices of `num_clips` clips spread evenly over a split of `num_rows`, first and last included: the clips
+    the figures show."""
+    return np.linspace(0, num_rows - 1, min(num_clips, num_rows)).round().astype(int).tolist()
+
+
+def stack_frames(rows: list[dict]) -> np.ndarray:
+    """The uint8 `frames` of dataset rows stacked: (N, T, S, S, 3)."""
+    return np.stack([np.asarray(row["frames"], dtype=np.uint8) for row in rows])
 
 
 def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure:
@@ -54,8 +88,9 @@ def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure
 def plot_predictions(frames_t, actual_next, predicted_fine, predicted_coarse=None, t: Optional[int] = None) -> Figure:
     """Next-frame predictions of N clips, one row each: frame t | actual t+1 | predicted t+1 (fine) [| (coarse)].
 
-    All images are (N, H, W, 3), uint8 or float in [0, 1]; `t` (optional) puts the frame index in the titles. Pass the VAE decoding of the actual latent as
-    `actual_next` to compare like with like: the model predicts latents, so the VAE's own loss is not its error.
+    All images are (N, H, W, 3), uint8 or float in [0, 1]; `t` (optional) puts the frame index in the titles. Pass
+    the VAE decoding of the actual latent as `actual_next` to compare like with like: the model predicts latents, so
+    the VAE's own loss is not its error.
     """
     now, then = ("t", "t+1") if t is None else (str(t), str(t + 1))
     columns = [(f"frame {now}", frames_t), (f"actual {then} (VAE)", actual_next)]
@@ -93,6 +128,56 @@ def plot_prediction_figure(vae, frames, latents, outputs) -> tuple[Figure, float
         decode_latents(vae, outputs.pred_coarse[:, t + 1]),
         t=t,
     )
-    figure.suptitle(f"Figure 4: predicting frame {t + 1} from frames 0..{t} (VAE-decoded latents)", fontsize=9)
+    figure.suptitle(f"{REPORT_FIGURES['fig4_predictions.png']}: frame {t + 1} predicted from frames 0..{t} "
+                    "(VAE-decoded latents)", fontsize=9)
     error = np.mean((actual - frames[:, t + 1].astype(np.float32) / 255) ** 2)
     return figure, float(10 * np.log10(1 / max(error, 1e-12)))
+
+
+# ---- Figures 1-2 from the log history ----
+
+
+def _finish(ax, has_data: bool, log_scale: bool = False):
+    """Grid and legend, or a note where the log history had nothing to draw."""
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("optimizer step")
+    if has_data:
+        ax.legend(fontsize=8)
+        if log_scale:
+            ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no fine/coarse losses in the log history", ha="center", transform=ax.transAxes)
+
+
+def plot_losses(train: dict, evaluation: dict) -> Figure:
+    """Figure 1: loss/fine and loss/coarse over optimizer steps; train lines, eval markers. Each of `train` and
+    `evaluation` holds arrays `step`, `fine`, `coarse` (empty where the log has none)."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    for name, color in (("fine", "tab:blue"), ("coarse", "tab:orange")):
+        # Fine drawn thinner on top of coarse: both stay visible where they coincide.
+        size = dict(linewidth=1.2, markersize=4, zorder=3) if name == "fine" else dict(linewidth=2.8, markersize=8)
+        if len(train["step"]):
+            ax.plot(train["step"], train[name], color=color, label=f"train loss/{name}", **size)
+        if len(evaluation["step"]):
+            ax.plot(evaluation["step"], evaluation[name], "o--", color=color, label=f"eval loss/{name}", **size)
+    _finish(ax, bool(len(train["step"]) or len(evaluation["step"])), log_scale=True)
+    ax.set_ylabel("next-frame latent MSE (log scale)")
+    ax.set_title(REPORT_FIGURES["fig1_losses.png"])
+    return figure
+
+
+def plot_ratio(train: dict, evaluation: dict) -> Figure:
+    """Figure 2: loss/coarse / loss/fine over steps (`loss/ratio`); above the 1.0 line Pass 2 predicts better."""
+    figure = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = figure.subplots()
+    for series, style, label in ((train, "-", "train"), (evaluation, "o--", "eval")):
+        if len(series["step"]):
+            ratio = [derived_metrics({"loss/fine": f, "loss/coarse": c})["loss/ratio"]
+                     for f, c in zip(series["fine"], series["coarse"])]
+            ax.plot(series["step"], ratio, style, label=label)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle=":", label="1.0 (no effect)")
+    _finish(ax, bool(len(train["step"]) or len(evaluation["step"])))
+    ax.set_ylabel("loss/coarse ÷ loss/fine")
+    ax.set_title(REPORT_FIGURES["fig2_ratio.png"])
+    return figure

@@ -1,4 +1,5 @@
-"""The report of a finished run, for management (seed §9): figures 1-4, Table 1 and what limits the result.
+"""The report of a finished run: Table 1, figures 1-4, the clips the model predicts worst, the method and what limits
+the result, for whoever decides on the next run.
 
 Usage:
     python report_foveated.py outputs/tiny                               # data paths from the run's data_paths.json
@@ -8,13 +9,14 @@ Usage:
 Writes `RUN_DIR/report/`: fig1_losses.png, fig2_ratio.png, fig3_attention_<k>.png, fig4_predictions.png,
 metrics.json (every number the text quotes), report.md and report.html (self-contained, images embedded).
 
-Everything is measured from the run: the log history (trainer_state.json of the run or of its last checkpoint), the
-final model on the whole held-out split, and the VAE decoder for the pictures. Whatever is missing is said in the
-report instead of stopping it.
+Table 1 is what training logged: the `eval_*` values of the last evaluation in trainer_state.json (of the run or of
+its last checkpoint). The report runs the final model over the held-out split only for what training does not log:
+per-clip numbers (the hardest clips and their kinds of motion), the streamed loss and figures 3-4. It measures Table 1
+itself only where the log has no evaluation, with the trainer's metric functions (metrics_foveated.py), and says so.
+Whatever is missing is said in the report instead of stopping it.
 
-Target numbering follows the design: the model predicts latents v_1..v_T; "t >= 2" are the targets that have a
-previous latent (v_1 is predicted from a learned start latent and a state that has seen no frame). Frame indices in
-figure titles are 0-based, as in the trainer's figures.
+Targets are numbered as in docs/DESIGN.md: the model predicts latents v_1..v_T; "t >= 2" are the targets that have a
+previous latent. Frame indices in figure titles are 0-based, as in the trainer's figures.
 """
 
 import argparse
@@ -23,36 +25,46 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from transformers.trainer_utils import get_last_checkpoint
 
-from card_foveated import REPORT_DIR, architecture_rows
+import metrics_foveated
+from card_foveated import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
-from figures_foveated import plot_attention_maps, plot_prediction_figure
-from metrics_foveated import box_coverage, derived_metrics, model_inputs
-from modeling_foveated import FoveatedVLMModel, attention_entropy
-from probes_foveated import from_pretrained_with_probes
+from figures_foveated import (
+    REPORT_DIR,
+    REPORT_FIGURES,
+    evenly_spaced_clips,
+    plot_attention_maps,
+    plot_losses,
+    plot_prediction_figure,
+    plot_ratio,
+    stack_frames,
+)
+from modeling_foveated import FoveatedVLMModel
+from probes_foveated import PROBES_FILE, from_pretrained_with_probes
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = [
     "DATA_PATHS_FILE",
     "FoveatedVLMClipMetrics",
-    "box_coverage",
+    "FoveatedVLMClipSummary",
+    "FoveatedVLMHardClip",
+    "FoveatedVLMHeldOut",
+    "FoveatedVLMReportSummary",
     "clip_category",
+    "compare_runs",
     "evaluate_clips",
     "load_log_history",
-    "plot_attention_figures",
-    "plot_losses",
-    "plot_prediction_figure",
-    "plot_ratio",
+    "markdown_to_html",
     "resolve_data_paths",
-    "summarize",
+    "summarize_clips",
     "write_report",
     "main",
 ]
@@ -69,114 +81,201 @@ CUT_MIN_RATIO = 3.0  # ... and at least this many times the clip's median pair d
 
 # Attention whose entropy is at least this share of log(P) is called (almost) uniform.
 UNIFORM_ENTROPY_SHARE = 0.99
+# Dynamic attention counts as selective below this share of the static pass's entropy ...
+SELECTIVE_ENTROPY_SHARE = 0.95
+# ... and as following the mover above this many times chance (uniform attention's mass in the box).
+FOLLOWS_MOVER_TIMES_CHANCE = 1.5
+# The first target dominates the full loss when its share is above this many times 1/T (its share if all weighed alike).
+FIRST_TARGET_DOMINANCE = 2.0
+# The improvement an evaluation split should be able to resolve: the upper end of docs/DESIGN.md's "marginal" band.
+TARGET_EFFECT = IMPROVEMENT_BANDS[1][0]
 
-# The seed's interpretation of improvement = (coarse - fine) / coarse (§8.1).
-IMPROVEMENT_BANDS = ((0.0, "foveation hurts"), (0.05, "marginal"), (0.15, "PoC success"), (math.inf, "strong"))
+
+# ---- What the report says, as typed records (metrics.json is their `asdict`) ----
 
 
-# ---- Measuring the eval split ----
+def _logged(name: str, default=None):
+    """A field read from the logged metric `name` (without the `eval_` prefix)."""
+    return field(default=default, metadata={"logged": name})
+
+
+@dataclass
+class FoveatedVLMHeldOut:
+    """Table 1: held-out means of the final model, with the trainer's metric names (docs/TRAINING.md)."""
+
+    source: str  # where the numbers come from, for the text: the logged evaluation or this report's own pass
+    step: Optional[int] = None
+    loss_fine: float = _logged("loss/fine", math.nan)
+    loss_coarse: float = _logged("loss/coarse", math.nan)
+    improvement: float = _logged("improvement", math.nan)
+    loss_fine_t2: Optional[float] = _logged("loss/fine_t2")
+    loss_coarse_t2: Optional[float] = _logged("loss/coarse_t2")
+    improvement_t2: Optional[float] = _logged("improvement_t2")
+    improvement_se: Optional[float] = _logged("improvement_se")  # clip-level standard error (FoveatedVLMImprovement)
+    improvement_t2_se: Optional[float] = _logged("improvement_t2_se")
+    loss_copy_t2: Optional[float] = _logged("loss/copy_t2")
+    entropy_static: Optional[float] = _logged("attention/entropy_static")
+    entropy_dynamic: Optional[float] = _logged("attention/entropy_dynamic")
+    state_contribution_fine: Optional[float] = _logged("diag/state_contribution_fine")
+    state_contribution_coarse: Optional[float] = _logged("diag/state_contribution_coarse")
+    tracking_dynamic: Optional[float] = _logged("tracking/dynamic")
+    tracking_static: Optional[float] = _logged("tracking/static")
+    tracking_chance: Optional[float] = _logged("tracking/chance")
+
+    @classmethod
+    def from_logged(cls, metrics: dict, source: str, prefix: str = "eval_") -> "FoveatedVLMHeldOut":
+        """From a log entry or eval_results.json; the improvements derived where the log lacks them."""
+        means = logged_means(metrics, prefix)
+        values = {f.name: means[f.metadata["logged"]] for f in fields(cls) if f.metadata.get("logged") in means}
+        return cls(source=source, step=metrics.get("step"), **values)
+
+    @property
+    def has_tracking(self) -> bool:
+        return self.tracking_chance is not None
+
+    def first_target_share(self, num_targets: int) -> Optional[float]:
+        """v_1's share of the full loss_fine: the full loss is the mean of v_1's and the T - 1 later targets' MSE."""
+        if self.loss_fine_t2 is None or not self.loss_fine > 0:
+            return None
+        return 1 - (num_targets - 1) / num_targets * self.loss_fine_t2 / self.loss_fine
+
+
+@dataclass
+class FoveatedVLMHardClip:
+    """One of the clips with the highest loss_fine, and what kind of motion it shows."""
+
+    index: int
+    name: str
+    loss_fine: float
+    loss_coarse: float
+    loss_copy_t2: float
+    mean_frame_diff: float
+    max_frame_diff: float
+    category: str
+
+
+@dataclass
+class FoveatedVLMClipSummary:
+    """What only a pass over the held-out clips gives: spread over clips, streaming, the hardest clips."""
+
+    eval_dataset: str
+    model: str
+    num_clips: int
+    num_targets: int
+    entropy_uniform: float  # log P, the entropy of uniform attention (nats)
+    loss_fine_two_pass: float
+    loss_fine_streamed: Optional[float]  # `model.stream(autoregressive=True)`; None with oracle fixations
+    loss_fine_two_pass_t2: float
+    loss_fine_streamed_t2: Optional[float]
+    hardest: list[FoveatedVLMHardClip]
+    categories_hardest: dict[str, int]
+    categories_all: dict[str, int]
+    mean_frame_diff_hardest: float
+    mean_frame_diff_all: float
+    rank_correlation_frame_diff: float  # Spearman's rho of a clip's loss_fine with its mean frame difference
+    rank_correlation_copy: float  # ... with its copy-previous error (how much its latent changes)
+    vae_psnr: Optional[float] = None  # the VAE's own decoding of Figure 4's targets against the real frames (dB)
+
+    @property
+    def streamed_gap(self) -> Optional[float]:
+        return None if self.loss_fine_streamed is None else self.loss_fine_streamed / self.loss_fine_two_pass - 1
+
+    @property
+    def streamed_gap_t2(self) -> Optional[float]:
+        if self.loss_fine_streamed_t2 is None:
+            return None
+        return self.loss_fine_streamed_t2 / self.loss_fine_two_pass_t2 - 1
+
+
+@dataclass
+class FoveatedVLMReportSummary:
+    """Every number the report quotes; metrics.json is its `asdict`."""
+
+    held_out: Optional[FoveatedVLMHeldOut]
+    clips: Optional[FoveatedVLMClipSummary]
+    notes: list[str]
+    steps: Optional[int] = None
+    num_targets: Optional[int] = None
+
+
+# ---- The pass over the held-out clips ----
 
 
 @dataclass
 class FoveatedVLMClipMetrics:
-    """Per-clip measurements of the final model on the eval split: N clips, T targets (v_1..v_T).
+    """Per-clip values of the final model on the eval split (N clips).
 
     Args:
-        mse_fine, mse_coarse: (N, T) MSE of each target, Pass 2 (dynamic queries) and Pass 1 (static query).
-        mse_copy: (N, T - 1) MSE of copying the previous latent, targets v_2..v_T.
-        mse_autoregressive: (N, T) MSE of the focused stream of `model.stream(autoregressive=True)`.
-        entropy_static, entropy_dynamic: (N,) mean attention entropy (nats) over the clip's frames.
-        inside_static, inside_dynamic: (N, T - 1) attention mass inside the moving boxes on frames 2..T (the dynamic
-            query there was emitted after seeing earlier frames); NaN where a frame has no box.
-        box_area: (N, T - 1) fraction of the frame the boxes cover = the mass of uniform attention (chance).
+        metrics: `metrics_foveated.clip_metrics` of every clip: the trainer's metric name -> (N,), NaN where a clip
+            lacks what a metric needs (tracking on a clip without boxes).
+        loss_streamed, loss_streamed_t2: (N,) loss_fine of `model.stream(autoregressive=True)`, all targets and t >= 2;
+            None for a model probed with oracle fixations (they exist in the two-pass forward only).
         frame_diff: (N, T - 1) mean absolute difference of consecutive frames, pixels in [0, 1].
         names: (N,) the clips' video_id (or row index).
     """
 
-    mse_fine: np.ndarray
-    mse_coarse: np.ndarray
-    mse_copy: np.ndarray
-    mse_autoregressive: np.ndarray
-    entropy_static: np.ndarray
-    entropy_dynamic: np.ndarray
-    inside_static: np.ndarray
-    inside_dynamic: np.ndarray
-    box_area: np.ndarray
+    metrics: dict[str, np.ndarray]
+    loss_streamed: Optional[np.ndarray]
+    loss_streamed_t2: Optional[np.ndarray]
     frame_diff: np.ndarray
-    names: list
+    names: list[str]
 
-
-def _tracking(attention: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
-    """Attention mass inside the boxes on frames 2..T: (B, T, P) x (B, T, P) -> (B, T - 1), NaN where no box."""
-    mass = (attention.float() * coverage).sum(-1)[:, 1:]
-    return torch.where(coverage[:, 1:].sum(-1) > 0, mass, torch.full_like(mass, math.nan))
-
-
-@torch.no_grad()
-def _measure_batch(model, batch: dict, frames: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All per-clip measurements of one collated batch; `frames` uint8 (B, T, S, S, 3)."""
-    inputs = model_inputs(batch, model)
-    outputs = model(**inputs)
-    target = batch["vae_latents"].float()  # (B, T, C, h, w)
-    if "oracle_fixations" in inputs:  # oracle fixations exist in training only: nothing to stream
-        pred_autoregressive = torch.full_like(outputs.pred_fine, math.nan)
-    else:
-        streamed = model.stream(
-            inputs["pixel_values"].unbind(1),
-            target.unbind(1),
-            input_ids=inputs.get("input_ids"),
-            attention_mask=inputs.get("attention_mask"),
-            autoregressive=True,
-        )
-        pred_autoregressive = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
-    coverage = box_coverage(batch["moving_boxes"].cpu(), math.isqrt(outputs.attn_static.shape[-1]))
-    pixels = frames.float() / 255
-    return {
-        "mse_fine": (outputs.pred_fine - target).pow(2).mean(dim=(2, 3, 4)),
-        "mse_coarse": (outputs.pred_coarse - target).pow(2).mean(dim=(2, 3, 4)),
-        "mse_copy": (target[:, 1:] - target[:, :-1]).pow(2).mean(dim=(2, 3, 4)),
-        "mse_autoregressive": (pred_autoregressive - target).pow(2).mean(dim=(2, 3, 4)),
-        "entropy_static": torch.stack([attention_entropy(a) for a in outputs.attn_static]),
-        "entropy_dynamic": torch.stack([attention_entropy(a) for a in outputs.attn_dynamic]),
-        "inside_static": _tracking(outputs.attn_static.cpu(), coverage),
-        "inside_dynamic": _tracking(outputs.attn_dynamic.cpu(), coverage),
-        "box_area": torch.where(coverage[:, 1:].sum(-1) > 0, coverage[:, 1:].mean(-1), math.nan),
-        "frame_diff": (pixels[:, 1:] - pixels[:, :-1]).abs().mean(dim=(2, 3, 4)),
-    }
-
-
-def _rows(dataset, indices) -> tuple[list[dict], torch.Tensor]:
-    rows = [dataset[int(i)] for i in indices]
-    frames = torch.stack([torch.as_tensor(row["frames"]) for row in rows]).to(torch.uint8)  # (B, T, S, S, 3)
-    return rows, frames
+    def means(self) -> dict[str, float]:
+        """The means the trainer logs for these clips (`metrics_foveated.mean_metrics`), derived metrics included."""
+        return metrics_foveated.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {name: value.to(device) for name, value in batch.items()}
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
+def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Tensor]:
+    """Per-clip loss_fine of the stream where each next query comes from the stream itself (deployment):
+    [(B,) over all targets, (B,) over t >= 2], the MSEs of `metrics_foveated`'s `loss/fine` and `loss/fine_t2`."""
+    streamed = model.stream(
+        inputs["pixel_values"].unbind(1),
+        target.unbind(1),
+        input_ids=inputs.get("input_ids"),
+        attention_mask=inputs.get("attention_mask"),
+        autoregressive=True,
+    )
+    prediction = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
+    # The streamed predictions in place of both passes' two-pass ones: loss/fine keeps its one definition.
+    streamed_outputs = SimpleNamespace(pred_fine=prediction, pred_coarse=prediction, loss_aux=None)
+    losses = metrics_foveated.loss_metrics(streamed_outputs, {"vae_latents": target})
+    return [losses["loss/fine"], losses["loss/fine_t2"]]
+
+
+@torch.no_grad()
 def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu") -> FoveatedVLMClipMetrics:
-    """Run the final model over the whole eval split, two-pass and streamed, and keep per-clip measurements."""
+    """Run the final model over the whole eval split and keep each clip's metrics."""
     model.eval()
-    parts = []
+    per_clip, streamed, frame_diffs, stream = {}, [], [], True
     for start in range(0, len(dataset), batch_size):
-        rows, frames = _rows(dataset, range(start, min(start + batch_size, len(dataset))))
-        measured = _measure_batch(model, _to_device(collator(rows), device), frames)
-        parts.append({name: value.float().cpu().numpy() for name, value in measured.items()})
-    merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    names = dataset["video_id"] if "video_id" in dataset.column_names else list(range(len(dataset)))
-    return FoveatedVLMClipMetrics(**merged, names=[str(name) for name in names])
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = _to_device(collator(rows), device)
+        inputs = metrics_foveated.model_inputs(batch, model)
+        outputs = model(**inputs)
+        for name, value in metrics_foveated.clip_metrics(model, outputs, batch).items():
+            per_clip.setdefault(name, []).append(value.float().cpu().numpy())
+        # Probe inputs (oracle fixations) come from the batch's ground truth, which a stream does not have.
+        stream = stream and inputs.keys() <= set(metrics_foveated.MODEL_INPUT_NAMES)
+        if stream:
+            losses = _streamed_losses(model, inputs, batch["vae_latents"].float())
+            streamed.append([loss.cpu().numpy() for loss in losses])
+        pixels = torch.from_numpy(stack_frames(rows)).float() / 255  # (B, T, S, S, 3)
+        frame_diffs.append((pixels[:, 1:] - pixels[:, :-1]).abs().mean(dim=(2, 3, 4)).numpy())
+    names = dataset["video_id"] if "video_id" in dataset.column_names else range(len(dataset))
+    return FoveatedVLMClipMetrics(
+        metrics={name: np.concatenate(parts) for name, parts in per_clip.items()},
+        loss_streamed=np.concatenate([part[0] for part in streamed]) if stream else None,
+        loss_streamed_t2=np.concatenate([part[1] for part in streamed]) if stream else None,
+        frame_diff=np.concatenate(frame_diffs),
+        names=[str(name) for name in names],
+    )
 
 
-# ---- Numbers ----
-
-
-def improvement(coarse: float, fine: float) -> float:
-    return derived_metrics({"loss/fine": fine, "loss/coarse": coarse})["improvement"]
-
-
-def improvement_band(value: float) -> str:
-    return next(label for upper, label in IMPROVEMENT_BANDS if value < upper)
+# ---- Numbers from the clips ----
 
 
 def clip_category(diffs: np.ndarray) -> str:
@@ -198,77 +297,54 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
-def summarize(clips: FoveatedVLMClipMetrics, num_patches: int, num_hardest: int) -> dict:
-    """Every number of Table 1 and the analysis, from per-clip measurements. Means over equal-sized targets, so each
-    equals the MSE over all elements of the split."""
-    fine, coarse = clips.mse_fine, clips.mse_coarse
-    N, T = fine.shape
-    # Clip-level standard error of the full-loss improvement: paired differences, relative to mean coarse loss.
-    paired = coarse.mean(1) - fine.mean(1)
-    has_box = ~np.isnan(clips.box_area)
-    summary = {
-        "num_clips": N,
-        "num_targets": T,
-        "full": {"loss_coarse": float(coarse.mean()), "loss_fine": float(fine.mean())},
-        "t_ge_2": {"loss_coarse": float(coarse[:, 1:].mean()), "loss_fine": float(fine[:, 1:].mean())},
-        "copy_previous_t_ge_2": float(clips.mse_copy.mean()),
-        "improvement_full_stderr": float(paired.std(ddof=1) / math.sqrt(N) / coarse.mean()) if N > 1 else math.nan,
-        "first_target_share_of_full_loss_fine": float(fine[:, 0].mean() / fine.sum(1).mean()),
-        "entropy_static": float(clips.entropy_static.mean()),
-        "entropy_dynamic": float(clips.entropy_dynamic.mean()),
-        "entropy_uniform": math.log(num_patches),
-        "autoregressive": {
-            "loss_fine_two_pass": float(fine.mean()),
-            "loss_fine_autoregressive": float(clips.mse_autoregressive.mean()),
-            "loss_fine_two_pass_t_ge_2": float(fine[:, 1:].mean()),
-            "loss_fine_autoregressive_t_ge_2": float(clips.mse_autoregressive[:, 1:].mean()),
-        },
-        "tracking": None,
-    }
-    for split in ("full", "t_ge_2"):
-        summary[split]["improvement"] = improvement(summary[split]["loss_coarse"], summary[split]["loss_fine"])
-    if has_box.any():
-        summary["tracking"] = {
-            "frames_with_box": int(has_box.sum()),
-            "inside_dynamic": float(clips.inside_dynamic[has_box].mean()),
-            "inside_static": float(clips.inside_static[has_box].mean()),
-            "chance": float(clips.box_area[has_box].mean()),
-        }
-    summary["hardest"] = _hardest(clips, num_hardest)
-    return summary
-
-
-def _hardest(clips: FoveatedVLMClipMetrics, num_hardest: int) -> dict:
-    """The clips with the highest full loss_fine and how their frame differences compare with the whole split."""
-    loss = clips.mse_fine.mean(1)
-    order = np.argsort(-loss)[:num_hardest]
+def summarize_clips(
+    clips: FoveatedVLMClipMetrics, num_targets: int, num_patches: int, num_hardest: int, eval_dataset: str, model: str
+) -> FoveatedVLMClipSummary:
+    """The per-clip part of the report, from the clips' metrics."""
+    fine, coarse = clips.metrics["loss/fine"], clips.metrics["loss/coarse"]
+    copy = clips.metrics["loss/copy_t2"]
+    order = np.argsort(-fine)[:num_hardest]
     categories = [clip_category(diffs) for diffs in clips.frame_diff]
     mean_diff = clips.frame_diff.mean(1)
-    count = lambda indices: {c: sum(categories[i] == c for i in indices) for c in sorted(set(categories))}  # noqa: E731
-    return {
-        "clips": [
-            {
-                "index": int(i),
-                "name": clips.names[i],
-                "loss_fine": float(loss[i]),
-                "loss_coarse": float(clips.mse_coarse[i].mean()),
-                "copy_previous_t_ge_2": float(clips.mse_copy[i].mean()),
-                "mean_frame_diff": float(mean_diff[i]),
-                "max_frame_diff": float(clips.frame_diff[i].max()),
-                "category": categories[i],
-            }
-            for i in order
-        ],
-        "categories_hardest": count(order),
-        "categories_all": count(range(len(loss))),
-        "mean_frame_diff_hardest": float(mean_diff[order].mean()),
-        "mean_frame_diff_all": float(mean_diff.mean()),
-        "rank_correlation_loss_fine_vs_frame_diff": _rank_correlation(loss, mean_diff),
-        "rank_correlation_loss_fine_vs_copy_previous": _rank_correlation(loss, clips.mse_copy.mean(1)),
-    }
+
+    def count(indices) -> dict[str, int]:
+        return {kind: sum(categories[i] == kind for i in indices) for kind in sorted(set(categories))}
+
+    hardest = [
+        FoveatedVLMHardClip(
+            index=int(i),
+            name=clips.names[i],
+            loss_fine=float(fine[i]),
+            loss_coarse=float(coarse[i]),
+            loss_copy_t2=float(copy[i]),
+            mean_frame_diff=float(mean_diff[i]),
+            max_frame_diff=float(clips.frame_diff[i].max()),
+            category=categories[i],
+        )
+        for i in order
+    ]
+    streamed = clips.loss_streamed is not None
+    return FoveatedVLMClipSummary(
+        eval_dataset=eval_dataset,
+        model=model,
+        num_clips=len(fine),
+        num_targets=num_targets,
+        entropy_uniform=math.log(num_patches),
+        loss_fine_two_pass=float(fine.mean()),
+        loss_fine_streamed=float(clips.loss_streamed.mean()) if streamed else None,
+        loss_fine_two_pass_t2=float(clips.metrics["loss/fine_t2"].mean()),
+        loss_fine_streamed_t2=float(clips.loss_streamed_t2.mean()) if streamed else None,
+        hardest=hardest,
+        categories_hardest=count(order),
+        categories_all=count(range(len(fine))),
+        mean_frame_diff_hardest=float(mean_diff[order].mean()),
+        mean_frame_diff_all=float(mean_diff.mean()),
+        rank_correlation_frame_diff=_rank_correlation(fine, mean_diff),
+        rank_correlation_copy=_rank_correlation(fine, copy),
+    )
 
 
-# ---- Log history and figures 1-2 ----
+# ---- Inputs: the log history, the model, the data ----
 
 
 def load_log_history(run_dir: Path) -> tuple[list[dict], Optional[dict], Optional[Path]]:
@@ -293,375 +369,6 @@ def _series(log_history: list[dict], prefix: str) -> dict[str, np.ndarray]:
     }
 
 
-def _finish(ax, has_data: bool, log_scale: bool = False):
-    """Grid and legend, or a note where the log history had nothing to draw."""
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("optimizer step")
-    if has_data:
-        ax.legend(fontsize=8)
-        if log_scale:
-            ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no fine/coarse losses in the log history", ha="center", transform=ax.transAxes)
-
-
-def plot_losses(train: dict, evaluation: dict) -> Figure:
-    """Figure 1: loss/fine and loss/coarse over optimizer steps; train lines, eval markers."""
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    ax = figure.subplots()
-    for name, color in (("fine", "tab:blue"), ("coarse", "tab:orange")):
-        # Fine drawn thinner on top of coarse: both stay visible where they coincide.
-        size = dict(linewidth=1.2, markersize=4, zorder=3) if name == "fine" else dict(linewidth=2.8, markersize=8)
-        if len(train["step"]):
-            ax.plot(train["step"], train[name], color=color, label=f"train loss/{name}", **size)
-        if len(evaluation["step"]):
-            ax.plot(evaluation["step"], evaluation[name], "o--", color=color, label=f"eval loss/{name}", **size)
-    _finish(ax, bool(len(train["step"]) or len(evaluation["step"])), log_scale=True)
-    ax.set_ylabel("next-frame latent MSE (log scale)")
-    ax.set_title("Figure 1: dynamic (fine) vs static (coarse) query loss")
-    return figure
-
-
-def plot_ratio(train: dict, evaluation: dict) -> Figure:
-    """Figure 2: loss/coarse / loss/fine over steps; above the 1.0 line foveation helps."""
-    figure = Figure(figsize=(7, 3.5), layout="constrained")
-    ax = figure.subplots()
-    for series, style, label in ((train, "-", "train"), (evaluation, "o--", "eval")):
-        if len(series["step"]):
-            ratio = [derived_metrics({"loss/fine": f, "loss/coarse": c})["loss/ratio"]
-                     for f, c in zip(series["fine"], series["coarse"])]
-            ax.plot(series["step"], ratio, style, label=label)
-    ax.axhline(1.0, color="black", linewidth=1, linestyle=":", label="1.0 (no effect)")
-    _finish(ax, bool(len(train["step"]) or len(evaluation["step"])))
-    ax.set_ylabel("loss/coarse ÷ loss/fine")
-    ax.set_title("Figure 2: loss ratio (> 1: dynamic queries predict better)")
-    return figure
-
-
-# ---- Figures 3-4 ----
-
-
-def plot_attention_figures(frames, outputs, boxes, clips, indices) -> list[Figure]:
-    """Figure 3, one per clip: static vs dynamic attention over time, the moving box, the clip's tracking numbers.
-    `frames` uint8 (N, T, S, S, 3), `outputs` the model's on these N clips, `indices` their rows in `clips`."""
-    figures = []
-    for k, i in enumerate(indices):
-        has_box = (boxes[k] >= 0).all(-1).any()
-        figure = plot_attention_maps(
-            frames[k], outputs.attn_static[k].cpu(), outputs.attn_dynamic[k].cpu(), boxes[k] if has_box else None
-        )
-        tracking = ""
-        if not np.isnan(clips.box_area[i]).all():
-            tracking = (f"; attention mass in the box over frames 1..{clips.box_area.shape[1]}: dynamic "
-                        f"{np.nanmean(clips.inside_dynamic[i]):.3f}, static {np.nanmean(clips.inside_static[i]):.3f}, "
-                        f"chance {np.nanmean(clips.box_area[i]):.3f}")
-        figure.suptitle(f"Figure 3.{k + 1}: eval clip {clips.names[i]}{tracking}", fontsize=9)
-        figures.append(figure)
-    return figures
-
-
-# ---- report.md and report.html from one list of blocks ----
-
-
-class _Document:
-    """Headings, paragraphs, bullet lists, tables and figures, rendered to Markdown and to self-contained HTML.
-    Inline markup: `code` and **bold** only (no Markdown package is a dependency)."""
-
-    def __init__(self, title: str):
-        self.title = title
-        self.blocks: list[tuple] = []
-
-    def heading(self, text: str, level: int = 2):
-        self.blocks.append(("heading", level, text))
-
-    def paragraph(self, text: str):
-        self.blocks.append(("paragraph", text))
-
-    def bullets(self, items: list[str]):
-        if items:
-            self.blocks.append(("bullets", items))
-
-    def preformatted(self, text: str):
-        self.blocks.append(("preformatted", text))
-
-    def table(self, header: list[str], rows: list[list[str]]):
-        self.blocks.append(("table", header, rows))
-
-    def figure(self, path: Path, caption: str):
-        self.blocks.append(("figure", path, caption))
-
-    def markdown(self) -> str:
-        lines = [f"# {self.title}", ""]
-        for kind, *content in self.blocks:
-            if kind == "heading":
-                lines += ["#" * content[0] + " " + content[1]]
-            elif kind == "paragraph":
-                lines += [content[0]]
-            elif kind == "bullets":
-                lines += [f"- {item}" for item in content[0]]
-            elif kind == "preformatted":
-                lines += ["```", content[0], "```"]
-            elif kind == "table":
-                header, rows = content
-                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                lines += ["| " + " | ".join(row) + " |" for row in rows]
-            else:
-                path, caption = content
-                lines += [f"![{caption}]({path.name})", "", f"*{caption}*"]
-            lines.append("")
-        return "\n".join(lines)
-
-    @staticmethod
-    def _inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-        return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-
-    def html(self) -> str:
-        parts = [f"<h1>{self._inline(self.title)}</h1>"]
-        for kind, *content in self.blocks:
-            if kind == "heading":
-                parts.append(f"<h{content[0]}>{self._inline(content[1])}</h{content[0]}>")
-            elif kind == "paragraph":
-                parts.append(f"<p>{self._inline(content[0])}</p>")
-            elif kind == "preformatted":
-                parts.append(f"<pre>{html.escape(content[0])}</pre>")
-            elif kind == "bullets":
-                parts.append("<ul>" + "".join(f"<li>{self._inline(item)}</li>" for item in content[0]) + "</ul>")
-            elif kind == "table":
-                header, rows = content
-                head = "".join(f"<th>{self._inline(cell)}</th>" for cell in header)
-                body = "".join("<tr>" + "".join(f"<td>{self._inline(c)}</td>" for c in row) + "</tr>" for row in rows)
-                parts.append(f"<table><tr>{head}</tr>{body}</table>")
-            else:
-                path, caption = content
-                data = base64.b64encode(path.read_bytes()).decode("ascii")
-                parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                             f"<figcaption>{self._inline(caption)}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px}"
-                 "img{max-width:100%}figcaption{font-style:italic;font-size:90%}code{background:#f2f2f2}")
-        return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
-
-
-# ---- The report's text: every sentence from a measured number ----
-
-
-def _pct(value: float) -> str:
-    """Signed percent to 3 significant digits: small effects (+0.0674 %) stay readable next to large ones."""
-    return "n/a" if value is None or math.isnan(value) else f"{value * 100:+.3g}%"
-
-
-def _executive_summary(doc: _Document, summary: Optional[dict], steps: Optional[int], notes: list[str]):
-    doc.heading("1. Executive summary")
-    if summary is None:
-        doc.paragraph("No held-out measurement: " + " ".join(notes))
-        return
-    full, later = summary["full"]["improvement"], summary["t_ge_2"]["improvement"]
-    verb = "lowers" if full > 0 else "raises" if full < 0 else "does not change"
-    stderr = summary["improvement_full_stderr"]
-    doc.paragraph(
-        f"**Dynamic foveated attention {verb} held-out next-frame latent MSE by {abs(full) * 100:.3g}% on the full "
-        "loss** "
-        f"(improvement {_pct(full)}, the seed's metric and this report's headline: {improvement_band(full)}), and "
-        f"changes it by {_pct(later)} on the targets that have a previous latent (t ≥ 2), over "
-        f"{summary['num_clips']} held-out clips after {steps if steps is not None else 'an unknown number of'} "
-        "training steps."
-    )
-    if not math.isnan(stderr):
-        distinct = "distinguishable" if abs(full) > 2 * stderr else "not distinguishable"
-        doc.paragraph(f"The clip-level standard error of the full-loss improvement is ±{stderr * 100:.2g}%: the "
-                      f"measured effect is {distinct} from zero at two standard errors.")
-    static, dynamic, uniform = summary["entropy_static"], summary["entropy_dynamic"], summary["entropy_uniform"]
-    if min(static, dynamic) >= UNIFORM_ENTROPY_SHARE * uniform:
-        doc.paragraph(f"Both passes attend almost uniformly (entropy {static:.3f} static and {dynamic:.3f} dynamic "
-                      f"against log P = {uniform:.3f} nats), so whatever separates the two losses does not come from "
-                      "where the queries look.")
-
-
-def _training_rows(state: Optional[dict], log_history: list[dict], eval_path, num_clips) -> list[list[str]]:
-    rows = []
-    if state is not None:
-        rows += [["Optimizer steps done", f"{state.get('global_step')} (planned {state.get('max_steps')})"],
-                 ["Clips per device batch", str(state.get("train_batch_size"))]]
-    rates = [e["learning_rate"] for e in log_history if "learning_rate" in e]
-    if rates:
-        rows.append(["Peak learning rate (logged)", f"{max(rates):.3g}"])
-    runtime = [e["train_runtime"] for e in log_history if "train_runtime" in e]
-    if runtime:
-        rows.append(["Training wall time", f"{runtime[-1]:.0f} s"])
-    if eval_path is not None:
-        rows.append(["Held-out split", f"{num_clips} clips from `{eval_path}`"])
-    return rows
-
-
-def _method(doc: _Document, config, state, log_history, eval_path, num_clips):
-    doc.heading("2. Method")
-    doc.paragraph(
-        "Each frame is read by the vision encoder once; a query token reads ONE visual token per frame from the "
-        "cached encoder keys/values. Pass 1 reads every frame with a learned static query; the LLM emits after each "
-        "frame the query for the next one. Pass 2 reads frame t with that query. A shared head predicts the next "
-        "frame's VAE latent from the LLM state and the previous latent. loss_coarse is Pass 1's MSE, loss_fine Pass "
-        "2's; the difference is what choosing where to look buys."
-    )
-    T, S, P = config.num_frames, config.image_size, config.num_patches
-    latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
-    doc.preformatted(
-        f"frames [T={T}, 3, {S}, {S}] ──encoder, once per frame──► keys/values of {P} patches per frame\n"
-        "Pass 1: q_static ──read──► z°_1..z°_T ──LLM──► q_1..q_T, states ──head(previous latent)──► loss_coarse\n"
-        "Pass 2: q_init, q_1..q_(T-1) ──read──► z_1..z_T ──LLM──► states ──head(previous latent)──► loss_fine\n"
-        f"targets: VAE latents v_1..v_T ({latent}); the prediction of v_t sees frames < t and v_(t-1) only"
-    )
-    doc.table(["Part", "This run"], [[name, value] for name, value in architecture_rows(config).items()])
-    doc.table(["Training", "Value"], _training_rows(state, log_history, eval_path, num_clips))
-
-
-def _table1(doc: _Document, summary: dict):
-    full, later = summary["full"], summary["t_ge_2"]
-    copy = summary["copy_previous_t_ge_2"]
-    rows = [
-        ["loss_coarse (static query)", f"{full['loss_coarse']:.4f}", f"{later['loss_coarse']:.4f}"],
-        ["loss_fine (dynamic queries)", f"{full['loss_fine']:.4f}", f"{later['loss_fine']:.4f}"],
-        ["Improvement (coarse − fine) / coarse", _pct(full["improvement"]), _pct(later["improvement"])],
-        ["Copy previous latent (baseline)", "n/a (v_1 has no previous latent)", f"{copy:.4f}"],
-    ]
-    doc.paragraph(f"**Table 1.** Held-out next-frame latent MSE of the final model over all {summary['num_clips']} "
-                  f"eval clips. \"Full loss\" is the seed's definition (mean over all {summary['num_targets']} "
-                  "targets v_1..v_T, the headline); \"targets t ≥ 2\" leaves out v_1, which is predicted from a "
-                  "learned start latent by a state that has seen no frame.")
-    doc.table(["Metric", "Full loss (seed's definition)", "Targets t ≥ 2"], rows)
-    ar = summary["autoregressive"]
-    entropy_rows = [
-        ["Attention entropy, static (nats)", f"{summary['entropy_static']:.3f}"],
-        ["Attention entropy, dynamic (nats)", f"{summary['entropy_dynamic']:.3f}"],
-        ["Uniform attention, log P (nats)", f"{summary['entropy_uniform']:.3f}"],
-        ["loss_fine, two-pass (training's approximation)", f"{ar['loss_fine_two_pass']:.4f}"],
-        ["loss_fine, streamed autoregressive (deployment)", f"{ar['loss_fine_autoregressive']:.4f}"],
-        ["Autoregressive gap, full loss", _pct(ar["loss_fine_autoregressive"] / ar["loss_fine_two_pass"] - 1)],
-        ["Autoregressive gap, targets t ≥ 2",
-         _pct(ar["loss_fine_autoregressive_t_ge_2"] / ar["loss_fine_two_pass_t_ge_2"] - 1)],
-    ]
-    tracking = summary["tracking"]
-    if tracking is not None:
-        entropy_rows += [
-            ["Attention mass in moving box, dynamic", f"{tracking['inside_dynamic']:.3f}"],
-            ["Attention mass in moving box, static", f"{tracking['inside_static']:.3f}"],
-            ["Box area fraction (chance)", f"{tracking['chance']:.3f}"],
-        ]
-    doc.paragraph("**Table 2.** Secondary metrics on the same split. The autoregressive gap compares "
-                  "`model.stream(autoregressive=True)` (the next query comes from the focused stream) with the "
-                  "two-pass forward used in training. Tracking uses frames 2..T that show a moving box"
-                  + (f" ({tracking['frames_with_box']} frames)" if tracking else "") + "; uniform attention puts the "
-                  "box's area fraction inside it.")
-    doc.table(["Metric", "Value"], entropy_rows)
-
-
-def _hardest_section(doc: _Document, hardest: dict):
-    doc.heading("Where it fails: the clips with the highest loss_fine", 3)
-    doc.table(
-        ["Clip", "loss_fine", "loss_coarse", "copy previous (t ≥ 2)", "mean abs frame diff", "max", "kind"],
-        [[c["name"], f"{c['loss_fine']:.4f}", f"{c['loss_coarse']:.4f}", f"{c['copy_previous_t_ge_2']:.4f}",
-          f"{c['mean_frame_diff']:.4f}", f"{c['max_frame_diff']:.4f}", c["category"]] for c in hardest["clips"]],
-    )
-    counts = lambda d: ", ".join(f"{n} {kind}" for kind, n in d.items() if n)  # noqa: E731
-    doc.paragraph(
-        f"Kinds among these {len(hardest['clips'])}: {counts(hardest['categories_hardest'])}; in the whole split: "
-        f"{counts(hardest['categories_all'])}. Their mean absolute frame difference is "
-        f"{hardest['mean_frame_diff_hardest']:.4f} against {hardest['mean_frame_diff_all']:.4f} for the split; the "
-        "rank "
-        f"correlation of a clip's loss_fine with its frame difference is "
-        f"{hardest['rank_correlation_loss_fine_vs_frame_diff']:.2f}, with its copy-previous error (how much the "
-        f"latent changes) {hardest['rank_correlation_loss_fine_vs_copy_previous']:.2f}. Kinds, from the mean absolute "
-        f"difference of consecutive frames with pixels in [0, 1]: static below {STATIC_MAX_DIFF}, fast motion from "
-        f"{FAST_MIN_DIFF}, scene cut when one pair differs by at least {CUT_MIN_DIFF} and {CUT_MIN_RATIO:g}× the "
-        "clip's median pair; moderate motion otherwise."
-    )
-
-
-def _limits(summary: Optional[dict], train: dict, notes: list[str]) -> list[str]:
-    """What limits the result, one measured statement each."""
-    items = list(notes)
-    if len(train["step"]) >= 2:
-        items.append(f"Training: train loss/fine went from {train['fine'][0]:.4f} (step {train['step'][0]:.0f}) to "
-                     f"{train['fine'][-1]:.4f} (step {train['step'][-1]:.0f}); the last logged change was "
-                     f"{_pct(train['fine'][-1] / train['fine'][-2] - 1)}.")
-    if summary is None:
-        return items
-    share, full = summary["first_target_share_of_full_loss_fine"], summary["full"]
-    # If v_1 stayed as it is and every later target were perfect, the full-loss improvement would be this.
-    cap = 1 - share * full["loss_fine"] / full["loss_coarse"]
-    T = summary["num_targets"]
-    verdict = "The first target dominates" if share > 2 / T else "The first target"
-    items.append(f"{verdict}: v_1 makes up {share:.0%} of the full loss_fine (1/T = {1 / T:.0%} if all targets "
-                 f"weighed the same), so with v_1 as it is the full-loss improvement could not exceed {cap:.0%} even "
-                 "with perfect later predictions.")
-    fine, copy = summary["t_ge_2"]["loss_fine"], summary["copy_previous_t_ge_2"]
-    if fine >= copy:
-        items.append(f"The head does not yet beat copying the previous latent on t ≥ 2 ({fine:.4f} vs {copy:.4f}): "
-                     "until it can, both passes carry the same large reconstruction error and their difference "
-                     "says little about foveation.")
-    else:
-        items.append(f"On t ≥ 2 loss_fine is {1 - fine / copy:.0%} below the copy-previous baseline ({fine:.4f} vs "
-                     f"{copy:.4f}).")
-    static, dynamic, uniform = summary["entropy_static"], summary["entropy_dynamic"], summary["entropy_uniform"]
-    items.append(f"Attention entropy: dynamic {dynamic:.3f}, static {static:.3f}, uniform {uniform:.3f} nats: dynamic "
-                 f"is at {dynamic / uniform:.0%} and static at {static / uniform:.0%} of uniform.")
-    tracking = summary["tracking"]
-    if tracking is not None:
-        items.append(f"Tracking: dynamic attention puts {tracking['inside_dynamic']:.3f} of its mass in the moving "
-                     f"box, static {tracking['inside_static']:.3f}, chance {tracking['chance']:.3f} "
-                     f"({tracking['inside_dynamic'] / tracking['chance']:.2f}× and "
-                     f"{tracking['inside_static'] / tracking['chance']:.2f}× chance).")
-    else:
-        items.append("Tracking: the eval split has no moving-object boxes, so whether attention follows what moves "
-                     "is not measured.")
-    ar = summary["autoregressive"]
-    items.append(f"Deployment: streaming with the focused stream's own queries changes loss_fine by "
-                 f"{_pct(ar['loss_fine_autoregressive'] / ar['loss_fine_two_pass'] - 1)} (t ≥ 2: "
-                 f"{_pct(ar['loss_fine_autoregressive_t_ge_2'] / ar['loss_fine_two_pass_t_ge_2'] - 1)}) relative to "
-                 "the two-pass training approximation.")
-    items.append(f"Evaluation size: {summary['num_clips']} clips; the full-loss improvement's clip-level standard "
-                 f"error is ±{summary['improvement_full_stderr'] * 100:.2g}%.")
-    if "vae_psnr_shown_clips" in summary:
-        items.append(f"Target quality: the VAE's decoding of the actual latents reaches "
-                     f"{summary['vae_psnr_shown_clips']:.1f} dB PSNR against the real frames of Figure 4's clips; "
-                     "detail the VAE loses is invisible to both passes.")
-    return items
-
-
-def _next_steps(summary: Optional[dict], state: Optional[dict], log_history: list[dict]) -> list[str]:
-    """Next steps that follow from the measurements, and what this run cost (to size a request)."""
-    items = []
-    if summary is not None:
-        if summary["t_ge_2"]["loss_fine"] >= summary["copy_previous_t_ge_2"]:
-            items.append("Get the head to the copy baseline first: train longer, or `head_residual: true` "
-                         "(a residual head reached the copy error within 100 steps in the prototype).")
-        tracking = summary["tracking"]
-        selective = summary["entropy_dynamic"] < 0.95 * summary["entropy_static"]
-        follows = tracking is not None and tracking["inside_dynamic"] > 1.5 * tracking["chance"]
-        if not selective or (tracking is not None and not follows):
-            items.append("The queries are not yet selective. The state path must be open first (without "
-                         "`aux_current_weight` the head ignores the LLM state and the queries get no gradient), and "
-                         "a perfect policy (`fine_queries: oracle`) is the test of whether looking in the right place "
-                         "pays yet; in docs/RESULTS.md it did not until the model predicts motion at all, so train "
-                         "longer, on more clips or from pretrained backbones first.")
-        first_target_dominates = summary["first_target_share_of_full_loss_fine"] > 2 / summary["num_targets"]
-        if summary["full"]["improvement"] < 0.05 and first_target_dominates:
-            items.append("Report progress on targets t ≥ 2 next to the full loss: v_1 caps the full-loss figure.")
-    runtime = [e["train_runtime"] for e in log_history if "train_runtime" in e]
-    if state is not None and runtime:
-        items.append(f"Cost of this run, to size the request: {state.get('global_step')} optimizer steps of "
-                     f"{state.get('train_batch_size')} clips per device in {runtime[-1]:.0f} s.")
-    items.append("More compute would buy: pretrained DINOv3 + SmolLM2 at 256 px (configs/phase1.yaml), more steps, "
-                 "and a held-out split large enough to resolve a 5 % effect (the standard error above says how far "
-                 "this one is).")
-    return items
-
-
-# ---- Putting it together ----
-
-
 def _model_dir(run_dir: Path) -> Optional[Path]:
     """The final model in run_dir, else the last checkpoint's (a run stopped before its final save)."""
     if (run_dir / "config.json").is_file():
@@ -678,13 +385,283 @@ def resolve_data_paths(run_dir: Path, eval_dataset: Optional[str], vae: Optional
     notes = []
     if eval_dataset is None:
         notes.append(f"No held-out dataset: pass --eval_dataset (the run has no {DATA_PATHS_FILE} naming it), so "
-                     "Table 1, the attention figures and the failure analysis are missing.")
+                     "the per-clip analysis, the attention figures and the hardest clips are missing.")
     if vae is None:
         notes.append(f"No VAE: pass --vae (the run has no {DATA_PATHS_FILE} naming it), so Figure 4 is missing.")
     return eval_dataset, vae, notes
 
 
-def _save(figure: Figure, path: Path) -> Path:
+# ---- The report's text: every sentence from a number in the summary ----
+
+
+def _pct(value: Optional[float]) -> str:
+    """Signed percent to 3 significant digits: small effects (+0.0674 %) stay readable next to large ones."""
+    return "n/a" if value is None or math.isnan(value) else f"{value * 100:+.3g}%"
+
+
+def _num(value: Optional[float], digits: int = 4) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _bullets(items: list[str]) -> str:
+    return "\n".join(f"- {item}" for item in items)
+
+
+def _figure(path: Path, caption: str) -> str:
+    return f"![{caption}]({path.name})\n\n*{caption}*"
+
+
+def _executive_summary(summary: FoveatedVLMReportSummary) -> list[str]:
+    held_out, clips = summary.held_out, summary.clips
+    if held_out is None:
+        return ["No held-out measurement: " + " ".join(summary.notes)]
+    full, later = held_out.improvement, held_out.improvement_t2
+    verb = "lowers" if full > 0 else "raises" if full < 0 else "does not change"
+    steps = summary.steps if summary.steps is not None else "an unknown number of"
+    text = [
+        f"**Pass 2 (predicted queries) {verb} held-out next-frame latent MSE by {abs(full) * 100:.3g}% against Pass 1 "
+        f"(static query) on the full loss** (improvement {_pct(full)}: {improvement_band(full)} in docs/DESIGN.md's "
+        f"reading), and changes it by {_pct(later)} on the targets that have a previous latent (t ≥ 2), after "
+        f"{steps} training steps ({held_out.source})."
+    ]
+    stderr = held_out.improvement_se
+    if stderr is not None and not math.isnan(stderr):
+        distinct = "distinguishable" if abs(full) > 2 * stderr else "not distinguishable"
+        text.append(f"The clip-level standard error of the full-loss improvement is ±{stderr * 100:.2g}%: the "
+                    f"measured effect is {distinct} from zero at two standard errors.")
+    if clips is not None and held_out.entropy_static is not None:
+        static, dynamic, uniform = held_out.entropy_static, held_out.entropy_dynamic, clips.entropy_uniform
+        if min(static, dynamic) >= UNIFORM_ENTROPY_SHARE * uniform:
+            text.append(f"Both passes attend almost uniformly (entropy {static:.3f} static and {dynamic:.3f} dynamic "
+                        f"against log P = {uniform:.3f} nats), so whatever separates the two losses does not come "
+                        "from where the queries look.")
+    return text
+
+
+def _training_rows(state: Optional[dict], log_history: list[dict], eval_path, num_clips) -> list[list[str]]:
+    rows = []
+    if state is not None:
+        rows += [["Optimizer steps done", f"{state.get('global_step')} (planned {state.get('max_steps')})"],
+                 ["Clips per device batch", str(state.get("train_batch_size"))]]
+    rates = [e["learning_rate"] for e in log_history if "learning_rate" in e]
+    if rates:
+        rows.append(["Peak learning rate (logged)", f"{max(rates):.3g}"])
+    runtime = [e["train_runtime"] for e in log_history if "train_runtime" in e]
+    if runtime:
+        rows.append(["Training wall time", f"{runtime[-1]:.0f} s"])
+    if eval_path is not None:
+        rows.append(["Held-out split", f"{num_clips if num_clips is not None else '?'} clips from `{eval_path}`"])
+    return rows
+
+
+def _method(config, probes: Optional[dict], state, log_history, eval_path, num_clips) -> list[str]:
+    T, S, P = config.num_frames, config.image_size, config.num_patches
+    latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
+    text = [
+        "Each frame is read by the vision encoder once; a query token reads ONE visual token per frame from the "
+        "cached encoder keys/values. Pass 1 (static query, coarse tokens, `loss_coarse`) reads every frame with a "
+        "learned static query, and the LLM emits after each frame the query for the next one. Pass 2 (predicted "
+        "queries, fine tokens, `loss_fine`) reads frame t with that query. A shared head predicts the next frame's VAE "
+        "latent from the LLM state and the previous latent; the difference between the two losses is what choosing "
+        "where to look buys. docs/DESIGN.md describes the design.",
+        "```\n"
+        f"frames [T={T}, 3, {S}, {S}] ──encoder, once per frame──► keys/values of {P} patches per frame\n"
+        "Pass 1: q_static ──read──► z°_1..z°_T ──LLM──► q_1..q_T, states ──head(previous latent)──► loss_coarse\n"
+        "Pass 2: q_init, q_1..q_(T-1) ──read──► z_1..z_T ──LLM──► states ──head(previous latent)──► loss_fine\n"
+        f"targets: VAE latents v_1..v_T ({latent}); the prediction of v_t sees frames < t and v_(t-1) only\n"
+        "```",
+        _table(["Part", "This run"], [[name, value] for name, value in architecture_rows(config, probes).items()]),
+        _table(["Training", "Value"], _training_rows(state, log_history, eval_path, num_clips)),
+    ]
+    if probes:
+        text.append(f"This run trained with research probes (probes_foveated.py): `{json.dumps(probes)}`.")
+    return text
+
+
+def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary], num_targets) -> list[str]:
+    h = held_out
+    rows = [
+        ["loss_coarse (Pass 1, static query)", _num(h.loss_coarse), _num(h.loss_coarse_t2)],
+        ["loss_fine (Pass 2, predicted queries)", _num(h.loss_fine), _num(h.loss_fine_t2)],
+        ["Improvement (coarse − fine) / coarse", _pct(h.improvement), _pct(h.improvement_t2)],
+        ["Its clip-level standard error", _pct(h.improvement_se), _pct(h.improvement_t2_se)],
+        ["Copy previous latent (baseline)", "n/a (v_1 has no previous latent)", _num(h.loss_copy_t2)],
+    ]
+    targets = f"all {num_targets} targets" if num_targets else "all targets"
+    text = [
+        f"**Table 1.** Held-out next-frame latent MSE of the final model, {h.source}. \"Full loss\" is the mean over "
+        f"{targets} v_1..v_T, the headline; \"targets t ≥ 2\" leaves out v_1, which is predicted from a learned start "
+        "latent by a state that has seen no frame.",
+        _table(["Metric", "Full loss", "Targets t ≥ 2"], rows),
+    ]
+    secondary = [
+        ["Attention entropy, static (nats)", _num(h.entropy_static, 3)],
+        ["Attention entropy, dynamic (nats)", _num(h.entropy_dynamic, 3)],
+        ["State contribution, Pass 2 (loss with another clip's LLM state − loss)", _num(h.state_contribution_fine)],
+        ["State contribution, Pass 1", _num(h.state_contribution_coarse)],
+    ]
+    if clips is not None:
+        secondary.insert(2, ["Uniform attention, log P (nats)", _num(clips.entropy_uniform, 3)])
+        secondary += [
+            ["loss_fine, two-pass (training's approximation)", _num(clips.loss_fine_two_pass)],
+            ["loss_fine, streamed autoregressive (deployment)", _num(clips.loss_fine_streamed)],
+            ["Streaming gap, full loss", _pct(clips.streamed_gap)],
+            ["Streaming gap, targets t ≥ 2", _pct(clips.streamed_gap_t2)],
+        ]
+    if h.has_tracking:
+        secondary += [
+            ["Attention mass on the moving box, dynamic (`tracking/dynamic`)", _num(h.tracking_dynamic, 3)],
+            ["Attention mass on the moving box, static (`tracking/static`)", _num(h.tracking_static, 3)],
+            ["Chance: uniform attention's mass on the box (`tracking/chance`)", _num(h.tracking_chance, 3)],
+        ]
+    text += [
+        "**Table 2.** Secondary metrics on the same split, named as in the training logs (docs/TRAINING.md). The "
+        "streaming gap compares `model.stream(autoregressive=True)`, where the next query comes from the stream "
+        "itself, with the two-pass forward used in training.",
+        _table(["Metric", "Value"], secondary),
+    ]
+    return text
+
+
+def _hardest_section(clips: FoveatedVLMClipSummary) -> list[str]:
+    counts = lambda d: ", ".join(f"{n} {kind}" for kind, n in d.items() if n)  # noqa: E731
+    return [
+        "### Where it fails: the clips with the highest loss_fine",
+        _table(
+            ["Clip", "loss_fine", "loss_coarse", "copy previous (t ≥ 2)", "mean abs frame diff", "max", "kind"],
+            [[c.name, _num(c.loss_fine), _num(c.loss_coarse), _num(c.loss_copy_t2), _num(c.mean_frame_diff),
+              _num(c.max_frame_diff), c.category] for c in clips.hardest],
+        ),
+        f"Kinds among these {len(clips.hardest)}: {counts(clips.categories_hardest)}; in the whole split: "
+        f"{counts(clips.categories_all)}. Their mean absolute frame difference is {clips.mean_frame_diff_hardest:.4f} "
+        f"against {clips.mean_frame_diff_all:.4f} for the split; the rank correlation of a clip's loss_fine with its "
+        f"frame difference is {clips.rank_correlation_frame_diff:.2f}, with its copy-previous error (how much the "
+        f"latent changes) {clips.rank_correlation_copy:.2f}. Kinds, from the mean absolute difference of consecutive "
+        f"frames with pixels in [0, 1]: static below {STATIC_MAX_DIFF}, fast motion from {FAST_MIN_DIFF}, scene cut "
+        f"when one pair differs by at least {CUT_MIN_DIFF} and {CUT_MIN_RATIO:g}× the clip's median pair; moderate "
+        "motion otherwise.",
+    ]
+
+
+def _limits(summary: FoveatedVLMReportSummary, train: dict) -> list[str]:
+    """What limits the result, one measured statement each."""
+    items = list(summary.notes)
+    if len(train["step"]) >= 2:
+        items.append(f"Training: train loss/fine went from {train['fine'][0]:.4f} (step {train['step'][0]:.0f}) to "
+                     f"{train['fine'][-1]:.4f} (step {train['step'][-1]:.0f}); the last logged change was "
+                     f"{_pct(train['fine'][-1] / train['fine'][-2] - 1)}.")
+    h, clips, T = summary.held_out, summary.clips, summary.num_targets
+    if h is None:
+        return items
+    share = h.first_target_share(T) if T else None
+    if share is not None:
+        # If v_1 stayed as it is and every later target were perfect, the full-loss improvement would be this.
+        cap = 1 - share * h.loss_fine / h.loss_coarse
+        verdict = "The first target dominates" if share > FIRST_TARGET_DOMINANCE / T else "The first target"
+        items.append(f"{verdict}: v_1 makes up {share:.0%} of the full loss_fine (1/T = {1 / T:.0%} if all targets "
+                     f"weighed the same), so with v_1 as it is the full-loss improvement could not exceed {cap:.0%} "
+                     "even with perfect later predictions.")
+    if h.loss_fine_t2 is not None and h.loss_copy_t2 is not None:
+        fine, copy = h.loss_fine_t2, h.loss_copy_t2
+        if fine >= copy:
+            items.append(f"The head does not yet beat copying the previous latent on t ≥ 2 ({fine:.4f} vs {copy:.4f}): "
+                         "until it can, both passes carry the same large reconstruction error and their difference "
+                         "says little about foveation.")
+        else:
+            items.append(f"On t ≥ 2 loss_fine is {1 - fine / copy:.0%} below the copy-previous baseline ({fine:.4f} "
+                         f"vs {copy:.4f}).")
+    if h.entropy_static is not None and clips is not None:
+        static, dynamic, uniform = h.entropy_static, h.entropy_dynamic, clips.entropy_uniform
+        items.append(f"Attention entropy: dynamic {dynamic:.3f}, static {static:.3f}, uniform {uniform:.3f} nats: "
+                     f"dynamic is at {dynamic / uniform:.0%} and static at {static / uniform:.0%} of uniform.")
+    if h.has_tracking:
+        chance = h.tracking_chance
+        items.append(f"Tracking: dynamic attention puts {h.tracking_dynamic:.3f} of its mass on the moving box, "
+                     f"static {h.tracking_static:.3f}, chance {chance:.3f} ({h.tracking_dynamic / chance:.2f}× and "
+                     f"{h.tracking_static / chance:.2f}× chance).")
+    else:
+        items.append("Tracking: the eval split has no moving-object boxes, so whether attention follows what moves "
+                     "is not measured.")
+    if clips is not None:
+        if clips.streamed_gap is None:
+            items.append("Deployment: not measured: oracle fixations come from ground-truth boxes that a stream lacks.")
+        else:
+            items.append(f"Deployment: streaming with the stream's own queries changes loss_fine by "
+                         f"{_pct(clips.streamed_gap)} (t ≥ 2: {_pct(clips.streamed_gap_t2)}) relative to the two-pass "
+                         "training approximation.")
+        if h.improvement_se is not None:
+            items.append(f"Evaluation size: {clips.num_clips} clips; the full-loss improvement's clip-level standard "
+                         f"error is ±{h.improvement_se * 100:.2g}%.")
+        if clips.vae_psnr is not None:
+            items.append(f"Target quality: the VAE's decoding of the actual latents reaches {clips.vae_psnr:.1f} dB "
+                         "PSNR against the real frames of Figure 4's clips; detail the VAE loses is invisible to both "
+                         "passes.")
+    return items
+
+
+def _next_steps(summary: FoveatedVLMReportSummary, state: Optional[dict], log_history: list[dict]) -> list[str]:
+    """Next steps that follow from the measurements, and what this run cost (to size a request)."""
+    items, h, T = [], summary.held_out, summary.num_targets
+    if h is not None:
+        if h.loss_fine_t2 is not None and h.loss_copy_t2 is not None and h.loss_fine_t2 >= h.loss_copy_t2:
+            items.append("Get the head to the copy baseline first: train longer, or try `head_residual: true` (the "
+                         "head then predicts the change from the previous latent).")
+        selective = h.entropy_dynamic is not None and h.entropy_dynamic < SELECTIVE_ENTROPY_SHARE * h.entropy_static
+        follows = h.has_tracking and h.tracking_dynamic > FOLLOWS_MOVER_TIMES_CHANCE * h.tracking_chance
+        if h.entropy_dynamic is not None and (not selective or (h.has_tracking and not follows)):
+            state_contribution = (f" (measured: {h.state_contribution_fine:.4g})"
+                                  if h.state_contribution_fine is not None else "")
+            items.append("The queries are not yet selective. They get a gradient only through the LLM state, so the "
+                         f"state contribution{state_contribution} must be above zero first (`aux_current_weight` "
+                         "trains the state), and a perfect policy (`--fine_queries oracle`, probes_foveated.py) tests "
+                         "whether looking in the right place pays at this stage of training.")
+        share = h.first_target_share(T) if T else None
+        if share is not None and h.improvement < TARGET_EFFECT and share > FIRST_TARGET_DOMINANCE / T:
+            items.append("Report progress on targets t ≥ 2 next to the full loss: v_1 caps the full-loss figure.")
+    runtime = [e["train_runtime"] for e in log_history if "train_runtime" in e]
+    if state is not None and runtime:
+        items.append(f"Cost of this run, to size the request: {state.get('global_step')} optimizer steps of "
+                     f"{state.get('train_batch_size')} clips per device in {runtime[-1]:.0f} s.")
+    items.append(f"More compute would buy: pretrained DINOv3 + SmolLM2 at 256 px (configs/phase1.yaml), more steps, "
+                 f"and a held-out split large enough to resolve a {TARGET_EFFECT:.0%} effect (the standard error "
+                 "above says how far this one is).")
+    return items
+
+
+# ---- report.html from report.md ----
+
+HTML_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px}"
+    "img{max-width:100%}code{background:#f2f2f2}"
+)
+
+
+def markdown_to_html(text: str, folder: Path, title: str) -> str:
+    """A self-contained page from report.md: Python-Markdown (a dependency of tensorboard) renders it, and each
+    image beside the report is embedded as a data URI, so the page can be mailed on its own."""
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+
+    def embed(match: re.Match) -> str:
+        data = base64.b64encode((folder / html.unescape(match.group(1))).read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"/]+\.png)"', embed, body)
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+# ---- Putting it together ----
+
+
+def _save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     return path
 
@@ -697,44 +674,85 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _measure(model_dir: Path, eval_dataset: str, vae: Optional[str], num_videos: int, device, batch_size, out: Path):
-    """Table-1 summary and figures 3-4 from the final model on the eval split: (summary, [(path, caption)])."""
-    model = from_pretrained_with_probes(model_dir).to(device).eval()
+def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, num_videos, device, out: Path):
+    """Figures 3 (attention, one per clip) and 4 (decoded predictions) on evenly spaced eval clips:
+    ([(path, caption)], VAE PSNR or None)."""
+    indices = evenly_spaced_clips(len(dataset), num_videos)
+    rows = [dataset[i] for i in indices]
+    batch = _to_device(collator(rows), device)
+    with torch.no_grad():
+        outputs = model(**metrics_foveated.model_inputs(batch, model))
+    frames, boxes = stack_frames(rows), batch["moving_boxes"].cpu().numpy()
+    tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
+    figures = []
+    for k, i in enumerate(indices):
+        has_box = (boxes[k] >= 0).all(-1).any()
+        figure = plot_attention_maps(
+            frames[k], outputs.attn_static[k].cpu(), outputs.attn_dynamic[k].cpu(), boxes[k] if has_box else None
+        )
+        numbers = ""
+        if tracking["chance"] is not None and not np.isnan(tracking["chance"][i]):
+            numbers = "; attention mass on the box: " + ", ".join(
+                f"{name} {value[i]:.3f}" for name, value in tracking.items()
+            )
+        figure.suptitle(f"{REPORT_FIGURES['fig3_attention_*.png']}, clip {clips.names[i]}{numbers}", fontsize=9)
+        caption = (f"Figure 3.{k + 1}. Eval clip {clips.names[i]}: Pass 1 (static query, top) and Pass 2 (predicted "
+                   "queries, bottom) attention over each frame's patches, one colour scale from 0 for both rows (a "
+                   "flat map is uniform attention); cyan: the ground-truth moving box where the clip has one. The "
+                   "Pass 2 map at frame t is the attention of the query emitted after frame t-1.")
+        figures.append((_save(figure, out / f"fig3_attention_{k}.png"), caption))
+    psnr = None
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae_model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+        figure, psnr = plot_prediction_figure(vae_model, frames, batch["vae_latents"], outputs)
+        caption = ("Figure 4. Per eval clip (rows): frame t, the actual frame t+1 as the VAE decodes its latent, and "
+                   "the predicted frame t+1 decoded by the same VAE, Pass 2 (fine) and Pass 1 (coarse). The VAE's "
+                   f"own decoding of these targets reaches {psnr:.1f} dB PSNR against the real frames: what a perfect "
+                   "latent prediction would look like.")
+        figures.append((_save(figure, out / "fig4_predictions.png"), caption))
+    return figures, psnr
+
+
+def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_size, out: Path):
+    """The pass over the held-out clips: (the model, its clip metrics, the clip summary, [(figure path, caption)])."""
+    model = from_pretrained_with_probes(str(model_dir)).to(device).eval()
     tokenizer = None
     if (model_dir / "processor_config.json").is_file():
         tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
     dataset = load_precomputed(eval_dataset)
     collator = FoveatedVLMDataCollator(tokenizer)
     clips = evaluate_clips(model, dataset, collator, batch_size, device)
-    summary = summarize(clips, model.config.num_patches, min(num_videos, len(dataset)))
-    summary["eval_dataset"], summary["model"] = str(eval_dataset), str(model_dir)
+    config = model.config
+    summary = summarize_clips(
+        clips, config.num_frames, config.num_patches, min(num_videos, len(dataset)), str(eval_dataset), str(model_dir)
+    )
+    figures, summary.vae_psnr = _clip_figures(model, dataset, collator, clips, vae, num_videos, device, out)
+    return clips, summary, figures
 
-    indices = np.linspace(0, len(dataset) - 1, min(num_videos, len(dataset))).round().astype(int).tolist()
-    rows, frames = _rows(dataset, indices)
-    batch = _to_device(collator(rows), device)
-    with torch.no_grad():
-        outputs = model(**model_inputs(batch, model))
-    frames, boxes = frames.numpy(), batch["moving_boxes"].cpu().numpy()
-    attention_figures = plot_attention_figures(frames, outputs, boxes, clips, indices)
-    figures = []
-    for k, (i, figure) in enumerate(zip(indices, attention_figures)):
-        caption = (f"Figure 3.{k + 1}. Eval clip {clips.names[i]}: static (top) and dynamic (bottom) attention over "
-                   "each frame's patches, one colour scale from 0 for both rows (a flat map is uniform attention); "
-                   "cyan: the ground-truth moving box where the clip has one. The dynamic map at frame t is the "
-                   "attention of the query emitted after frame t-1.")
-        figures.append((_save(figure, out / f"fig3_attention_{k}.png"), caption))
-    if vae is not None:
-        from diffusers import AutoencoderKL
 
-        vae_model = AutoencoderKL.from_pretrained(vae).to(device).eval()
-        figure, psnr = plot_prediction_figure(vae_model, frames, batch["vae_latents"], outputs)
-        summary["vae_psnr_shown_clips"] = psnr
-        caption = ("Figure 4. Per eval clip (rows): frame t, the actual frame t+1 as the VAE decodes its latent, and "
-                   "the predicted frame t+1 decoded by the same VAE, with dynamic (fine) and static (coarse) queries. "
-                   f"The VAE's own decoding of these targets reaches {summary['vae_psnr_shown_clips']:.1f} dB PSNR "
-                   "against the real frames: what a perfect latent prediction would look like.")
-        figures.append((_save(figure, out / "fig4_predictions.png"), caption))
-    return summary, figures
+def _held_out(run_dir: Path, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes):
+    """Table 1 (logged, else measured), the clip analysis and figures 3-4, and the model's config and probes:
+    (held_out, clip summary, [(figure path, caption)], config, probes), None where the run lacks what they need."""
+    logged = latest_eval_metrics(log_history)
+    held_out = None
+    if logged:
+        held_out = FoveatedVLMHeldOut.from_logged(logged, f"from the evaluation logged at step {logged.get('step')}")
+    model_dir = _model_dir(run_dir)
+    if model_dir is None:
+        notes.append(f"No saved model in {run_dir} or its checkpoints: nothing on the held-out split is measured.")
+        return held_out, None, [], None, None
+    config = FoveatedVLMModel.config_class.from_pretrained(model_dir)
+    probes_path = model_dir / PROBES_FILE
+    probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
+    if eval_dataset is None:
+        return held_out, None, [], config, probes
+    clips, clip_summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
+    if held_out is None:
+        measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
+        held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report (the log has no evaluation)", "")
+    return held_out, clip_summary, clip_figures, config, probes
 
 
 def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, device="cpu", batch_size: int = 16) -> Path:
@@ -753,59 +771,61 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
         notes.append("The log history has no evaluation: Figures 1-2 show training means only.")
     fig1 = _save(plot_losses(train, evaluation), out / "fig1_losses.png")
     fig2 = _save(plot_ratio(train, evaluation), out / "fig2_ratio.png")
-
-    model_dir = _model_dir(run_dir)
     eval_dataset, vae, data_notes = resolve_data_paths(run_dir, eval_dataset, vae)
     notes += data_notes
-    summary, clip_figures = None, []
-    if model_dir is None:
-        notes.append(f"No saved model in {run_dir} or its checkpoints: nothing on the held-out split is measured.")
-    elif eval_dataset is not None:
-        summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
-    (out / "metrics.json").write_text(json.dumps(_json_safe({"summary": summary, "notes": notes}), indent=1))
+    held_out, clips, clip_figures, config, probes = _held_out(
+        run_dir, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes
+    )
+    summary = FoveatedVLMReportSummary(
+        held_out=held_out,
+        clips=clips,
+        notes=notes,
+        steps=state.get("global_step") if state else None,
+        num_targets=config.num_frames if config is not None else None,
+    )
+    (out / "metrics.json").write_text(json.dumps(_json_safe(asdict(summary)), indent=1))
 
-    doc = _Document(f"Foveated VLM: report on {run_dir.name}")
-    _executive_summary(doc, summary, state.get("global_step") if state else None, notes)
-    if model_dir is not None:
-        config = FoveatedVLMModel.config_class.from_pretrained(model_dir)
-        _method(doc, config, state, log_history, eval_dataset, summary["num_clips"] if summary else None)
-    doc.heading("3. Results")
-    if summary is not None:
-        _table1(doc, summary)
-    doc.figure(fig1, "Figure 1. loss/fine (dynamic queries) and loss/coarse (static query), full loss, over "
-                     "optimizer steps: training means per logging interval (lines), held-out evaluations (markers).")
-    doc.figure(fig2, "Figure 2. loss/coarse ÷ loss/fine over steps; above the dotted 1.0 line the dynamic queries "
-                     "predict better.")
-    for path, caption in clip_figures:
-        doc.figure(path, caption)
-    if summary is not None:
-        _hardest_section(doc, summary["hardest"])
-    doc.heading("4. What limits it")
-    doc.bullets(_limits(summary, train, notes))
-    doc.heading("5. Next steps and resource request")
-    doc.bullets(_next_steps(summary, state, log_history))
-    (out / "report.md").write_text(doc.markdown())
-    (out / "report.html").write_text(doc.html())
+    text = [f"# Foveated VLM: report on {run_dir.name}", "## 1. Executive summary", *_executive_summary(summary)]
+    if config is not None:
+        num_clips = clips.num_clips if clips else None
+        text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips)]
+    text.append("## 3. Results")
+    if held_out is not None:
+        text += _table1(held_out, clips, summary.num_targets)
+    text += [
+        _figure(fig1, f"{REPORT_FIGURES['fig1_losses.png']}. Full loss over optimizer steps: training means per "
+                      "logging interval (lines), held-out evaluations (markers)."),
+        _figure(fig2, f"{REPORT_FIGURES['fig2_ratio.png']}; above the dotted 1.0 line Pass 2 (predicted queries) "
+                      "predicts better."),
+        *(_figure(path, caption) for path, caption in clip_figures),
+    ]
+    if clips is not None:
+        text += _hardest_section(clips)
+    text += ["## 4. What limits it", _bullets(_limits(summary, train))]
+    text += ["## 5. Next steps and resource request", _bullets(_next_steps(summary, state, log_history))]
+    report_md = "\n\n".join(text) + "\n"
+    (out / "report.md").write_text(report_md)
+    (out / "report.html").write_text(markdown_to_html(report_md, out, title=f"Foveated VLM: report on {run_dir.name}"))
     return out
 
 
 # ---- Comparing runs ----
 
 SEED_SUFFIX = re.compile(r"-seed\d+$")
-# (column, eval_results.json key) of the comparison table; t>=2 columns use the targets that have a previous latent.
+# (column, FoveatedVLMHeldOut field): the same numbers as Tables 1 and 2, read the same way from eval_results.json.
 COMPARE_COLUMNS = (
-    ("loss_coarse", "eval_loss/coarse"),
-    ("loss_fine", "eval_loss/fine"),
-    ("improvement", "eval_improvement"),
-    ("improvement t≥2", "eval_improvement_t2"),
-    ("copy t≥2", "eval_loss/copy_t2"),
-    ("fine t≥2", "eval_loss/fine_t2"),
-    ("state contribution fine", "eval_diag/state_contribution_fine"),
-    ("entropy static", "eval_attention/entropy_static"),
-    ("entropy dynamic", "eval_attention/entropy_dynamic"),
-    ("on mover dynamic", "eval_tracking/dynamic"),
-    ("on mover static", "eval_tracking/static"),
-    ("chance", "eval_tracking/chance"),
+    ("loss_coarse", "loss_coarse"),
+    ("loss_fine", "loss_fine"),
+    ("improvement", "improvement"),
+    ("improvement t≥2", "improvement_t2"),
+    ("copy t≥2", "loss_copy_t2"),
+    ("fine t≥2", "loss_fine_t2"),
+    ("state contribution fine", "state_contribution_fine"),
+    ("entropy static", "entropy_static"),
+    ("entropy dynamic", "entropy_dynamic"),
+    ("on mover dynamic", "tracking_dynamic"),
+    ("on mover static", "tracking_static"),
+    ("chance", "tracking_chance"),
 )
 PERCENT_COLUMNS = ("improvement", "improvement t≥2")
 
@@ -814,21 +834,21 @@ def compare_runs(run_dirs: list) -> str:
     """A Markdown table of finished runs' held-out metrics (eval_results.json), one row per run name; runs named
     `NAME-seedK` are pooled into one row as mean ± standard deviation over seeds (each seed's value in brackets
     for the improvements)."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[tuple[FoveatedVLMHeldOut, Optional[int], Optional[float]]]] = {}
     for run_dir in map(Path, run_dirs):
         results_path = run_dir / "eval_results.json"
         if not results_path.is_file():
             raise FileNotFoundError(f"{results_path} not found: is {run_dir} a finished train_hf.py run?")
-        results = json.loads(results_path.read_text())
-        _, state, _ = load_log_history(run_dir)
-        results["steps"] = state.get("global_step") if state else None
-        log_history = (state or {}).get("log_history", [])
+        held_out = FoveatedVLMHeldOut.from_logged(json.loads(results_path.read_text()), str(results_path))
+        log_history, state, _ = load_log_history(run_dir)
         runtimes = [entry["train_runtime"] for entry in log_history if "train_runtime" in entry]
-        results["train_seconds"] = runtimes[-1] if runtimes else None
-        groups.setdefault(SEED_SUFFIX.sub("", run_dir.name), []).append(results)
+        steps = state.get("global_step") if state else None
+        groups.setdefault(SEED_SUFFIX.sub("", run_dir.name), []).append(
+            (held_out, steps, runtimes[-1] if runtimes else None)
+        )
 
-    def cell(runs: list[dict], key: str, percent: bool) -> str:
-        values = np.array([run[key] for run in runs if run.get(key) is not None], dtype=float)
+    def cell(runs: list[FoveatedVLMHeldOut], name: str, percent: bool) -> str:
+        values = np.array([getattr(run, name) for run in runs if getattr(run, name) is not None], dtype=float)
         if not len(values):
             return "-"
         scale, fmt = (100, "{:+.2f} %") if percent else (1, "{:.4f}")
@@ -839,15 +859,14 @@ def compare_runs(run_dirs: list) -> str:
                 text += " (" + ", ".join(f"{scale * value:+.2f}" for value in values) + ")"
         return text
 
-    header = ["run", "seeds", "steps", "train s"] + [name for name, _ in COMPARE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, runs in groups.items():
-        steps = sorted({run["steps"] for run in runs if run["steps"] is not None})
-        seconds = [run["train_seconds"] for run in runs if run["train_seconds"] is not None]
+        steps = sorted({steps for _, steps, _ in runs if steps is not None})
+        seconds = [seconds for _, _, seconds in runs if seconds is not None]
         row = [name, str(len(runs)), "/".join(map(str, steps)) or "-", f"{np.mean(seconds):.0f}" if seconds else "-"]
-        row += [cell(runs, key, name in PERCENT_COLUMNS) for name, key in COMPARE_COLUMNS]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        row += [cell([run for run, _, _ in runs], key, column in PERCENT_COLUMNS) for column, key in COMPARE_COLUMNS]
+        rows.append(row)
+    return _table(["run", "seeds", "steps", "train s"] + [column for column, _ in COMPARE_COLUMNS], rows)
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:

@@ -38,6 +38,7 @@ setup(
         "evaluate>=0.4",
         "huggingface_hub>=0.30",
         "matplotlib>=3.7",
+        "markdown>=3.4",  # report.html from report.md (report_foveated.py)
         "tensorboard>=2.14",
         "pyyaml>=6",
         "gguf>=0.10",

@@ -606,6 +606,9 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
         data_description=data.description,
         datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
         base_models=base_model_ids(model_args),
+        eval_dataset_name=f"{len(data.eval)} held-out {data_args.data_source} clips",
+        frozen=[name for name in ("vision", "text") if getattr(model_args, f"freeze_{name}")],
+        probes=model.probes.to_dict() if isinstance(model, FoveatedVLMProbedModel) else {},
     )
     trainer = FoveatedVLMTrainer(
         model=model,

@@ -20,7 +20,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from card_foveated import FoveatedVLMModelCardInfo, write_model_card
-from figures_foveated import plot_attention_maps, plot_prediction_figure
+from figures_foveated import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
 from metrics_foveated import TABLE1_LOSSES, clip_metrics, improvement_with_se, means_from_totals, model_inputs, totals
 
 __all__ = [
@@ -188,10 +188,9 @@ class FoveatedVLMFigureCallback(TrainerCallback):
     """
 
     def __init__(self, eval_dataset, data_collator, vae_path: Optional[str], num_clips: int = 4, log_dir=None):
-        indices = np.linspace(0, len(eval_dataset) - 1, min(num_clips, len(eval_dataset))).round().astype(int)
-        rows = [eval_dataset[int(i)] for i in indices]
+        rows = [eval_dataset[i] for i in evenly_spaced_clips(len(eval_dataset), num_clips)]
         self.batch = data_collator(rows)
-        self.frames = np.stack([np.asarray(row["frames"], dtype=np.uint8) for row in rows])  # (N, T, S, S, 3)
+        self.frames = stack_frames(rows)  # (N, T, S, S, 3)
         self.vae_path = vae_path
         self.log_dir = log_dir
         self._vae = None

@@ -1,5 +1,7 @@
-"""report_foveated.py on a tiny run folder built in seconds: every file written, Table 1 equal to a direct computation
-over the eval split, images embedded in report.html, and missing pieces reported instead of crashing."""
+"""report_foveated.py and card_foveated.py on tiny run folders built in seconds: every file written, Table 1 read from
+the logged evaluation (or measured with the trainer's metric functions where nothing was logged), per-clip numbers
+equal to a direct computation, images embedded in report.html, missing pieces reported instead of crashing, and the
+model card's model-index carrying the logged results."""
 
 import json
 import math
@@ -9,13 +11,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
+from huggingface_hub import ModelCard
+from transformers import TrainerState, TrainingArguments
 
+import metrics_foveated
+from card_foveated import FoveatedVLMModelCardInfo, loss_formula, write_model_card
 from data_foveated import FoveatedVLMDataCollator, load_precomputed
 from modeling_foveated import FoveatedVLMModel
-from report_foveated import DATA_PATHS_FILE, box_coverage, main, write_report
+from probes_foveated import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
+from report_foveated import DATA_PATHS_FILE, compare_runs, main, write_report
 from tiny import save_tiny_vae, tiny_config
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
+
+# A final evaluation as the trainer logs it (values chosen to be recognisable in the text, not measured).
+LOGGED_EVAL = {
+    "eval_loss": 2.0,
+    "eval_loss/fine": 0.9871,
+    "eval_loss/coarse": 1.0123,
+    "eval_loss/fine_t2": 0.9512,
+    "eval_loss/coarse_t2": 0.9634,
+    "eval_loss/copy_t2": 1.8765,
+    "eval_improvement_se": 0.0031,
+    "eval_attention/entropy_static": 2.701,
+    "eval_attention/entropy_dynamic": 2.689,
+    "eval_diag/state_contribution_fine": 0.0123,
+    "eval_tracking/dynamic": 0.2346,
+    "eval_tracking/static": 0.1876,
+    "eval_tracking/chance": 0.1567,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,10 +83,6 @@ def eval_dataset(path, seed: int = 0) -> None:
     Dataset.from_dict(columns, features=features).save_to_disk(str(path))
 
 
-def tiny_vae(path) -> None:
-    save_tiny_vae(path, S)
-
-
 def trainer_state(with_eval: bool = True) -> dict:
     log = [
         {"step": 2, "loss": 2.2, "learning_rate": 1e-3, "loss/fine": 1.10, "loss/coarse": 1.12},
@@ -70,23 +90,54 @@ def trainer_state(with_eval: bool = True) -> dict:
         {"step": 4, "train_runtime": 3.0, "train_loss": 2.1},
     ]
     if with_eval:
-        log.insert(2, {"step": 4, "eval_loss": 2.0, "eval_loss/fine": 0.99, "eval_loss/coarse": 1.01})
+        log.insert(2, {"step": 4, **LOGGED_EVAL})
     return {"global_step": 4, "max_steps": 4, "train_batch_size": 2, "log_history": log}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished run folder: final model, trainer_state.json, data_paths.json naming the eval split and the VAE."""
-    root = tmp_path_factory.mktemp("report")
-    run_dir = root / "run"
-    torch.manual_seed(0)
-    FoveatedVLMModel(tiny_config()).save_pretrained(str(run_dir))
-    (run_dir / "trainer_state.json").write_text(json.dumps(trainer_state()))
+def data(tmp_path_factory):
+    """The held-out split and a VAE, shared by the run folders."""
+    root = tmp_path_factory.mktemp("data")
     eval_dataset(root / "eval")
-    tiny_vae(root / "vae")
-    (run_dir / DATA_PATHS_FILE).write_text(json.dumps({"eval_dataset": str(root / "eval"), "vae": str(root / "vae")}))
+    save_tiny_vae(root / "vae", S)
+    return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae")}
+
+
+def make_run(run_dir, data: dict, with_eval: bool = True, model=None):
+    """A finished run folder: final model, trainer_state.json, data_paths.json naming the eval split and the VAE."""
+    torch.manual_seed(0)
+    (model or FoveatedVLMModel(tiny_config())).save_pretrained(str(run_dir))
+    (run_dir / "trainer_state.json").write_text(json.dumps(trainer_state(with_eval)))
+    (run_dir / DATA_PATHS_FILE).write_text(json.dumps(data))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data):
+    """A run whose log has a final evaluation."""
+    run_dir = make_run(tmp_path_factory.mktemp("report") / "run", data)
     out = write_report(run_dir, num_videos=NUM_VIDEOS, batch_size=2)  # batches of 2 over 5 clips: a ragged last one
     return run_dir, out
+
+
+@pytest.fixture(scope="module")
+def unlogged_run(tmp_path_factory, data):
+    """A run whose log has no evaluation: the report measures Table 1 itself."""
+    run_dir = make_run(tmp_path_factory.mktemp("report") / "unlogged", data, with_eval=False)
+    return run_dir, write_report(run_dir, num_videos=NUM_VIDEOS, batch_size=2)
+
+
+def direct_outputs(run_dir):
+    """The saved model on the whole eval split in one batch, two-pass and streamed."""
+    model = FoveatedVLMModel.from_pretrained(str(run_dir)).eval()
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    dataset = load_precomputed(metrics["clips"]["eval_dataset"])
+    batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
+    target = batch["vae_latents"]
+    with torch.no_grad():
+        outputs = model(pixel_values=batch["pixel_values"], vae_latents=target)
+        streamed = model.stream(batch["pixel_values"].unbind(1), target.unbind(1), autoregressive=True)
+    return model, batch, outputs, torch.stack([step.pred_fine for step in streamed], dim=1), metrics
 
 
 def test_writes_every_file(tiny_run):
@@ -98,44 +149,54 @@ def test_writes_every_file(tiny_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob(f"fig3_attention_{NUM_VIDEOS}.png"))
     markdown = (out / "report.md").read_text()
-    for section in ("1. Executive summary", "2. Method", "3. Results", "4. What limits it", "5. Next steps"):
+    for section in ("1. Executive summary", "2. Method", "3. Results", "4. What limits it", "5. Next steps",
+                    "Where it fails"):
         assert section in markdown
+    assert "the seed" not in markdown.lower()  # the design is docs/DESIGN.md
 
 
-def test_table1_equals_direct_computation(tiny_run):
-    run_dir, out = tiny_run
-    summary = json.loads((out / "metrics.json").read_text())["summary"]
-    model = FoveatedVLMModel.from_pretrained(str(run_dir)).eval()
-    dataset = load_precomputed(summary["eval_dataset"])
-    batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
-    target = batch["vae_latents"]
-    with torch.no_grad():
-        outputs = model(pixel_values=batch["pixel_values"], vae_latents=target)
-        streamed = model.stream(batch["pixel_values"].unbind(1), target.unbind(1), autoregressive=True)
-        autoregressive = torch.stack([step.pred_fine for step in streamed], dim=1)
-
-    expected = {
-        ("full", "loss_fine"): outputs.loss_fine.item(),
-        ("full", "loss_coarse"): outputs.loss_coarse.item(),
-        ("t_ge_2", "loss_fine"): F.mse_loss(outputs.pred_fine[:, 1:], target[:, 1:]).item(),
-        ("t_ge_2", "loss_coarse"): F.mse_loss(outputs.pred_coarse[:, 1:], target[:, 1:]).item(),
-    }
-    for (split, name), value in expected.items():
-        assert summary[split][name] == pytest.approx(value, rel=1e-5), (split, name)
-    full = summary["full"]
-    assert full["improvement"] == pytest.approx((full["loss_coarse"] - full["loss_fine"]) / full["loss_coarse"])
-    assert summary["copy_previous_t_ge_2"] == pytest.approx(F.mse_loss(target[:, :-1], target[:, 1:]).item(), rel=1e-5)
-    assert summary["entropy_static"] == pytest.approx(outputs.entropy_static.item(), rel=1e-5)
-    assert summary["entropy_dynamic"] == pytest.approx(outputs.entropy_dynamic.item(), rel=1e-5)
-    assert summary["entropy_uniform"] == pytest.approx(math.log(model.config.num_patches))
-    ar = summary["autoregressive"]
-    assert ar["loss_fine_autoregressive"] == pytest.approx(F.mse_loss(autoregressive, target).item(), rel=1e-5)
-    # Boxes on 4 of 5 clips, frames 2..T.
-    assert summary["tracking"]["frames_with_box"] == (NUM_CLIPS - 1) * (T - 1)
-    assert len(summary["hardest"]["clips"]) == NUM_VIDEOS
-    # The text quotes the measured numbers.
+def test_table1_is_the_logged_evaluation(tiny_run):
+    """The report quotes what training logged, not a second measurement of its own."""
+    _, out = tiny_run
+    held_out = json.loads((out / "metrics.json").read_text())["held_out"]
+    assert held_out["source"] == "from the evaluation logged at step 4"
+    for name, logged in (("loss_fine", "eval_loss/fine"), ("loss_coarse_t2", "eval_loss/coarse_t2"),
+                         ("loss_copy_t2", "eval_loss/copy_t2"), ("tracking_dynamic", "eval_tracking/dynamic")):
+        assert held_out[name] == LOGGED_EVAL[logged], name
+    coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
+    assert held_out["improvement"] == pytest.approx((coarse - fine) / coarse)
     markdown = (out / "report.md").read_text()
-    assert f"{full['loss_fine']:.4f}" in markdown and f"{summary['t_ge_2']['loss_coarse']:.4f}" in markdown
+    for value in ("0.9871", "1.0123", "0.9512", "1.8765", "0.235", "±0.31%"):
+        assert value in markdown, value
+
+
+def test_unlogged_table1_is_measured_with_the_metrics_module(unlogged_run):
+    run_dir, out = unlogged_run
+    model, batch, outputs, streamed, metrics = direct_outputs(run_dir)
+    held_out, clips = metrics["held_out"], metrics["clips"]
+    assert held_out["source"].startswith("measured by this report")
+    target = batch["vae_latents"]
+    # Means over equal-sized clips: batches of 2 weighted by their size give the whole split's MSE.
+    assert held_out["loss_fine"] == pytest.approx(outputs.loss_fine.item(), rel=1e-5)
+    assert held_out["loss_coarse"] == pytest.approx(outputs.loss_coarse.item(), rel=1e-5)
+    fine_t2 = F.mse_loss(outputs.pred_fine[:, 1:], target[:, 1:]).item()
+    assert held_out["loss_fine_t2"] == pytest.approx(fine_t2, rel=1e-5)
+    assert held_out["loss_copy_t2"] == pytest.approx(F.mse_loss(target[:, :-1], target[:, 1:]).item(), rel=1e-5)
+    assert held_out["entropy_dynamic"] == pytest.approx(outputs.entropy_dynamic.item(), rel=1e-5)
+    assert held_out["tracking_chance"] is not None  # 4 of 5 clips have boxes
+    # The streamed loss and the clip-level standard error come from the per-clip pass too.
+    assert clips["loss_fine_streamed"] == pytest.approx(F.mse_loss(streamed, target).item(), rel=1e-5)
+    per_clip = lambda pred: (pred - target).pow(2).mean(dim=(1, 2, 3, 4)).double().numpy()  # noqa: E731
+    fine, coarse = per_clip(outputs.pred_fine), per_clip(outputs.pred_coarse)
+    # The delta method's standard error of 1 - mean(fine) / mean(coarse), clips as the unit.
+    residuals = fine - fine.mean() / coarse.mean() * coarse
+    stderr = residuals.std(ddof=1) / math.sqrt(NUM_CLIPS) / coarse.mean()
+    # The tiny untrained model's passes differ by about 1e-6 of the loss, so float32 round-off moves the last digits.
+    assert held_out["improvement_se"] == pytest.approx(stderr, rel=0.05)
+    hardest = clips["hardest"]
+    assert len(hardest) == NUM_VIDEOS and hardest[0]["loss_fine"] == pytest.approx(per_clip(outputs.pred_fine).max())
+    markdown = (out / "report.md").read_text()
+    assert f"{held_out['loss_fine']:.4f}" in markdown and "measured by this report" in markdown
 
 
 def test_html_embeds_every_image(tiny_run):
@@ -143,17 +204,7 @@ def test_html_embeds_every_image(tiny_run):
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(list(out.glob("*.png")))
     assert ".png" not in page.replace("data:image/png", "")  # no link to a file beside it
-
-
-def test_uniform_attention_in_box_is_chance():
-    boxes = torch.full((1, 2, 4, 4), -1.0)
-    boxes[0, 0, 0] = torch.tensor([0.1, 0.3, 0.55, 0.6])
-    boxes[0, 0, 1] = torch.tensor([0.5, 0.5, 0.9, 0.7])  # overlaps the first: the union counts once
-    coverage = box_coverage(boxes, grid=4, subdivisions=20)  # (1, 2, 16)
-    assert coverage[0, 1].sum() == 0
-    uniform = torch.full((16,), 1 / 16)
-    union_area = 0.45 * 0.3 + 0.4 * 0.2 - 0.05 * 0.1
-    assert (uniform * coverage[0, 0]).sum().item() == pytest.approx(union_area, abs=1e-3)
+    assert "<table>" in page and "<pre><code>" in page  # Table 1 and the method's diagram rendered
 
 
 def test_missing_pieces_are_reported(tiny_run, tmp_path):
@@ -166,16 +217,29 @@ def test_missing_pieces_are_reported(tiny_run, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "no evaluation" in markdown and "No held-out dataset" in markdown and "No VAE" in markdown
     assert (out / "fig1_losses.png").is_file() and not (out / "fig4_predictions.png").exists()
-    assert json.loads((out / "metrics.json").read_text())["summary"] is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["held_out"] is None and metrics["clips"] is None
 
 
-def test_cli_paths_without_vae(tiny_run, tmp_path):
-    """--eval_dataset given on the command line, no VAE: Table 1 and attention figures, no Figure 4."""
-    run_dir, first = tiny_run
+def test_logged_table1_without_the_eval_split(tiny_run, tmp_path):
+    """A run folder without data paths still reports Table 1 from its log; only the per-clip analysis is missing."""
+    run_dir, _ = tiny_run
+    bare = tmp_path / "logged"
+    FoveatedVLMModel.from_pretrained(str(run_dir)).save_pretrained(str(bare))
+    (bare / "trainer_state.json").write_text(json.dumps(trainer_state()))
+    out = main([str(bare)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["held_out"]["loss_fine"] == LOGGED_EVAL["eval_loss/fine"] and metrics["clips"] is None
+    markdown = (out / "report.md").read_text()
+    assert "0.9871" in markdown and "No held-out dataset" in markdown and "Where it fails" not in markdown
+
+
+def test_cli_paths_without_vae(tiny_run, data, tmp_path):
+    """--eval_dataset given on the command line, no VAE: the clip analysis and attention figures, no Figure 4."""
+    run_dir, _ = tiny_run
     bare = tmp_path / "cli"
     FoveatedVLMModel.from_pretrained(str(run_dir)).save_pretrained(str(bare))
-    eval_path = json.loads((first / "metrics.json").read_text())["summary"]["eval_dataset"]
-    out = main([str(bare), "--eval_dataset", eval_path, "--num_videos", "1", "--batch_size", "8"])
+    out = main([str(bare), "--eval_dataset", data["eval_dataset"], "--num_videos", "1", "--batch_size", "8"])
     assert (out / "fig3_attention_0.png").is_file() and not (out / "fig4_predictions.png").exists()
     assert "No VAE" in (out / "report.md").read_text()
     assert "No trainer_state.json" in (out / "report.md").read_text()
@@ -196,3 +260,71 @@ def test_compare_pools_seeds_into_mean_and_spread(tmp_path, capsys):
     assert "| -5.00 % |" in rows["ablation"] and "±" not in rows["ablation"]
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
         main(["--compare", str(tmp_path)])
+
+
+def test_compare_and_table2_show_the_same_tracking(tiny_run):
+    run_dir, out = tiny_run
+    (run_dir / "eval_results.json").write_text(json.dumps(LOGGED_EVAL))
+    row = compare_runs([run_dir]).splitlines()[-1]
+    markdown = (out / "report.md").read_text()
+    for name in ("dynamic", "static", "chance"):
+        value = LOGGED_EVAL[f"eval_tracking/{name}"]
+        assert f"{value:.4f}" in row and f"{value:.3f}" in markdown, name
+
+
+def card_for(tmp_path, config, log_history, info=None) -> ModelCard:
+    folder = tmp_path / "card"
+    folder.mkdir()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    state = TrainerState(global_step=4, log_history=log_history)
+    write_model_card(folder, config, args, state, info)
+    return ModelCard.load(folder / "README.md")
+
+
+def test_model_card_model_index_carries_the_logged_results(tmp_path):
+    info = FoveatedVLMModelCardInfo(data_description="Synthetic clips.", eval_dataset_name="5 held-out clips",
+                                    frozen=["vision"])
+    card = card_for(tmp_path, tiny_config(), trainer_state()["log_history"], info)
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
+    assert results["loss_fine"] == fine and results["loss_coarse"] == coarse
+    assert results["improvement"] == pytest.approx((coarse - fine) / coarse)
+    t2 = (LOGGED_EVAL["eval_loss/coarse_t2"] - LOGGED_EVAL["eval_loss/fine_t2"]) / LOGGED_EVAL["eval_loss/coarse_t2"]
+    assert results["improvement_t2"] == pytest.approx(t2)
+    assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
+    assert "0.9871" in card.text  # Table 1 in the text as well
+    assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
+
+
+def test_model_card_without_evaluation_has_no_model_index(tmp_path):
+    card = card_for(tmp_path, tiny_config(), trainer_state(with_eval=False)["log_history"])
+    assert not card.data.eval_results and "Not evaluated yet" in card.text
+
+
+@pytest.mark.parametrize("aux", [0.0, 0.5])
+def test_card_states_every_trained_loss_term(tmp_path, aux):
+    config = tiny_config(aux_current_weight=aux, lambda_coarse=0.25)
+    formula = loss_formula(config)
+    assert ("0.5 · loss_aux" in formula) == (aux > 0) and "0.25 · loss_coarse" in formula
+    card = card_for(tmp_path, config, [])
+    assert formula in card.text
+    # A probe that reweights loss_fine (probes.json) is part of what was trained.
+    assert loss_formula(config, {"fine_loss_weight": 0.0}).startswith("0 · loss_fine + 0.25 · loss_coarse")
+
+
+def test_probed_run_is_reported_with_its_probes(tmp_path, data):
+    """A run trained with oracle fixations: the report re-applies them from probes.json and does not stream."""
+    run_dir = make_run(tmp_path / "oracle", data, with_eval=False)
+    (run_dir / PROBES_FILE).write_text(json.dumps({"fine_queries": "oracle"}))
+    out = write_report(run_dir, num_videos=1, batch_size=8)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["clips"]["loss_fine_streamed"] is None
+    model = FoveatedVLMProbedModel.from_model(
+        FoveatedVLMModel.from_pretrained(str(run_dir)), FoveatedVLMProbes(fine_queries="oracle")
+    ).eval()
+    dataset = load_precomputed(data["eval_dataset"])
+    batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        outputs = model(**metrics_foveated.model_inputs(batch, model))
+    assert metrics["held_out"]["loss_fine"] == pytest.approx(outputs.loss_fine.item(), rel=1e-5)
+    assert "oracle" in (out / "report.md").read_text()
