@@ -377,18 +377,23 @@ def _model_dir(run_dir: Path) -> Optional[Path]:
     return Path(checkpoint) if checkpoint and (Path(checkpoint) / "config.json").is_file() else None
 
 
-def resolve_data_paths(run_dir: Path, eval_dataset: Optional[str], vae: Optional[str]) -> tuple:
-    """(eval dataset, VAE, notes): the arguments win, else what the run recorded in DATA_PATHS_FILE."""
+def resolve_data_paths(
+    run_dir: Path, eval_dataset: Optional[str], vae: Optional[str], use_captions: Optional[bool] = None
+) -> tuple:
+    """(eval dataset, VAE, use_captions, notes): the arguments win, else what the run recorded in DATA_PATHS_FILE
+    (a run without captions by default)."""
     recorded_path = run_dir / DATA_PATHS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
     eval_dataset, vae = eval_dataset or recorded.get("eval_dataset"), vae or recorded.get("vae")
+    if use_captions is None:
+        use_captions = recorded.get("use_captions", False)
     notes = []
     if eval_dataset is None:
         notes.append(f"No held-out dataset: pass --eval_dataset (the run has no {DATA_PATHS_FILE} naming it), so "
                      "the per-clip analysis, the attention figures and the hardest clips are missing.")
     if vae is None:
         notes.append(f"No VAE: pass --vae (the run has no {DATA_PATHS_FILE} naming it), so Figure 4 is missing.")
-    return eval_dataset, vae, notes
+    return eval_dataset, vae, use_captions, notes
 
 
 # ---- The report's text: every sentence from a number in the summary ----
@@ -715,11 +720,11 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     return figures, psnr
 
 
-def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_size, out: Path):
+def _measure(model_dir: Path, eval_dataset: str, vae, use_captions, num_videos, device, batch_size, out: Path):
     """The pass over the held-out clips: (the model, its clip metrics, the clip summary, [(figure path, caption)])."""
     model = from_pretrained_with_probes(str(model_dir)).to(device).eval()
-    tokenizer = None
-    if (model_dir / "processor_config.json").is_file():
+    tokenizer = None  # the clips are read as the run read them: with their captions only if it trained on them
+    if use_captions:
         tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
     dataset = load_precomputed(eval_dataset)
     collator = FoveatedVLMDataCollator(tokenizer)
@@ -732,7 +737,7 @@ def _measure(model_dir: Path, eval_dataset: str, vae, num_videos, device, batch_
     return clips, summary, figures
 
 
-def _held_out(run_dir: Path, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes):
+def _held_out(run_dir: Path, log_history, eval_dataset, vae, use_captions, num_videos, device, batch_size, out, notes):
     """Table 1 (logged, else measured), the clip analysis and figures 3-4, and the model's config and probes:
     (held_out, clip summary, [(figure path, caption)], config, probes), None where the run lacks what they need."""
     logged = latest_eval_metrics(log_history)
@@ -748,15 +753,20 @@ def _held_out(run_dir: Path, log_history, eval_dataset, vae, num_videos, device,
     probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
     if eval_dataset is None:
         return held_out, None, [], config, probes
-    clips, clip_summary, clip_figures = _measure(model_dir, eval_dataset, vae, num_videos, device, batch_size, out)
+    clips, clip_summary, clip_figures = _measure(
+        model_dir, eval_dataset, vae, use_captions, num_videos, device, batch_size, out
+    )
     if held_out is None:
         measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
         held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report (the log has no evaluation)", "")
     return held_out, clip_summary, clip_figures, config, probes
 
 
-def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, device="cpu", batch_size: int = 16) -> Path:
-    """Write RUN_DIR/report/ (figures, metrics.json, report.md, report.html); return that folder."""
+def write_report(
+    run_dir, eval_dataset=None, vae=None, num_videos: int = 6, device="cpu", batch_size: int = 16, use_captions=None
+) -> Path:
+    """Write RUN_DIR/report/ (figures, metrics.json, report.md, report.html); return that folder. `eval_dataset`,
+    `vae` and `use_captions` default to what the run recorded in DATA_PATHS_FILE."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir {run_dir} is not a folder")
@@ -771,10 +781,10 @@ def write_report(run_dir, eval_dataset=None, vae=None, num_videos: int = 6, devi
         notes.append("The log history has no evaluation: Figures 1-2 show training means only.")
     fig1 = _save(plot_losses(train, evaluation), out / "fig1_losses.png")
     fig2 = _save(plot_ratio(train, evaluation), out / "fig2_ratio.png")
-    eval_dataset, vae, data_notes = resolve_data_paths(run_dir, eval_dataset, vae)
+    eval_dataset, vae, use_captions, data_notes = resolve_data_paths(run_dir, eval_dataset, vae, use_captions)
     notes += data_notes
     held_out, clips, clip_figures, config, probes = _held_out(
-        run_dir, log_history, eval_dataset, vae, num_videos, device, batch_size, out, notes
+        run_dir, log_history, eval_dataset, vae, use_captions, num_videos, device, batch_size, out, notes
     )
     summary = FoveatedVLMReportSummary(
         held_out=held_out,

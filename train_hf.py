@@ -416,6 +416,7 @@ class PreparedData:
     eval_dir: str  # the held-out split's precompute run folder, for reports
     vae: str
     description: str
+    use_captions: bool  # whether the collator hands the captions to the model
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -471,7 +472,7 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
         f"frames at {data_args.image_size} px, target latents from the VAE `{vae}`."
     )
     eval_dir = str(data_foveated.run_dir_of(splits["eval"]).resolve())
-    return PreparedData(splits["train"], splits["eval"], eval_dir, vae, description)
+    return PreparedData(splits["train"], splits["eval"], eval_dir, vae, description, data_args.use_captions)
 
 
 # ---- Model and processor ----
@@ -599,9 +600,9 @@ def base_model_ids(model_args: ModelArguments) -> list[str]:
 
 def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedVLMTrainer:
     # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
-    collator = data_foveated.FoveatedVLMDataCollator(
-        processor.tokenizer, data_args.max_text_length, normalize_frames=False
-    )
+    # Captions reach the LLM only in runs that ask for them (Phase 2); the processor carries the tokenizer always.
+    tokenizer = processor.tokenizer if data_args.use_captions else None
+    collator = data_foveated.FoveatedVLMDataCollator(tokenizer, data_args.max_text_length, normalize_frames=False)
     card_info = FoveatedVLMModelCardInfo(
         data_description=data.description,
         datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
@@ -687,7 +688,8 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
     if trainer.args.write_report and trainer.is_world_process_zero():
         device = trainer.args.device
         report_dir = report_foveated.write_report(
-            trainer.args.output_dir, data.eval_dir, data.vae, device=device, batch_size=trainer.args.eval_batch_size
+            trainer.args.output_dir, data.eval_dir, data.vae, device=device, batch_size=trainer.args.eval_batch_size,
+            use_captions=data.use_captions,
         )
         print(f"Report: {report_dir / 'report.md'} and report.html")
     trainer.create_model_card()  # links the report's figures when they exist
@@ -696,7 +698,7 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
     # After the push: local paths are of no use on the Hub.
     if trainer.is_world_process_zero():
         vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
-        data_paths = {"eval_dataset": data.eval_dir, "vae": vae}
+        data_paths = {"eval_dataset": data.eval_dir, "vae": vae, "use_captions": data.use_captions}
         Path(trainer.args.output_dir, report_foveated.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
 

@@ -402,7 +402,7 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
             [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
             + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
         )
-        # The seed's 8 clips per optimizer step, however they are split into micro-batches.
+        # 8 clips per optimizer step, however they are split into micro-batches.
         effective_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         assert effective_batch == 8 and training_args.learning_rate == 1e-4
         assert training_args.report_to == ["tensorboard"] and not training_args.remove_unused_columns
@@ -415,6 +415,12 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
         assert config.text_config.hidden_size == TINY_TEXT["hidden_size"]
         processor = train_hf.build_processor(model_args, data_args, config.text_config.vocab_size)
         assert processor.tokenizer is not None  # always, so that every checkpoint takes text
+        # ... but the captions reach the model only in Phase 2: Phase 1 ignores text.
+        clips = tiny_arrow_dataset(2)
+        data = train_hf.PreparedData(clips, clips, "", "", "", use_captions=data_args.use_captions)
+        training_args.num_attention_figures = 0
+        trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
+        assert (trainer.data_collator.tokenizer is not None) == (config_name == "phase2")
 
 
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -561,6 +567,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
+    assert data_paths["use_captions"] is False  # the report reads the clips as training did
     assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
 
     for folder in (output_dir, checkpoint):
