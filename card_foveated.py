@@ -64,6 +64,7 @@ TABLE1_METRICS = {
     "loss_fine": "loss/fine",
     "improvement": "improvement",
     "improvement_t2": "improvement_t2",
+    "improvement_se": "improvement_se",  # the clip-level standard error of `improvement` (metrics_foveated)
 }
 
 
@@ -83,11 +84,12 @@ def table1_values(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
 def table1_markdown(metrics: dict, prefix: str = "eval_") -> str:
     """Table 1 (loss_coarse, loss_fine, improvement on all targets and on t >= 2) as Markdown from logged means."""
     values = table1_values(metrics, prefix)
+    width = max(len("Metric"), *map(len, TABLE1_METRICS))
     rows = [
-        f"| {metric:<11} | {value:.4f} |" if metric.startswith("loss") else f"| {metric:<11} | {value:.2%} |"
+        f"| {metric:<{width}} | {value:.4f} |" if metric.startswith("loss") else f"| {metric:<{width}} | {value:.2%} |"
         for metric, value in values.items()
     ]
-    return "\n".join(["| Metric      | Value |", "|-------------|-------|", *rows])
+    return "\n".join([f"| {'Metric':<{width}} | Value |", f"|{'-' * (width + 2)}|-------|", *rows])
 
 
 def eval_results(metrics: dict, info: "FoveatedVLMModelCardInfo", prefix: str = "eval_") -> list[EvalResult]:

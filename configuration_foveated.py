@@ -4,7 +4,11 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.dinov3_vit import DINOv3ViTConfig
 from transformers.models.llama import LlamaConfig
 
-__all__ = ["FoveatedVLMConfig"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "DEFAULT_NUM_FRAMES", "FoveatedVLMConfig"]
+
+# The frame side S and the frames per clip T of the design; the processor and the data pipeline default to them.
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_NUM_FRAMES = 8
 
 # DINOv3ViTConfig's defaults are the shapes of facebook/dinov3-vits16-pretrain-lvd1689m (ViT-S/16) except for its
 # 4 register tokens.
@@ -104,8 +108,8 @@ class FoveatedVLMConfig(PretrainedConfig):
         self,
         vision_config=None,
         text_config=None,
-        image_size: int = 256,
-        num_frames: int = 8,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        num_frames: int = DEFAULT_NUM_FRAMES,
         query_dim: int = 384,
         latent_channels: int = 4,
         latent_size: int = 32,
@@ -156,7 +160,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
-        # A config.json written with options this class no longer has still loads: transformers keeps unknown keys
+        # A config.json with keys this class does not define still loads: transformers keeps unknown keys
         # as plain attributes, which the model never reads.
         super().__init__(**kwargs)
         self._validate()

@@ -19,7 +19,6 @@ two folders of videos never share or overwrite each other's data.
 """
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import torch
 from accelerate import PartialState
 from datasets.arrow_writer import ArrowWriter
 
-from configuration_foveated import FoveatedVLMConfig
+from configuration_foveated import DEFAULT_IMAGE_SIZE, DEFAULT_NUM_FRAMES
 from processing_foveated import (
     FoveatedVLMVideoError,
     frames_to_pixel_values,
@@ -69,13 +68,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _config_default(name: str):
-    return inspect.signature(FoveatedVLMConfig.__init__).parameters[name].default
-
-
-# T and S of the model's class defaults: data made with nothing set fits a model built with nothing set.
-DEFAULT_NUM_FRAMES = _config_default("num_frames")
-DEFAULT_IMAGE_SIZE = _config_default("image_size")
 SD_VAE_ID = "stabilityai/sd-vae-ft-mse"
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 # Bump when the decode or encode code changes what is written: old caches then stop matching.
@@ -581,7 +573,7 @@ def _run_dir(path: str | os.PathLike) -> Path:
 
 def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
     """The precomputed clips at `path`, formatted as torch tensors in the dtypes stored: Arrow arrays become tensors
-    directly (reading Array4D columns as Python lists is ~30x slower), frames stay uint8.
+    directly (reading Array4D columns as Python lists is far slower), frames stay uint8.
 
     `path` is an output folder of `precompute_dataset` (its latest run), one of its run folders (read from the shard
     caches the run names), or a `Dataset.save_to_disk` folder with the same columns (e.g. a split shared on its own).

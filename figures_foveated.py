@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from metrics_foveated import derived_metrics
+from metrics_foveated import box_present, derived_metrics, psnr
 
 __all__ = [
     "REPORT_DIR",
@@ -75,11 +75,10 @@ def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure
             heatmap = attention[t].reshape(grid, grid)  # (P,) -> (g, g), row-major like the patch sequence
             ax.imshow(heatmap, cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax, extent=(0, S, S, 0))
             if boxes is not None:
-                for x0, y0, x1, y1 in np.asarray(boxes)[t]:
-                    if min(x0, y0, x1, y1) >= 0:
-                        ax.add_patch(
-                            Rectangle((x0 * S, y0 * S), (x1 - x0) * S, (y1 - y0) * S, fill=False, edgecolor="cyan")
-                        )
+                frame_boxes = np.asarray(boxes)[t]  # (K, 4)
+                for x0, y0, x1, y1 in frame_boxes[box_present(frame_boxes)]:
+                    box = Rectangle((x0 * S, y0 * S), (x1 - x0) * S, (y1 - y0) * S, fill=False, edgecolor="cyan")
+                    ax.add_patch(box)
             ax.set_title(f"{name} t={t}", fontsize=8)
             ax.axis("off")
     return figure
@@ -130,8 +129,7 @@ def plot_prediction_figure(vae, frames, latents, outputs) -> tuple[Figure, float
     )
     figure.suptitle(f"{REPORT_FIGURES['fig4_predictions.png']}: frame {t + 1} predicted from frames 0..{t} "
                     "(VAE-decoded latents)", fontsize=9)
-    error = np.mean((actual - frames[:, t + 1].astype(np.float32) / 255) ** 2)
-    return figure, float(10 * np.log10(1 / max(error, 1e-12)))
+    return figure, psnr(actual, frames[:, t + 1].astype(np.float32) / 255)
 
 
 # ---- Figures 1-2 from the log history ----

@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_INPUT_NAMES",
     "FoveatedVLMImprovement",
     "box_coverage",
+    "box_present",
     "clip_metrics",
     "derived_metrics",
     "improvement",
@@ -34,6 +35,7 @@ __all__ = [
     "mean_metrics",
     "means_from_totals",
     "model_inputs",
+    "psnr",
     "totals",
 ]
 
@@ -125,6 +127,18 @@ def state_contribution_metrics(model, outputs, batch: dict) -> dict[str, torch.T
     }
 
 
+def box_present(boxes):
+    """Which box rows hold a box: (..., 4) normalised xyxy, absent rows filled with -1 -> (...) bool (torch or
+    numpy)."""
+    return (boxes >= 0).all(-1)
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images with values in [0, 1]."""
+    mse = (torch.as_tensor(prediction, dtype=torch.float32) - torch.as_tensor(target, dtype=torch.float32)).pow(2)
+    return float(10 * torch.log10(1.0 / mse.mean().clamp_min(1e-12)))
+
+
 def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = BOX_COVERAGE_SUBDIVISIONS) -> torch.Tensor:
     """Share of each patch covered by the union of the boxes: (B, T, K, 4) normalised xyxy, rows with a negative
     value absent -> (B, T, P), on the boxes' device. Sampled at `subdivisions`² points per patch (half-open intervals),
@@ -132,7 +146,7 @@ def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = BOX_COVERAG
     side = grid * subdivisions
     centres = (torch.arange(side, dtype=torch.float32, device=boxes.device) + 0.5) / side  # (side,)
     boxes = boxes.float()
-    valid = (boxes >= 0).all(-1)[..., None, None]  # (B, T, K, 1, 1)
+    valid = box_present(boxes)[..., None, None]  # (B, T, K, 1, 1)
     x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))  # (B, T, K, 1, 1) each
     inside_x = (centres >= x0) & (centres < x1)  # (B, T, K, 1, side)
     inside_y = (centres[:, None] >= y0) & (centres[:, None] < y1)  # (B, T, K, side, 1)

@@ -38,6 +38,7 @@ __all__ = [
     "FoveatedVLMPredictionHead",
     "FoveatedVLMPreTrainedModel",
     "FoveatedVLMModel",
+    "attention_entropy",
 ]
 
 
@@ -501,7 +502,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             return self.coarse_token.new_zeros(B, 0, self.config.text_config.hidden_size)
         return self.language_model.get_input_embeddings()(input_ids)
 
-    def _run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
+    def run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
         """
         LLM over `[text, mode, z_1..z_T]`; returns the states at `[mode, z_1..z_T]`: (B, T + 1, E).
         """
@@ -546,7 +547,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
 
     @property
     def fine_loss_weight(self) -> float:
-        """Weight of `loss_fine` in the loss: 1 in the design."""
+        """Weight of `loss_fine` in the loss: 1 in the design. Like `read_coarse` and `read_fine`, a point where
+        probes_foveated.py (not part of a checkpoint) changes one link of the design; at 0, Pass 2 builds no graph."""
         return 1.0
 
     def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
@@ -580,7 +582,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
         coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
-        hidden_coarse = self._run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
+        hidden_coarse = self.run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
         queries = self.query_head(hidden_coarse[:, 1:])  # (B, T + 1, E) -> (B, T, Q)
 
         # Pass 2: frame t is read with the query emitted after frame t-1.
@@ -588,7 +590,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         # A Pass 2 that the loss does not weigh is still evaluated, without building its graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.fine_loss_weight > 0):
             fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
-            hidden_fine = self._run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+            hidden_fine = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
         loss = loss_fine = loss_coarse = loss_aux = pred_fine = pred_coarse = prev_latents = None
         if vae_latents is not None:

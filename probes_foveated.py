@@ -187,7 +187,8 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
     boxes (B, T, K, 4) normalised xyxy, -1 rows absent -> (B, T, 2)."""
     box = moving_boxes[:, :, 0].float()  # (B, T, 4)
     centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # 2 * mid - 1
-    return torch.where((box[..., :1] >= 0), centre, torch.zeros_like(centre))
+    present = (box >= 0).all(-1, keepdim=True)  # (B, T, 1): absent rows are filled with -1
+    return torch.where(present, centre, torch.zeros_like(centre))
 
 
 def probe_inputs(model, batch: dict) -> dict:

@@ -34,12 +34,19 @@ from transformers.utils import is_av_available, is_decord_available, is_torchcod
 from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VIDEO_DECODERS, VideoMetadata
 
+try:
+    from .configuration_foveated import DEFAULT_IMAGE_SIZE, DEFAULT_NUM_FRAMES
+except ImportError:  # installed as a top-level module rather than loaded as remote code
+    from configuration_foveated import DEFAULT_IMAGE_SIZE, DEFAULT_NUM_FRAMES
+
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RESIZE_MODES",
     "VIDEO_BACKENDS",
+    "VIDEO_READERS",
+    "is_video_backend_available",
     "FoveatedVLMVideoError",
     "default_video_backend",
     "sample_frame_indices",
@@ -64,6 +71,13 @@ VIDEO_BACKENDS = ("decord", "torchcodec", "pyav")
 _BACKEND_AVAILABLE = {"decord": is_decord_available, "torchcodec": is_torchcodec_available, "pyav": is_av_available}
 
 
+def is_video_backend_available(backend: str) -> bool:
+    """Whether the decoder `backend` (one of `VIDEO_BACKENDS`) is installed."""
+    if backend not in VIDEO_BACKENDS:
+        raise ValueError(f"backend must be one of {VIDEO_BACKENDS}, got {backend!r}")
+    return _BACKEND_AVAILABLE[backend]()
+
+
 class FoveatedVLMVideoError(ValueError):
     """A video that cannot be loaded: missing, empty, not a video, truncated, or without frames.
 
@@ -84,7 +98,7 @@ class FoveatedVLMVideoError(ValueError):
 def default_video_backend() -> str:
     """The first installed of `VIDEO_BACKENDS`."""
     for backend in VIDEO_BACKENDS:
-        if _BACKEND_AVAILABLE[backend]():
+        if is_video_backend_available(backend):
             return backend
     raise ImportError(f"Decoding video files needs one of {VIDEO_BACKENDS}: `pip install av`.")
 
@@ -220,7 +234,9 @@ def _read_video_pyav(video, sample_indices_fn, **kwargs) -> tuple[np.ndarray, Vi
     return np.stack(frames), metadata
 
 
-_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": _read_video_pyav}
+# The reader of each backend: reader(path or file object, sample_indices_fn) -> (uint8 frames, metadata), the frames
+# (T, H, W, 3) from decord and PyAV, (T, 3, H, W) from torchcodec. `load_video` wraps them (`_read_video`).
+VIDEO_READERS = {"decord": _read_video_decord, "torchcodec": VIDEO_DECODERS["torchcodec"], "pyav": _read_video_pyav}
 
 
 def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[torch.Tensor, VideoMetadata]:
@@ -272,7 +288,7 @@ def _read_video(video, sample_indices_fn, backend: str | None = None) -> tuple[t
         return sampled["distinct"].tolist()
 
     try:
-        frames, metadata = _READERS[backend](source, sample_distinct)
+        frames, metadata = VIDEO_READERS[backend](source, sample_distinct)
         frames = torch.as_tensor(frames)
         if len(frames) != len(sampled["distinct"]):  # PyAV's reader stops quietly where a truncated stream ends
             raise ValueError(f"{backend} returned {len(frames)} of {len(sampled['distinct'])} frames")
@@ -414,9 +430,9 @@ class FoveatedVLMVideoProcessor(VideoProcessorMixin):
 
     valid_kwargs = FoveatedVLMVideoProcessorKwargs
     model_input_names = ["pixel_values", "vae_pixel_values"]
-    num_frames = 8
+    num_frames = DEFAULT_NUM_FRAMES
     fps = None
-    image_size = 256
+    image_size = DEFAULT_IMAGE_SIZE
     resize_mode = "crop"
     video_backend = None
     image_mean = IMAGENET_MEAN

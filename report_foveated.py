@@ -81,7 +81,7 @@ CUT_MIN_RATIO = 3.0  # ... and at least this many times the clip's median pair d
 
 # Attention whose entropy is at least this share of log(P) is called (almost) uniform.
 UNIFORM_ENTROPY_SHARE = 0.99
-# Dynamic attention counts as selective below this share of the static pass's entropy ...
+# Dynamic attention counts as selective below this share of Pass 1's (static) entropy ...
 SELECTIVE_ENTROPY_SHARE = 0.95
 # ... and as following the mover above this many times chance (uniform attention's mass in the box).
 FOLLOWS_MOVER_TIMES_CHANCE = 1.5
@@ -691,7 +691,7 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
     figures = []
     for k, i in enumerate(indices):
-        has_box = (boxes[k] >= 0).all(-1).any()
+        has_box = metrics_foveated.box_present(boxes[k]).any()
         figure = plot_attention_maps(
             frames[k], outputs.attn_static[k].cpu(), outputs.attn_dynamic[k].cpu(), boxes[k] if has_box else None
         )

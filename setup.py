@@ -24,7 +24,7 @@ setup(
     ],
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
         "diffusers>=0.30",

@@ -240,7 +240,7 @@ def _write_atomically(path: Path, write) -> None:
 def _resolve_num_frames(num_frames: Optional[int]) -> int:
     if num_frames is not None:
         return num_frames
-    from data_foveated import DEFAULT_NUM_FRAMES  # heavy (torch, datasets): only when the default is asked for
+    from configuration_foveated import DEFAULT_NUM_FRAMES  # imports transformers: only when the default is asked for
 
     return DEFAULT_NUM_FRAMES
 

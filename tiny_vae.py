@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrics_foveated import psnr
 from processing_foveated import frames_to_vae_pixel_values
 from synthetic_videos import DIFFICULTIES, generate_video
 
@@ -179,13 +180,7 @@ def fit_tiny_vae(vae, pixels: torch.Tensor, steps: int, seed: int) -> None:
 def reconstruction_psnr(vae, pixels: torch.Tensor) -> float:
     """PSNR in dB of the VAE's reconstruction (posterior mean) of pixels in [-1, 1]."""
     reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-    return _psnr(reconstruction, pixels)
-
-
-def _psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1]."""
-    mse = ((prediction - target) / 2).pow(2).mean()
-    return float(10 * torch.log10(1.0 / mse))
+    return psnr((reconstruction + 1) / 2, (pixels + 1) / 2)
 
 
 def make_tiny_vae(
@@ -222,7 +217,7 @@ def make_tiny_vae(
     logger.info(
         "make_tiny_vae: held-out PSNR %.1f dB after %d steps (%.1f dB at the average-pool start; each frame's mean "
         "colour: %.1f dB), scaling_factor %.2f, %.0fs -> %s",
-        reconstruction_psnr(vae, held_out_pixels), steps, initial_psnr, _psnr(mean_colour, held_out_pixels),
+        reconstruction_psnr(vae, held_out_pixels), steps, initial_psnr, psnr((mean_colour + 1) / 2, (held_out_pixels + 1) / 2),
         vae.config.scaling_factor, time.perf_counter() - start, output_dir,
     )  # fmt: skip
     vae.save_pretrained(output_dir)

@@ -1,4 +1,4 @@
-"""Train the Foveated VLM with the 🤗 Trainer: next-frame VAE-latent prediction, static vs dynamic glimpses.
+"""Train the Foveated VLM with the 🤗 Trainer: next-frame VAE-latent prediction, Pass 1 vs Pass 2.
 
 Usage:
     python train_hf.py configs/tiny.yaml                          # the CPU-sized default, end to end
@@ -374,9 +374,10 @@ def resolve_pretrained(name: str, gguf_file: Optional[str] = None) -> tuple[str,
 def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[str]], dict, str]:
     """({"train": paths, "eval": paths}, captions by video, a one-line description for the model card)."""
     if data_args.data_source == "synthetic":
-        # The movers' speed depends on T (synthetic_videos.generate_video), so T is part of the folder's name.
+        # Every generator setting names the folder (the movers' speed depends on T, see generate_video), so runs
+        # with different settings never re-render each other's videos.
         name = f"{data_args.difficulty}-{data_args.synthetic_size}px-{data_args.num_video_frames}f"
-        name += f"-T{data_args.num_frames}"
+        name += f"-T{data_args.num_frames}-seed{seed}"
         videos = generate_split(
             os.path.join(data_args.cache_dir, "synthetic", name),
             num_train=data_args.num_train_videos,
@@ -639,14 +640,14 @@ def cpu_has_native_bf16() -> bool:
 def warn_if_emulated_bf16(training_args: FoveatedTrainingArguments) -> None:
     if training_args.bf16 and training_args.device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning(
-            "`bf16` is on, but this CPU has no bf16 instructions, so every bf16 operation is emulated: at seed shapes "
-            "a bf16 step took about 12x the fp32 one on an AVX2 CPU (docs/PERFORMANCE.md). `--bf16 false` trains "
+            "`bf16` is on, but this CPU has no bf16 instructions, so every bf16 operation is emulated: at phase1.yaml "
+            "shapes a bf16 step takes many times the fp32 one (docs/PERFORMANCE.md). `--bf16 false` trains "
             "in fp32."
         )
 
 
 def report_peak_memory(trainer: FoveatedVLMTrainer) -> None:
-    """One optimizer step (all accumulation micro-batches), then the peak memory, as in the seed's Appendix A."""
+    """One optimizer step (all accumulation micro-batches), then the peak memory (docs/PERFORMANCE.md)."""
     trainer.train()
     if torch.cuda.is_available():
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"

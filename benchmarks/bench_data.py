@@ -104,9 +104,9 @@ def decoding_rows(videos: list[Path], num_frames: int, size: int, repeats: int) 
     from other processes hits every decoder alike."""
     from transformers.video_utils import VIDEO_DECODERS
 
-    readers = processing_foveated._READERS
+    readers = processing_foveated.VIDEO_READERS
     decoders = {backend: (backend, readers[backend]) for backend in VIDEO_BACKENDS}
-    decoders = {name: value for name, value in decoders.items() if processing_foveated._BACKEND_AVAILABLE[name]()}
+    decoders = {name: value for name, value in decoders.items() if processing_foveated.is_video_backend_available(name)}
     for backend in ("decord", "pyav"):  # the two readers processing_foveated replaces
         if backend in decoders:
             decoders[f"{backend}, transformers' reader"] = (backend, VIDEO_DECODERS[backend])

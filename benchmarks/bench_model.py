@@ -1,4 +1,4 @@
-"""Train-step and query benchmarks at the seed's shapes (DINOv3-S/16 + SmolLM2-135M shapes, random weights).
+"""Train-step and query benchmarks at configs/phase1.yaml's shapes (DINOv3-S/16 + SmolLM2-135M, random weights).
 
 Prints Markdown tables; measures, asserts nothing. Each configuration runs in a fresh subprocess so peak memory is
 its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
@@ -50,9 +50,9 @@ def tiny_config(**overrides) -> FoveatedVLMConfig:
 
 
 def hollow_config(**overrides) -> FoveatedVLMConfig:
-    """The seed's depths (12 DINOv3 layers, 30 Llama layers) and code path at widths of 32 and 32 px frames: the
-    same operators as the seed model with next to no arithmetic, so its step time is the host's cost of issuing
-    them (what a launch-bound GPU step pays)."""
+    """The phase1.yaml model's depths (12 DINOv3 layers, 30 Llama layers) and code path at widths of 32 and 32 px
+    frames: the same operators as the phase1.yaml model with next to no arithmetic, so its step time is the host's
+    cost of issuing them (what a launch-bound GPU step pays)."""
     narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
     return FoveatedVLMConfig(
         vision_config={**narrow, "num_register_tokens": DINOV3_VITS16_REGISTER_TOKENS, "image_size": 32},
@@ -67,12 +67,13 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
 
 
 def build_model(
-    deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="seed", channels_last_head=True
+    deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="phase1", channels_last_head=True
 ):
     from train_hf import freeze_for_training
 
     overrides = dict(num_frames=num_frames, deep_query=deep_query)
-    builders = {"tiny": tiny_config, "hollow": hollow_config, "seed": FoveatedVLMConfig}
+    # phase1: the config's defaults, the shapes of configs/phase1.yaml (DINOv3 ViT-S/16 + SmolLM2-135M, 256 px).
+    builders = {"tiny": tiny_config, "hollow": hollow_config, "phase1": FoveatedVLMConfig}
     config = builders[shapes](**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -91,7 +92,7 @@ def count_flops(model, pixel_values, vae_latents, input_ids=None) -> dict:
     def flops_of(fn):
         counter = FlopCounterMode(display=False)  # its module tracker needs autograd on, so no no_grad here
         # The math attention's matmuls are counted on any device; the CPU's fused SDPA kernel has no FLOP formula
-        # and counted 0 (a tenth of the encoder at seed shapes). The GPU's flash kernel counts the same as math.
+        # and counted 0 (a tenth of the encoder at phase1.yaml shapes). The GPU's flash kernel counts the same as math.
         with sdpa_kernel(SDPBackend.MATH), counter:
             result = fn()
         return counter.get_total_flops(), result
@@ -103,7 +104,7 @@ def count_flops(model, pixel_values, vae_latents, input_ids=None) -> dict:
         text_embeds = tokens.new_zeros(B, 0, tokens.shape[-1])
     else:
         text_embeds = model.language_model.get_input_embeddings()(input_ids)  # (B, text, E)
-    llm_flops, states = flops_of(lambda: model._run_language_model(model.coarse_token, tokens, text_embeds, None))
+    llm_flops, states = flops_of(lambda: model.run_language_model(model.coarse_token, tokens, text_embeds, None))
     prev_latents = model.previous_latents(vae_latents)
     head_flops, _ = flops_of(lambda: model.predict_latents(states[:, :T].repeat(2, 1, 1), prev_latents))
     parts = {"encoder": encoder_flops, "queries": 2 * query_flops, "llm": 2 * llm_flops, "head": head_flops}
@@ -208,7 +209,7 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     return {
         "encode frames": (lambda: backward(*model.encoder.encode_patches(pixel_values.flatten(0, 1)).to_tuple()), 1),
         "2 x query reading": (lambda: backward(*model.read_fine(queries, cache, B, T)), 2),
-        "2 x LLM pass": (lambda: backward(model._run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
+        "2 x LLM pass": (lambda: backward(model.run_language_model(model.coarse_token, tokens, empty_text, None)), 2),
         HEAD_PART: (lambda: backward(model.predict_latents(states, prev_latents)), 1),
         "trainer diagnostics": (lambda: clip_metrics(model, output, inputs), 1),
     }
@@ -505,7 +506,7 @@ def main():
     parser.add_argument("--grad_ckpt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--deep_query", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--freeze_vision", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--shapes", default="seed", help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="phase1", help=argparse.SUPPRESS)
     parser.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--compile_mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
@@ -530,11 +531,12 @@ def main():
     device = "cuda" if args.suite == "gpu" else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     if tables & {"step", "query"}:
-        print(f"# Seed shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) on {where}\n")
+        print(f"# phase1.yaml shapes (DINOv3-S/16 + SmolLM2-135M, random weights, 256 px, T=8 unless noted) "
+              f"on {where}\n")
     common = dict(device=device, steps=args.steps, warmup=args.warmup)
     if device == "cpu":
-        # Seed shapes take 5-7 s per clip and step on 2 cores in fp32 (B = 16: 17 GB of the machine's 24). Without
-        # bf16 instructions (AVX2 only) a bf16 step is about 12x slower, so bf16 only at B = 1 and 2.
+        # phase1.yaml shapes take 5-7 s per clip and step on 2 cores in fp32 (B = 16: 17 GB of the machine's 24).
+        # Without bf16 instructions (AVX2 only) a bf16 step is about 12x slower, so bf16 only at B = 1 and 2.
         grid = [dict(batch_size=b, precision="fp32") for b in (1, 2, 8, 16)]
         grid += [dict(batch_size=b, precision="bf16") for b in (1, 2)]
         grid += [dict(batch_size=1, precision="fp32", **change) for change in (
@@ -581,7 +583,7 @@ def print_compile_table(common, device, batch_size):
     The step eager and under `torch.compile` (default mode; `reduce-overhead` = CUDA graphs on a GPU). On a CPU at
     hollow shapes: what compiling saves of the host's cost of issuing the step.
     """
-    precision, shapes = ("bf16", "seed") if device == "cuda" else ("fp32", "hollow")
+    precision, shapes = ("bf16", "phase1") if device == "cuda" else ("fp32", "hollow")
     print(f"\n## torch.compile, B = {batch_size}, {precision}, {shapes} shapes\n")
     print("| model | warmup s | samples/s | ms/step | peak GB | vs eager |\n|---|---|---|---|---|---|")
     modes = ("default", "reduce-overhead") if device == "cuda" else ("default",)
@@ -614,9 +616,9 @@ def print_query_table(common, device):
 
 
 def print_parts_table(args):
-    """Train step vs the sum of its separately timed parts (CPU), tiny and seed shapes."""
+    """Train step vs the sum of its separately timed parts (CPU), tiny and phase1.yaml shapes."""
     print(f"# Train step vs the sum of its parts, CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)\n")
-    for shapes, batch_size in (("tiny", 16), ("seed", 1)):
+    for shapes, batch_size in (("tiny", 16), ("phase1", 1)):
         result = run_child(mode="parts", shapes=shapes, batch_size=batch_size, steps=args.steps, warmup=args.warmup,
                            compile=int(shapes == "tiny"))
         if "error" in result:
@@ -647,7 +649,7 @@ def print_dispatch_tables(args):
         dict(shapes="hollow", precision="fp32", nan_filter=1),
         dict(shapes="hollow", precision="bf16", nan_filter=1),
         dict(shapes="hollow", precision="bf16", nan_filter=0),
-        dict(shapes="seed", precision="fp32", nan_filter=1),
+        dict(shapes="phase1", precision="fp32", nan_filter=1),
     ]
     results = [run_child(mode="dispatch", batch_size=1, steps=args.steps, warmup=args.warmup, **v) for v in variants]
     parts = next((r["parts"] for r in results if r.get("parts")), None)

@@ -4,7 +4,7 @@ Each frame is encoded once and both LLM streams step one token with their own KV
 should not grow with t. For contrast, the table also times what a model without caches pays for frame t: the
 parallel forward over all t frames seen so far. Prints Markdown tables; measures, asserts nothing.
 
-    python benchmarks/bench_streaming.py                  # tiny (configs/tiny.yaml shapes) and seed shapes, CPU
+    python benchmarks/bench_streaming.py                  # tiny (configs/tiny.yaml) and phase1.yaml shapes, CPU
     python benchmarks/bench_streaming.py --shapes tiny --num_frames 128
 """
 
@@ -87,14 +87,15 @@ def benchmark(name: str, config: FoveatedVLMConfig, num_frames: int, repeats: in
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", choices=("tiny", "seed", "both"), default="both")
-    parser.add_argument("--num_frames", type=int, default=None, help="Frames streamed (default 64 tiny, 32 seed).")
+    parser.add_argument("--shapes", choices=("tiny", "phase1", "both"), default="both")
+    parser.add_argument("--num_frames", type=int, default=None, help="Frames streamed (default 64 tiny, 32 phase1).")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.shapes in ("tiny", "both"):
         benchmark("tiny (configs/tiny.yaml)", tiny_config(), args.num_frames or 64, args.repeats)
-    if args.shapes in ("seed", "both"):
-        benchmark("seed (DINOv3-S/16 + SmolLM2-135M shapes)", FoveatedVLMConfig(), args.num_frames or 32, args.repeats)
+    if args.shapes in ("phase1", "both"):  # the config's defaults: configs/phase1.yaml's shapes
+        benchmark("phase1.yaml (DINOv3-S/16 + SmolLM2-135M shapes)", FoveatedVLMConfig(), args.num_frames or 32,
+                  args.repeats)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tiny import tiny_tokenizer
 
 
 # Every installed decoder: decord and PyAV on Linux (setup.py), PyAV alone on macOS arm64, torchcodec where installed.
-BACKENDS = [backend for backend in VIDEO_BACKENDS if processing_foveated._BACKEND_AVAILABLE[backend]()]
+BACKENDS = [backend for backend in VIDEO_BACKENDS if processing_foveated.is_video_backend_available(backend)]
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +63,10 @@ def test_remote_code_imports_only_torch_numpy_transformers():
 def test_default_backend_is_the_first_installed(monkeypatch, videos):
     assert default_video_backend() == BACKENDS[0]
     # Without decord (macOS arm64) PyAV decodes.
-    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "decord", lambda: False)
-    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "torchcodec", lambda: False)
+    monkeypatch.setattr(processing_foveated, "is_video_backend_available", lambda backend: backend == "pyav")
     assert default_video_backend() == "pyav"
     assert load_video(videos["square"], num_frames=2, image_size=16)[0].shape == (2, 16, 16, 3)
-    monkeypatch.setitem(processing_foveated._BACKEND_AVAILABLE, "pyav", lambda: False)
+    monkeypatch.setattr(processing_foveated, "is_video_backend_available", lambda backend: False)
     with pytest.raises(ImportError, match="pip install av"):
         default_video_backend()
 

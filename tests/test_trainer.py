@@ -541,7 +541,7 @@ HUB_FILES = (
 
 def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_isolated_python):
     output_dir = tiny_run["output_dir"]
-    assert "| loss_coarse |" in tiny_run["stdout"] and "Wall time" in tiny_run["stdout"]
+    assert "| loss_coarse    |" in tiny_run["stdout"] and "Wall time" in tiny_run["stdout"]
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     assert {"eval_loss/fine", "eval_loss/coarse", "eval_improvement"} <= set(eval_results)
     checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
@@ -553,11 +553,11 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
 
     readme = (output_dir / "README.md").read_text()
     assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
-    assert f"| loss_fine   | {eval_results['eval_loss/fine']:.4f} |" in readme
+    assert f"| loss_fine      | {eval_results['eval_loss/fine']:.4f} |" in readme
     # A checkpoint's card holds the evaluation made at its step (the Trainer evaluates before it saves).
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     at_checkpoint = next(entry for entry in history if "eval_loss" in entry and entry["step"] == SAVE_STEPS)
-    assert f"| loss_fine   | {at_checkpoint['eval_loss/fine']:.4f} |" in (checkpoint / "README.md").read_text()
+    assert f"| loss_fine      | {at_checkpoint['eval_loss/fine']:.4f} |" in (checkpoint / "README.md").read_text()
     # The analysis report is written after training, and the model card links its figures (the checkpoint's has none).
     report = output_dir / "report"
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
