@@ -212,15 +212,18 @@ def _decoded_features(num_frames: int, image_size: int) -> datasets.Features:
 
 
 def _read_moving_boxes(video_path: str, frame_indices: list[int], orig_size, image_size: int, resize_mode: str):
-    """float32 (T, MAX_MOVING_BOXES, 4): normalised [x0, y0, x1, y1] of the moving objects at each sampled frame,
-    from the synthetic ground-truth sidecar `<stem>.json` next to the video; rows of -1 where there is none."""
+    """float32 (T, MAX_MOVING_BOXES, 4): normalised [x0, y0, x1, y1] of the boxes of what the next frame depends on
+    (movers, or the cued target) at each sampled frame, from the synthetic ground-truth sidecar `<stem>.json` next to
+    the video; rows of -1 where there is none."""
     boxes = np.full((len(frame_indices), MAX_MOVING_BOXES, 4), -1.0, dtype=np.float32)
     sidecar_path = Path(video_path).with_suffix(".json")
     if not sidecar_path.is_file():
         return boxes
     sidecar_frames = json.loads(sidecar_path.read_text())["frames"]
     for t, frame_index in enumerate(frame_indices):
-        moving = [obj["box"] for obj in sidecar_frames[frame_index]["objects"] if obj["moving"]]
+        # Only the cued scene's objects carry a "target" flag.
+        objects = sidecar_frames[frame_index]["objects"]
+        moving = [obj["box"] for obj in objects if obj["moving"] or obj.get("target", False)]
         for k, box in enumerate(moving[:MAX_MOVING_BOXES]):
             box = transform_box(box, orig_size, image_size, resize_mode)
             if box[2] > box[0] and box[3] > box[1]:  # a box outside a centre crop collapses to zero area: absent

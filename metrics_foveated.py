@@ -32,6 +32,7 @@ __all__ = [
     "derived_metrics",
     "improvement",
     "improvement_with_se",
+    "level_headroom",
     "mean_metrics",
     "means_from_totals",
     "model_inputs",
@@ -247,6 +248,53 @@ def derived_metrics(means: dict[str, float]) -> dict[str, float]:
     if "loss/fine_t2" in means and "loss/coarse_t2" in means:
         derived["improvement_t2"] = improvement(means["loss/fine_t2"], means["loss/coarse_t2"])
     return derived
+
+
+def level_headroom(
+    train_latents: np.ndarray, train_levels: np.ndarray, eval_latents: np.ndarray, eval_levels: np.ndarray
+) -> dict[str, float]:
+    """What knowing the next frame's background level is worth in the cued scene, on the targets t >= 2.
+
+    Two predictors of latent t from latent t-1, each adding the mean change that the training clips show for its
+    group of targets: `mse_level_known` groups by (level t-1, level t), the best a model that reads the target's cue
+    can do with the level alone; `mse_level_unknown` groups by level t-1 only, what history without the cue gives.
+    `headroom` = unknown - known is what a glimpse at the target can win; `mse_copy` is `loss/copy_t2`. Errors are
+    MSEs over every latent element of the held-out targets, as `loss/*_t2` are.
+
+    Args:
+        train_latents, eval_latents: VAE latents (N, T, C, h, w).
+        train_levels, eval_levels: integer background level of each frame (N, T).
+
+    Raises:
+        ValueError: when a held-out group never occurs in training (too few training clips for the levels).
+    """
+    train_latents, eval_latents = np.asarray(train_latents, np.float64), np.asarray(eval_latents, np.float64)
+
+    def transitions(latents, levels):  # (N*(T-1), C*h*w) changes, (N*(T-1),) levels before and after
+        levels = np.asarray(levels, np.int64)
+        change = (latents[:, 1:] - latents[:, :-1]).reshape(-1, int(np.prod(latents.shape[2:])))
+        return change, levels[:, :-1].reshape(-1), levels[:, 1:].reshape(-1)
+
+    train_change, train_before, train_after = transitions(train_latents, train_levels)
+    eval_change, eval_before, eval_after = transitions(eval_latents, eval_levels)
+
+    def grouped_mse(train_keys: np.ndarray, eval_keys: np.ndarray) -> float:
+        predicted = np.empty_like(eval_change)
+        for key in np.unique(eval_keys, axis=0):
+            in_train = (train_keys == key).all(-1)
+            if not in_train.any():
+                raise ValueError(f"levels {tuple(key)} occur in the held-out clips but never in training")
+            predicted[(eval_keys == key).all(-1)] = train_change[in_train].mean(0)
+        return float(((eval_change - predicted) ** 2).mean())
+
+    known = grouped_mse(np.stack([train_before, train_after], -1), np.stack([eval_before, eval_after], -1))
+    unknown = grouped_mse(train_before[:, None], eval_before[:, None])
+    return {
+        "mse_copy": float((eval_change**2).mean()),
+        "mse_level_unknown": unknown,
+        "mse_level_known": known,
+        "headroom": unknown - known,
+    }
 
 
 class FoveatedVLMImprovement(evaluate.Metric):

@@ -8,6 +8,11 @@ which is what a dynamic, content-dependent glimpse can do and a static one canno
 Objects are solid and large enough (side >= size / 10) to survive the 8x downsampling of the VAE latent: fine
 texture averages away there and leaves nothing to predict.
 
+The `cued` scene is the positive control of docs/DESIGN.md ("When can a glimpse beat a static read?"): nothing
+moves; K look-alikes each show a small centre cue of a random colour in every frame, one of them (the target) is
+marked in frame 0 only, and the target's cue colour in frame t sets the background level of frame t+1. Only a glimpse
+aimed at the target, whose place frame 0 reveals, can predict the next frame's brightness.
+
 Usage:
     python synthetic_videos.py --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
 """
@@ -29,6 +34,7 @@ import numpy as np
 __all__ = [
     "DIFFICULTIES",
     "EVAL_SEED_OFFSET",
+    "FoveatedVLMCueSpec",
     "FoveatedVLMSceneSpec",
     "generate_video",
     "write_video",
@@ -47,11 +53,41 @@ SHAPES = ("square", "disc")
 
 
 @dataclass(frozen=True)
+class FoveatedVLMCueSpec:
+    """The cued scene's rule: cue colour c of the target in frame t -> background level `level_of_cue[c]` in t+1.
+
+    Colours are RGB out of 255. The objects are near-black and the background grey, so that the cues (saturated
+    hues of different luminance) and the target's frame-0 mark (magenta) differ from both in hue; the levels are
+    45 grey values apart, a global step the 8x latent keeps whole."""
+
+    cue_side: float = 6 / 128  # fraction of the frame size: inside one 16 px encoder patch, a quarter of an object
+    cue_colours: tuple[tuple[float, float, float], ...] = (
+        (230.0, 30.0, 30.0),  # red
+        (30.0, 200.0, 30.0),  # green
+        (40.0, 70.0, 255.0),  # blue
+        (240.0, 220.0, 30.0),  # yellow
+    )
+    levels: tuple[float, ...] = (90.0, 135.0, 180.0, 225.0)  # background grey values, all >= 75 above the objects
+    level_of_cue: tuple[int, ...] = (0, 1, 2, 3)  # cue colour index -> level index of the next frame
+    object_colour: tuple[float, float, float] = (15.0, 15.0, 15.0)
+    target_colour: tuple[float, float, float] = (255.0, 0.0, 255.0)  # the target's body in frame 0 only
+
+    def __post_init__(self):
+        if len(self.level_of_cue) != len(self.cue_colours):
+            raise ValueError(
+                f"level_of_cue needs one level per cue colour ({len(self.cue_colours)}), got {len(self.level_of_cue)}"
+            )
+        if not all(0 <= level < len(self.levels) for level in self.level_of_cue):
+            raise ValueError(f"level_of_cue must index levels (0..{len(self.levels) - 1}), got {self.level_of_cue}")
+
+
+@dataclass(frozen=True)
 class FoveatedVLMSceneSpec:
     num_moving: int
     num_static: int
     side_range: tuple[float, float]  # object side as a fraction of the frame size, sampled once per video
     flicker: float  # amplitude of the global brightness flicker (0.05 = +-5 %), 0 for none
+    cue: Optional[FoveatedVLMCueSpec] = None  # the cued scene's rule (its look-alikes are the static objects)
 
 
 DIFFICULTIES = {
@@ -59,6 +95,10 @@ DIFFICULTIES = {
     "medium": FoveatedVLMSceneSpec(num_moving=1, num_static=3, side_range=(1 / 8, 1 / 6), flicker=0.0),
     # Smaller objects still span 1.3-1.6 latent cells at 8x downsampling.
     "hard": FoveatedVLMSceneSpec(num_moving=2, num_static=4, side_range=(1 / 10, 1 / 8), flicker=0.05),
+    # K = 7 look-alikes: more candidates than one static token can report the cues of.
+    "cued": FoveatedVLMSceneSpec(
+        num_moving=0, num_static=7, side_range=(1 / 8, 1 / 6), flicker=0.0, cue=FoveatedVLMCueSpec()
+    ),
 }
 
 
@@ -151,7 +191,13 @@ def generate_video(
         ground_truth: {"seed", "difficulty", "size", "num_video_frames", "num_frames",
             "frames": [{"objects": [{"box", "moving"}]}]}.
             Boxes are [x0, y0, x1, y1] in continuous pixel coordinates (pixel i spans [i, i+1)); objects keep their
-            order in every frame, so index k is the same object throughout.
+            order in every frame, so index k is the same object throughout. The cued scene adds "target" (the
+            target's index), each frame's "level" (index into `FoveatedVLMCueSpec.levels`) and each object's
+            "target" flag and "cue" (index into `FoveatedVLMCueSpec.cue_colours`).
+
+    Raises:
+        ValueError: for the cued scene, when num_video_frames != num_frames: its rule links consecutive frames, so
+            uniform sampling must read every frame in order.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
@@ -164,6 +210,21 @@ def generate_video(
         raise ValueError(f"num_frames must be >= 2 (speeds are set between two), got {num_frames}")
     spec = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
+    ground_truth = {
+        "seed": seed,
+        "difficulty": difficulty,
+        "size": size,
+        "num_video_frames": num_video_frames,
+        "num_frames": num_frames,
+    }
+    if spec.cue is not None:
+        if num_video_frames != num_frames:
+            raise ValueError(
+                f"difficulty {difficulty!r} sets frame t+1 from frame t, so the model must read every frame: "
+                f"num_video_frames ({num_video_frames}) must equal num_frames ({num_frames})"
+            )
+        frames, ground_truth_frames, target = _render_cued(rng, spec, size, num_video_frames)
+        return frames, {**ground_truth, "frames": ground_truth_frames, "target": target}
 
     background, background_colour = _background(rng, size)  # (S, S, 3)
     colour = _object_colour(rng, background_colour)
@@ -203,15 +264,49 @@ def generate_video(
         frames[t] = np.clip(np.rint(frame * gains[t]), 0, 255).astype(np.uint8)
         ground_truth_frames.append({"objects": objects[::-1]})
 
-    ground_truth = {
-        "seed": seed,
-        "difficulty": difficulty,
-        "size": size,
-        "num_video_frames": num_video_frames,
-        "num_frames": num_frames,
-        "frames": ground_truth_frames,
-    }
-    return frames, ground_truth
+    return frames, {**ground_truth, "frames": ground_truth_frames}
+
+
+def _render_cued(
+    rng: np.random.Generator, spec: FoveatedVLMSceneSpec, size: int, num_video_frames: int
+) -> tuple[np.ndarray, list[dict], int]:
+    """The cued scene (see FoveatedVLMCueSpec): frames (F, S, S, 3) uint8, ground-truth frames, the target's index."""
+    cue = spec.cue
+    textured, base_colour = _background(rng, size)
+    texture = textured - base_colour  # (S, S, 3): the same faint texture on every level
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    side = rng.uniform(*spec.side_range) * size
+    num_objects = spec.num_static
+    corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
+    target = int(rng.integers(num_objects))
+    cues = rng.integers(len(cue.cue_colours), size=(num_video_frames, num_objects))  # (F, K)
+    levels = np.empty(num_video_frames, dtype=np.int64)
+    levels[0] = rng.integers(len(cue.levels))
+    levels[1:] = np.asarray(cue.level_of_cue)[cues[:-1, target]]  # the rule: target's cue at t -> level at t+1
+
+    # Cues snapped to even pixels with an even side: yuv420p keeps one chroma sample per 2x2 block, so an aligned
+    # cue keeps its hue whole instead of bleeding into the object.
+    cue_side = max(2, 2 * round(cue.cue_side * size / 2))
+    centres = corners + side / 2  # (K, 2) as (x, y)
+    cue_corners = 2 * np.round((centres - cue_side / 2) / 2)
+
+    frames = np.empty((num_video_frames, size, size, 3), dtype=np.uint8)
+    ground_truth_frames = []
+    for t in range(num_video_frames):
+        frame = cue.levels[levels[t]] + texture
+        objects = []
+        for k in range(num_objects):
+            box = np.array([*corners[k], *(corners[k] + side)])
+            body = cue.target_colour if (k == target and t == 0) else cue.object_colour
+            _paint(frame, shape, box, np.asarray(body, dtype=np.float32))
+            _paint(frame, "square", np.array([*cue_corners[k], *(cue_corners[k] + cue_side)]),
+                   np.asarray(cue.cue_colours[cues[t, k]], dtype=np.float32))  # fmt: skip
+            objects.append(
+                {"box": [round(float(v), 3) for v in box], "moving": False, "target": k == target, "cue": int(cues[t, k])}
+            )
+        frames[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+        ground_truth_frames.append({"level": int(levels[t]), "objects": objects})
+    return frames, ground_truth_frames, target
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
@@ -312,7 +407,7 @@ def generate_split(
             frames, ground_truth = generate_video(video_seed, difficulty, size, num_video_frames, num_frames)
             _write_atomically(video_path, lambda p: write_video(p, frames, fps))
             # The sidecar goes last: its presence with matching params marks the pair as complete.
-            sidecar = {**params, "frames": ground_truth["frames"]}
+            sidecar = {**params, **{key: value for key, value in ground_truth.items() if key not in params}}
             _write_atomically(sidecar_path, lambda p: p.write_text(json.dumps(sidecar)))
     logger.info("%d videos written, %d reused", num_train + num_eval - num_reused, num_reused)
     return paths
@@ -329,7 +424,9 @@ def main() -> None:
         "--difficulty",
         choices=sorted(DIFFICULTIES),
         default="medium",
-        help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker.",
+        help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker; "
+        "cued: 7 still look-alikes, the target's cue colour sets the next frame's background level "
+        "(needs --num_frames equal to --num_video_frames).",
     )
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")
