@@ -5,6 +5,7 @@ Usage:
     python report_foveated.py outputs/tiny                               # data paths from the run's data_paths.json
     python report_foveated.py RUN_DIR --eval_dataset data/arrow/.../eval --vae data/vae/tiny-128px --num_videos 6
     python report_foveated.py --compare outputs/research/*               # one table row per run, seeds pooled
+    python report_foveated.py --headroom CACHE_DIR/arrow/train CACHE_DIR/arrow/eval   # a cued scene's headroom
 
 Writes `RUN_DIR/report/`: fig1_losses.png, fig2_ratio.png, fig3_attention_<k>.png, fig4_predictions.png,
 metrics.json (every number the text quotes), report.md and report.html (self-contained, images embedded).
@@ -60,6 +61,7 @@ __all__ = [
     "FoveatedVLMReportSummary",
     "clip_category",
     "compare_runs",
+    "cued_headroom",
     "evaluate_clips",
     "load_log_history",
     "markdown_to_html",
@@ -879,10 +881,34 @@ def compare_runs(run_dirs: list) -> str:
     return _table(["run", "seeds", "steps", "train s"] + [column for column, _ in COMPARE_COLUMNS], rows)
 
 
+def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
+    """`metrics_foveated.level_headroom` of two precomputed splits of cued clips (`load_precomputed` paths), with
+    each sampled frame's background level read from the video's ground-truth sidecar."""
+
+    def latents_and_levels(path: str) -> tuple[np.ndarray, np.ndarray]:
+        dataset = load_precomputed(path)
+        levels = []
+        for video_path, frame_indices in zip(dataset["video_path"], dataset["frame_indices"]):
+            sidecar_path = Path(video_path).with_suffix(".json")
+            sidecar_frames = json.loads(sidecar_path.read_text())["frames"]
+            if "level" not in sidecar_frames[0]:
+                raise ValueError(f"{sidecar_path} has no background levels: is {path} a cued split?")
+            levels.append([sidecar_frames[int(i)]["level"] for i in frame_indices])
+        return dataset["vae_latents"].numpy(), np.array(levels)
+
+    return metrics_foveated.level_headroom(*latents_and_levels(train_dataset), *latents_and_levels(eval_dataset))
+
+
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="+", help="A finished train_hf.py output_dir (several with --compare).")
     parser.add_argument("--compare", action="store_true", help="Print a table comparing the runs; write nothing.")
+    parser.add_argument(
+        "--headroom",
+        action="store_true",
+        help="Instead of a run: print what knowing the next level is worth (metrics_foveated.level_headroom) on a "
+        "cued scene, given its training and held-out precomputed datasets as the two positional paths.",
+    )
     parser.add_argument("--eval_dataset", help=f"Held-out Arrow dataset; default: the run's {DATA_PATHS_FILE}.")
     parser.add_argument(
         "--vae", help=f"AutoencoderKL (folder or Hub id) for decoding; default: the run's {DATA_PATHS_FILE}."
@@ -893,6 +919,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     args = parser.parse_args(argv)
     if args.compare:
         print(compare_runs(args.run_dir))
+        return None
+    if args.headroom:
+        if len(args.run_dir) != 2:
+            parser.error("--headroom takes two paths: the training and the held-out precomputed datasets")
+        print(json.dumps(cued_headroom(*args.run_dir), indent=1))
         return None
     if len(args.run_dir) != 1:
         parser.error("one run_dir at a time (or --compare to tabulate several)")

@@ -301,9 +301,8 @@ def _render_cued(
             _paint(frame, shape, box, np.asarray(body, dtype=np.float32))
             _paint(frame, "square", np.array([*cue_corners[k], *(cue_corners[k] + cue_side)]),
                    np.asarray(cue.cue_colours[cues[t, k]], dtype=np.float32))  # fmt: skip
-            objects.append(
-                {"box": [round(float(v), 3) for v in box], "moving": False, "target": k == target, "cue": int(cues[t, k])}
-            )
+            box = [round(float(v), 3) for v in box]
+            objects.append({"box": box, "moving": False, "target": k == target, "cue": int(cues[t, k])})
         frames[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
         ground_truth_frames.append({"level": int(levels[t]), "objects": objects})
     return frames, ground_truth_frames, target
