@@ -8,9 +8,11 @@ import decord
 import numpy as np
 import pytest
 
+from processing_foveated import load_video, sample_frame_indices
 from synthetic_videos import (
     DIFFICULTIES,
     EVAL_SEED_OFFSET,
+    FoveatedVLMCueSpec,
     generate_split,
     generate_video,
     write_video,
@@ -19,6 +21,14 @@ from synthetic_videos import (
 
 SCRIPT = Path(__file__).resolve().parents[1] / "synthetic_videos.py"
 SPLIT_PARAMS = dict(num_train=3, num_eval=2, difficulty="medium", size=64, num_video_frames=12, fps=6.0, seed=5)
+MOVER_DIFFICULTIES = sorted(name for name, spec in DIFFICULTIES.items() if spec.cue is None)
+CUE = DIFFICULTIES["cued"].cue
+# Cued videos at the default frame size, so the cue has its default 6 px; T = 8 frames, all read.
+CUED_SIZE, CUED_T = 128, 8
+# The decoded background's mean away from the objects is within 1.1 grey levels of its level (measured on 8 videos:
+# ffmpeg's YUV -> RGB truncation, about -1, and the faint texture's mean over the visible background); the levels are
+# 45 apart.
+LEVEL_TOLERANCE = 3.0
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +52,7 @@ def test_generate_video_is_deterministic_by_seed():
     assert ground_truth["frames"] != other_ground_truth["frames"]
 
 
-@pytest.mark.parametrize("difficulty", sorted(DIFFICULTIES))
+@pytest.mark.parametrize("difficulty", MOVER_DIFFICULTIES)
 def test_scene_follows_its_difficulty(difficulty):
     size, num_video_frames = 128, 16
     spec = DIFFICULTIES[difficulty]
@@ -178,3 +188,110 @@ def test_cli(tmp_path):
     assert sorted(path.name for path in (tmp_path / "train").iterdir()) == [
         "video_000000.json", "video_000000.mp4", "video_000001.json", "video_000001.mp4"
     ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cued scene (the positive control)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cued_split(tmp_path_factory):
+    """Decoded frames (F, S, S, 3) float and sidecars of 3 cued train videos, read as the model reads them."""
+    output_dir = tmp_path_factory.mktemp("cued")
+    paths = generate_split(output_dir, num_train=3, num_eval=1, difficulty="cued", size=CUED_SIZE,
+                           num_video_frames=CUED_T, num_frames=CUED_T, seed=11)  # fmt: skip
+    videos = []
+    for path in paths["train"]:
+        frames, info = load_video(path, CUED_T, CUED_SIZE)
+        # Uniform sampling with T = num_video_frames reads every frame, in order: the rule links what the model sees.
+        assert info["frame_indices"] == list(range(CUED_T))
+        videos.append((frames.astype(float), json.loads(open(path.replace(".mp4", ".json")).read())))
+    return output_dir, paths, videos
+
+
+def _background_mask(ground_truth: dict, size: int) -> np.ndarray:
+    """(S, S) bool: pixels at least 2 px away from every object (the objects stand still)."""
+    mask = np.ones((size, size), dtype=bool)
+    for x0, y0, x1, y1 in _boxes(ground_truth)[0]:
+        mask[max(int(y0) - 2, 0) : int(np.ceil(y1)) + 2, max(int(x0) - 2, 0) : int(np.ceil(x1)) + 2] = False
+    return mask
+
+
+def test_cued_spec_defaults():
+    spec = DIFFICULTIES["cued"]
+    assert spec.num_moving == 0 and spec.num_static == 7 and spec.flicker == 0
+    assert len(CUE.cue_colours) == 4 and len(CUE.levels) == 4 and CUE.level_of_cue == (0, 1, 2, 3)
+    assert CUE.cue_side * 128 == pytest.approx(6)
+    with pytest.raises(ValueError, match="level_of_cue"):
+        FoveatedVLMCueSpec(level_of_cue=(0, 1))
+    with pytest.raises(ValueError, match="level_of_cue"):
+        FoveatedVLMCueSpec(level_of_cue=(0, 1, 2, 4))
+
+
+def test_cued_needs_every_frame_read():
+    with pytest.raises(ValueError, match=r"num_video_frames \(16\) must equal num_frames \(8\)"):
+        generate_video(0, "cued", size=64, num_video_frames=16, num_frames=8)
+    # Any other T reads a subset or repeats frames, and frame t+1 would no longer be the one after t.
+    assert sample_frame_indices(CUED_T, CUED_T).tolist() == list(range(CUED_T))
+
+
+def test_cued_scene_structure():
+    for seed in range(4):
+        frames, ground_truth = generate_video(seed, "cued", CUED_SIZE, CUED_T, CUED_T)
+        boxes = _boxes(ground_truth)  # (F, K, 4)
+        assert boxes.shape[1] == DIFFICULTIES["cued"].num_static
+        np.testing.assert_array_equal(boxes, np.repeat(boxes[:1], CUED_T, axis=0))  # nothing moves
+        flags = [[(obj["moving"], obj["target"]) for obj in frame["objects"]] for frame in ground_truth["frames"]]
+        target = ground_truth["target"]
+        assert all(flag == (False, k == target) for frame in flags for k, flag in enumerate(frame))
+        levels = [frame["level"] for frame in ground_truth["frames"]]
+        cues = np.array([[obj["cue"] for obj in frame["objects"]] for frame in ground_truth["frames"]])  # (F, K)
+        assert levels[1:] == [CUE.level_of_cue[c] for c in cues[:-1, target]]
+        assert cues.min() >= 0 and cues.max() < len(CUE.cue_colours)
+    # Cues are drawn per object and frame: over a few videos every colour shows up on targets and on others.
+    assert set(cues.ravel()) == set(range(len(CUE.cue_colours)))
+
+
+def test_cued_rule_holds_in_the_decoded_pixels(cued_split):
+    _, _, videos = cued_split
+    for frames, ground_truth in videos:
+        background = frames[:, _background_mask(ground_truth, CUED_SIZE)].mean(axis=(1, 2))  # (F,) grey level
+        target = ground_truth["target"]
+        target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
+        # For every t: frame t+1's background is the level the target's cue colour in frame t maps to.
+        expected = [CUE.levels[CUE.level_of_cue[c]] for c in target_cues[:-1]]
+        np.testing.assert_allclose(background[1:], expected, atol=LEVEL_TOLERANCE)
+        np.testing.assert_allclose(background[0], CUE.levels[ground_truth["frames"][0]["level"]], atol=LEVEL_TOLERANCE)
+
+
+def test_cued_ground_truth_matches_the_pixels(cued_split):
+    _, _, videos = cued_split
+    colours = np.array(CUE.cue_colours)  # (C, 3)
+    for frames, ground_truth in videos:
+        target = ground_truth["target"]
+        for t, frame in enumerate(ground_truth["frames"]):
+            for k, obj in enumerate(frame["objects"]):
+                x0, y0, x1, y1 = obj["box"]
+                cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+                # The cue: the 2 x 2 centre pixels are nearest to the recorded colour, with a wide margin.
+                centre = frames[t, cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
+                distance = np.abs(colours - centre).max(axis=1)  # (C,)
+                assert distance[obj["cue"]] < 40 and np.delete(distance, obj["cue"]).min() > 120, (t, k, distance)
+                # The body, 2 px inside the left edge (inside a disc too, outside the cue): the target's mark
+                # colour in frame 0, the look-alikes' colour everywhere else.
+                body = frames[t, cy, int(np.ceil(x0)) + 2]
+                expected = CUE.target_colour if (k == target and t == 0) else CUE.object_colour
+                assert np.abs(body - expected).max() < 30, (t, k, body)
+
+
+def test_cued_train_and_eval_seeds_are_disjoint(cued_split):
+    _, paths, _ = cued_split
+    sidecars = {
+        name: [json.loads(open(path.replace(".mp4", ".json")).read()) for path in paths[name]]
+        for name in ("train", "eval")
+    }
+    train_seeds = {sidecar["seed"] for sidecar in sidecars["train"]}
+    eval_seeds = {sidecar["seed"] for sidecar in sidecars["eval"]}
+    assert eval_seeds == {11 + EVAL_SEED_OFFSET} and not train_seeds & eval_seeds
+    assert all(sidecar["frames"] != sidecars["eval"][0]["frames"] for sidecar in sidecars["train"])
