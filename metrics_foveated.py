@@ -283,7 +283,7 @@ def level_headroom(
         for key in np.unique(eval_keys, axis=0):
             in_train = (train_keys == key).all(-1)
             if not in_train.any():
-                raise ValueError(f"levels {tuple(key)} occur in the held-out clips but never in training")
+                raise ValueError(f"levels {tuple(key.tolist())} occur in the held-out clips but never in training")
             predicted[(eval_keys == key).all(-1)] = train_change[in_train].mean(0)
         return float(((eval_change - predicted) ** 2).mean())
 

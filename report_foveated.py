@@ -886,15 +886,17 @@ def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
     each sampled frame's background level read from the video's ground-truth sidecar."""
 
     def latents_and_levels(path: str) -> tuple[np.ndarray, np.ndarray]:
-        dataset = load_precomputed(path)
+        columns = load_precomputed(path).with_format("numpy").select_columns(
+            ["video_path", "frame_indices", "vae_latents"]
+        )[:]
         levels = []
-        for video_path, frame_indices in zip(dataset["video_path"], dataset["frame_indices"]):
+        for video_path, frame_indices in zip(columns["video_path"], columns["frame_indices"]):
             sidecar_path = Path(video_path).with_suffix(".json")
             sidecar_frames = json.loads(sidecar_path.read_text())["frames"]
             if "level" not in sidecar_frames[0]:
                 raise ValueError(f"{sidecar_path} has no background levels: is {path} a cued split?")
             levels.append([sidecar_frames[int(i)]["level"] for i in frame_indices])
-        return dataset["vae_latents"].numpy(), np.array(levels)
+        return columns["vae_latents"], np.array(levels)
 
     return metrics_foveated.level_headroom(*latents_and_levels(train_dataset), *latents_and_levels(eval_dataset))
 

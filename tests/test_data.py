@@ -27,6 +27,7 @@ from tiny import save_tiny_vae
 
 import data_foveated
 import precompute_latents
+import report_foveated
 import train_hf
 from data_foveated import (
     COLUMNS,
@@ -44,7 +45,7 @@ from data_foveated import (
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from synthetic_videos import generate_split
-from metrics_foveated import model_inputs
+from metrics_foveated import level_headroom, model_inputs
 from tiny_vae import make_tiny_vae
 
 
@@ -295,6 +296,31 @@ def test_moving_boxes_come_from_the_sidecar(precomputed):
         expected = transform_box(moving, (S, S), S, "crop")
         np.testing.assert_allclose(row["moving_boxes"][t, :2].numpy(), expected, atol=1e-6)
         assert (row["moving_boxes"][t, 2:] == -1).all()
+
+
+def test_cued_moving_boxes_are_the_target_in_every_frame(tiny_vae, precomputed, tmp_path):
+    precomputed_dir = precomputed[0]  # "hard" scenes: no levels
+    # Nothing moves in the cued scene: the one box is the target's, what the next frame depends on.
+    paths = generate_split(tmp_path / "videos", num_train=2, num_eval=0, difficulty="cued", size=S, num_video_frames=T,
+                           num_frames=T)  # fmt: skip
+    dataset = precompute(tmp_path / "videos" / "train", tmp_path / "out", tiny_vae)
+    assert sorted(dataset["video_path"]) == sorted(os.path.abspath(path) for path in paths["train"])
+    batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
+    assert batch["moving_boxes"].shape == (2, T, MAX_MOVING_BOXES, 4)
+    for i, path in enumerate(dataset["video_path"]):
+        sidecar = json.loads(Path(path).with_suffix(".json").read_text())
+        target_boxes = [frame["objects"][sidecar["target"]]["box"] for frame in sidecar["frames"]]  # every frame read
+        np.testing.assert_allclose(batch["moving_boxes"][i, :, 0].numpy(), np.array(target_boxes) / S, atol=1e-6)
+        assert (batch["moving_boxes"][i, :, 1:] == -1).all()
+
+    # The headroom's command reads each sampled frame's level from the same sidecars.
+    levels = [[frame["level"] for frame in json.loads(Path(path).with_suffix(".json").read_text())["frames"]]
+              for path in dataset["video_path"]]  # fmt: skip
+    latents = batch["vae_latents"].numpy()
+    expected = level_headroom(latents, levels, latents, levels)
+    assert report_foveated.cued_headroom(tmp_path / "out", tmp_path / "out") == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no background levels"):
+        report_foveated.cued_headroom(tmp_path / "out", precomputed_dir)
 
 
 def test_moving_boxes_without_a_sidecar_and_a_broken_sidecar(video_dir, tiny_vae, tmp_path):

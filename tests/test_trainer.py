@@ -34,6 +34,7 @@ from metrics_foveated import (
     FoveatedVLMImprovement,
     clip_metrics,
     improvement_with_se,
+    level_headroom,
     mean_metrics,
     model_inputs,
 )
@@ -369,6 +370,26 @@ def test_improvement_metric_and_its_standard_error():
     assert se == pytest.approx(spread, rel=0.1)
     single = FoveatedVLMImprovement().compute(loss_fine=[1.0], loss_coarse=[2.0])
     assert single["improvement"] == 0.5 and math.isnan(single["improvement_se"])
+
+
+def test_level_headroom_on_a_hand_computed_example():
+    # Latents (N, T, C=2, 1, 1): channel 0 carries the change, channel 1 stays 0 (so each MSE is half the
+    # channel-0 one). Training changes by (level before, level after): (0, 1): +1, +1; (1, 0): -1; (0, 0): 0.
+    def latents(values):
+        values = np.array(values, dtype=float)[..., None, None, None]  # (N, T, 1, 1, 1)
+        return np.concatenate([values, np.zeros_like(values)], axis=2)
+
+    train_latents, train_levels = latents([[0, 1, 0], [0, 0, 1]]), [[0, 1, 0], [0, 0, 1]]
+    eval_latents, eval_levels = latents([[0, 2, 0]]), [[0, 1, 0]]  # changes +2 at (0, 1), -2 at (1, 0)
+    measured = level_headroom(train_latents, train_levels, eval_latents, eval_levels)
+    # Known next level: predicted +1 and -1, errors 1 and 1. Unknown: from level 0 the mean of +1, 0, +1 = 2/3
+    # (error (4/3)^2 = 16/9), from level 1 -1 (error 1). Copy: errors 4 and 4.
+    assert measured["mse_level_known"] == pytest.approx(1 / 2)
+    assert measured["mse_level_unknown"] == pytest.approx((16 / 9 + 1) / 2 / 2)
+    assert measured["mse_copy"] == pytest.approx(4 / 2)
+    assert measured["headroom"] == pytest.approx(25 / 36 - 1 / 2)
+    with pytest.raises(ValueError, match=r"levels \(1, 1\)"):
+        level_headroom(train_latents, train_levels, eval_latents, [[0, 1, 1]])
 
 
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):
