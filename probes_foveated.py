@@ -48,8 +48,8 @@ class FoveatedVLMProbes:
         metadata={
             "help": "Which queries Pass 2 reads with: predicted (the design: the Pass-1 LLM's query after frame t-1), "
             "fixed (the learned q_init for every frame), random (fresh Gaussian queries with the predicted queries' "
-            "RMS each call) or oracle (q_init looking at the moving object's true centre, from the batch's "
-            "moving_boxes). All but the first cut the link between LLM and glimpse.",
+            "RMS each call) or oracle (q_init looking at the true centre of the mover or cued target, from the "
+            "batch's moving_boxes). All but the first cut the link between LLM and glimpse.",
             "choices": FINE_QUERIES,
         },
     )

@@ -388,8 +388,13 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             seed=seed,
             num_frames=data_args.num_frames,
         )
+        scene = (
+            "still look-alike objects; the cue of one, marked in frame 0, sets the next frame's background level"
+            if DIFFICULTIES[data_args.difficulty].cue is not None
+            else "look-alike objects, some moving, on a textured background"
+        )
         description = (
-            f"Synthetic clips ({data_args.difficulty}: look-alike objects, some moving, on a textured background), "
+            f"Synthetic clips ({data_args.difficulty}: {scene}), "
             f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"
         )
         return videos, {}, description

@@ -757,6 +757,18 @@ def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
     assert reading["diag/state_contribution_fine"].abs().min() > 1e-6
 
 
+def test_cued_config_is_tiny_on_the_cued_scene():
+    tiny, cued = (yaml.safe_load(Path(f"configs/{name}.yaml").read_text()) for name in ("tiny", "cued"))
+    changed = {"difficulty", "num_video_frames", "num_train_videos", "num_eval_videos", "cache_dir", "max_steps",
+               "eval_steps", "save_steps"}  # fmt: skip
+    assert {key: value for key, value in cued.items() if key not in changed} == {
+        key: value for key, value in tiny.items() if key not in changed
+    }
+    _, data_args, training_args, _ = train_hf.parse_arguments(["configs/cued.yaml"])
+    assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
+    assert training_args.max_steps == training_args.save_steps == 480
+
+
 def test_command_line_model_config_updates_the_yaml_one():
     model_args, data_args, _, _ = train_hf.parse_arguments(
         ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
