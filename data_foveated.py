@@ -478,7 +478,7 @@ def precompute_dataset(
         record = json.loads((run_dir / "precompute.json").read_text())
         if state.is_main_process:
             logger.info("precompute_dataset: %s is up to date (%s)", run_dir, record["counts"])
-            (output_dir / "precompute.json").write_text(json.dumps(record, indent=1))
+            _write_json(output_dir / "precompute.json", record)
         state.wait_for_everyone()
         return load_precomputed(run_dir)
 
@@ -549,8 +549,8 @@ def _write_run(
 
     counts = dict(num_in=len(errors), num_ok=len(keep), num_failed=len(failures))
     record = dict(run_id=run_id, run_dir=f"runs/{run_id}", settings=settings, counts=counts)
-    (run_dir / "precompute.json").write_text(json.dumps(record, indent=1))
-    (output_dir / "precompute.json").write_text(json.dumps(record, indent=1))
+    _write_json(run_dir / "precompute.json", record)
+    _write_json(output_dir / "precompute.json", record)
     logger.info(
         "precompute_dataset: %d in = %d ok + %d failed -> %s%s", counts["num_in"], counts["num_ok"],
         counts["num_failed"], run_dir, f" (failures listed in {run_dir / 'failures.jsonl'})" if failures else "",
@@ -560,6 +560,13 @@ def _write_run(
 # --------------------------------------------------------------------------------------------------------------------
 # Training side
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, value) -> None:
+    """Through a temporary file: a run reading the record while another rewrites it never sees half a file."""
+    temporary_path = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    temporary_path.write_text(json.dumps(value, indent=1))
+    os.replace(temporary_path, path)
 
 
 def _run_dir(path: str | os.PathLike) -> Path:
