@@ -137,6 +137,8 @@ def loss_formula(config, probes: Optional[dict] = None) -> str:
     terms.append(f"{config.lambda_coarse:g} · loss_coarse")
     if config.aux_current_weight > 0:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
+    if config.dynamic_entropy_weight > 0:
+        terms.append(f"{config.dynamic_entropy_weight:g} · entropy_dynamic")
     return " + ".join(terms)
 
 

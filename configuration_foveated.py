@@ -64,7 +64,7 @@ class FoveatedVLMConfig(PretrainedConfig):
             Side of the target VAE latent; must be `image_size / 8` (the SD VAE downsamples 8x).
         lambda_coarse (`float`, *optional*, defaults to 1.0):
             Weight of the Pass-1 loss: `loss = loss_fine + lambda_coarse * loss_coarse (+ aux_current_weight *
-            loss_aux)`.
+            loss_aux + dynamic_entropy_weight * entropy_dynamic)`.
         deep_query (`bool`, *optional*, defaults to `True`):
             `True`: the query joins every encoder layer, attending to that layer's cached keys/values.
             `False` ("shallow"): one cross-attention of the query over the final encoder features.
@@ -89,6 +89,15 @@ class FoveatedVLMConfig(PretrainedConfig):
             read frame t and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame
             it saw, which the next-frame loss alone does not get started (the head ignores a state that carries
             nothing). Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
+        dynamic_entropy_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the mean entropy (nats) of Pass 2's attention, added to the loss: a price on diffuse glimpses,
+            the remedy the founding guide gives for queries that stay uniform. It pushes every Pass-2 query towards
+            one place; which place still comes from the next-frame loss alone.
+        query_logit_scale (`float`, *optional*):
+            A learned factor on the query's content attention logits (over the cached keys, both passes), starting
+            at this value; `None` keeps the encoder's own scale. A small encoder trained from scratch has small
+            logits, so a query's attention starts near uniform and its content selectivity learns slowly; a larger
+            factor lets it pick out what it attends to.
         token_dim (`int`, *optional*):
             Width of a linear bottleneck every visual token passes through before the LLM (both passes). `None`
             keeps the encoder width. A narrow token cannot summarise a whole frame, which is where a glimpse that
@@ -122,6 +131,8 @@ class FoveatedVLMConfig(PretrainedConfig):
         fixation_bias: bool = False,
         glimpse_position: bool = False,
         aux_current_weight: float = 0.0,
+        dynamic_entropy_weight: float = 0.0,
+        query_logit_scale=None,
         token_dim=None,
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
@@ -156,6 +167,10 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.fixation_bias = fixation_bias
         self.glimpse_position = glimpse_position
         self.aux_current_weight = aux_current_weight
+        self.dynamic_entropy_weight = dynamic_entropy_weight
+        if query_logit_scale is not None and query_logit_scale <= 0:
+            raise ValueError(f"query_logit_scale must be > 0 (a factor on the logits) or None, got {query_logit_scale}")
+        self.query_logit_scale = query_logit_scale
         self.token_dim = token_dim
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std

@@ -160,7 +160,8 @@ def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = BOX_COVERAG
 def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     """Per clip: the attention mass inside the moving boxes, averaged over frames 2..T that have a box, for the
     dynamic (`tracking/dynamic`) and the static (`tracking/static`) query, and the same for uniform attention, the
-    boxes' mean coverage (`tracking/chance`). NaN for a clip with no box on those frames; no keys for a batch without
+    boxes' mean coverage (`tracking/chance`); and the static query's mass inside frame 1's boxes
+    (`tracking/static_first`), where the cued scene marks its target. NaN for a clip with no box on those frames; no keys for a batch without
     `moving_boxes`.
 
     This is the one definition of "attention on the mover", chosen for faithfulness:
@@ -180,10 +181,15 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     def over_frames(per_frame: torch.Tensor) -> torch.Tensor:  # (B, T-1) -> (B,), NaN without a box
         return torch.where(frames > 0, (per_frame * has_box).sum(1) / frames.clamp_min(1), math.nan)
 
+    first = box_coverage(batch["moving_boxes"][:, :1], math.isqrt(outputs.attn_static.shape[-1]))[:, 0]  # (B, P)
     return {
         "tracking/dynamic": over_frames((outputs.attn_dynamic[:, 1:].float() * coverage).sum(-1)),
         "tracking/static": over_frames((outputs.attn_static[:, 1:].float() * coverage).sum(-1)),
         "tracking/chance": over_frames(coverage.mean(-1)),
+        # Frame 1 apart: where the cued target is marked, so Pass 1 can see there where to look later.
+        "tracking/static_first": torch.where(
+            first.sum(-1) > 0, (outputs.attn_static[:, 0].float() * first).sum(-1), math.nan
+        ),
     }
 
 

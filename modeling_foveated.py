@@ -7,6 +7,7 @@ Shapes: B clips, T frames, S = image_size, P = (S / patch)^2 patches, L = 1 + re
 D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -72,7 +73,8 @@ class FoveatedVLMOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss, `loss_fine + lambda_coarse *
-            loss_coarse`, plus `aux_current_weight * loss_aux` when `config.aux_current_weight > 0`.
+            loss_coarse`, plus `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and
+            `dynamic_entropy_weight * entropy_dynamic` when `config.dynamic_entropy_weight > 0`.
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
         loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
@@ -149,13 +151,16 @@ class FoveatedVLMCrossAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.o_proj = nn.Linear(width, width)
 
-    def forward(self, query_state, features, logit_bias=None):
-        """query_state (N, 1, D), features (N, L, D), logit_bias (N, L) -> (N, 1, D), weights (N, H, L)."""
+    def forward(self, query_state, features, logit_bias=None, logit_scale=None):
+        """query_state (N, 1, D), features (N, L, D), logit_bias (N, L), logit_scale () -> (N, 1, D), weights
+        (N, H, L)."""
         N, L, D = features.shape
         query = self.q_proj(query_state).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.head_dim**-0.5  # (N, H, 1, L)
+        if logit_scale is not None:
+            logits = logits * logit_scale.float()
         if logit_bias is not None:
             logits = logits + logit_bias[:, None, None, :]
         weights = logits.softmax(dim=-1).to(value.dtype)
@@ -179,6 +184,9 @@ class FoveatedVLMEncoder(nn.Module):
         self.head_dim = vision_config.hidden_size // self.num_heads
         self.num_prefix_tokens = 1 + vision_config.num_register_tokens
         self.query_in_proj = nn.Linear(config.query_dim, vision_config.hidden_size)
+        if config.query_logit_scale is not None:
+            # log of a learned factor on the query's content logits (both passes; see the config).
+            self.query_log_scale = nn.Parameter(torch.empty(()))
         if config.fixation_bias:
             # (mu_y, mu_x, log sigma) of the fixation, read from the query vector.
             self.fixation_proj = nn.Linear(config.query_dim, 3)
@@ -255,6 +263,8 @@ class FoveatedVLMEncoder(nn.Module):
         cache_logits = torch.matmul(query, key_cache.transpose(-1, -2))  # (N, H, 1, L)
         own_logit = (query * own_key).sum(-1, keepdim=True)  # (N, H, 1, 1)
         logits = (torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling).float()  # (N, H, 1, L + 1)
+        if self.config.query_logit_scale is not None:
+            logits = logits * self.query_log_scale.float().exp()
         if logit_bias is not None:
             logits = logits + logit_bias[:, None, None, :]
         weights = logits.softmax(dim=-1).to(value_cache.dtype)
@@ -322,11 +332,14 @@ class FoveatedVLMEncoder(nn.Module):
             logit_bias = None
             if patch_bias is not None:
                 logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 0))  # (N, P) -> (N, L)
-            attended, weights = self.shallow_attention(query_state, cache.final_features, logit_bias)
+            scale = self.query_log_scale.exp() if self.config.query_logit_scale is not None else None
+            attended, weights = self.shallow_attention(query_state, cache.final_features, logit_bias, scale)
             patch_attention = weights.mean(1)[:, self.num_prefix_tokens :]  # (N, H, L) -> (N, P)
             tokens = self.shallow_norm(query_state[:, 0] + attended[:, 0])
         patch_attention = patch_attention.float()
-        patch_attention = patch_attention / patch_attention.sum(-1, keepdim=True).clamp_min(1e-12)
+        # A narrow fixation can leave the patches almost no mass (the rest on CLS and registers): the floor stays far
+        # below that, so the map is still its true shape and a penalty on its entropy cannot be met by looking nowhere.
+        patch_attention = patch_attention / patch_attention.sum(-1, keepdim=True).clamp_min(1e-30)
         return tokens, patch_attention
 
 
@@ -413,6 +426,8 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.q_init, std=self.config.query_init_std)
             for parameter in (module.coarse_token, module.fine_token, module.z_vae_init):
                 init.normal_(parameter, std=self.config.mode_token_init_std)
+        if isinstance(module, FoveatedVLMEncoder) and self.config.query_logit_scale is not None:
+            init.constant_(module.query_log_scale, math.log(self.config.query_logit_scale))
 
 
 class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
@@ -555,7 +570,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         """Where a glimpse landed: attention (N, P) -> (N, 3) = attention-weighted mean (y, x) and spread."""
         coords = self.encoder.patch_coordinates(attention.shape[-1], attention.device)  # (P, 2)
         mean = attention @ coords  # (N, 2)
-        spread = (attention @ coords.pow(2).sum(-1) - mean.pow(2).sum(-1)).clamp_min(0).sqrt()  # (N,)
+        # The floor keeps the gradient finite for a glimpse on one patch (zero spread), where sqrt's is infinite.
+        spread = (attention @ coords.pow(2).sum(-1) - mean.pow(2).sum(-1)).clamp_min(1e-8).sqrt()  # (N,)
         return torch.cat([mean, spread[:, None]], dim=-1)
 
     def forward(
@@ -592,6 +608,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
             hidden_fine = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
 
+        entropy_dynamic = attention_entropy(attn_dynamic)
         loss = loss_fine = loss_coarse = loss_aux = pred_fine = pred_coarse = prev_latents = None
         if vae_latents is not None:
             prev_latents = self.previous_latents(vae_latents)  # (B, T, C, h, w)
@@ -603,6 +620,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             if reconstructions is not None:
                 loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
                 loss = loss + self.config.aux_current_weight * loss_aux
+            if self.config.dynamic_entropy_weight > 0:
+                loss = loss + self.config.dynamic_entropy_weight * entropy_dynamic
 
         output = FoveatedVLMOutput(
             loss=loss,
@@ -615,7 +634,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             attn_static=attn_static,
             attn_dynamic=attn_dynamic,
             entropy_static=attention_entropy(attn_static),
-            entropy_dynamic=attention_entropy(attn_dynamic),
+            entropy_dynamic=entropy_dynamic,
             state_coarse=hidden_coarse[:, :T],
             state_fine=hidden_fine[:, :T],
             prev_latents=prev_latents,

@@ -11,7 +11,8 @@ texture averages away there and leaves nothing to predict.
 The `cued` scene is the positive control of docs/DESIGN.md ("When can a glimpse beat a static read?"): nothing
 moves; K look-alikes each show a small centre cue of a random colour in every frame, one of them (the target) is
 marked in frame 0 only, and the target's cue colour in frame t sets the background level of frame t+1. Only a glimpse
-aimed at the target, whose place frame 0 reveals, can predict the next frame's brightness.
+aimed at the target, whose place frame 0 reveals, can predict the next frame's brightness. `cued_motion` is the
+same rule with the target revealed by its motion instead (it moves, the others stand still), the ladder's next rung.
 
 Usage:
     python synthetic_videos.py --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
@@ -71,6 +72,9 @@ class FoveatedVLMCueSpec:
     level_of_cue: tuple[int, ...] = (0, 1, 2, 3)  # cue colour index -> level index of the next frame
     object_colour: tuple[float, float, float] = (15.0, 15.0, 15.0)
     target_colour: tuple[float, float, float] = (255.0, 0.0, 255.0)  # the target's body in frame 0 only
+    # How history reveals the target: "colour" (its body is `target_colour` in frame 0, then a look-alike) or
+    # "motion" (a look-alike throughout that moves, about one side per frame, bouncing; the others stand still).
+    target_marked_by: str = "colour"
 
     def __post_init__(self):
         if len(self.level_of_cue) != len(self.cue_colours):
@@ -79,6 +83,8 @@ class FoveatedVLMCueSpec:
             )
         if not all(0 <= level < len(self.levels) for level in self.level_of_cue):
             raise ValueError(f"level_of_cue must index levels (0..{len(self.levels) - 1}), got {self.level_of_cue}")
+        if self.target_marked_by not in ("colour", "motion"):
+            raise ValueError(f"target_marked_by must be 'colour' or 'motion', got {self.target_marked_by!r}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,14 @@ DIFFICULTIES = {
     # K = 7 look-alikes: more candidates than one static token can report the cues of.
     "cued": FoveatedVLMSceneSpec(
         num_moving=0, num_static=7, side_range=(1 / 8, 1 / 6), flicker=0.0, cue=FoveatedVLMCueSpec()
+    ),
+    # The ladder's second rung: the same rule, the target known only by its motion (the cue rides on it).
+    "cued_motion": FoveatedVLMSceneSpec(
+        num_moving=0,
+        num_static=7,
+        side_range=(1 / 8, 1 / 6),
+        flicker=0.0,
+        cue=FoveatedVLMCueSpec(target_marked_by="motion"),
     ),
 }
 
@@ -279,6 +293,11 @@ def _render_cued(
     num_objects = spec.num_static
     corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
     target = int(rng.integers(num_objects))
+    tracks = np.repeat(corners[None], num_video_frames, axis=0)  # (F, K, 2) top-left corners
+    if cue.target_marked_by == "motion":
+        angle = rng.uniform(0.0, 2 * np.pi)
+        velocity = side * rng.uniform(0.8, 1.2) * np.array([np.cos(angle), np.sin(angle)])  # one side per frame
+        tracks[:, target] = _bounce(corners[target], velocity, num_video_frames, size - side)
     cues = rng.integers(len(cue.cue_colours), size=(num_video_frames, num_objects))  # (F, K)
     levels = np.empty(num_video_frames, dtype=np.int64)
     levels[0] = rng.integers(len(cue.levels))
@@ -287,22 +306,25 @@ def _render_cued(
     # Cues snapped to even pixels with an even side: yuv420p keeps one chroma sample per 2x2 block, so an aligned
     # cue keeps its hue whole instead of bleeding into the object.
     cue_side = max(2, 2 * round(cue.cue_side * size / 2))
-    centres = corners + side / 2  # (K, 2) as (x, y)
-    cue_corners = 2 * np.round((centres - cue_side / 2) / 2)
+    cue_corners = 2 * np.round((tracks + side / 2 - cue_side / 2) / 2)  # (F, K, 2) as (x, y)
+    marked_by_colour = cue.target_marked_by == "colour"
 
     frames = np.empty((num_video_frames, size, size, 3), dtype=np.uint8)
     ground_truth_frames = []
     for t in range(num_video_frames):
         frame = cue.levels[levels[t]] + texture
         objects = []
-        for k in range(num_objects):
-            box = np.array([*corners[k], *(corners[k] + side)])
-            body = cue.target_colour if (k == target and t == 0) else cue.object_colour
+        # The target last: a moving target passing over a look-alike stays whole, cue included.
+        for k in sorted(range(num_objects), key=lambda k: k == target):
+            box = np.array([*tracks[t, k], *(tracks[t, k] + side)])
+            body = cue.target_colour if (k == target and t == 0 and marked_by_colour) else cue.object_colour
             _paint(frame, shape, box, np.asarray(body, dtype=np.float32))
-            _paint(frame, "square", np.array([*cue_corners[k], *(cue_corners[k] + cue_side)]),
+            _paint(frame, "square", np.array([*cue_corners[t, k], *(cue_corners[t, k] + cue_side)]),
                    np.asarray(cue.cue_colours[cues[t, k]], dtype=np.float32))  # fmt: skip
-            box = [round(float(v), 3) for v in box]
-            objects.append({"box": box, "moving": False, "target": k == target, "cue": int(cues[t, k])})
+        for k in range(num_objects):
+            box = [round(float(v), 3) for v in (*tracks[t, k], *(tracks[t, k] + side))]
+            moving = k == target and not marked_by_colour
+            objects.append({"box": box, "moving": moving, "target": k == target, "cue": int(cues[t, k])})
         frames[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
         ground_truth_frames.append({"level": int(levels[t]), "objects": objects})
     return frames, ground_truth_frames, target
@@ -425,7 +447,7 @@ def main() -> None:
         default="medium",
         help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker; "
         "cued: 7 still look-alikes, the target's cue colour sets the next frame's background level "
-        "(needs --num_frames equal to --num_video_frames).",
+        "(needs --num_frames equal to --num_video_frames); cued_motion: the same, the target known only because it moves.",
     )
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")

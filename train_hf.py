@@ -388,11 +388,11 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             seed=seed,
             num_frames=data_args.num_frames,
         )
-        scene = (
-            "still look-alike objects; the cue of one, marked in frame 0, sets the next frame's background level"
-            if DIFFICULTIES[data_args.difficulty].cue is not None
-            else "look-alike objects, some moving, on a textured background"
-        )
+        cue = DIFFICULTIES[data_args.difficulty].cue
+        scene = "look-alike objects, some moving, on a textured background"
+        if cue is not None:
+            target = "marked in frame 0" if cue.target_marked_by == "colour" else "the only one that moves"
+            scene = f"look-alike objects; the cue of one, {target}, sets the next frame's background level"
         description = (
             f"Synthetic clips ({data_args.difficulty}: {scene}), "
             f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"

@@ -464,6 +464,53 @@ def test_fixation_bias_moves_the_attention():
     assert (mean_position > 0.5).all(), mean_position
 
 
+def test_dynamic_entropy_weight_prices_diffuse_pass2_glimpses():
+    pixel_values, vae_latents = make_batch(tiny_config())
+    grads = {}
+    for weight in (0.0, 0.5):
+        model = make_model(fixation_bias=True, dynamic_entropy_weight=weight).train()
+        output = model(pixel_values, vae_latents)
+        expected = output.loss_fine + output.loss_coarse + weight * output.entropy_dynamic
+        torch.testing.assert_close(output.loss, expected)
+        output.loss.backward()
+        grads[weight] = model.encoder.fixation_proj.bias.grad.clone()
+    # The term reaches the Pass-2 fixation, and a wider fixation costs more: its log sigma's gradient grows.
+    assert grads[0.5][2] > grads[0.0][2]
+
+
+def test_query_logit_scale_sharpens_the_query_and_is_learned(tmp_path):
+    pixel_values, vae_latents = make_batch(tiny_config())
+    with torch.no_grad():
+        plain, unit, sharp = (
+            make_model(**options)(pixel_values, vae_latents)
+            for options in ({}, {"query_logit_scale": 1.0}, {"query_logit_scale": 200.0})
+        )
+    assert not hasattr(make_model().encoder, "query_log_scale")
+    torch.testing.assert_close(unit.loss, plain.loss)  # a factor of 1 is the encoder's own scale
+    assert sharp.entropy_static < plain.entropy_static - 0.1
+    assert sharp.entropy_dynamic < plain.entropy_dynamic - 0.1
+    model = make_model(query_logit_scale=200.0).train()
+    model(pixel_values, vae_latents).loss.backward()
+    assert model.encoder.query_log_scale.grad.abs() > 0
+    model.save_pretrained(tmp_path)
+    loaded = FoveatedVLMModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.encoder.query_log_scale, model.encoder.query_log_scale)
+    with pytest.raises(ValueError, match="query_logit_scale"):
+        tiny_config(query_logit_scale=0.0)
+
+
+def test_a_glimpse_on_one_patch_has_finite_gradients():
+    # The narrowest fixation puts all of a query's patch attention on one patch: zero spread in the glimpse summary.
+    model = make_model(fixation_bias=True, glimpse_position=True, dynamic_entropy_weight=0.1).train()
+    with torch.no_grad():
+        model.encoder.fixation_proj.weight.zero_()
+        model.encoder.fixation_proj.bias.copy_(torch.tensor([0.2554, -0.2554, -10.0]))  # tanh -> a patch centre
+    output = model(*make_batch(model.config))
+    assert output.attn_dynamic.max() > 0.99
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_token_bottleneck_narrows_every_visual_token():
     model = make_model(token_dim=3).train()
     assert model.token_bottleneck.out_features == 3 and model.dino_to_llm.in_features == 3

@@ -295,3 +295,43 @@ def test_cued_train_and_eval_seeds_are_disjoint(cued_split):
     eval_seeds = {sidecar["seed"] for sidecar in sidecars["eval"]}
     assert eval_seeds == {11 + EVAL_SEED_OFFSET} and not train_seeds & eval_seeds
     assert all(sidecar["frames"] != sidecars["eval"][0]["frames"] for sidecar in sidecars["train"])
+
+
+def test_cued_motion_target_is_the_only_mover_and_unmarked():
+    # The ladder's rung 2: the cued rule, the target revealed by its motion instead of its frame-0 colour.
+    assert DIFFICULTIES["cued_motion"].cue.target_marked_by == "motion"
+    with pytest.raises(ValueError, match="target_marked_by"):
+        FoveatedVLMCueSpec(target_marked_by="size")
+    for seed in range(4):
+        frames, ground_truth = generate_video(seed, "cued_motion", CUED_SIZE, CUED_T, CUED_T)
+        boxes = _boxes(ground_truth)  # (F, K, 4)
+        target = ground_truth["target"]
+        others = np.delete(boxes, target, axis=1)
+        np.testing.assert_array_equal(others, np.repeat(others[:1], CUED_T, axis=0))  # the look-alikes stand still
+        side = boxes[0, target, 2] - boxes[0, target, 0]
+        steps = np.linalg.norm(np.diff(boxes[:, target, :2], axis=0), axis=-1)  # (F-1,) pixels per frame
+        assert (steps > 0).all() and (steps <= 1.2 * side + 1e-3).all()
+        flags = [[(obj["moving"], obj["target"]) for obj in frame["objects"]] for frame in ground_truth["frames"]]
+        assert all(flag == (k == target, k == target) for frame in flags for k, flag in enumerate(frame))
+        levels = [frame["level"] for frame in ground_truth["frames"]]
+        target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
+        assert levels[1:] == [CUE.level_of_cue[c] for c in target_cues[:-1]]
+
+
+def test_cued_motion_pixels_follow_the_ground_truth(tmp_path):
+    paths = generate_split(tmp_path, num_train=2, num_eval=0, difficulty="cued_motion", size=CUED_SIZE,
+                           num_video_frames=CUED_T, num_frames=CUED_T, seed=5)  # fmt: skip
+    colours = np.array(CUE.cue_colours)  # (C, 3)
+    for path in paths["train"]:
+        frames, _ = load_video(path, CUED_T, CUED_SIZE)
+        frames = frames.astype(float)
+        ground_truth = json.loads(open(path.replace(".mp4", ".json")).read())
+        target = ground_truth["target"]
+        for t, frame in enumerate(ground_truth["frames"]):
+            x0, y0, x1, y1 = frame["objects"][target]["box"]
+            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+            # The cue rides on the moving target (drawn last, so never hidden) and the body is never marked.
+            centre = frames[t, cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
+            assert np.abs(colours - centre).max(axis=1).argmin() == frame["objects"][target]["cue"]
+            body = frames[t, cy, int(np.ceil(x0)) + 2]
+            assert np.abs(body - CUE.object_colour).max() < 30, (t, body)
