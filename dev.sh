@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for the README's commands: `bash dev.sh main` runs the embedded default end to end,
+# One entry point for the README's commands: `bash dev.sh main` runs the positive control end to end,
 # `bash dev.sh test` runs the test suite. Both install into .venv/ first (quick when already installed).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,8 +26,14 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
     main)
+        # The positive control (configs/cued.yaml, docs/RESULTS.md): the default model with learned queries, the
+        # same with Pass 2 sent to the target (the oracle), what knowing the next level is worth, and both side by side.
         setup_venv
-        exec .venv/bin/python train_hf.py configs/tiny.yaml "$@"
+        .venv/bin/python train_hf.py configs/cued.yaml "$@"
+        .venv/bin/python train_hf.py configs/cued.yaml --fine_queries oracle --output_dir outputs/cued-oracle "$@"
+        echo "Headroom (held-out latent MSE on targets t >= 2 without and with the next level known):"
+        .venv/bin/python report_foveated.py --headroom data/cued/arrow/train data/cued/arrow/eval
+        .venv/bin/python report_foveated.py --compare outputs/cued outputs/cued-oracle
         ;;
     test)
         setup_venv

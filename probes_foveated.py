@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 PROBES_FILE = "probes.json"
-COARSE_READERS = ("query", "mean_pool")
+COARSE_READERS = ("query", "mean_pool", "oracle_first")
 FINE_QUERIES = ("predicted", "fixed", "random", "oracle")
 # Spread of an oracle fixation, log sigma in [-1, 1] frame units: sigma ~ 0.14, about the half-side of a synthetic
 # object.
@@ -38,8 +38,10 @@ class FoveatedVLMProbes:
     coarse_reader: str = field(
         default="query",
         metadata={
-            "help": "How Pass 1 reads a frame: query (the design: the learned q_static) or mean_pool (the plain "
-            "average of the final patch features).",
+            "help": "How Pass 1 reads a frame: query (the design: the learned q_static), mean_pool (the plain "
+            "average of the final patch features) or oracle_first (q_static, but frame 1 with a fixation on the true "
+            "centre of its moving box or cued target: Pass 1 is told where the target is, and must still learn to "
+            "aim Pass 2 there).",
             "choices": COARSE_READERS,
         },
     )
@@ -70,6 +72,11 @@ class FoveatedVLMProbes:
             raise ValueError(f"fine_loss_weight={self.fine_loss_weight} must be >= 0")
 
     @property
+    def needs_oracle(self) -> bool:
+        """True when the forward reads ground-truth fixations (`oracle_fixations`)."""
+        return self.fine_queries == "oracle" or self.coarse_reader == "oracle_first"
+
+    @property
     def active(self) -> bool:
         """True when any probe differs from the design."""
         return self != FoveatedVLMProbes()
@@ -81,7 +88,8 @@ class FoveatedVLMProbes:
 class FoveatedVLMProbedModel(FoveatedVLMModel):
     """
     A `FoveatedVLMModel` with probes: the same parameters, with Pass 1's reader, Pass 2's queries or the weight of
-    `loss_fine` changed. With `fine_queries="oracle"`, `forward` takes `oracle_fixations` (B, T, 2).
+    `loss_fine` changed. With `fine_queries="oracle"` or `coarse_reader="oracle_first"`, `forward` takes
+    `oracle_fixations` (B, T, 2).
     """
 
     def __init__(self, config, probes: Optional[FoveatedVLMProbes] = None):
@@ -100,13 +108,17 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
     def forward(self, pixel_values: torch.Tensor, *args, oracle_fixations: Optional[torch.Tensor] = None, **kwargs):
         r"""
         `FoveatedVLMModel.forward` (which refuses any other argument), and:
-            oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"`
-                only: (y, x) in [-1, 1] where Pass 2 looks in each frame, e.g. the moving object's true centre.
+            oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"` or
+                `coarse_reader="oracle_first"` only: (y, x) in [-1, 1] of what matters in each frame, e.g. the moving
+                object's true centre.
         """
         B, T = pixel_values.shape[:2]
-        oracle = self.probes.fine_queries == "oracle"
+        oracle = self.probes.needs_oracle
         if oracle != (oracle_fixations is not None):
-            raise ValueError("oracle_fixations (B, T, 2) are needed with fine_queries='oracle', and only then")
+            raise ValueError(
+                "oracle_fixations (B, T, 2) are needed with fine_queries='oracle' or coarse_reader='oracle_first', "
+                "and only then"
+            )
         if oracle and tuple(oracle_fixations.shape) != (B, T, 2):
             raise ValueError(f"oracle_fixations must have shape ({B}, {T}, 2); got {tuple(oracle_fixations.shape)}")
         # `read_fine` is called from inside the base forward: it finds this call's fixations here.
@@ -116,7 +128,22 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         finally:
             self._oracle_fixations = None
 
+    def _oracle_fixations_or_fail(self, probe: str) -> torch.Tensor:
+        """The call's (B, T, 3) ground-truth fixations: its (y, x) and the oracle's spread."""
+        if self._oracle_fixations is None:
+            raise ValueError(f"{probe} reads where forward(oracle_fixations=...) says; stream() has none")
+        centres = self._oracle_fixations.float()  # (B, T, 2)
+        return torch.cat([centres, torch.full_like(centres[..., :1], ORACLE_LOG_SIGMA)], dim=-1)  # (B, T, 3)
+
     def read_coarse(self, cache, B, T):
+        if self.probes.coarse_reader == "oracle_first":
+            if not self.config.fixation_bias:
+                raise ValueError("coarse_reader='oracle_first' steers q_static's fixation: it needs fixation_bias")
+            # q_static's own fixation in every frame but the first, which looks at its target.
+            fixations = self.encoder.fixation(self.q_static[None]).expand(B, T, 3)  # (B, T, 3)
+            oracle = self._oracle_fixations_or_fail("coarse_reader='oracle_first'")  # (B, T, 3)
+            fixations = torch.cat([oracle[:, :1], fixations[:, 1:]], dim=1)
+            return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T, fixations)
         if self.probes.coarse_reader == "mean_pool":
             tokens = cache.patch_features.mean(dim=1)  # (B*T, P, D) -> (B*T, D)
             num_patches = cache.patch_features.shape[1]
@@ -127,10 +154,7 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
     def read_fine(self, queries, cache, B, T):
         mode = self.probes.fine_queries
         if mode == "oracle":
-            if self._oracle_fixations is None:
-                raise ValueError("fine_queries='oracle' reads where forward(oracle_fixations=...) says; stream() has none")
-            centres = self._oracle_fixations.float()  # (B, T, 2)
-            fixations = torch.cat([centres, torch.full_like(centres[..., :1], ORACLE_LOG_SIGMA)], dim=-1)  # (B, T, 3)
+            fixations = self._oracle_fixations_or_fail("fine_queries='oracle'")
             return self._read_frames(self.q_init.to(queries.dtype).expand_as(queries), cache, B, T, fixations)
         if mode == "fixed":
             queries = self.q_init.to(queries.dtype).expand_as(queries)
@@ -193,9 +217,10 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
 
 def probe_inputs(model, batch: dict) -> dict:
     """The probed forward's extra arguments from a collated batch: `oracle_fixations` for a model probed with
-    `fine_queries="oracle"` (the centre of each frame's first moving box), else nothing."""
-    if not (isinstance(model, FoveatedVLMProbedModel) and model.probes.fine_queries == "oracle"):
+    `fine_queries="oracle"` or `coarse_reader="oracle_first"` (the centre of each frame's first moving box), else
+    nothing."""
+    if not (isinstance(model, FoveatedVLMProbedModel) and model.probes.needs_oracle):
         return {}
     if "moving_boxes" not in batch:
-        raise ValueError("fine_queries='oracle' needs the batch's moving_boxes (synthetic clips carry them)")
+        raise ValueError("oracle probes need the batch's moving_boxes (synthetic clips carry them)")
     return {"oracle_fixations": moving_box_centres(batch["moving_boxes"])}

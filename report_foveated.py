@@ -765,10 +765,18 @@ def _held_out(run_dir: Path, log_history, eval_dataset, vae, use_captions, num_v
 
 
 def write_report(
-    run_dir, eval_dataset=None, vae=None, num_videos: int = 6, device="cpu", batch_size: int = 16, use_captions=None
+    run_dir,
+    eval_dataset=None,
+    vae=None,
+    num_videos: int = 6,
+    device="cpu",
+    batch_size: int = 16,
+    use_captions=None,
+    description: Optional[str] = None,
 ) -> Path:
     """Write RUN_DIR/report/ (figures, metrics.json, report.md, report.html); return that folder. `eval_dataset`,
-    `vae` and `use_captions` default to what the run recorded in DATA_PATHS_FILE."""
+    `vae`, `use_captions` and `description` (of the clips: which scene, how many) default to what the run recorded
+    in DATA_PATHS_FILE."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir {run_dir} is not a folder")
@@ -797,7 +805,13 @@ def write_report(
     )
     (out / "metrics.json").write_text(json.dumps(_json_safe(asdict(summary)), indent=1))
 
-    text = [f"# Foveated VLM: report on {run_dir.name}", "## 1. Executive summary", *_executive_summary(summary)]
+    text = [f"# Foveated VLM: report on {run_dir.name}"]
+    recorded_path = run_dir / DATA_PATHS_FILE
+    if description is None and recorded_path.is_file():
+        description = json.loads(recorded_path.read_text()).get("description")
+    if description:
+        text.append(f"**Clips.** {description}")
+    text += ["## 1. Executive summary", *_executive_summary(summary)]
     if config is not None:
         num_clips = clips.num_clips if clips else None
         text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips)]

@@ -392,7 +392,10 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
         scene = "look-alike objects, some moving, on a textured background"
         if cue is not None:
             target = "marked in frame 0" if cue.target_marked_by == "colour" else "the only one that moves"
-            scene = f"look-alike objects; the cue of one, {target}, sets the next frame's background level"
+            scene = (
+                f"the positive control of docs/RESULTS.md: look-alike objects; the cue of one, {target}, sets the "
+                "next frame's background level, so only a glimpse aimed at it predicts that level"
+            )
         description = (
             f"Synthetic clips ({data_args.difficulty}: {scene}), "
             f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"
@@ -675,11 +678,12 @@ def final_evaluation(trainer: FoveatedVLMTrainer) -> dict:
     return trainer.evaluate()
 
 
-def evaluate(trainer: FoveatedVLMTrainer) -> dict:
+def evaluate(trainer: FoveatedVLMTrainer, data: PreparedData) -> dict:
     """Table 1 on the whole held-out split, measured once: prints it and writes eval_results.json into output_dir."""
     metrics = final_evaluation(trainer)
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
+        print(f"\nClips: {data.description}")
         print(f"\nTable 1: held-out next-frame latent MSE ({len(trainer.eval_dataset)} clips)\n")
         print(table1_markdown(metrics))
     return metrics
@@ -695,7 +699,7 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
         device = trainer.args.device
         report_dir = report_foveated.write_report(
             trainer.args.output_dir, data.eval_dir, data.vae, device=device, batch_size=trainer.args.eval_batch_size,
-            use_captions=data.use_captions,
+            use_captions=data.use_captions, description=data.description,
         )
         print(f"Report: {report_dir / 'report.md'} and report.html")
     trainer.create_model_card()  # links the report's figures when they exist
@@ -704,7 +708,9 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
     # After the push: local paths are of no use on the Hub.
     if trainer.is_world_process_zero():
         vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
-        data_paths = {"eval_dataset": data.eval_dir, "vae": vae, "use_captions": data.use_captions}
+        data_paths = {
+            "eval_dataset": data.eval_dir, "vae": vae, "use_captions": data.use_captions, "description": data.description
+        }
         Path(trainer.args.output_dir, report_foveated.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
 
@@ -730,7 +736,7 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
         return trainer
 
     trainer.train(resume_from_checkpoint=checkpoint)
-    evaluate(trainer)
+    evaluate(trainer, data)
     save(trainer, data)
     if trainer.is_world_process_zero():
         total = time.perf_counter() - start

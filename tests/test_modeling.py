@@ -638,6 +638,28 @@ def test_oracle_fixations_steer_pass2_only():
         next(model.stream(pixel_values.unbind(1)))
 
 
+def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
+    probes = FoveatedVLMProbes(coarse_reader="oracle_first")
+    assert probes.needs_oracle and not FoveatedVLMProbes().needs_oracle
+    model = make_probed(probes, fixation_bias=True, glimpse_position=True)
+    plain = make_model(fixation_bias=True, glimpse_position=True)
+    pixel_values, vae_latents = make_batch(model.config)
+    inputs = probe_inputs(model, oracle_batch(model.config))
+    with torch.no_grad():
+        output, design = model(pixel_values, vae_latents, **inputs), plain(pixel_values, vae_latents)
+    coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
+    first_centre = output.attn_static[:, 0] @ coords  # (B, 2)
+    assert (first_centre[:, 0] > 0.4).all() and (first_centre[:, 1] < -0.4).all(), first_centre
+    # Frames 2..T are read as the design reads them, and Pass 2 keeps its predicted queries.
+    torch.testing.assert_close(output.attn_static[:, 1:], design.attn_static[:, 1:])
+    assert not torch.allclose(output.queries, design.queries)  # the LLM read where frame 1's glimpse landed
+    model.train()
+    model(pixel_values, vae_latents, **inputs).loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0 and model.q_static.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fixation_bias"):
+        make_probed(probes)(pixel_values, vae_latents, **probe_inputs(make_probed(probes), oracle_batch(model.config)))
+
+
 def test_coarse_only_trains_pass1_and_still_reports_loss_fine():
     model = make_probed(PROBES["coarse_only"], aux_current_weight=0.5).train()
     pixel_values, vae_latents = make_batch(model.config)
@@ -689,9 +711,10 @@ def test_streaming_equals_the_parallel_forward(with_text):
     assert_stream_equals_forward(make_model(fixation_bias=True, glimpse_position=True), **text)
 
 
-@pytest.mark.parametrize("name", ["token_dim", "mean_pool", "fixed", "coarse_only"])
+@pytest.mark.parametrize("name", ["token_dim", "query_logit_scale", "mean_pool", "fixed", "coarse_only"])
 def test_streaming_follows_the_options_and_probes(name):
-    model = make_model(token_dim=4) if name == "token_dim" else make_probed(PROBES[name])
+    options = {"token_dim": dict(token_dim=4), "query_logit_scale": dict(query_logit_scale=8.0, fixation_bias=True)}
+    model = make_model(**options[name]) if name in options else make_probed(PROBES[name])
     assert_stream_equals_forward(model)
 
 

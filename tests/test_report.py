@@ -100,7 +100,8 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     eval_dataset(root / "eval")
     save_tiny_vae(root / "vae", S)
-    return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae")}
+    description = "Synthetic clips (cued, the positive control of docs/RESULTS.md)"
+    return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae"), "description": description}
 
 
 def make_run(run_dir, data: dict, with_eval: bool = True, model=None):
@@ -153,6 +154,8 @@ def test_writes_every_file(tiny_run):
                     "Where it fails"):
         assert section in markdown
     assert "the seed" not in markdown.lower()  # the design is docs/DESIGN.md
+    # Which clips the numbers are on, as the run recorded them: a reader sees that this is the positive control.
+    assert "**Clips.** Synthetic clips (cued, the positive control of docs/RESULTS.md)" in markdown
 
 
 def test_table1_is_the_logged_evaluation(tiny_run):

@@ -760,10 +760,13 @@ def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
 def test_cued_config_is_tiny_on_the_cued_scene():
     tiny, cued = (yaml.safe_load(Path(f"configs/{name}.yaml").read_text()) for name in ("tiny", "cued"))
     changed = {"difficulty", "num_video_frames", "num_train_videos", "num_eval_videos", "cache_dir", "max_steps",
-               "eval_steps", "save_steps"}  # fmt: skip
+               "eval_steps", "save_steps", "model_config"}  # fmt: skip
     assert {key: value for key, value in cued.items() if key not in changed} == {
         key: value for key, value in tiny.items() if key not in changed
     }
+    # The model: the full-width token and a 32-channel head (docs/RESULTS.md says why), the rest as in tiny.
+    cued_model = {"token_dim": None, "head_channels": 32, "head_mlp_dim": 128}
+    assert cued["model_config"] == {**tiny["model_config"], **cued_model}
     _, data_args, training_args, _ = train_hf.parse_arguments(["configs/cued.yaml"])
     assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
     assert training_args.max_steps == training_args.save_steps == 480
