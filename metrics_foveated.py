@@ -33,6 +33,7 @@ __all__ = [
     "improvement",
     "improvement_with_se",
     "level_headroom",
+    "linear_readout",
     "mean_metrics",
     "means_from_totals",
     "model_inputs",
@@ -47,6 +48,8 @@ MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask
 CHANGED_CELL_THRESHOLD = 0.1
 # Tracking samples each patch at this many points per side to measure how much of it the boxes cover.
 BOX_COVERAGE_SUBDIVISIONS = 8
+# Ridge penalty of `linear_readout`, relative to the mean diagonal of the standardised features' Gram matrix.
+READOUT_RIDGE = 1e-3
 # The per-clip losses Table 1's improvements and their standard errors are computed from.
 TABLE1_LOSSES = ("loss/fine", "loss/coarse", "loss/fine_t2", "loss/coarse_t2")
 
@@ -301,6 +304,68 @@ def level_headroom(
         "mse_level_known": known,
         "headroom": unknown - known,
     }
+
+
+def linear_readout(
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    eval_features: np.ndarray,
+    eval_targets: np.ndarray,
+    kind: str = "regression",
+    ridge: float = READOUT_RIDGE,
+) -> dict[str, float]:
+    """How much of a quantity a linear map of the features recovers on held-out samples: ridge regression in closed
+    form, fitted on the training samples only. Used to ask what each pass's LLM state knows about the next frame.
+
+    The features are standardised with the training mean and standard deviation (a constant feature stays 0) and get
+    a bias column; the penalty, not on the bias, is `ridge` * N_train, `ridge` times the mean diagonal of the
+    standardised features' Gram matrix, so it does not depend on the features' scale or the number of samples.
+
+    Args:
+        train_features, eval_features: (N, F) and (M, F).
+        train_targets, eval_targets: kind="regression": (N,) or (N, D) floats; kind="classification": (N,) integer
+            class ids (a held-out class never seen in training counts as wrong).
+        kind: "regression" or "classification".
+
+    Returns:
+        regression: {"r2"}: held-out R² = 1 - SSE / SST per target dimension, with SST around the *training* mean
+            (predicting the training mean scores 0; below 0 is worse), averaged over the D dimensions so each
+            coordinate weighs alike whatever its spread; a dimension whose held-out targets all equal the training
+            mean is left out (NaN if every one is).
+        classification: {"accuracy", "chance"}: the held-out accuracy of the argmax of a ridge fit to one-hot targets,
+            and what always answering the most frequent training class scores on the held-out samples.
+    """
+    if kind not in ("regression", "classification"):
+        raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
+    train_x, eval_x = np.asarray(train_features, np.float64), np.asarray(eval_features, np.float64)
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.where(std > 0, std, 1.0)
+
+    def design(x: np.ndarray) -> np.ndarray:  # (N, F) -> (N, F + 1), standardised, bias last
+        return np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+
+    train_x, eval_x = design(train_x), design(eval_x)
+    if kind == "classification":
+        train_ids, eval_ids = np.asarray(train_targets, np.int64), np.asarray(eval_targets, np.int64)
+        classes, counts = np.unique(train_ids, return_counts=True)
+        train_y = (train_ids[:, None] == classes).astype(np.float64)  # (N, classes) one-hot
+    else:
+        train_y = np.asarray(train_targets, np.float64).reshape(len(train_x), -1)  # (N, D)
+    gram = train_x.T @ train_x
+    penalty = np.full(len(gram), ridge * len(train_x))
+    penalty[-1] = 0.0  # the bias is not shrunk
+    weights = np.linalg.solve(gram + np.diag(penalty), train_x.T @ train_y)  # (F + 1, D or classes)
+    predicted = eval_x @ weights
+    if kind == "classification":
+        return {
+            "accuracy": float((classes[predicted.argmax(1)] == eval_ids).mean()),
+            "chance": float((eval_ids == classes[counts.argmax()]).mean()),
+        }
+    eval_y = np.asarray(eval_targets, np.float64).reshape(len(eval_x), -1)  # (M, D)
+    sse = ((eval_y - predicted) ** 2).sum(0)
+    sst = ((eval_y - train_y.mean(0)) ** 2).sum(0)
+    varies = sst > 0  # a dimension held at the training mean has nothing to recover
+    return {"r2": float((1 - sse[varies] / sst[varies]).mean()) if varies.any() else math.nan}
 
 
 class FoveatedVLMImprovement(evaluate.Metric):

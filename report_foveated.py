@@ -6,6 +6,7 @@ Usage:
     python report_foveated.py RUN_DIR --eval_dataset data/arrow/.../eval --vae data/vae/tiny-128px --num_videos 6
     python report_foveated.py --compare outputs/research/*               # one table row per run, seeds pooled
     python report_foveated.py --headroom CACHE_DIR/arrow/train CACHE_DIR/arrow/eval   # a cued scene's headroom
+    python report_foveated.py --readout RUN_DIR TRAIN_DATASET [--eval_dataset EVAL]   # what each pass's state knows
 
 Writes `RUN_DIR/report/`: fig1_losses.png, fig2_ratio.png, fig3_attention_<k>.png, fig4_predictions.png,
 metrics.json (every number the text quotes), report.md and report.html (self-contained, images embedded).
@@ -66,6 +67,7 @@ __all__ = [
     "load_log_history",
     "markdown_to_html",
     "resolve_data_paths",
+    "state_readout",
     "summarize_clips",
     "write_report",
     "main",
@@ -895,6 +897,18 @@ def compare_runs(run_dirs: list) -> str:
     return _table(["run", "seeds", "steps", "train s"] + [column for column, _ in COMPARE_COLUMNS], rows)
 
 
+def _sidecar_levels(video_path: str, frame_indices) -> Optional[list[int]]:
+    """Each sampled frame's background level index from a cued clip's ground-truth sidecar `<stem>.json`; None for a
+    clip without a sidecar or whose sidecar has no levels (not a cued clip)."""
+    sidecar_path = Path(video_path).with_suffix(".json")
+    if not sidecar_path.is_file():
+        return None
+    sidecar_frames = json.loads(sidecar_path.read_text())["frames"]
+    if "level" not in sidecar_frames[0]:
+        return None
+    return [sidecar_frames[int(i)]["level"] for i in frame_indices]
+
+
 def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
     """`metrics_foveated.level_headroom` of two precomputed splits of cued clips (`load_precomputed` paths), with
     each sampled frame's background level read from the video's ground-truth sidecar."""
@@ -905,14 +919,99 @@ def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
         )[:]
         levels = []
         for video_path, frame_indices in zip(columns["video_path"], columns["frame_indices"]):
-            sidecar_path = Path(video_path).with_suffix(".json")
-            sidecar_frames = json.loads(sidecar_path.read_text())["frames"]
-            if "level" not in sidecar_frames[0]:
+            clip_levels = _sidecar_levels(video_path, frame_indices)
+            if clip_levels is None:
+                sidecar_path = Path(video_path).with_suffix(".json")
                 raise ValueError(f"{sidecar_path} has no background levels: is {path} a cued split?")
-            levels.append([sidecar_frames[int(i)]["level"] for i in frame_indices])
+            levels.append(clip_levels)
         return columns["vae_latents"], np.array(levels)
 
     return metrics_foveated.level_headroom(*latents_and_levels(train_dataset), *latents_and_levels(eval_dataset))
+
+
+@torch.no_grad()
+def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
+    """Each clip's LLM states at targets t = 1..T-1 (0-based: the state that has read frames < t and predicts latent
+    t; t = 0 has read no frame) with what frame t needs: {"coarse", "fine": (M, E), "target", "cued"}. The target is
+    frame t's background level index (M,) where every clip's sidecar has levels (a cued split), else the centre
+    (x, y) (M, 2) of frame t's first moving box; targets without a box are left out."""
+    dataset = load_precomputed(path)
+    frame_indices = dataset.select_columns(["frame_indices"]).with_format("numpy")["frame_indices"]
+    levels = [_sidecar_levels(video, indices) for video, indices in zip(dataset["video_path"], frame_indices)]
+    cued = all(clip is not None for clip in levels)
+    if not cued and any(clip is not None for clip in levels):
+        raise ValueError(f"only some clips of {path} have background levels in their sidecars")
+    samples = {"coarse": [], "fine": [], "target": []}
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = _to_device(collator(rows), device)
+        inputs = metrics_foveated.model_inputs(batch, model)
+        inputs.pop("vae_latents", None)  # the states alone: no head pass
+        outputs = model(**inputs)
+        if cued:
+            target = torch.tensor(levels[start : start + len(rows)])  # (B, T)
+            keep = torch.ones(target.shape, dtype=torch.bool)
+        else:
+            box = batch["moving_boxes"][:, :, 0].cpu()  # (B, T, 4) the first box, xyxy
+            target = (box[..., :2] + box[..., 2:]) / 2  # (B, T, 2)
+            keep = metrics_foveated.box_present(box)  # (B, T)
+        keep[:, 0] = False
+        samples["coarse"].append(outputs.state_coarse.float().cpu()[keep])  # (B, T, E) -> (n, E)
+        samples["fine"].append(outputs.state_fine.float().cpu()[keep])
+        samples["target"].append(target[keep])
+    samples = {name: torch.cat(parts).numpy() for name, parts in samples.items()}
+    if not len(samples["target"]):
+        raise ValueError(f"no clip of {path} has a moving box at frames 1..T-1: nothing to read out")
+    return {**samples, "cued": cued}
+
+
+def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
+    """What a linear readout of each pass's LLM state recovers, on held-out clips, of what the next frame needs
+    (docs/DESIGN.md's conditions): `metrics_foveated.linear_readout` fitted on the training split's states, scored on
+    the held-out split's, for Pass 1 (`state_coarse`) and Pass 2 (`state_fine`) apart.
+
+    On a cued split the quantity is frame t's background level, set by the target's cue in frame t-1 (classification
+    accuracy, with chance); on a mover split the centre of frame t's first moving box (held-out R²). A Pass 1 that
+    already holds it leaves a glimpse nothing to add. The run's model is read with its probes (an oracle run with
+    oracle fixations) and its captions where it trained on them.
+
+    Args:
+        run_dir: a train_hf.py output_dir (its final model, else its last checkpoint's).
+        train_dataset, eval_dataset: `load_precomputed` paths; `eval_dataset` defaults to the run's DATA_PATHS_FILE.
+
+    Returns:
+        {"quantity": "next level" | "mover centre", "metric": "accuracy" | "r2", "coarse", "fine", "chance"
+        (classification only), "num_train", "num_eval" ((clip, target) samples), "eval_dataset"}.
+    """
+    run_dir = Path(run_dir)
+    model_dir = _model_dir(run_dir)
+    if model_dir is None:
+        raise FileNotFoundError(f"no saved model (config.json) in {run_dir} or its checkpoints")
+    eval_dataset, _, use_captions, _ = resolve_data_paths(run_dir, eval_dataset, None)
+    if eval_dataset is None:
+        raise ValueError(f"no held-out dataset: pass eval_dataset ({run_dir / DATA_PATHS_FILE} names none)")
+    model = from_pretrained_with_probes(str(model_dir)).to(device)
+    tokenizer = None  # the clips are read as the run read them
+    if use_captions:
+        tokenizer = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True).tokenizer
+    collator = FoveatedVLMDataCollator(tokenizer)
+    train = _readout_samples(model, train_dataset, collator, batch_size, device)
+    held_out = _readout_samples(model, eval_dataset, collator, batch_size, device)
+    if train["cued"] != held_out["cued"]:
+        raise ValueError(f"{train_dataset} and {eval_dataset} are not the same kind of split (cued or not)")
+    kind = "classification" if train["cued"] else "regression"
+    metric = "accuracy" if train["cued"] else "r2"
+    scores = {
+        name: metrics_foveated.linear_readout(train[name], train["target"], held_out[name], held_out["target"], kind)
+        for name in ("coarse", "fine")
+    }
+    result = {"quantity": "next level" if train["cued"] else "mover centre", "metric": metric}
+    result.update({name: score[metric] for name, score in scores.items()})
+    if train["cued"]:
+        result["chance"] = scores["coarse"]["chance"]
+    return {**result, "num_train": len(train["target"]), "num_eval": len(held_out["target"]),
+            "eval_dataset": str(eval_dataset)}
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:
@@ -924,6 +1023,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         action="store_true",
         help="Instead of a run: print what knowing the next level is worth (metrics_foveated.level_headroom) on a "
         "cued scene, given its training and held-out precomputed datasets as the two positional paths.",
+    )
+    parser.add_argument(
+        "--readout",
+        action="store_true",
+        help="Instead of a report: print what a linear readout of each pass's LLM state recovers of the next frame's "
+        "level (cued) or mover centre on the held-out clips (state_readout), given RUN_DIR and the training "
+        "precomputed dataset as the two positional paths.",
     )
     parser.add_argument("--eval_dataset", help=f"Held-out Arrow dataset; default: the run's {DATA_PATHS_FILE}.")
     parser.add_argument(
@@ -940,6 +1046,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
         if len(args.run_dir) != 2:
             parser.error("--headroom takes two paths: the training and the held-out precomputed datasets")
         print(json.dumps(cued_headroom(*args.run_dir), indent=1))
+        return None
+    if args.readout:
+        if len(args.run_dir) != 2:
+            parser.error("--readout takes two paths: the run and the training precomputed dataset")
+        print(json.dumps(state_readout(*args.run_dir, args.eval_dataset, args.batch_size, args.device), indent=1))
         return None
     if len(args.run_dir) != 1:
         parser.error("one run_dir at a time (or --compare to tabulate several)")

@@ -1,7 +1,7 @@
 """report_foveated.py and card_foveated.py on tiny run folders built in seconds: every file written, Table 1 read from
 the logged evaluation (or measured with the trainer's metric functions where nothing was logged), per-clip numbers
 equal to a direct computation, images embedded in report.html, missing pieces reported instead of crashing, and the
-model card's model-index carrying the logged results."""
+model card's model-index carrying the logged results, and the linear readout of each pass's LLM state."""
 
 import json
 import math
@@ -16,10 +16,11 @@ from transformers import TrainerState, TrainingArguments
 
 import metrics_foveated
 from card_foveated import FoveatedVLMModelCardInfo, loss_formula, write_model_card
-from data_foveated import FoveatedVLMDataCollator, load_precomputed
+from data_foveated import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
-from report_foveated import DATA_PATHS_FILE, compare_runs, main, write_report
+from report_foveated import DATA_PATHS_FILE, compare_runs, main, state_readout, write_report
+from synthetic_videos import generate_split
 from tiny import save_tiny_vae, tiny_config
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -331,3 +332,118 @@ def test_probed_run_is_reported_with_its_probes(tmp_path, data):
         outputs = model(**metrics_foveated.model_inputs(batch, model))
     assert metrics["held_out"]["loss_fine"] == pytest.approx(outputs.loss_fine.item(), rel=1e-5)
     assert "oracle" in (out / "report.md").read_text()
+
+
+# ---- The linear state readout ----
+
+
+def test_linear_readout_recovers_a_planted_linear_relation():
+    rng = np.random.default_rng(0)
+    # Features of very different scales and offsets: the standardisation makes the fit indifferent to them.
+    x = rng.standard_normal((3000, 20)) * rng.uniform(0.1, 10, 20) + rng.uniform(-5, 5, 20)
+    signal = (x - x.mean(0)) / x.std(0) @ rng.standard_normal((20, 2))  # (N, 2)
+    train, held_out = slice(0, 2000), slice(2000, None)
+
+    def r2(targets, features=x):
+        return metrics_foveated.linear_readout(features[train], targets[train], features[held_out], targets[held_out])
+
+    assert r2(signal)["r2"] > 0.999
+    # Noise with the signal's variance in each coordinate: half of it is recoverable.
+    noise = rng.standard_normal(signal.shape) * signal.std(0)
+    assert r2(signal + noise)["r2"] == pytest.approx(0.5, abs=0.05)
+    assert abs(r2(noise)["r2"]) < 0.03  # pure noise: nothing
+    # Constant features predict the training mean, which scores exactly 0 (SST around the training mean).
+    assert r2(signal, np.ones_like(x))["r2"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="kind"):
+        metrics_foveated.linear_readout(x, signal, x, signal, kind="ranking")
+
+
+def test_linear_readout_recovers_a_planted_class_rule():
+    rng = np.random.default_rng(1)
+    labels = rng.choice(4, size=3000, p=[0.4, 0.3, 0.2, 0.1])  # unbalanced: chance is the majority's share
+    centres = rng.standard_normal((4, 16)) * 3
+    x = np.concatenate([centres[labels] + rng.standard_normal((3000, 16)), rng.standard_normal((3000, 8))], axis=1)
+    train, held_out = slice(0, 2000), slice(2000, None)
+
+    def readout(targets):
+        return metrics_foveated.linear_readout(
+            x[train], targets[train], x[held_out], targets[held_out], kind="classification"
+        )
+
+    planted = readout(labels)
+    assert planted["accuracy"] > 0.98
+    majority = np.bincount(labels[train]).argmax()
+    assert planted["chance"] == pytest.approx((labels[held_out] == majority).mean())
+    shuffled = rng.permutation(labels)
+    result = readout(shuffled)
+    assert result["accuracy"] == pytest.approx(result["chance"], abs=0.05) and 0.3 < result["chance"] < 0.5
+
+
+def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
+    """The CLI on a tiny run, eval split from its data_paths.json; the samples are the states at t = 1..T-1 of the
+    frames with a box, read out as `linear_readout` does it on a direct forward."""
+    run_dir = make_run(tmp_path / "run", data)
+    eval_dataset(tmp_path / "train", seed=1)  # other frames, the same boxes
+    main(["--readout", str(run_dir), str(tmp_path / "train"), "--batch_size", "2"])  # a ragged last batch
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantity"] == "mover centre" and result["metric"] == "r2" and "chance" not in result
+    assert result["num_train"] == result["num_eval"] == (NUM_CLIPS - 1) * (T - 1)  # clip 1 has no box
+    assert math.isfinite(result["coarse"]) and math.isfinite(result["fine"])
+
+    model = FoveatedVLMModel.from_pretrained(str(run_dir)).eval()
+    keep = [i for i in range(NUM_CLIPS) if i != 1]
+
+    def samples(path):  # the whole split in one forward: {pass: (4 * (T-1), E)}, centres (4 * (T-1), 2)
+        dataset = load_precomputed(path)
+        batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
+        with torch.no_grad():
+            outputs = model(pixel_values=batch["pixel_values"])
+        box = batch["moving_boxes"][keep, 1:, 0]  # (4, T-1, 4)
+        centres = torch.stack([box[..., 0] + box[..., 2], box[..., 1] + box[..., 3]], -1).reshape(-1, 2) / 2
+        states = {name: getattr(outputs, f"state_{name}")[keep, 1:].flatten(0, 1) for name in ("coarse", "fine")}
+        return states, centres
+
+    train_states, train_centres = samples(tmp_path / "train")
+    eval_states, eval_centres = samples(data["eval_dataset"])
+    for name in ("coarse", "fine"):
+        expected = metrics_foveated.linear_readout(train_states[name], train_centres, eval_states[name], eval_centres)
+        assert result[name] == pytest.approx(expected["r2"], rel=1e-3, abs=1e-4), name
+
+
+@pytest.fixture(scope="module")
+def cued_splits(tmp_path_factory, data):
+    """Precomputed train (4 clips) and eval (2 clips) splits of the cued scene, sidecars with levels beside them."""
+    root = tmp_path_factory.mktemp("cued")
+    generate_split(root / "videos", num_train=4, num_eval=2, difficulty="cued", size=S, num_video_frames=T,
+                   num_frames=T)  # fmt: skip
+    for split in ("train", "eval"):
+        precompute_dataset(find_videos(root / "videos" / split), root / split, num_frames=T, image_size=S,
+                           vae=data["vae"], batch_size=4)  # fmt: skip
+    return str(root / "train"), str(root / "eval")
+
+
+def test_state_readout_of_a_cued_oracle_run(tmp_path, data, cued_splits):
+    """A cued split: the next level is classified; an oracle run is read with its oracle fixations."""
+    train, held_out = cued_splits
+    run_dir = make_run(tmp_path / "oracle", {**data, "eval_dataset": held_out})
+    (run_dir / PROBES_FILE).write_text(json.dumps({"fine_queries": "oracle"}))
+    result = state_readout(run_dir, train)
+    assert result["quantity"] == "next level" and result["metric"] == "accuracy"
+    assert result["num_train"] == 4 * (T - 1) and result["num_eval"] == 2 * (T - 1)
+    assert result["eval_dataset"] == held_out
+    for name in ("coarse", "fine", "chance"):
+        assert 0 <= result[name] <= 1 and result[name] * result["num_eval"] == pytest.approx(
+            round(result[name] * result["num_eval"])
+        ), name  # a share of the 6 held-out targets
+    with pytest.raises(ValueError, match="not the same kind"):
+        state_readout(run_dir, train, data["eval_dataset"])
+
+
+def test_state_readout_bad_paths_name_the_file(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="no saved model"):
+        state_readout(tmp_path / "missing_run", data["eval_dataset"])
+    run_dir = make_run(tmp_path / "run", data)
+    with pytest.raises(FileNotFoundError, match="missing_split"):
+        state_readout(run_dir, tmp_path / "missing_split")
+    with pytest.raises(SystemExit):
+        main(["--readout", str(run_dir)])  # the training split is missing
