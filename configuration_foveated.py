@@ -81,6 +81,9 @@ class FoveatedVLMConfig(PretrainedConfig):
             Give the query a spatial component: a fixation point and spread, read from the query vector by a learned
             projection, add `-|p - mu|^2 / (2 sigma^2)` to its attention logits over patch p at every layer. Both
             passes have it; the static query's fixation is the same for every frame.
+        fixation_init_spread (`float`, *optional*, defaults to 1.0):
+            With `fixation_bias`: sigma of every fixation before training, in half-widths of the frame (1.0: a broad
+            bias over the whole frame; 0.14: about the half-side of a synthetic object, an oracle fixation's spread).
         glimpse_position (`bool`, *optional*, defaults to `False`):
             Tell the LLM where the glimpse landed: the attention-weighted mean patch position and spread are projected
             and added to each visual token (both passes).
@@ -129,6 +132,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         head_mlp_dim: int = 512,
         head_residual: bool = False,
         fixation_bias: bool = False,
+        fixation_init_spread: float = 1.0,
         glimpse_position: bool = False,
         aux_current_weight: float = 0.0,
         dynamic_entropy_weight: float = 0.0,
@@ -165,6 +169,9 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.head_mlp_dim = head_mlp_dim
         self.head_residual = head_residual
         self.fixation_bias = fixation_bias
+        if fixation_init_spread <= 0:
+            raise ValueError(f"fixation_init_spread must be > 0 (a sigma), got {fixation_init_spread}")
+        self.fixation_init_spread = fixation_init_spread
         self.glimpse_position = glimpse_position
         self.aux_current_weight = aux_current_weight
         self.dynamic_entropy_weight = dynamic_entropy_weight

@@ -428,6 +428,13 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
                 init.normal_(parameter, std=self.config.mode_token_init_std)
         if isinstance(module, FoveatedVLMEncoder) and self.config.query_logit_scale is not None:
             init.constant_(module.query_log_scale, math.log(self.config.query_logit_scale))
+        if isinstance(module, FoveatedVLMModel) and self.config.fixation_bias:
+            # log sigma of every query's fixation before training: the spread's bias (its weights start near 0).
+            # Set here, after the encoder's Linear layers had their own init, and only where nothing was loaded.
+            bias = module.encoder.fixation_proj.bias
+            if not getattr(bias, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    bias[2] = math.log(self.config.fixation_init_spread)
 
 
 class FoveatedVLMModel(FoveatedVLMPreTrainedModel):

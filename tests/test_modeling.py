@@ -499,6 +499,23 @@ def test_query_logit_scale_sharpens_the_query_and_is_learned(tmp_path):
         tiny_config(query_logit_scale=0.0)
 
 
+def test_fixation_init_spread_sets_every_fixation_before_training(tmp_path):
+    broad, narrow = make_model(fixation_bias=True), make_model(fixation_bias=True, fixation_init_spread=0.14)
+    queries = torch.randn(5, broad.config.query_dim)
+    with torch.no_grad():
+        sigma_broad = broad.encoder.fixation(queries)[:, 2].exp()
+        sigma_narrow = narrow.encoder.fixation(queries)[:, 2].exp()
+    assert ((sigma_broad > 0.7) & (sigma_broad < 1.4)).all()  # the default: log sigma ~ 0
+    assert ((sigma_narrow > 0.1) & (sigma_narrow < 0.2)).all()
+    # A loaded checkpoint keeps its trained spread: the init applies to new weights only.
+    with torch.no_grad():
+        narrow.encoder.fixation_proj.bias[2] = 0.5
+    narrow.save_pretrained(tmp_path)
+    assert FoveatedVLMModel.from_pretrained(tmp_path).encoder.fixation_proj.bias[2].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="fixation_init_spread"):
+        tiny_config(fixation_init_spread=0.0)
+
+
 def test_a_glimpse_on_one_patch_has_finite_gradients():
     # The narrowest fixation puts all of a query's patch attention on one patch: zero spread in the glimpse summary.
     model = make_model(fixation_bias=True, glimpse_position=True, dynamic_entropy_weight=0.1).train()
