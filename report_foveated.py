@@ -125,6 +125,7 @@ class FoveatedVLMHeldOut:
     tracking_dynamic: Optional[float] = _logged("tracking/dynamic")
     tracking_static: Optional[float] = _logged("tracking/static")
     tracking_chance: Optional[float] = _logged("tracking/chance")
+    tracking_static_first: Optional[float] = _logged("tracking/static_first")
 
     @classmethod
     def from_logged(cls, metrics: dict, source: str, prefix: str = "eval_") -> "FoveatedVLMHeldOut":
@@ -847,6 +848,7 @@ COMPARE_COLUMNS = (
     ("improvement", "improvement"),
     ("improvement t≥2", "improvement_t2"),
     ("copy t≥2", "loss_copy_t2"),
+    ("coarse t≥2", "loss_coarse_t2"),
     ("fine t≥2", "loss_fine_t2"),
     ("state contribution fine", "state_contribution_fine"),
     ("entropy static", "entropy_static"),
@@ -854,6 +856,7 @@ COMPARE_COLUMNS = (
     ("on mover dynamic", "tracking_dynamic"),
     ("on mover static", "tracking_static"),
     ("chance", "tracking_chance"),
+    ("static on frame-1 box", "tracking_static_first"),
 )
 PERCENT_COLUMNS = ("improvement", "improvement t≥2")
 
@@ -861,8 +864,10 @@ PERCENT_COLUMNS = ("improvement", "improvement t≥2")
 def compare_runs(run_dirs: list) -> str:
     """A Markdown table of finished runs' held-out metrics (eval_results.json), one row per run name; runs named
     `NAME-seedK` are pooled into one row as mean ± standard deviation over seeds (each seed's value in brackets
-    for the improvements)."""
+    for the improvements). The last column is the t ≥ 2 improvement at each logged evaluation (mean over seeds):
+    whether the effect grows with training."""
     groups: dict[str, list[tuple[FoveatedVLMHeldOut, Optional[int], Optional[float]]]] = {}
+    curves: dict[str, list[dict[int, float]]] = {}
     for run_dir in map(Path, run_dirs):
         results_path = run_dir / "eval_results.json"
         if not results_path.is_file():
@@ -871,9 +876,10 @@ def compare_runs(run_dirs: list) -> str:
         log_history, state, _ = load_log_history(run_dir)
         runtimes = [entry["train_runtime"] for entry in log_history if "train_runtime" in entry]
         steps = state.get("global_step") if state else None
-        groups.setdefault(SEED_SUFFIX.sub("", run_dir.name), []).append(
-            (held_out, steps, runtimes[-1] if runtimes else None)
-        )
+        name = SEED_SUFFIX.sub("", run_dir.name)
+        groups.setdefault(name, []).append((held_out, steps, runtimes[-1] if runtimes else None))
+        curve = {e["step"]: e["eval_improvement_t2"] for e in log_history if "eval_improvement_t2" in e}
+        curves.setdefault(name, []).append(curve)
 
     def cell(runs: list[FoveatedVLMHeldOut], name: str, percent: bool) -> str:
         values = np.array([getattr(run, name) for run in runs if getattr(run, name) is not None], dtype=float)
@@ -893,8 +899,12 @@ def compare_runs(run_dirs: list) -> str:
         seconds = [seconds for _, _, seconds in runs if seconds is not None]
         row = [name, str(len(runs)), "/".join(map(str, steps)) or "-", f"{np.mean(seconds):.0f}" if seconds else "-"]
         row += [cell([run for run, _, _ in runs], key, column in PERCENT_COLUMNS) for column, key in COMPARE_COLUMNS]
+        shared_steps = sorted(set.intersection(*(set(curve) for curve in curves[name])))
+        means = [np.mean([curve[step] for curve in curves[name]]) for step in shared_steps]
+        row.append(" / ".join(f"{100 * value:+.1f}" for value in means) or "-")
         rows.append(row)
-    return _table(["run", "seeds", "steps", "train s"] + [column for column, _ in COMPARE_COLUMNS], rows)
+    header = ["run", "seeds", "steps", "train s"] + [column for column, _ in COMPARE_COLUMNS]
+    return _table(header + ["improvement t≥2 (%) by evaluation"], rows)
 
 
 def _sidecar_levels(video_path: str, frame_indices) -> Optional[list[int]]:

@@ -256,12 +256,16 @@ def test_compare_pools_seeds_into_mean_and_spread(tmp_path, capsys):
         run_dir.mkdir()
         results = {"eval_loss/coarse": 1.0, "eval_loss/fine": 1.0 - value, "eval_improvement": value}
         (run_dir / "eval_results.json").write_text(json.dumps(results))
-        (run_dir / "trainer_state.json").write_text(json.dumps(trainer_state()))
+        state = trainer_state(with_eval=False)
+        state["log_history"] += [{"step": 2, "eval_improvement_t2": value / 2}, {"step": 4, "eval_improvement_t2": value}]
+        (run_dir / "trainer_state.json").write_text(json.dumps(state))
     main(["--compare", *(str(tmp_path / name) for name in improvements)])
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
     # Mean and sample standard deviation over the three seeds, each seed listed; the single run has no spread.
     assert "| 3 | 4 | 3 |" in rows["base"] and "+20.00 % ± 10.00 (+10.00, +20.00, +30.00)" in rows["base"]
     assert "| -5.00 % |" in rows["ablation"] and "±" not in rows["ablation"]
+    # The last column: the t >= 2 improvement at each evaluation, averaged over the seeds.
+    assert rows["base"].endswith("| +10.0 / +20.0 |") and rows["ablation"].endswith("| -2.5 / -5.0 |")
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
         main(["--compare", str(tmp_path)])
 
