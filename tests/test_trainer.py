@@ -336,6 +336,7 @@ def test_each_metric_matches_a_hand_computation():
         "tracking/dynamic": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
         "tracking/static": [0.25, math.nan],
         "tracking/chance": [0.25, math.nan],
+        "tracking/static_first": [0.25, 1.0],  # frame 1 counts here: clip 1's box covers the whole frame
     }
     # State contribution at t = 2, coarse: clip 0 swapped predicts 3 against targets {1, 0, 0, 0} -> (4 + 27) / 4,
     # unswapped 1 -> 1; clip 1 swapped predicts 0 against 0.05 everywhere -> 0.0025, unswapped 1.
