@@ -33,6 +33,7 @@ case "$cmd" in
         .venv/bin/python train_hf.py configs/cued.yaml --fine_queries oracle --output_dir outputs/cued-oracle "$@"
         echo "Headroom (held-out latent MSE on targets t >= 2 without and with the next level known):"
         .venv/bin/python report_foveated.py --headroom data/cued/arrow/train data/cued/arrow/eval
+        echo "The two runs: learned queries (cued) and Pass 2 sent to the target (cued-oracle):"
         .venv/bin/python report_foveated.py --compare outputs/cued outputs/cued-oracle
         ;;
     test)

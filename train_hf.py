@@ -389,15 +389,13 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             num_frames=data_args.num_frames,
         )
         cue = DIFFICULTIES[data_args.difficulty].cue
-        scene = "look-alike objects, some moving, on a textured background"
+        kind, scene = "Synthetic clips", "look-alike objects, some moving, on a textured background"
         if cue is not None:
             target = "marked in frame 0" if cue.target_marked_by == "colour" else "the only one that moves"
-            scene = (
-                f"the positive control of docs/RESULTS.md: look-alike objects; the cue of one, {target}, sets the "
-                "next frame's background level, so only a glimpse aimed at it predicts that level"
-            )
+            kind = "Synthetic clips of the positive control (docs/RESULTS.md)"
+            scene = f"look-alike objects; the cue of one, {target}, sets the next frame's background level"
         description = (
-            f"Synthetic clips ({data_args.difficulty}: {scene}), "
+            f"{kind} ({data_args.difficulty}: {scene}), "
             f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"
         )
         return videos, {}, description

@@ -101,7 +101,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     eval_dataset(root / "eval")
     save_tiny_vae(root / "vae", S)
-    description = "Synthetic clips (cued, the positive control of docs/RESULTS.md)"
+    description = "Synthetic clips of the positive control (docs/RESULTS.md) (cued: look-alike objects)"
     return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae"), "description": description}
 
 
@@ -156,7 +156,7 @@ def test_writes_every_file(tiny_run):
         assert section in markdown
     assert "the seed" not in markdown.lower()  # the design is docs/DESIGN.md
     # Which clips the numbers are on, as the run recorded them: a reader sees that this is the positive control.
-    assert "**Clips.** Synthetic clips (cued, the positive control of docs/RESULTS.md)" in markdown
+    assert "**Clips.** Synthetic clips of the positive control (docs/RESULTS.md) (cued: look-alike objects)" in markdown
 
 
 def test_table1_is_the_logged_evaluation(tiny_run):

@@ -773,6 +773,19 @@ def test_cued_config_is_tiny_on_the_cued_scene():
     assert training_args.max_steps == training_args.save_steps == 480
 
 
+@pytest.mark.parametrize("difficulty, marked", [("cued", "marked in frame 0"), ("cued_motion", "the only one that moves"),
+                                                 ("medium", None)])
+def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, marked):
+    # What the model card, Table 1's printout and the report say the numbers are on.
+    argv = ["configs/cued.yaml", "--difficulty", difficulty, "--cache_dir", str(tmp_path), "--num_train_videos", "1",
+            "--num_eval_videos", "1"]
+    _, data_args, _, _ = train_hf.parse_arguments(argv)
+    _, _, description = train_hf.split_videos(data_args, data_args.split_seed)
+    assert description.startswith("Synthetic clips") and f"({difficulty}: " in description
+    assert ("positive control" in description) == (marked is not None)
+    assert marked is None or marked in description
+
+
 def test_command_line_model_config_updates_the_yaml_one():
     model_args, data_args, _, _ = train_hf.parse_arguments(
         ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
