@@ -673,6 +673,8 @@ def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
     model.train()
     model(pixel_values, vae_latents, **inputs).loss.backward()
     assert model.query_head.weight.grad.abs().sum() > 0 and model.q_static.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="stream"):  # a stream has no ground truth to read frame 1 with
+        next(model.stream(pixel_values.unbind(1)))
     with pytest.raises(ValueError, match="fixation_bias"):
         make_probed(probes)(pixel_values, vae_latents, **probe_inputs(make_probed(probes), oracle_batch(model.config)))
 
