@@ -164,8 +164,8 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     """Per clip: the attention mass inside the moving boxes, averaged over frames 2..T that have a box, for the
     dynamic (`tracking/dynamic`) and the static (`tracking/static`) query, and the same for uniform attention, the
     boxes' mean coverage (`tracking/chance`); and the static query's mass inside frame 1's boxes
-    (`tracking/static_first`), where the cued scene marks its target. NaN for a clip with no box on those frames; no keys for a batch without
-    `moving_boxes`.
+    (`tracking/static_first`), where the cued scene marks its target. NaN for a clip with no box on those frames;
+    no keys for a batch without `moving_boxes`.
 
     This is the one definition of "attention on the mover", chosen for faithfulness:
     - Fractional coverage: a patch half inside the box counts half, so uniform attention scores exactly the box's

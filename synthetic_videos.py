@@ -447,7 +447,8 @@ def main() -> None:
         default="medium",
         help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker; "
         "cued: 7 still look-alikes, the target's cue colour sets the next frame's background level "
-        "(needs --num_frames equal to --num_video_frames); cued_motion: the same, the target known only because it moves.",
+        "(needs --num_frames equal to --num_video_frames); cued_motion: the same, the target known only because it "
+        "moves.",
     )
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")

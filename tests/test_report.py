@@ -257,7 +257,8 @@ def test_compare_pools_seeds_into_mean_and_spread(tmp_path, capsys):
         results = {"eval_loss/coarse": 1.0, "eval_loss/fine": 1.0 - value, "eval_improvement": value}
         (run_dir / "eval_results.json").write_text(json.dumps(results))
         state = trainer_state(with_eval=False)
-        state["log_history"] += [{"step": 2, "eval_improvement_t2": value / 2}, {"step": 4, "eval_improvement_t2": value}]
+        curve = [{"step": 2, "eval_improvement_t2": value / 2}, {"step": 4, "eval_improvement_t2": value}]
+        state["log_history"] += curve
         (run_dir / "trainer_state.json").write_text(json.dumps(state))
     main(["--compare", *(str(tmp_path / name) for name in improvements)])
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
