@@ -22,6 +22,7 @@ __all__ = [
     "latest_eval_metrics",
     "logged_means",
     "loss_formula",
+    "policy_training",
     "report_figure_links",
     "table1_markdown",
     "table1_values",
@@ -127,11 +128,14 @@ class FoveatedVLMModelCardInfo:
     probes: dict = field(
         default_factory=dict, metadata={"help": "The research probes the run trained with (probes.json), if any."}
     )
+    teacher: dict = field(
+        default_factory=dict, metadata={"help": "The search teacher's settings the run trained with, if any."}
+    )
 
 
-def loss_formula(config, probes: Optional[dict] = None) -> str:
+def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] = None) -> str:
     """The trained loss with every term, as the model's forward sums it; `probes` (probes.json) may reweight
-    loss_fine."""
+    loss_fine, and the search teacher's settings (teacher_foveated.py) add its training-only terms."""
     fine_weight = (probes or {}).get("fine_loss_weight", 1.0)
     terms = ["loss_fine" if fine_weight == 1 else f"{fine_weight:g} · loss_fine"]
     terms.append(f"{config.lambda_coarse:g} · loss_coarse")
@@ -139,10 +143,27 @@ def loss_formula(config, probes: Optional[dict] = None) -> str:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
     if config.dynamic_entropy_weight > 0:
         terms.append(f"{config.dynamic_entropy_weight:g} · entropy_dynamic")
+    for name in ("wta", "distill", "static"):
+        weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
+        if weight > 0:
+            terms.append(f"{weight:g} · teacher/{name}")
     return " + ".join(terms)
 
 
-def architecture_rows(config, probes: Optional[dict] = None) -> dict[str, str]:
+def policy_training(teacher: Optional[dict]) -> str:
+    """How Pass 2's policy was trained, in one line for the card and the report."""
+    if not teacher:
+        return "backpropagation through the glimpses only"
+    grid = teacher["teacher_grid"]
+    return (
+        f"search teacher (teacher_foveated.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
+        f"loss, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
+        f"{teacher['teacher_temperature_end']:g}, distilled into Pass 2's glimpse and Pass 1's glimpse of the frame "
+        "before; no ground truth"
+    )
+
+
+def architecture_rows(config, probes: Optional[dict] = None, teacher: Optional[dict] = None) -> dict[str, str]:
     vision, text = config.vision_config, config.text_config
     latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
     head = f"{config.head_type} ({'residual' if config.head_residual else 'full latent'}), {config.head_channels} ch"
@@ -155,7 +176,11 @@ def architecture_rows(config, probes: Optional[dict] = None) -> dict[str, str]:
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
         "Target": f"next-frame VAE latent {latent}",
         "Prediction head": head,
-        "Loss": f"`{loss_formula(config, probes)}`, each term an MSE",
+        "Fixations": "none (content-only query)" if not config.fixation_bias else (
+            "saccades (each query writes a move)" if config.fixation_mode == "saccade" else "absolute places"
+        ),
+        "Loss": f"`{loss_formula(config, probes, teacher)}`",
+        "Policy training": policy_training(teacher),
     }
 
 
@@ -215,11 +240,11 @@ def write_model_card(
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=Path(repo_id).name,
         repo_id=repo_id,
-        architecture=architecture_rows(config, info.probes),
+        architecture=architecture_rows(config, info.probes, info.teacher),
         data_description=info.data_description,
         hyperparameters=_hyperparameter_rows(args, state, info),
         table1=table1_markdown(evaluation) if evaluation else None,
-        loss=loss_formula(config, info.probes),
+        loss=loss_formula(config, info.probes, info.teacher),
         improvement_bands=improvement_bands_text(),
         eval_step=evaluation["step"] if evaluation else None,
         num_frames=config.num_frames,

@@ -31,6 +31,7 @@ SMOLLM2_135M_DEFAULTS = dict(
 )
 
 HEAD_TYPES = ("film", "spatial")
+FIXATION_MODES = ("absolute", "saccade")
 
 
 class FoveatedVLMConfig(PretrainedConfig):
@@ -81,6 +82,13 @@ class FoveatedVLMConfig(PretrainedConfig):
             Give the query a spatial component: a fixation point and spread, read from the query vector by a learned
             projection, add `-|p - mu|^2 / (2 sigma^2)` to its attention logits over patch p at every layer. Both
             passes have it; the static query's fixation is the same for every frame.
+        fixation_mode (`str`, *optional*, defaults to `"absolute"`):
+            With `fixation_bias`, what a Pass-2 query's fixation says. `"absolute"`: the place to look at. `"saccade"`:
+            a move from where the previous glimpse looked; the centre for frame t is `tanh` of the running sum of the
+            moves written by the queries that read frames 1..t, so "stay" is the zero move and the LLM never has to
+            recall a place (docs/RESULTS.md: a small LLM does not carry an absolute place forward). Pass 1's
+            `q_static` is the same query in every frame and keeps its absolute fixation. Without `fixation_bias` the
+            query selects by content only (the founding design).
         fixation_init_spread (`float`, *optional*, defaults to 1.0):
             With `fixation_bias`: sigma of every fixation before training, in half-widths of the frame (1.0: a broad
             bias over the whole frame; 0.14: about the half-side of a synthetic object, an oracle fixation's spread).
@@ -132,6 +140,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         head_mlp_dim: int = 512,
         head_residual: bool = False,
         fixation_bias: bool = False,
+        fixation_mode: str = "absolute",
         fixation_init_spread: float = 1.0,
         glimpse_position: bool = False,
         aux_current_weight: float = 0.0,
@@ -169,6 +178,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.head_mlp_dim = head_mlp_dim
         self.head_residual = head_residual
         self.fixation_bias = fixation_bias
+        self.fixation_mode = fixation_mode
         if fixation_init_spread <= 0:
             raise ValueError(f"fixation_init_spread must be > 0 (a sigma), got {fixation_init_spread}")
         self.fixation_init_spread = fixation_init_spread
@@ -204,6 +214,10 @@ class FoveatedVLMConfig(PretrainedConfig):
             )
         if self.num_frames < 2:
             raise ValueError(f"num_frames={self.num_frames} must be >= 2: the model predicts frame t from frames < t")
+        if self.fixation_mode not in FIXATION_MODES:
+            raise ValueError(f"fixation_mode={self.fixation_mode!r} must be one of {FIXATION_MODES}")
+        if self.fixation_mode == "saccade" and not self.fixation_bias:
+            raise ValueError("fixation_mode='saccade' moves the query's fixation: it needs fixation_bias=True")
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"head_type={self.head_type!r} must be one of {HEAD_TYPES}")
         if self.latent_size % 2 != 0:

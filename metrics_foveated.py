@@ -197,6 +197,27 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def teacher_metrics(taught, batch: dict, grid: int) -> dict[str, torch.Tensor]:
+    """Per clip: the search teacher's own metrics (teacher_foveated.py), and how often its best cell overlaps the
+    target's box (`teacher/on_target`, over the scored frames with a box) against the share of cells that do
+    (`teacher/on_target_chance`). The boxes are read here, for evaluation, never by the teacher. No box keys for a
+    batch without `moving_boxes`."""
+    metrics = dict(taught.metrics)
+    if "moving_boxes" not in batch:
+        return metrics
+    overlaps = box_coverage(batch["moving_boxes"], grid) > 0  # (B, T, K): cells the box overlaps
+    frames = taught.frames  # (B, F)
+    overlaps = overlaps.gather(1, frames[:, :, None].expand(-1, -1, overlaps.shape[-1])).float()  # (B, F, K)
+    has_box = (overlaps.sum(-1) > 0).float()  # (B, F)
+    counted = has_box.sum(1)
+    best = overlaps.gather(-1, taught.posterior.argmax(-1, keepdim=True))[..., 0]  # (B, F)
+    metrics["teacher/on_target"] = torch.where(counted > 0, (best * has_box).sum(1) / counted.clamp_min(1), math.nan)
+    chance = (overlaps.mean(-1) * has_box).sum(1) / counted.clamp_min(1)
+    metrics["teacher/on_target_chance"] = torch.where(counted > 0, chance, math.nan)
+    return metrics
+
+
+@torch.no_grad()
 def clip_metrics(model, outputs, batch: dict, state_contribution: bool = True) -> dict[str, torch.Tensor]:
     """Every metric of one batch, per clip: name -> (B,) float tensor, left on the device (reading it would make
     the host wait).

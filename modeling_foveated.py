@@ -92,6 +92,10 @@ class FoveatedVLMOutput(ModelOutput):
             `<coarse>`, z°_1..z°_{T-1}).
         state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
         prev_latents (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): `[z_vae_init, v_1..v_{T-1}]`.
+        patch_cache (`FoveatedVLMPatchCache`, *optional*): the B * T frames' encoder cache, with
+            `output_patch_cache=True`.
+        tokens_fine (`torch.FloatTensor` of shape `(B, T, E)`, *optional*): Pass 2's visual tokens as the LLM reads
+            them, with `output_patch_cache=True`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -108,6 +112,8 @@ class FoveatedVLMOutput(ModelOutput):
     state_coarse: Optional[torch.FloatTensor] = None
     state_fine: Optional[torch.FloatTensor] = None
     prev_latents: Optional[torch.FloatTensor] = None
+    patch_cache: Optional[FoveatedVLMPatchCache] = None
+    tokens_fine: Optional[torch.FloatTensor] = None
 
 
 @dataclass
@@ -152,20 +158,21 @@ class FoveatedVLMCrossAttention(nn.Module):
         self.o_proj = nn.Linear(width, width)
 
     def forward(self, query_state, features, logit_bias=None, logit_scale=None):
-        """query_state (N, 1, D), features (N, L, D), logit_bias (N, L), logit_scale () -> (N, 1, D), weights
-        (N, H, L)."""
+        """query_state (N, M, D), features (N, L, D), logit_bias (N, M, L), logit_scale () -> (N, M, D), weights
+        (N, H, M, L)."""
         N, L, D = features.shape
-        query = self.q_proj(query_state).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        M = query_state.shape[1]
+        query = self.q_proj(query_state).view(N, M, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(features).view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
-        logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.head_dim**-0.5  # (N, H, 1, L)
+        logits = torch.matmul(query, key.transpose(-1, -2)).float() * self.head_dim**-0.5  # (N, H, M, L)
         if logit_scale is not None:
             logits = logits * logit_scale.float()
         if logit_bias is not None:
-            logits = logits + logit_bias[:, None, None, :]
+            logits = logits + logit_bias[:, None]
         weights = logits.softmax(dim=-1).to(value.dtype)
-        attended = torch.matmul(weights, value).transpose(1, 2).reshape(N, 1, D)
-        return self.o_proj(attended), weights[:, :, 0]
+        attended = torch.matmul(weights, value).transpose(1, 2).reshape(N, M, D)
+        return self.o_proj(attended), weights
 
 
 class FoveatedVLMEncoder(nn.Module):
@@ -248,33 +255,35 @@ class FoveatedVLMEncoder(nn.Module):
 
     def _query_layer(self, layer, query_state, key_cache, value_cache, logit_bias):
         """
-        The query token through one encoder layer (no RoPE): (N, 1, D) -> (N, 1, D), attention (N, H, L + 1).
-        `logit_bias` (N, L + 1) or None is added to the attention logits.
+        M query tokens per frame through one encoder layer (no RoPE): (N, M, D) -> (N, M, D), attention
+        (N, H, M, L + 1). Each query attends to the frame's cached keys/values and to its own key only, never to the
+        other queries, so M queries cost what M separate reads would, without copying the cache. `logit_bias`
+        (N, M, L + 1) or None is added to the attention logits.
         """
         attention = layer.attention
-        N, _, D = query_state.shape
+        N, M, D = query_state.shape
         normed = layer.norm1(query_state)
-        query = attention.q_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        own_key = attention.k_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        own_value = attention.v_proj(normed).view(N, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        # One query row: explicit softmax costs the same as a fused kernel and gives the weights for diagnostics.
+        query = attention.q_proj(normed).view(N, M, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, M, d)
+        own_key = attention.k_proj(normed).view(N, M, self.num_heads, self.head_dim).transpose(1, 2)
+        own_value = attention.v_proj(normed).view(N, M, self.num_heads, self.head_dim).transpose(1, 2)
+        # Few query rows: explicit softmax costs the same as a fused kernel and gives the weights for diagnostics.
         # The query's own key/value are handled apart instead of concatenated to the cache, which would copy the
         # whole cache for every query.
-        cache_logits = torch.matmul(query, key_cache.transpose(-1, -2))  # (N, H, 1, L)
-        own_logit = (query * own_key).sum(-1, keepdim=True)  # (N, H, 1, 1)
-        logits = (torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling).float()  # (N, H, 1, L + 1)
+        cache_logits = torch.matmul(query, key_cache.transpose(-1, -2))  # (N, H, M, L)
+        own_logit = (query * own_key).sum(-1, keepdim=True)  # (N, H, M, 1)
+        logits = (torch.cat([cache_logits, own_logit], dim=-1) * attention.scaling).float()  # (N, H, M, L + 1)
         if self.config.query_logit_scale is not None:
             logits = logits * self.query_log_scale.float().exp()
         if logit_bias is not None:
-            logits = logits + logit_bias[:, None, None, :]
+            logits = logits + logit_bias[:, None]
         weights = logits.softmax(dim=-1).to(value_cache.dtype)
-        attended = torch.matmul(weights[..., :-1], value_cache) + weights[..., -1:] * own_value  # (N, H, 1, d)
-        attended = attended.transpose(1, 2).reshape(N, 1, D)
+        attended = torch.matmul(weights[..., :-1], value_cache) + weights[..., -1:] * own_value  # (N, H, M, d)
+        attended = attended.transpose(1, 2).reshape(N, M, D)
         attended = attention.o_proj(attended)
         query_state = query_state + layer.drop_path(layer.layer_scale1(attended))
         mlp_out = layer.layer_scale2(layer.mlp(layer.norm2(query_state)))
         query_state = query_state + layer.drop_path(mlp_out)
-        return query_state, weights[:, :, 0]
+        return query_state, weights
 
     def patch_coordinates(self, num_patches: int, device) -> torch.Tensor:
         """(P, 2) patch-centre coordinates (y, x) in [-1, 1], row-major like the patch tokens."""
@@ -282,65 +291,99 @@ class FoveatedVLMEncoder(nn.Module):
         return get_patches_center_coordinates(side, side, dtype=torch.float32, device=device)
 
     def fixation(self, queries: torch.Tensor) -> torch.Tensor:
-        """The fixation a query asks for: (N, Q) -> (N, 3) = centre (y, x) in [-1, 1] and log sigma."""
-        fixation = self.fixation_proj(queries).float()  # (N, 3)
-        centre = torch.tanh(fixation[:, :2])  # (N, 2) in [-1, 1]
-        log_sigma = fixation[:, 2:].clamp(-4.0, 2.0)  # keeps the bias finite in both directions
-        return torch.cat([centre, log_sigma], dim=-1)
+        """The fixation a query asks for: (..., Q) -> (..., 3) = centre (y, x) in [-1, 1] and log sigma."""
+        fixation = self.fixation_proj(queries).float()  # (..., 3)
+        centre = torch.tanh(fixation[..., :2])  # (..., 2) in [-1, 1]
+        return torch.cat([centre, _clamp_log_sigma(fixation[..., 2:])], dim=-1)
+
+    def saccade_fixations(
+        self, queries: torch.Tensor, position: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `fixation_mode="saccade"`: each query writes a *move* of the fixation and its spread. The centre for frame t
+        is `tanh` of the running sum of the moves of the queries up to t, so "stay" is the zero move and the model
+        never has to recall an absolute place.
+
+        Args:
+            queries: `(B, T, Q)`, the queries that read frames 1..T in order.
+            position: `(B, 2)`, *optional*: the running sum before the first of them (streaming); zero at the start.
+
+        Returns:
+            fixations `(B, T, 3)` as (y, x, log sigma), and the running sum after the last query `(B, 2)`.
+        """
+        raw = self.fixation_proj(queries).float()  # (B, T, 3)
+        positions = raw[..., :2].cumsum(dim=1)  # (B, T, 2): the moves of queries 1..t summed
+        if position is not None:
+            positions = positions + position[:, None]
+        fixations = torch.cat([torch.tanh(positions), _clamp_log_sigma(raw[..., 2:])], dim=-1)
+        return fixations, positions[:, -1]
 
     def fixation_logit_bias(self, fixations: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """Gaussian fixation prior over patches: fixations (N, 3) as (y, x, log sigma) -> logit bias (N, P)."""
-        centre, log_sigma = fixations[:, :2].float(), fixations[:, 2].float()
+        """Gaussian fixation prior over patches: fixations (..., 3) as (y, x, log sigma) -> logit bias (..., P)."""
+        centre, log_sigma = fixations[..., :2].float(), fixations[..., 2].float()
         coords = self.patch_coordinates(num_patches, fixations.device)  # (P, 2)
-        squared_distance = (coords[None] - centre[:, None]).pow(2).sum(-1)  # (N, P)
-        return -squared_distance / (2 * torch.exp(2 * log_sigma)[:, None])
+        squared_distance = (coords - centre[..., None, :]).pow(2).sum(-1)  # (..., P)
+        return -squared_distance / (2 * torch.exp(2 * log_sigma)[..., None])
 
     def query(
         self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, fixations: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        Read one token per frame with one query per frame.
+        Read tokens out of cached frames: one query per frame, or M per frame that never see each other.
 
         Args:
-            queries: `(N, Q)`, one per cached frame.
+            queries: `(N, Q)`, one per cached frame, or `(N, M, Q)`, M per frame.
             cache: `encode_patches` of the same N frames.
-            fixations: `(N, 3)`, *optional*: (y, x, log sigma) of a Gaussian bias on the attention logits that
-                replaces the query's own fixation (`config.fixation_bias`); a probe imposes one this way.
+            fixations: `(N, 3)` or `(N, M, 3)`, *optional*: (y, x, log sigma) of a Gaussian bias on the attention
+                logits that replaces the query's own fixation (`config.fixation_bias`); saccades, a probe or the
+                search teacher impose one this way.
 
         Returns:
-            tokens `(N, D)`: the query's final (normalised) encoder state.
-            attention `(N, P)`: the query's attention over the frame's patch tokens, averaged over heads and, in
-            deep mode, over all layers; renormalised over the patches (CLS/register mass left out), so a uniform
-            map has entropy `log(P)`.
+            tokens `(N, D)` or `(N, M, D)`: each query's final (normalised) encoder state.
+            attention `(N, P)` or `(N, M, P)`: each query's attention over the frame's patch tokens, averaged over
+            heads and, in deep mode, over all layers; renormalised over the patches (CLS/register mass left out), so a
+            uniform map has entropy `log(P)`.
         """
-        query_state = self.query_in_proj(queries).unsqueeze(1)  # (N, Q) -> (N, 1, D)
+        single = queries.ndim == 2
+        if single:
+            queries = queries.unsqueeze(1)  # (N, Q) -> (N, 1, Q)
+            fixations = None if fixations is None else fixations.unsqueeze(1)
+        query_state = self.query_in_proj(queries)  # (N, M, D)
         if fixations is None and self.config.fixation_bias:
             fixations = self.fixation(queries)
         patch_bias = None if fixations is None else self.fixation_logit_bias(fixations, cache.patch_features.shape[1])
         if self.config.deep_query:
             logit_bias = None
             if patch_bias is not None:  # no bias on CLS, registers and the query's own key
-                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 1))  # (N, P) -> (N, L + 1)
+                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 1))  # (N, M, P) -> (N, M, L + 1)
             layer_attention = []
             for layer, key_cache, value_cache in zip(self.backbone.model.layer, cache.layer_keys, cache.layer_values):
                 query_state, weights = self._query_layer(layer, query_state, key_cache, value_cache, logit_bias)
                 layer_attention.append(weights)
-            tokens = self.backbone.norm(query_state[:, 0])  # (N, D)
-            weights = torch.stack(layer_attention, dim=1).mean(dim=(1, 2))  # (N, layers, H, L + 1) -> (N, L + 1)
-            patch_attention = weights[:, self.num_prefix_tokens : -1]  # own key is last
+            tokens = self.backbone.norm(query_state)  # (N, M, D)
+            # (N, layers, H, M, L + 1) -> (N, M, L + 1)
+            weights = torch.stack(layer_attention, dim=1).mean(dim=(1, 2))
+            patch_attention = weights[..., self.num_prefix_tokens : -1]  # own key is last
         else:
             logit_bias = None
             if patch_bias is not None:
-                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 0))  # (N, P) -> (N, L)
+                logit_bias = F.pad(patch_bias, (self.num_prefix_tokens, 0))  # (N, M, P) -> (N, M, L)
             scale = self.query_log_scale.exp() if self.config.query_logit_scale is not None else None
             attended, weights = self.shallow_attention(query_state, cache.final_features, logit_bias, scale)
-            patch_attention = weights.mean(1)[:, self.num_prefix_tokens :]  # (N, H, L) -> (N, P)
-            tokens = self.shallow_norm(query_state[:, 0] + attended[:, 0])
+            patch_attention = weights.mean(1)[..., self.num_prefix_tokens :]  # (N, H, M, L) -> (N, M, P)
+            tokens = self.shallow_norm(query_state + attended)
         patch_attention = patch_attention.float()
         # A narrow fixation can leave the patches almost no mass (the rest on CLS and registers): the floor stays far
         # below that, so the map is still its true shape and a penalty on its entropy cannot be met by looking nowhere.
         patch_attention = patch_attention / patch_attention.sum(-1, keepdim=True).clamp_min(1e-30)
+        if single:
+            return tokens[:, 0], patch_attention[:, 0]
         return tokens, patch_attention
+
+
+def _clamp_log_sigma(log_sigma: torch.Tensor) -> torch.Tensor:
+    """Keeps a fixation's Gaussian bias finite in both directions."""
+    return log_sigma.clamp(-4.0, 2.0)
 
 
 class FoveatedVLMPredictionHead(nn.Module):
@@ -562,10 +605,15 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         """Pass 1 reads every cached frame with `q_static`: tokens (B, T, E), attention (B, T, P)."""
         return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
 
-    def read_fine(self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, B: int, T: int):
+    def read_fine(
+        self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, B: int, T: int, fixations: Optional[torch.Tensor] = None
+    ):
         """Pass 2 reads frame t with the query predicted for it, queries (B, T, Q): tokens (B, T, E), attention
-        (B, T, P)."""
-        return self._read_frames(queries, cache, B, T)
+        (B, T, P). `fixations` (B, T, 3), *optional*, are the queries' own, worked out already (the stream carries
+        the saccades' running sum from frame to frame); by default they follow from `queries` alone."""
+        if fixations is None and self.config.fixation_mode == "saccade":
+            fixations, _ = self.encoder.saccade_fixations(queries)
+        return self._read_frames(queries, cache, B, T, fixations)
 
     @property
     def fine_loss_weight(self) -> float:
@@ -587,6 +635,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         vae_latents: Optional[torch.Tensor] = None,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        output_patch_cache: bool = False,
         return_dict: bool = True,
     ) -> FoveatedVLMOutput:
         r"""
@@ -596,6 +645,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 the model returns queries and attention only.
             input_ids, attention_mask (`torch.LongTensor` of shape `(B, text_length)`, *optional*): text prepended
                 to both LLM sequences (Phase 2).
+            output_patch_cache (`bool`, *optional*): also return the frames' encoder cache and Pass 2's LLM inputs,
+                which a training-time search over other glimpses of the same frames reuses (teacher_foveated.py).
         """
         self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask)
         B, T, C, H, W = pixel_values.shape
@@ -645,6 +696,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             state_coarse=hidden_coarse[:, :T],
             state_fine=hidden_fine[:, :T],
             prev_latents=prev_latents,
+            patch_cache=cache if output_patch_cache else None,
+            tokens_fine=fine_tokens if output_patch_cache else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -712,6 +765,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 # Prime both streams with [text, mode]; their last states predict latent 1 from z_vae_init.
                 streams = _FoveatedVLMStreams(self, B, input_ids, attention_mask)
                 query, prev_latent = self.q_init.expand(B, -1), self.z_vae_init.expand(B, -1, -1, -1)
+                saccade_position = None  # the running sum of the saccades' moves (fixation_mode="saccade")
 
             pred_fine = pred_coarse = None
             if prev_latent is not None:
@@ -720,7 +774,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
 
             cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
             coarse_token, attn_static = self.read_coarse(cache, B, 1)  # (B, 1, E), (B, 1, P)
-            fine_token, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1)
+            fixation = None
+            if self.config.fixation_mode == "saccade":
+                fixation, saccade_position = self.encoder.saccade_fixations(query.unsqueeze(1), saccade_position)
+            fine_token, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1, fixation)
             streams.step(coarse_token, fine_token)
             query = self.query_head(streams.fine_state if autoregressive else streams.coarse_state)  # (B, Q)
             prev_latent = next(latents) if latents is not None else None

@@ -63,7 +63,26 @@ class FoveatedVLMProbes:
         },
     )
 
+    supervise_fixations: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an MSE pulling the attention-weighted position of Pass 2's glimpses of frames 2..T "
+            "towards the true target centre (ground truth from the boxes: a calibration of the policy's second "
+            "link, docs/RESULTS.md, never a recipe)."
+        },
+    )
+    supervise_first_glance: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an MSE pulling the attention-weighted position of Pass 1's glimpse of frame 1 towards "
+            "the true target centre (ground truth: a calibration of the policy's first link)."
+        },
+    )
+
     def __post_init__(self):
+        for name in ("supervise_fixations", "supervise_first_glance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.coarse_reader not in COARSE_READERS:
             raise ValueError(f"coarse_reader={self.coarse_reader!r} must be one of {COARSE_READERS}")
         if self.fine_queries not in FINE_QUERIES:
@@ -74,7 +93,12 @@ class FoveatedVLMProbes:
     @property
     def needs_oracle(self) -> bool:
         """True when the forward reads ground-truth fixations (`oracle_fixations`)."""
-        return self.fine_queries == "oracle" or self.coarse_reader == "oracle_first"
+        return (
+            self.fine_queries == "oracle"
+            or self.coarse_reader == "oracle_first"
+            or self.supervise_fixations > 0
+            or self.supervise_first_glance > 0
+        )
 
     @property
     def active(self) -> bool:
@@ -116,7 +140,8 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         oracle = self.probes.needs_oracle
         if oracle != (oracle_fixations is not None):
             raise ValueError(
-                "oracle_fixations (B, T, 2) are needed with fine_queries='oracle' or coarse_reader='oracle_first', "
+                "oracle_fixations (B, T, 2) are needed with the probes that read the ground truth "
+                "(fine_queries='oracle', coarse_reader='oracle_first', supervise_fixations, supervise_first_glance), "
                 "and only then"
             )
         if oracle and tuple(oracle_fixations.shape) != (B, T, 2):
@@ -124,9 +149,24 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         # `read_fine` is called from inside the base forward: it finds this call's fixations here.
         self._oracle_fixations = oracle_fixations
         try:
-            return super().forward(pixel_values, *args, **kwargs)
+            output = super().forward(pixel_values, *args, **kwargs)
         finally:
             self._oracle_fixations = None
+        if output.loss is not None and (self.probes.supervise_fixations or self.probes.supervise_first_glance):
+            output.loss = output.loss + self._glimpse_supervision(output, oracle_fixations.float())
+        return output
+
+    def _glimpse_supervision(self, output, centres: torch.Tensor) -> torch.Tensor:
+        """The calibration terms: squared distances of glimpse positions from the true centres (B, T, 2)."""
+        B, T, P = output.attn_dynamic.shape
+        loss = 0.0
+        if self.probes.supervise_fixations:
+            where = self.glimpse_summary(output.attn_dynamic[:, 1:].reshape(-1, P))[:, :2].view(B, T - 1, 2)
+            loss = loss + self.probes.supervise_fixations * (where - centres[:, 1:]).pow(2).sum(-1).mean()
+        if self.probes.supervise_first_glance:
+            where = self.glimpse_summary(output.attn_static[:, 0])[:, :2]  # (B, 2)
+            loss = loss + self.probes.supervise_first_glance * (where - centres[:, 0]).pow(2).sum(-1).mean()
+        return loss
 
     def _oracle_fixations_or_fail(self, probe: str) -> torch.Tensor:
         """The call's (B, T, 3) ground-truth fixations: its (y, x) and the oracle's spread."""
@@ -151,7 +191,7 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
             return self._tokens_to_llm(tokens, attention, B, T)
         return super().read_coarse(cache, B, T)
 
-    def read_fine(self, queries, cache, B, T):
+    def read_fine(self, queries, cache, B, T, fixations=None):
         mode = self.probes.fine_queries
         if mode == "oracle":
             fixations = self._oracle_fixations_or_fail("fine_queries='oracle'")
@@ -161,7 +201,9 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         elif mode == "random":
             rms = queries.detach().float().pow(2).mean().sqrt()
             queries = (torch.randn_like(queries, dtype=torch.float32) * rms).to(queries.dtype)
-        return super().read_fine(queries, cache, B, T)
+        if mode != "predicted":
+            fixations = None  # the replaced queries' own, not those the stream worked out from the predicted ones
+        return super().read_fine(queries, cache, B, T, fixations)
 
     @property
     def fine_loss_weight(self) -> float:
@@ -217,8 +259,8 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
 
 def probe_inputs(model, batch: dict) -> dict:
     """The probed forward's extra arguments from a collated batch: `oracle_fixations` for a model probed with
-    `fine_queries="oracle"` or `coarse_reader="oracle_first"` (the centre of each frame's first moving box), else
-    nothing."""
+    anything that reads the ground truth (`FoveatedVLMProbes.needs_oracle`: the centre of each frame's first moving
+    box), else nothing."""
     if not (isinstance(model, FoveatedVLMProbedModel) and model.probes.needs_oracle):
         return {}
     if "moving_boxes" not in batch:

@@ -51,6 +51,7 @@ from figures_foveated import (
 )
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import PROBES_FILE, from_pretrained_with_probes
+from teacher_foveated import TEACHER_FILE
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = [
@@ -469,7 +470,7 @@ def _training_rows(state: Optional[dict], log_history: list[dict], eval_path, nu
     return rows
 
 
-def _method(config, probes: Optional[dict], state, log_history, eval_path, num_clips) -> list[str]:
+def _method(config, probes: Optional[dict], state, log_history, eval_path, num_clips, teacher=None) -> list[str]:
     T, S, P = config.num_frames, config.image_size, config.num_patches
     latent = f"{config.latent_channels}×{config.latent_size}×{config.latent_size}"
     text = [
@@ -485,7 +486,7 @@ def _method(config, probes: Optional[dict], state, log_history, eval_path, num_c
         "Pass 2: q_init, q_1..q_(T-1) ──read──► z_1..z_T ──LLM──► states ──head(previous latent)──► loss_fine\n"
         f"targets: VAE latents v_1..v_T ({latent}); the prediction of v_t sees frames < t and v_(t-1) only\n"
         "```",
-        _table(["Part", "This run"], [[name, value] for name, value in architecture_rows(config, probes).items()]),
+        _table(["Part", "This run"], [[name, value] for name, value in architecture_rows(config, probes, teacher).items()]),
         _table(["Training", "Value"], _training_rows(state, log_history, eval_path, num_clips)),
     ]
     if probes:
@@ -817,7 +818,9 @@ def write_report(
     text += ["## 1. Executive summary", *_executive_summary(summary)]
     if config is not None:
         num_clips = clips.num_clips if clips else None
-        text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips)]
+        teacher_path = run_dir / TEACHER_FILE
+        teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+        text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips, teacher)]
     text.append("## 3. Results")
     if held_out is not None:
         text += _table1(held_out, clips, summary.num_targets)

@@ -10,6 +10,7 @@ setup(
         "configuration_foveated",
         "modeling_foveated",
         "probes_foveated",
+        "teacher_foveated",
         "processing_foveated",
         "synthetic_videos",
         "data_foveated",

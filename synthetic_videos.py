@@ -13,6 +13,8 @@ moves; K look-alikes each show a small centre cue of a random colour in every fr
 marked in frame 0 only, and the target's cue colour in frame t sets the background level of frame t+1. Only a glimpse
 aimed at the target, whose place frame 0 reveals, can predict the next frame's brightness. `cued_motion` is the
 same rule with the target revealed by its motion instead (it moves, the others stand still), the ladder's next rung.
+`cued_appearance`, the third rung: the objects stand still, each in its own body colour, and a legend swatch in frame
+0 only shows the target's colour: finding the target means matching the legend to a body.
 
 Usage:
     python synthetic_videos.py --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
@@ -59,7 +61,12 @@ class FoveatedVLMCueSpec:
 
     Colours are RGB out of 255. The objects are near-black and the background grey, so that the cues (saturated
     hues of different luminance) and the target's frame-0 mark (magenta) differ from both in hue; the levels are
-    45 grey values apart, a global step the 8x latent keeps whole."""
+    45 grey values apart, a global step the 8x latent keeps whole.
+
+    With target_marked_by="appearance" each object's body takes its own colour of `body_colours` instead (a random
+    assignment per video). These are dark, saturated hues at least 23 degrees of hue from every cue colour and the
+    magenta mark, luminance 36-72 (18-54 below the darkest level, with 85-125 of chroma against its grey): each cue
+    stays >= 110 RGB (Euclidean) from every body, and two bodies differ by >= 57 (one channel by >= 45)."""
 
     cue_side: float = 6 / 128  # fraction of the frame size: inside one 16 px encoder patch, a quarter of an object
     cue_colours: tuple[tuple[float, float, float], ...] = (
@@ -72,9 +79,24 @@ class FoveatedVLMCueSpec:
     level_of_cue: tuple[int, ...] = (0, 1, 2, 3)  # cue colour index -> level index of the next frame
     object_colour: tuple[float, float, float] = (15.0, 15.0, 15.0)
     target_colour: tuple[float, float, float] = (255.0, 0.0, 255.0)  # the target's body in frame 0 only
-    # How history reveals the target: "colour" (its body is `target_colour` in frame 0, then a look-alike) or
-    # "motion" (a look-alike throughout that moves, about one side per frame, bouncing; the others stand still).
+    # How history reveals the target: "colour" (its body is `target_colour` in frame 0, then a look-alike),
+    # "motion" (a look-alike throughout that moves, about one side per frame, bouncing; the others stand still) or
+    # "appearance" (every object has its own body colour; in frame 0 only, a legend swatch shows the target's).
     target_marked_by: str = "colour"
+    # "appearance" only: the palette the bodies draw distinct colours from, and the legend, a square of the target's
+    # body colour `legend_offset` from the top-left corner; objects keep out of the swatch and its margin
+    # ([0, 2 * offset + side) in x and y). Both snap to even pixels (whole yuv420p chroma samples).
+    body_colours: tuple[tuple[float, float, float], ...] = (
+        (100.0, 50.0, 10.0),  # brown, hue 27 degrees
+        (55.0, 85.0, 0.0),  # olive, 81
+        (0.0, 95.0, 45.0),  # sea green, 148
+        (0.0, 100.0, 120.0),  # teal, 190
+        (0.0, 45.0, 85.0),  # deep azure, 208 (darker than teal)
+        (75.0, 5.0, 130.0),  # violet, 274
+        (115.0, 15.0, 60.0),  # wine, 333
+    )
+    legend_side: float = 12 / 128  # twice the cue: a whole 8x latent cell at 128 px, inside the first 16 px patch
+    legend_offset: float = 4 / 128
 
     def __post_init__(self):
         if len(self.level_of_cue) != len(self.cue_colours):
@@ -83,8 +105,10 @@ class FoveatedVLMCueSpec:
             )
         if not all(0 <= level < len(self.levels) for level in self.level_of_cue):
             raise ValueError(f"level_of_cue must index levels (0..{len(self.levels) - 1}), got {self.level_of_cue}")
-        if self.target_marked_by not in ("colour", "motion"):
-            raise ValueError(f"target_marked_by must be 'colour' or 'motion', got {self.target_marked_by!r}")
+        if self.target_marked_by not in ("colour", "motion", "appearance"):
+            raise ValueError(
+                f"target_marked_by must be 'colour', 'motion' or 'appearance', got {self.target_marked_by!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,14 @@ class FoveatedVLMSceneSpec:
     side_range: tuple[float, float]  # object side as a fraction of the frame size, sampled once per video
     flicker: float  # amplitude of the global brightness flicker (0.05 = +-5 %), 0 for none
     cue: Optional[FoveatedVLMCueSpec] = None  # the cued scene's rule (its look-alikes are the static objects)
+
+    def __post_init__(self):
+        if self.cue is not None and self.cue.target_marked_by == "appearance":
+            if len(set(self.cue.body_colours)) < self.num_static:
+                raise ValueError(
+                    f"cue.body_colours needs {self.num_static} distinct colours (one per object), "
+                    f"got {len(set(self.cue.body_colours))}"
+                )
 
 
 DIFFICULTIES = {
@@ -112,6 +144,15 @@ DIFFICULTIES = {
         side_range=(1 / 8, 1 / 6),
         flicker=0.0,
         cue=FoveatedVLMCueSpec(target_marked_by="motion"),
+    ),
+    # The third rung: the same rule, nothing moves, the target known by its body colour, which a legend in frame 0
+    # shows.
+    "cued_appearance": FoveatedVLMSceneSpec(
+        num_moving=0,
+        num_static=7,
+        side_range=(1 / 8, 1 / 6),
+        flicker=0.0,
+        cue=FoveatedVLMCueSpec(target_marked_by="appearance"),
     ),
 }
 
@@ -145,12 +186,17 @@ def _object_colour(rng: np.random.Generator, background_colour: np.ndarray) -> n
             return colour.astype(np.float32)
 
 
-def _place_without_overlap(rng: np.random.Generator, num_objects: int, side: float, size: int) -> np.ndarray:
-    """Top-left corners (num_objects, 2) as (x, y) of squares of `side` that keep a gap of at least 2 px."""
+def _place_without_overlap(
+    rng: np.random.Generator, num_objects: int, side: float, size: int, keep_out: float = 0.0
+) -> np.ndarray:
+    """Top-left corners (num_objects, 2) as (x, y) of squares of `side` that keep a gap of at least 2 px, and stay out
+    of the top-left square [0, keep_out) x [0, keep_out) (none with the default 0: the same draws)."""
     gap = 2.0
     corners = []
     for _ in range(10_000):
         candidate = rng.uniform(0.0, size - side, size=2)
+        if (candidate < keep_out).all():
+            continue
         if all(np.abs(candidate - other).max() >= side + gap for other in corners):
             corners.append(candidate)
             if len(corners) == num_objects:
@@ -207,7 +253,9 @@ def generate_video(
             Boxes are [x0, y0, x1, y1] in continuous pixel coordinates (pixel i spans [i, i+1)); objects keep their
             order in every frame, so index k is the same object throughout. The cued scene adds "target" (the
             target's index), each frame's "level" (index into `FoveatedVLMCueSpec.levels`) and each object's
-            "target" flag and "cue" (index into `FoveatedVLMCueSpec.cue_colours`).
+            "target" flag and "cue" (index into `FoveatedVLMCueSpec.cue_colours`). `cued_appearance` adds
+            "body_colours" (each object's RGB, constant) and "legend" ({"box", "colour"}: the frame-0 swatch, in
+            the target's body colour).
 
     Raises:
         ValueError: for the cued scene, when num_video_frames != num_frames: its rule links consecutive frames, so
@@ -237,8 +285,8 @@ def generate_video(
                 f"difficulty {difficulty!r} sets frame t+1 from frame t, so the model must read every frame: "
                 f"num_video_frames ({num_video_frames}) must equal num_frames ({num_frames})"
             )
-        frames, ground_truth_frames, target = _render_cued(rng, spec, size, num_video_frames)
-        return frames, {**ground_truth, "frames": ground_truth_frames, "target": target}
+        frames, ground_truth_frames, extra = _render_cued(rng, spec, size, num_video_frames)
+        return frames, {**ground_truth, "frames": ground_truth_frames, **extra}
 
     background, background_colour = _background(rng, size)  # (S, S, 3)
     colour = _object_colour(rng, background_colour)
@@ -283,15 +331,21 @@ def generate_video(
 
 def _render_cued(
     rng: np.random.Generator, spec: FoveatedVLMSceneSpec, size: int, num_video_frames: int
-) -> tuple[np.ndarray, list[dict], int]:
-    """The cued scene (see FoveatedVLMCueSpec): frames (F, S, S, 3) uint8, ground-truth frames, the target's index."""
+) -> tuple[np.ndarray, list[dict], dict]:
+    """The cued scene (see FoveatedVLMCueSpec): frames (F, S, S, 3) uint8, ground-truth frames, and the video-wide
+    ground truth ({"target": the target's index}, plus "body_colours" and "legend" for "appearance")."""
     cue = spec.cue
+    by_appearance = cue.target_marked_by == "appearance"
     textured, base_colour = _background(rng, size)
     texture = textured - base_colour  # (S, S, 3): the same faint texture on every level
     shape = SHAPES[rng.integers(len(SHAPES))]
     side = rng.uniform(*spec.side_range) * size
     num_objects = spec.num_static
-    corners = _place_without_overlap(rng, num_objects, side, size)  # (K, 2)
+    legend_side = max(2, 2 * round(cue.legend_side * size / 2))
+    legend_offset = 2 * round(cue.legend_offset * size / 2)
+    legend_box = np.array([legend_offset, legend_offset, legend_offset + legend_side, legend_offset + legend_side])
+    keep_out = 2 * legend_offset + legend_side if by_appearance else 0.0  # the legend and its margin
+    corners = _place_without_overlap(rng, num_objects, side, size, keep_out)  # (K, 2)
     target = int(rng.integers(num_objects))
     tracks = np.repeat(corners[None], num_video_frames, axis=0)  # (F, K, 2) top-left corners
     if cue.target_marked_by == "motion":
@@ -302,6 +356,12 @@ def _render_cued(
     levels = np.empty(num_video_frames, dtype=np.int64)
     levels[0] = rng.integers(len(cue.levels))
     levels[1:] = np.asarray(cue.level_of_cue)[cues[:-1, target]]  # the rule: target's cue at t -> level at t+1
+    bodies = [cue.object_colour] * num_objects
+    extra = {"target": target}
+    if by_appearance:  # drawn after everything the other cued scenes draw
+        bodies = [cue.body_colours[i] for i in rng.permutation(len(cue.body_colours))[:num_objects]]
+        extra["body_colours"] = [list(colour) for colour in bodies]
+        extra["legend"] = {"box": [float(v) for v in legend_box], "colour": list(bodies[target])}
 
     # Cues snapped to even pixels with an even side: yuv420p keeps one chroma sample per 2x2 block, so an aligned
     # cue keeps its hue whole instead of bleeding into the object.
@@ -313,21 +373,23 @@ def _render_cued(
     ground_truth_frames = []
     for t in range(num_video_frames):
         frame = cue.levels[levels[t]] + texture
+        if by_appearance and t == 0:
+            _paint(frame, "square", legend_box, np.asarray(bodies[target], dtype=np.float32))
         objects = []
         # The target last: a moving target passing over a look-alike stays whole, cue included.
         for k in sorted(range(num_objects), key=lambda k: k == target):
             box = np.array([*tracks[t, k], *(tracks[t, k] + side)])
-            body = cue.target_colour if (k == target and t == 0 and marked_by_colour) else cue.object_colour
+            body = cue.target_colour if (k == target and t == 0 and marked_by_colour) else bodies[k]
             _paint(frame, shape, box, np.asarray(body, dtype=np.float32))
             _paint(frame, "square", np.array([*cue_corners[t, k], *(cue_corners[t, k] + cue_side)]),
                    np.asarray(cue.cue_colours[cues[t, k]], dtype=np.float32))  # fmt: skip
         for k in range(num_objects):
             box = [round(float(v), 3) for v in (*tracks[t, k], *(tracks[t, k] + side))]
-            moving = k == target and not marked_by_colour
+            moving = k == target and cue.target_marked_by == "motion"
             objects.append({"box": box, "moving": moving, "target": k == target, "cue": int(cues[t, k])})
         frames[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
         ground_truth_frames.append({"level": int(levels[t]), "objects": objects})
-    return frames, ground_truth_frames, target
+    return frames, ground_truth_frames, extra
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
@@ -448,7 +510,8 @@ def main() -> None:
         help="easy: 1 mover + 1 static look-alike; medium: 1 + 3; hard: 2 + 4, smaller objects, brightness flicker; "
         "cued: 7 still look-alikes, the target's cue colour sets the next frame's background level "
         "(needs --num_frames equal to --num_video_frames); cued_motion: the same, the target known only because it "
-        "moves.",
+        "moves; cued_appearance: the same, still, each object in its own colour, a legend in frame 0 showing the "
+        "target's.",
     )
     parser.add_argument("--size", type=int, default=128, help="Frame side in pixels (even, >= 32).")
     parser.add_argument("--num_video_frames", type=int, default=16, help="Frames per video.")

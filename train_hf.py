@@ -34,13 +34,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import data_foveated
 import report_foveated
-from card_foveated import FoveatedVLMModelCardInfo, latest_eval_metrics, table1_markdown
+from card_foveated import FoveatedVLMModelCardInfo, latest_eval_metrics, policy_training, table1_markdown
 from data_foveated import LLAVA_VIDEO_DATASET, SD_VAE_ID
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor, FoveatedVLMVideoProcessor
 from synthetic_videos import DIFFICULTIES, generate_split
+from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 from tiny_vae import make_tiny_vae
 from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMFinalEvaluationCallback, FoveatedVLMTrainer
 
@@ -334,12 +335,41 @@ def merge_dict_overrides(config: dict, argv: list[str]) -> list[str]:
     return remaining
 
 
+def command_line_data_source(argv: list[str]) -> Optional[str]:
+    """The value of `--data_source` on the command line (either spelling), or None."""
+    for index, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key in ("--data_source", "--data-source"):
+            return value or (argv[index + 1] if index + 1 < len(argv) else None)
+    return None
+
+
+def set_aside_other_source_options(config: dict, source: str, config_path: Path) -> dict:
+    """A recipe keeps its model and training choices when the command line picks another data source: the YAML's
+    options of the other sources are set aside, each with a notice. (A command-line flag of another source is still
+    refused by `check_data_arguments`.)"""
+    kept = {}
+    for key, value in config.items():
+        sources = SOURCE_OPTIONS.get(key, (None,))[0]
+        if sources is not None and source not in sources and value not in (None, False):
+            logger.warning(
+                "%s: %s: %r set aside, it applies to --data_source %s and this run reads %s",
+                config_path, key, value, " or ".join(sources), source,
+            )
+            continue
+        kept[key] = value
+    return kept
+
+
 def parse_arguments(
     argv: list[str],
-) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes]:
+) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes, FoveatedVLMTeacherArguments]:
     """`[CONFIG.yaml] [--key value ...]`: the YAML's keys become arguments placed before the command line's, so the
-    command line wins; output_dir defaults to outputs/<config file name>."""
-    dataclass_types = (ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes)
+    command line wins; output_dir defaults to outputs/<config file name>. A `--data_source` on the command line that
+    differs from the YAML's sets the YAML's options of other sources aside."""
+    dataclass_types = (
+        ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes, FoveatedVLMTeacherArguments
+    )
     parser = HfArgumentParser(dataclass_types)
     config_argv, config_name = [], "default"
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -352,6 +382,9 @@ def parse_arguments(
         if unknown:
             raise ValueError(f"{config_path}: unknown keys {unknown}; see `python train_hf.py {config_path} --help`")
         argv = merge_dict_overrides(config, argv[1:])
+        source = command_line_data_source(argv)
+        if source is not None and source != config.get("data_source"):
+            config = set_aside_other_source_options(config, source, config_path)
         config_argv, config_name = yaml_to_argv(config), config_path.stem
     if not any(arg.split("=")[0] in ("--output_dir", "--output-dir") for arg in config_argv + argv):
         config_argv += ["--output_dir", os.path.join("outputs", config_name)]
@@ -391,7 +424,11 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
         cue = DIFFICULTIES[data_args.difficulty].cue
         kind, scene = "Synthetic clips", "look-alike objects, some moving, on a textured background"
         if cue is not None:
-            target = "marked in frame 0" if cue.target_marked_by == "colour" else "the only one that moves"
+            target = {
+                "colour": "marked in frame 0",
+                "motion": "the only one that moves",
+                "appearance": "announced by a colour legend in frame 0",
+            }[cue.target_marked_by]
             kind = "Synthetic clips of the positive control (docs/RESULTS.md)"
             scene = f"look-alike objects; the cue of one, {target}, sets the next frame's background level"
         description = (
@@ -605,7 +642,10 @@ def base_model_ids(model_args: ModelArguments) -> list[str]:
 # ---- Train, evaluate, save ----
 
 
-def build_trainer(model, processor, data: PreparedData, model_args, data_args, training_args) -> FoveatedVLMTrainer:
+def build_trainer(
+    model, processor, data: PreparedData, model_args, data_args, training_args,
+    teacher_args: Optional[FoveatedVLMTeacherArguments] = None,
+) -> FoveatedVLMTrainer:
     # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
     # Captions reach the LLM only in runs that ask for them (Phase 2); the processor carries the tokenizer always.
     tokenizer = processor.tokenizer if data_args.use_captions else None
@@ -617,6 +657,7 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
         eval_dataset_name=f"{len(data.eval)} held-out {data_args.data_source} clips",
         frozen=[name for name in ("vision", "text") if getattr(model_args, f"freeze_{name}")],
         probes=model.probes.to_dict() if isinstance(model, FoveatedVLMProbedModel) else {},
+        teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
     )
     trainer = FoveatedVLMTrainer(
         model=model,
@@ -626,6 +667,7 @@ def build_trainer(model, processor, data: PreparedData, model_args, data_args, t
         data_collator=collator,
         processing_class=processor,
         model_card_info=card_info,
+        teacher=FoveatedVLMSearchTeacher(teacher_args) if teacher_args is not None and teacher_args.teacher else None,
     )
     if training_args.num_attention_figures > 0:
         figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures)
@@ -682,6 +724,7 @@ def evaluate(trainer: FoveatedVLMTrainer, data: PreparedData) -> dict:
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         print(f"\nClips: {data.description}")
+        print(f"Pass 2's policy: {policy_training(trainer.teacher.args.to_dict() if trainer.teacher else None)}")
         print(f"\nTable 1: held-out next-frame latent MSE ({len(trainer.eval_dataset)} clips)\n")
         print(table1_markdown(metrics))
     return metrics
@@ -713,7 +756,9 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
-    model_args, data_args, training_args, probes = parse_arguments(sys.argv[1:] if argv is None else list(argv))
+    model_args, data_args, training_args, probes, teacher_args = parse_arguments(
+        sys.argv[1:] if argv is None else list(argv)
+    )
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     warn_if_emulated_bf16(training_args)
     start = time.perf_counter()
@@ -728,7 +773,7 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.
         model.prediction_head.to(memory_format=torch.channels_last)
     processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
-    trainer = build_trainer(model, processor, data, model_args, data_args, training_args)
+    trainer = build_trainer(model, processor, data, model_args, data_args, training_args, teacher_args)
     if training_args.profile_memory:
         report_peak_memory(trainer)
         return trainer

@@ -6,6 +6,8 @@ and decoded predictions of a few fixed eval clips to TensorBoard (figures_foveat
 (card_foveated.py) into every checkpoint so that each saved folder is Hub-ready.
 """
 
+import dataclasses
+import json
 import math
 import os
 from collections import defaultdict
@@ -21,7 +23,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from card_foveated import FoveatedVLMModelCardInfo, write_model_card
 from figures_foveated import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
-from metrics_foveated import TABLE1_LOSSES, clip_metrics, improvement_with_se, means_from_totals, model_inputs, totals
+from metrics_foveated import (
+    TABLE1_LOSSES,
+    clip_metrics,
+    improvement_with_se,
+    means_from_totals,
+    model_inputs,
+    teacher_metrics,
+    totals,
+)
+from teacher_foveated import TEACHER_FILE, FoveatedVLMSearchTeacher
 
 __all__ = [
     "TRAINING_ARGS_JSON",
@@ -29,6 +40,7 @@ __all__ = [
     "FoveatedVLMFigureCallback",
     "FoveatedVLMFinalEvaluationCallback",
     "FoveatedVLMHubFilesCallback",
+    "teacher_inputs",
 ]
 
 # The training arguments as saved with the model: JSON, where the Trainer writes a pickle (TRAINING_ARGS_NAME).
@@ -49,14 +61,23 @@ class FoveatedVLMTrainer(Trainer):
     Args:
         model_card_info (`FoveatedVLMModelCardInfo`, *optional*): what the model card says about the data and base
             models.
+        teacher (`FoveatedVLMSearchTeacher`, *optional*): the search teacher (teacher_foveated.py): its terms join
+            the training loss, and its search is logged in training and evaluation (`teacher/...`).
         *args, **kwargs: as for `Trainer`; pass the `FoveatedVLMProcessor` as `processing_class` so that it is saved.
     """
 
     # The model's loss is a mean over its clips: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, model_card_info: Optional[FoveatedVLMModelCardInfo] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        model_card_info: Optional[FoveatedVLMModelCardInfo] = None,
+        teacher: Optional[FoveatedVLMSearchTeacher] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.teacher = teacher
         if self.args.remove_unused_columns:
             raise ValueError(
                 "FoveatedVLMTrainer needs remove_unused_columns=False: the data collator reads columns the model's "
@@ -73,11 +94,20 @@ class FoveatedVLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
         unwrapped = self.accelerator.unwrap_model(model)
-        outputs = model(**model_inputs(inputs, unwrapped))
+        outputs = model(**model_inputs(inputs, unwrapped), output_patch_cache=self.teacher is not None)
         mode = "train" if model.training else "eval"
         # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
         state_contribution = mode == "eval" or self._step_logs()
         metrics = clip_metrics(unwrapped, outputs, inputs, state_contribution)
+        loss = outputs.loss
+        if self.teacher is not None:
+            progress = self.state.global_step / max(self.state.max_steps, 1)
+            taught = self.teacher(unwrapped, outputs, progress=progress, **teacher_inputs(inputs))
+            metrics.update(teacher_metrics(taught, inputs, self.teacher.args.teacher_grid))
+            if taught.loss is not None:
+                loss = loss + taught.loss
+            # The cache is the teacher's alone: evaluation must not gather it with the predictions.
+            outputs = dataclasses.replace(outputs, patch_cache=None, tokens_fine=None)
         names = list(metrics)
         summed = totals(torch.stack([metrics[name].detach().float() for name in names]))  # (M, B) -> (M, 2)
         for name, row in zip(names, summed):
@@ -85,7 +115,7 @@ class FoveatedVLMTrainer(Trainer):
         if mode == "eval" and all(name in metrics for name in TABLE1_LOSSES):
             # Table 1's standard errors need every clip's losses, not only their sums.
             self._eval_clip_losses.append(torch.stack([metrics[name].float() for name in TABLE1_LOSSES], dim=1))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _step_logs(self) -> bool:
         """Whether the optimizer step being computed ends with a log: the Trainer's own rule for `steps`
@@ -131,6 +161,8 @@ class FoveatedVLMTrainer(Trainer):
             output_dir = output_dir or self.args.output_dir
             Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
             Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+            if self.teacher is not None:
+                Path(output_dir, TEACHER_FILE).write_text(json.dumps(self.teacher.args.to_dict(), indent=1))
 
     def create_model_card(self, **kwargs) -> None:
         """Write the package's model card (not the Trainer's generic one) into `output_dir`; `push_to_hub` calls it."""
@@ -139,6 +171,11 @@ class FoveatedVLMTrainer(Trainer):
             write_model_card(
                 self.args.output_dir, unwrapped.config, self.args, self.state, self.model_card_info, **kwargs
             )
+
+
+def teacher_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """What the search teacher may read of a batch: the targets and the text, never a ground-truth column."""
+    return {name: batch[name] for name in ("vae_latents", "input_ids", "attention_mask") if name in batch}
 
 
 class FoveatedVLMHubFilesCallback(TrainerCallback):

@@ -9,6 +9,7 @@ its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
     python benchmarks/bench_model.py --tables parts        # CPU: the train step vs the sum of its parts
     python benchmarks/bench_model.py --tables dispatch     # CPU: kernel launches and host syncs per step
     python benchmarks/bench_model.py --tables compile      # the step eager and under torch.compile (B=16)
+    python benchmarks/bench_model.py --tables teacher      # configs/cued.yaml's step without and with the teacher
 """
 
 import argparse
@@ -36,9 +37,9 @@ from tests.host_sync import HOST_SYNC_OPERATORS  # noqa: E402
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
 
 
-def tiny_config(**overrides) -> FoveatedVLMConfig:
-    """The embedded default's model (configs/tiny.yaml: 128 px, 64-wide DINOv3, 128-wide Llama)."""
-    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+def tiny_config(config_name: str = "tiny", **overrides) -> FoveatedVLMConfig:
+    """The embedded default's model (configs/tiny.yaml: 128 px, 64-wide DINOv3, 128-wide Llama), or another YAML's."""
+    config = yaml.safe_load((REPO_ROOT / "configs" / f"{config_name}.yaml").read_text())
     size = config["image_size"]
     return FoveatedVLMConfig(
         vision_config={**config["vision_config"], "image_size": size},
@@ -73,7 +74,13 @@ def build_model(
 
     overrides = dict(num_frames=num_frames, deep_query=deep_query)
     # phase1: the config's defaults, the shapes of configs/phase1.yaml (DINOv3 ViT-S/16 + SmolLM2-135M, 256 px).
-    builders = {"tiny": tiny_config, "hollow": hollow_config, "phase1": FoveatedVLMConfig}
+    builders = {
+        "tiny": tiny_config,
+        # The positive control's model with saccade fixations: the search teacher's setting (configs/cued.yaml).
+        "cued": lambda **o: tiny_config("cued", fixation_mode="saccade", **o),
+        "hollow": hollow_config,
+        "phase1": FoveatedVLMConfig,
+    }
     config = builders[shapes](**overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -132,10 +139,20 @@ def run_step_benchmark(args) -> dict:
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     # `--torch_compile true --torch_compile_mode MODE` in train_hf.py: the Trainer compiles the whole model.
     forward = torch.compile(model, mode=args.compile_mode or None) if args.compile else model
+    teacher = None
+    if args.teacher_grid:
+        from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
+
+        teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(
+            teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames
+        ))
 
     def step():
         with autocast:
-            loss = forward(pixel_values, vae_latents, **text).loss
+            outputs = forward(pixel_values, vae_latents, **text, output_patch_cache=teacher is not None)
+            loss = outputs.loss
+            if teacher is not None:
+                loss = loss + teacher(model, outputs, vae_latents, **text, progress=0.5).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -492,7 +509,8 @@ def main():
         "--tables",
         default="step,query",
         help="Comma-separated: step, query, parts (CPU: the step vs the sum of its parts), dispatch (CPU: kernel "
-        "launches and host syncs per step), compile (the step eager and under torch.compile).",
+        "launches and host syncs per step), compile (the step eager and under torch.compile), teacher (the search "
+        "teacher's cost per step).",
     )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -512,6 +530,8 @@ def main():
     parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--channels_last_head", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--text_tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher_grid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher_frames", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -559,6 +579,26 @@ def main():
         print_query_table(common, device)
     if "compile" in tables:
         print_compile_table(common, device, args.compile_batch_size)
+    if "teacher" in tables:
+        print_teacher_table(common, device)
+
+
+def print_teacher_table(common, device):
+    """The train step of configs/cued.yaml's model (saccades, B = 16, T = 8, 128 px) without and with the search
+    teacher (teacher_foveated.py) at a few grids and frames per clip: what the teacher costs per step."""
+    print(f"\n## The search teacher's cost, configs/cued.yaml's model, B = 16, fp32, on {device}\n")
+    print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
+    plain = None
+    for grid, frames in ((0, 0), (2, 0), (4, 0), (4, 2), (8, 1)):
+        result = run_child(mode="step", **common, batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames)
+        if "error" in result:
+            print(f"| grid {grid} | error: {result['error'][:80]} |", flush=True)
+            continue
+        seconds = result["seconds_per_step"]
+        plain = plain or seconds
+        name = "off" if not grid else f"{grid}×{grid} cells, {frames or 'all'} frames"
+        candidates = grid * grid * (frames or 7)
+        print(f"| {name} | {candidates} | {seconds:.2f} | {seconds / plain:.2f}× |", flush=True)
 
 
 def print_step_tables(grid, common, device):

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL
-from tiny import save_tiny_vae
+from tiny import save_tiny_tokenizer, save_tiny_vae
 
 import data_foveated
 import precompute_latents
@@ -571,7 +571,7 @@ def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
 
 
 def test_source_specific_defaults_apply_to_their_source():
-    _, data_args, _, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
+    _, data_args, _, _, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
     assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
     dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
     assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
@@ -586,7 +586,7 @@ def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
         str(cache_dir), "--vae", vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2",
         "--output_dir", str(tmp_path / "unused"),
     ]  # fmt: skip
-    _, data_args, training_args, _ = train_hf.parse_arguments(argv)
+    _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
     return train_hf.build_datasets(data_args, training_args)
 
 
@@ -649,3 +649,42 @@ def test_cold_and_warm_cache_train_the_same_model(tmp_path):
             trainer = train_hf.main([str(config), "--output_dir", str(tmp_path / name)])
             losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_a_recipe_runs_on_a_video_folder_with_its_synthetic_keys_set_aside(caplog):
+    """configs/cued.yaml keeps its model and training choices under --data_source video_dir; its synthetic-only keys
+    are set aside with a notice each, while such a key given on the command line is still refused."""
+    argv = ["configs/cued.yaml", "--data_source", "video_dir", "--video_dir", "/videos"]
+    with caplog.at_level("WARNING", logger="train_hf"):
+        model_args, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
+    assert model_args.model_config["head_type"] == "spatial" and training_args.max_steps == 480
+    assert (data_args.data_source, data_args.video_dir, data_args.num_train_videos) == ("video_dir", "/videos", None)
+    for key in ("num_train_videos", "num_eval_videos", "difficulty", "synthetic_size", "num_video_frames"):
+        assert any(key in record.getMessage() and "set aside" in record.getMessage() for record in caplog.records)
+    with pytest.raises(ValueError, match="--num_train_videos has no effect with --data_source video_dir"):
+        train_hf.parse_arguments(argv + ["--num_train_videos", "8"])
+
+
+def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_path):
+    """`train_hf.py configs/cued.yaml --data_source video_dir --video_dir <folder>` trains, with saccades and the search
+    teacher: the teacher reads no sidecar, so plain videos serve."""
+    folder = tmp_path / "plain_videos"
+    folder.mkdir()
+    for path in sorted((video_dir / "train").glob("*.mp4")):
+        shutil.copy(path, folder / path.name)  # the videos without their JSON sidecars
+    output_dir = tmp_path / "run"
+    argv = [
+        "configs/cued.yaml", "--data_source", "video_dir", "--video_dir", str(folder), "--eval_fraction", "0.5",
+        "--cache_dir", str(tmp_path / "cache"), "--vae", tiny_vae, "--num_frames", str(T), "--image_size", str(S),
+        "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--max_steps", "2", "--logging_steps", "1",
+        "--write_report", "false",
+        "--num_attention_figures", "0", "--report_to", "none", "--output_dir", str(output_dir),
+        "--model_config", '{"fixation_mode": "saccade"}', "--teacher", "true",
+    ]  # fmt: skip
+    trainer = train_hf.main(argv)
+    logged = trainer.state.log_history
+    assert any("teacher/distill" in entry for entry in logged)
+    final = [entry for entry in logged if "eval_loss/fine" in entry][-1]
+    assert "eval_teacher/loss_best" in final and "eval_teacher/on_target" not in final  # no boxes: absent, not 0
+    assert json.loads((output_dir / "teacher.json").read_text())["teacher"] is True
+    assert "search teacher" in (output_dir / "README.md").read_text()

@@ -303,14 +303,15 @@ def test_model_config_keys_outside_the_design_are_refused_by_name(model_config, 
 
 
 def test_probes_are_command_line_flags_and_build_a_probed_frozen_model():
-    *_, probes = train_hf.parse_arguments(["configs/tiny.yaml", "--fine_queries", "oracle", "--fine_loss_weight", "0.5"])
+    _, _, _, probes, _ = train_hf.parse_arguments(["configs/tiny.yaml", "--fine_queries", "oracle", "--fine_loss_weight", "0.5"])
     assert probes == FoveatedVLMProbes(fine_queries="oracle", fine_loss_weight=0.5) and probes.active
-    model_args, data_args, _, default = train_hf.parse_arguments(["configs/tiny.yaml"])
+    model_args, data_args, _, default, _ = train_hf.parse_arguments(["configs/tiny.yaml"])
     assert not default.active and default.to_dict() == {
-        "coarse_reader": "query", "fine_queries": "predicted", "fine_loss_weight": 1.0
+        "coarse_reader": "query", "fine_queries": "predicted", "fine_loss_weight": 1.0, "supervise_fixations": 0.0,
+        "supervise_first_glance": 0.0,
     }
     assert type(train_hf.build_model(model_args, data_args, (4, 16, 16), probes=default)) is FoveatedVLMModel
-    model_args, data_args, _, probes = train_hf.parse_arguments(
+    model_args, data_args, _, probes, _ = train_hf.parse_arguments(
         ["configs/tiny.yaml", "--fine_queries", "fixed", "--freeze_vision", "true"]
     )
     model = train_hf.build_model(model_args, data_args, (4, 16, 16), probes=probes)

@@ -459,7 +459,7 @@ def _parse(tmp_path, *flags):
     import train_hf
 
     argv = ["configs/tiny.yaml", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
-    model_args, data_args, _, _ = train_hf.parse_arguments(argv + list(flags))
+    model_args, data_args, _, _, _ = train_hf.parse_arguments(argv + list(flags))
     return train_hf, model_args, data_args
 
 

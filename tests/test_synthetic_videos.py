@@ -13,6 +13,7 @@ from synthetic_videos import (
     DIFFICULTIES,
     EVAL_SEED_OFFSET,
     FoveatedVLMCueSpec,
+    FoveatedVLMSceneSpec,
     generate_split,
     generate_video,
     write_video,
@@ -335,3 +336,149 @@ def test_cued_motion_pixels_follow_the_ground_truth(tmp_path):
             assert np.abs(colours - centre).max(axis=1).argmin() == frame["objects"][target]["cue"]
             body = frames[t, cy, int(np.ceil(x0)) + 2]
             assert np.abs(body - CUE.object_colour).max() < 30, (t, body)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The ladder's third rung: the target known by its body colour, which a legend shows in frame 0
+# --------------------------------------------------------------------------------------------------------------------
+
+APPEARANCE = DIFFICULTIES["cued_appearance"].cue
+# At 128 px: a 12 px swatch 4 px from the top-left corner; objects keep out of [0, 20) x [0, 20).
+LEGEND_BOX = (4, 4, 16, 16)
+LEGEND_KEEP_OUT = 20
+
+
+@pytest.fixture(scope="module")
+def appearance_split(tmp_path_factory):
+    """Decoded frames (F, S, S, 3) float and sidecars of 3 cued_appearance train videos, read as the model reads
+    them."""
+    output_dir = tmp_path_factory.mktemp("cued_appearance")
+    paths = generate_split(output_dir, num_train=3, num_eval=0, difficulty="cued_appearance", size=CUED_SIZE,
+                           num_video_frames=CUED_T, num_frames=CUED_T, seed=21)  # fmt: skip
+    videos = []
+    for path in paths["train"]:
+        frames, info = load_video(path, CUED_T, CUED_SIZE)
+        assert info["frame_indices"] == list(range(CUED_T))
+        videos.append((frames.astype(float), json.loads(open(path.replace(".mp4", ".json")).read())))
+    return videos
+
+
+def test_cued_appearance_spec_and_scene_structure():
+    spec = DIFFICULTIES["cued_appearance"]
+    assert APPEARANCE.target_marked_by == "appearance" and spec.num_moving == 0 and spec.num_static == 7
+    # The rule, cues and levels are the cued scene's.
+    assert (APPEARANCE.cue_colours, APPEARANCE.levels, APPEARANCE.level_of_cue) == (
+        CUE.cue_colours, CUE.levels, CUE.level_of_cue
+    )
+    with pytest.raises(ValueError, match="target_marked_by"):
+        FoveatedVLMCueSpec(target_marked_by="shape")
+    with pytest.raises(ValueError, match="body_colours"):
+        FoveatedVLMSceneSpec(
+            num_moving=0, num_static=7, side_range=(1 / 8, 1 / 6), flicker=0.0,
+            cue=FoveatedVLMCueSpec(target_marked_by="appearance", body_colours=APPEARANCE.body_colours[:6]),
+        )  # fmt: skip
+
+    # The palette stays clear of the cues (>= 110 RGB), the mark and the grey levels (>= 80 of chroma), and its
+    # colours stay apart (>= 45 in one channel).
+    palette = np.array(APPEARANCE.body_colours)  # (P, 3)
+    assert np.linalg.norm(palette[:, None] - np.array(CUE.cue_colours)[None], axis=-1).min() >= 110
+    assert np.linalg.norm(palette - CUE.target_colour, axis=-1).min() >= 110
+    assert (np.ptp(palette, axis=1) >= 80).all()
+    assert min(np.abs(a - b).max() for i, a in enumerate(palette) for b in palette[i + 1 :]) >= 45
+
+    targets = set()
+    for seed in range(6):
+        frames, ground_truth = generate_video(seed, "cued_appearance", CUED_SIZE, CUED_T, CUED_T)
+        boxes = _boxes(ground_truth)  # (F, K, 4)
+        np.testing.assert_array_equal(boxes, np.repeat(boxes[:1], CUED_T, axis=0))  # nothing moves
+        target = ground_truth["target"]
+        # The target is flagged as in `cued`, so the oracle and tracking metrics read its box.
+        flags = [[(obj["moving"], obj["target"]) for obj in frame["objects"]] for frame in ground_truth["frames"]]
+        assert all(flag == (False, k == target) for frame in flags for k, flag in enumerate(frame))
+        levels = [frame["level"] for frame in ground_truth["frames"]]
+        cues = np.array([[obj["cue"] for obj in frame["objects"]] for frame in ground_truth["frames"]])  # (F, K)
+        assert levels[1:] == [CUE.level_of_cue[c] for c in cues[:-1, target]]
+        # Seven distinct body colours from the palette; the legend shows the target's, in its fixed place.
+        body_colours = [tuple(colour) for colour in ground_truth["body_colours"]]
+        assert len(body_colours) == boxes.shape[1] == len(set(body_colours))
+        assert set(body_colours) <= set(APPEARANCE.body_colours)
+        assert ground_truth["legend"] == {"box": list(map(float, LEGEND_BOX)), "colour": list(body_colours[target])}
+        # No object reaches into the legend's corner, in any frame.
+        assert ((boxes[..., 0] >= LEGEND_KEEP_OUT) | (boxes[..., 1] >= LEGEND_KEEP_OUT)).all()
+        targets.add(body_colours[target])
+    assert len(targets) > 1  # the target's colour changes from video to video
+
+    # More layouts, small: objects keep out of the legend and its margin, as wide as its offset, at any size.
+    for seed in range(40):
+        _, ground_truth = generate_video(seed, "cued_appearance", 64, 2, 2)
+        x0, _, x1, _ = ground_truth["legend"]["box"]
+        assert (x0, x1) == (2, 8)  # 4 / 128 and 12 / 128 of 64 px, snapped to even pixels
+        boxes = _boxes(ground_truth)
+        assert ((boxes[..., 0] >= x1 + x0) | (boxes[..., 1] >= x1 + x0)).all(), seed
+
+
+def test_cued_sidecars_are_unchanged_by_the_appearance_rung():
+    # `cued` and `cued_motion` keep their keys and their look-alike bodies: the appearance rung adds keys only to
+    # its own videos. (Their bytes were checked against the code before the rung by hand.)
+    keys = ["seed", "difficulty", "size", "num_video_frames", "num_frames", "frames", "target"]
+    for difficulty in ("cued", "cued_motion"):
+        frames, ground_truth = generate_video(0, difficulty, CUED_SIZE, 4, 4)
+        assert list(ground_truth) == keys
+        assert set(ground_truth["frames"][0]["objects"][0]) == {"box", "moving", "target", "cue"}
+        x0, y0, x1, y1 = next(obj["box"] for obj in ground_truth["frames"][1]["objects"] if not obj["target"])
+        assert np.abs(frames[1, int((y0 + y1) / 2), int(np.ceil(x0)) + 2] - np.array(CUE.object_colour)).max() <= 1
+
+
+def test_cued_appearance_rule_holds_in_the_decoded_pixels(appearance_split):
+    for frames, ground_truth in appearance_split:
+        mask = _background_mask(ground_truth, CUED_SIZE)
+        mask[:LEGEND_KEEP_OUT, :LEGEND_KEEP_OUT] = False  # the legend, in frame 0
+        background = frames[:, mask].mean(axis=(1, 2))  # (F,) grey level
+        target = ground_truth["target"]
+        target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
+        # For every t: frame t+1's background is the level the target's cue colour in frame t maps to.
+        expected = [CUE.levels[CUE.level_of_cue[c]] for c in target_cues[:-1]]
+        np.testing.assert_allclose(background[1:], expected, atol=LEVEL_TOLERANCE)
+        np.testing.assert_allclose(background[0], CUE.levels[ground_truth["frames"][0]["level"]], atol=LEVEL_TOLERANCE)
+
+
+def test_cued_appearance_ground_truth_matches_the_pixels(appearance_split):
+    colours = np.array(CUE.cue_colours)  # (C, 3)
+    palette = np.array(APPEARANCE.body_colours)  # (P, 3)
+    for frames, ground_truth in appearance_split:
+        for t, frame in enumerate(ground_truth["frames"]):
+            for k, obj in enumerate(frame["objects"]):
+                x0, y0, x1, y1 = obj["box"]
+                cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+                # The cue reads as clearly on a coloured body as on a near-black one.
+                centre = frames[t, cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
+                distance = np.abs(colours - centre).max(axis=1)  # (C,)
+                assert distance[obj["cue"]] < 40 and np.delete(distance, obj["cue"]).min() > 120, (t, k, distance)
+                # The body, 2 px inside the left edge: its own colour in every frame (the target's is not marked),
+                # nearest to it of the whole palette.
+                body = frames[t, cy, int(np.ceil(x0)) + 2]
+                expected = np.array(ground_truth["body_colours"][k])
+                assert np.abs(body - expected).max() < 30, (t, k, body, expected)
+                assert np.abs(palette - body).max(axis=1).argmin() == APPEARANCE.body_colours.index(tuple(expected))
+
+
+def test_cued_appearance_legend_shows_the_target_in_frame_0_only(appearance_split):
+    palette = np.array(APPEARANCE.body_colours)  # (P, 3)
+    x0, y0, x1, y1 = LEGEND_BOX
+    for frames, ground_truth in appearance_split:
+        target = ground_truth["target"]
+        target_colour = np.array(ground_truth["body_colours"][target])
+        # Frame 0: the swatch (1 px inside its edges) has the target's body colour, nearest of the whole palette.
+        swatch = frames[0, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].reshape(-1, 3)
+        assert np.abs(swatch - target_colour).max() < 30
+        assert np.abs(palette - swatch.mean(axis=0)).max(axis=1).argmin() == APPEARANCE.body_colours.index(
+            tuple(target_colour)
+        )
+        # Later frames: where the legend was (2 px around it too) is plain grey background at the frame's level: no
+        # pixel with the palette's chroma (>= 85; the textured grey reaches 13 after decoding).
+        for t in range(1, CUED_T):
+            corner = frames[t, y0 - 2 : y1 + 2, x0 - 2 : x1 + 2].reshape(-1, 3)
+            assert np.ptp(corner, axis=1).max() < 30, t
+            level = CUE.levels[ground_truth["frames"][t]["level"]]
+            # (within the faint texture's +-12 around the level; the levels are 45 apart)
+            assert np.abs(corner.mean() - level) < 15, (t, corner.mean(), level)

@@ -420,7 +420,7 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
     LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
     _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(text_dir)
     for config_name in ("phase1", "phase2"):
-        model_args, data_args, training_args, _ = train_hf.parse_arguments(
+        model_args, data_args, training_args, _, _ = train_hf.parse_arguments(
             [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
             + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
         )
@@ -768,7 +768,7 @@ def test_cued_config_is_tiny_on_the_cued_scene():
     # The model: the full-width token and a 32-channel head (docs/RESULTS.md says why), the rest as in tiny.
     cued_model = {"token_dim": None, "head_channels": 32, "head_mlp_dim": 128}
     assert cued["model_config"] == {**tiny["model_config"], **cued_model}
-    _, data_args, training_args, _ = train_hf.parse_arguments(["configs/cued.yaml"])
+    _, data_args, training_args, _, _ = train_hf.parse_arguments(["configs/cued.yaml"])
     assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
     assert training_args.max_steps == training_args.save_steps == 480
 
@@ -779,7 +779,7 @@ def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, 
     # What the model card, Table 1's printout and the report say the numbers are on.
     argv = ["configs/cued.yaml", "--difficulty", difficulty, "--cache_dir", str(tmp_path), "--num_train_videos", "1",
             "--num_eval_videos", "1"]
-    _, data_args, _, _ = train_hf.parse_arguments(argv)
+    _, data_args, _, _, _ = train_hf.parse_arguments(argv)
     _, _, description = train_hf.split_videos(data_args, data_args.split_seed)
     assert description.startswith("Synthetic clips") and f"({difficulty}: " in description
     assert ("positive control" in description) == (marked is not None)
@@ -787,7 +787,7 @@ def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, 
 
 
 def test_command_line_model_config_updates_the_yaml_one():
-    model_args, data_args, _, _ = train_hf.parse_arguments(
+    model_args, data_args, _, _, _ = train_hf.parse_arguments(
         ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
     )
     tiny_yaml = yaml.safe_load(Path("configs/tiny.yaml").read_text())["model_config"]

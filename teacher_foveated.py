@@ -1,0 +1,335 @@
+"""A search teacher for Pass 2: where to look, learned by trying glimpses and keeping what predicts best.
+
+Training only; nothing here is part of a checkpoint. Plain backpropagation through a soft glimpse does not find a small
+target (docs/RESULTS.md): a glimpse pays only once it sits on the target, so the first gradient towards it is near zero.
+The teacher turns *where to look* into a supervised problem without ground truth, as search-supervised glimpse
+policies do (Harvey et al. 2019; Saccader's location pretraining; annealed multiple-choice learning):
+
+1. **Search.** For each clip and scored frame t, K candidate glimpses read frame t: narrow fixations on the centres
+   of a grid of cells, each with `q_init`'s query vector. Each candidate replaces Pass 2's token of frame t; the LLM
+   state after it predicts latent t+1 through the shared head, and the candidate's score is that prediction's MSE, the
+   model's own loss on frames and latents (no box, cue or sidecar is read). A candidate at frame t changes only the
+   states from t on, so every candidate branches off the shared Pass-2 prefix (tokens of frames < t) in one LLM call
+   with a block mask, instead of re-running the pass.
+2. **Posterior and candidate training.** The candidates' posterior is a softmax of their negative losses (relative to
+   the mean over candidates, so the temperature is scale-free), with a temperature annealed from broad to sharp over
+   training. The LLM, head and query path also train on a few candidates per frame, so that the head learns what a
+   glimpse on each cell is worth before the policy looks there. By default these are drawn uniformly: drawn from the
+   posterior (`teacher_wta_sampling="posterior"`, the soft winner-takes-all of multiple-choice learning) they let
+   the teacher's hindsight choose which candidate trains, the candidates specialise on different guesses, and the
+   best one wins whether or not it is on the target (measured in docs/RESULTS.md).
+3. **Distillation.** Pass 2's own glimpse of frame t (its attention mass per cell) is pulled towards the posterior by
+   cross-entropy, so queries that select by content learn as well as those that select by place.
+4. **The first glance.** Pass 1's static glimpse of frame t-1 is pulled towards the same posterior: what the teacher
+   finds worth reading at t is what the static read before it must have seen for the LLM to aim there.
+
+`loss_fine` stays Pass 2 reading with the policy's own queries; evaluation and streaming use the policy alone.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput, _position_ids
+
+__all__ = ["TEACHER_FILE", "FoveatedVLMTeacherArguments", "FoveatedVLMSearchTeacher", "FoveatedVLMTeacherOutput", "cell_mass"]
+
+WTA_SAMPLING = ("uniform", "posterior")
+# The teacher's settings as saved beside a model trained with it (the report and the card read them).
+TEACHER_FILE = "teacher.json"
+
+
+@dataclass
+class FoveatedVLMTeacherArguments:
+    """The search teacher's settings (`train_hf.py` flags; off by default)."""
+
+    teacher: bool = field(default=False, metadata={"help": "Train Pass 2's policy with the search teacher."})
+    teacher_grid: int = field(
+        default=4,
+        metadata={"help": "Candidate cells per side (K = grid^2 candidate glimpses per frame); must divide the "
+        "patches per side."},
+    )
+    teacher_log_sigma: Optional[float] = field(
+        default=None, metadata={"help": "log sigma of a candidate's fixation, in half-widths; default log(1 / grid)."}
+    )
+    teacher_frames: int = field(
+        default=0, metadata={"help": "Frames scored per clip and step, drawn at random; 0: every frame with a next latent."}
+    )
+    teacher_samples: int = field(
+        default=2, metadata={"help": "Candidates per scored frame drawn for the winner-takes-all term."}
+    )
+    teacher_wta_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "How the winner-takes-all term draws its candidates: uniform (every cell alike: the head learns "
+            "what each glimpse is worth) or posterior (the soft winner-takes-all proper, which the teacher's "
+            "hindsight turns into multiple-choice learning: the candidates specialise on guesses and the best one "
+            "wins without being on the target; docs/RESULTS.md).",
+            "choices": WTA_SAMPLING,
+        },
+    )
+    teacher_temperature_start: float = field(
+        default=1.0, metadata={"help": "Posterior temperature at step 0, on losses relative to their mean."}
+    )
+    teacher_temperature_end: float = field(
+        default=0.02, metadata={"help": "Posterior temperature at the last step (annealed geometrically)."}
+    )
+    teacher_wta_weight: float = field(default=1.0, metadata={"help": "Weight of the soft winner-takes-all term."})
+    teacher_distill_weight: float = field(
+        default=1.0, metadata={"help": "Weight of distilling the posterior into Pass 2's glimpse (0: off)."}
+    )
+    teacher_static_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of pulling Pass 1's static glimpse of frame t-1 towards the posterior of frame t "
+        "(the first-glance signal; 0: off)."},
+    )
+
+    def __post_init__(self):
+        for name in ("teacher_grid", "teacher_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.teacher_frames < 0:
+            raise ValueError(f"teacher_frames={self.teacher_frames} must be >= 0 (0: every frame)")
+        for name in ("teacher_temperature_start", "teacher_temperature_end"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.teacher_wta_sampling not in WTA_SAMPLING:
+            raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
+        for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_static_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FoveatedVLMTeacherOutput:
+    """What one teacher call found and what it adds to the loss.
+
+    loss: the weighted sum of the terms below, or None outside training.
+    frames: (B, F) indices t of the scored frames (each predicts latent t+1).
+    posterior: (B, F, K) the candidates' posterior over the grid's cells, row-major like the patches.
+    metrics: per-clip values (B,) for the trainer's logs, `teacher/...`.
+    """
+
+    loss: Optional[torch.Tensor]
+    frames: torch.Tensor
+    posterior: torch.Tensor
+    metrics: dict
+
+
+def cell_mass(attention: torch.Tensor, grid: int) -> torch.Tensor:
+    """Attention over a square of patches (..., P) -> its mass per cell of a grid x grid split (..., grid^2), row-major."""
+    side = math.isqrt(attention.shape[-1])
+    block = side // grid
+    cells = attention.reshape(*attention.shape[:-1], grid, block, grid, block)  # (..., gy, by, gx, bx)
+    return cells.sum(dim=(-3, -1)).flatten(-2)
+
+
+class FoveatedVLMSearchTeacher:
+    """The search teacher (module docstring). Call it on a model's output made with `output_patch_cache=True`."""
+
+    def __init__(self, args: FoveatedVLMTeacherArguments):
+        self.args = args
+
+    def temperature(self, progress: float) -> float:
+        """Geometric annealing from `teacher_temperature_start` (progress 0) to `teacher_temperature_end` (1)."""
+        start, end = self.args.teacher_temperature_start, self.args.teacher_temperature_end
+        return start * (end / start) ** min(max(progress, 0.0), 1.0)
+
+    @staticmethod
+    def posterior(losses: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Candidates' losses (..., K) -> their posterior (..., K): a softmax of the losses relative to their mean,
+        so that the temperature does not depend on the scale of the loss."""
+        relative = losses / losses.mean(-1, keepdim=True).clamp_min(1e-12)
+        return (-relative / temperature).softmax(-1)
+
+    def candidate_fixations(self, num_patches: int, device) -> torch.Tensor:
+        """(K, 3): (y, x, log sigma) of a narrow fixation on the centre of each cell, row-major."""
+        grid = self.args.teacher_grid
+        side = math.isqrt(num_patches)
+        if side % grid:
+            raise ValueError(f"teacher_grid={grid} must divide the {side} patches per side of a frame")
+        centres = (torch.arange(grid, device=device, dtype=torch.float32) * 2 + 1) / grid - 1  # (grid,)
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+        log_sigma = self.args.teacher_log_sigma
+        log_sigma = math.log(1.0 / grid) if log_sigma is None else log_sigma
+        return torch.stack([ys.flatten(), xs.flatten(), torch.full_like(ys.flatten(), log_sigma)], dim=-1)
+
+    def __call__(
+        self,
+        model: FoveatedVLMModel,
+        outputs: FoveatedVLMOutput,
+        vae_latents: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        progress: float = 0.0,
+    ) -> FoveatedVLMTeacherOutput:
+        """
+        Args:
+            model: the unwrapped model that made `outputs`.
+            outputs: its output with `output_patch_cache=True` on these inputs.
+            vae_latents, input_ids, attention_mask: the same model inputs; the teacher reads nothing else.
+            progress: the share of training done, for the temperature.
+
+        In training mode (`model.training`) it returns the loss terms; otherwise only the search and its metrics.
+        """
+        if outputs.patch_cache is None:
+            raise ValueError("the search teacher needs the model's output made with output_patch_cache=True")
+        args = self.args
+        B, T = vae_latents.shape[:2]
+        num_patches = outputs.attn_dynamic.shape[-1]
+        cells = self.candidate_fixations(num_patches, vae_latents.device)  # (K, 3)
+        K = cells.shape[0]
+        frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
+        F_ = frames.shape[1]
+        temperature = self.temperature(progress)
+
+        # Search: every cell of every scored frame, without a graph.
+        with torch.no_grad():
+            losses = self.candidate_losses(model, outputs, vae_latents, input_ids, attention_mask, frames,
+                                           cells.expand(B, F_, K, 3))  # (B, F, K)
+            posterior = self.posterior(losses, temperature)  # (B, F, K)
+
+        # The policy's own loss on the same targets: Pass 2's prediction of latent t+1.
+        policy_losses = (_at_frames(outputs.pred_fine, frames + 1).float() - _at_frames(vae_latents, frames + 1).float())
+        policy_losses = policy_losses.pow(2).flatten(2).mean(-1)  # (B, F)
+        best = losses.min(-1).values
+        metrics = {
+            "teacher/temperature": torch.full((B,), temperature, device=losses.device),
+            "teacher/loss_best": best.mean(1),
+            "teacher/loss_mean": losses.mean((1, 2)),
+            "teacher/loss_policy": policy_losses.mean(1),
+            "teacher/posterior_entropy": -(posterior * posterior.clamp_min(1e-12).log()).sum(-1).mean(1),
+        }
+        loss = None
+        if model.training:
+            terms = {}
+            if args.teacher_wta_weight > 0:
+                # Candidates drawn uniformly or from the posterior (the soft winner-takes-all, as an estimate).
+                drawn_from = posterior if args.teacher_wta_sampling == "posterior" else torch.ones_like(posterior)
+                picks = torch.multinomial(drawn_from.reshape(B * F_, K), args.teacher_samples, replacement=True)
+                picked = cells[picks].view(B, F_, args.teacher_samples, 3)
+                terms["wta"] = self.candidate_losses(
+                    model, outputs, vae_latents, input_ids, attention_mask, frames, picked
+                ).mean((1, 2))  # (B,)
+            target_cells = posterior.detach()
+            grid = args.teacher_grid
+            if args.teacher_distill_weight > 0:
+                policy_mass = cell_mass(_at_frames(outputs.attn_dynamic, frames), grid)  # (B, F, K)
+                terms["distill"] = _cross_entropy(target_cells, policy_mass).mean(1)
+            if args.teacher_static_weight > 0:
+                # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
+                earlier = (frames - 1).clamp_min(0)
+                static_mass = cell_mass(_at_frames(outputs.attn_static, earlier), grid)  # (B, F, K)
+                has_earlier = (frames >= 1).float()
+                per_frame = _cross_entropy(target_cells, static_mass) * has_earlier
+                terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
+            weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
+                       "static": args.teacher_static_weight}
+            per_clip = sum(weights[name] * value for name, value in terms.items())
+            loss = per_clip.mean() if terms else None
+            metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
+        return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
+
+    def _scored_frames(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, F): the frames t whose glimpse is searched, each with a next latent (t <= T - 2), in order."""
+        every = T - 1
+        count = self.args.teacher_frames or every
+        if count >= every:
+            return torch.arange(every, device=device).expand(B, every)
+        return torch.rand(B, every, device=device).argsort(-1)[:, :count].sort(-1).values
+
+    def candidate_losses(
+        self, model, outputs, vae_latents, input_ids, attention_mask, frames: torch.Tensor, fixations: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        The next-latent MSE after Pass 2 reads frame t with each candidate fixation instead of its own query.
+
+        frames (B, F) frame indices t <= T - 2; fixations (B, F, M, 3) -> losses (B, F, M) of predicting latent t+1
+        from latent t and the state after the candidate's token, the Pass-2 tokens of frames < t before it.
+        """
+        B, T = vae_latents.shape[:2]
+        F_, M = fixations.shape[1:3]
+        cache = outputs.patch_cache
+        rows = (torch.arange(B, device=frames.device)[:, None] * T + frames).flatten()  # (B*F,) rows of the cache
+        frame_cache = type(cache)(
+            patch_features=cache.patch_features[rows],
+            layer_keys=tuple(key[rows] for key in cache.layer_keys),
+            layer_values=tuple(value[rows] for value in cache.layer_values),
+            final_features=cache.final_features[rows],
+        )
+        queries = model.q_init.expand(B * F_, M, -1)  # (B*F, M, Q)
+        tokens, attention = model.encoder.query(queries, frame_cache, fixations.reshape(B * F_, M, 3))
+        D = tokens.shape[-1]
+        # (B*F, M, D) -> (B, F*M, E): the LLM inputs of the candidates, as Pass 2's own tokens are made.
+        candidates, _ = model._tokens_to_llm(tokens.reshape(-1, D), attention.reshape(B * F_ * M, -1), B, F_ * M)
+        states = branch_states(model, outputs.tokens_fine.detach(), candidates.view(B, F_, M, -1), frames,
+                               input_ids, attention_mask)  # (B, F, M, E)
+        prev = _at_frames(vae_latents, frames)  # (B, F, C, h, w)
+        target = _at_frames(vae_latents, frames + 1).float()
+        # The head takes k blocks of B clips: (B, F, M, E) -> (M * B, F, E).
+        predictions = model.predict_latents(states.permute(2, 0, 1, 3).flatten(0, 1), prev).float()
+        predictions = predictions.view(M, B, F_, *predictions.shape[2:])  # (M, B, F, C, h, w)
+        return (predictions - target[None]).pow(2).flatten(3).mean(-1).permute(1, 2, 0)  # (B, F, M)
+
+
+def branch_states(model, prefix_tokens, candidates, frames, input_ids=None, attention_mask=None) -> torch.Tensor:
+    """
+    The LLM state after each candidate token, each read in place of Pass 2's token of its frame: one LLM call over
+    `[text, <fine>, z_1..z_{T-1}, candidates]` where candidate (b, f, m) sees only the text, `<fine>`, the tokens of
+    the frames before `frames[b, f]` and itself, at the position of the token it replaces.
+
+    prefix_tokens (B, T, E) Pass 2's tokens; candidates (B, F, M, E); frames (B, F) -> states (B, F, M, E).
+    """
+    B, T, E = prefix_tokens.shape
+    F_, M = candidates.shape[1:3]
+    text_embeds = model._embed_text(input_ids, B)  # (B, n, E)
+    n = text_embeds.shape[1]
+    text_mask = attention_mask if attention_mask is not None else text_embeds.new_ones(B, n, dtype=torch.long)
+    mode = model.fine_token.to(prefix_tokens.dtype).expand(B, 1, -1)
+    prefix = torch.cat([text_embeds.to(prefix_tokens.dtype), mode, prefix_tokens[:, : T - 1]], dim=1)  # (B, n+T, E)
+    length = prefix.shape[1]
+    inputs_embeds = torch.cat([prefix, candidates.reshape(B, F_ * M, E).to(prefix.dtype)], dim=1)
+
+    # Which positions each query row may read: the prefix is causal over real (unpadded) tokens; candidate (f, m)
+    # reads the text, <fine>, z_1..z_{t-1} (prefix columns < n + 1 + t) and itself.
+    prefix_valid = torch.cat([text_mask.bool(), text_mask.new_ones(B, T).bool()], dim=1)  # (B, n + T)
+    columns = torch.arange(length, device=frames.device)
+    causal = columns[None, :] <= columns[:, None]  # (n+T, n+T)
+    prefix_rows = causal[None] & prefix_valid[:, None, :]  # (B, n+T, n+T)
+    limit = (n + 1 + frames).repeat_interleave(M, dim=1)  # (B, F*M): first prefix column a candidate may not read
+    candidate_prefix = (columns[None, None, :] < limit[:, :, None]) & prefix_valid[:, None, :]  # (B, F*M, n+T)
+    total = length + F_ * M
+    allowed = torch.zeros(B, total, total, dtype=torch.bool, device=frames.device)
+    allowed[:, :length, :length] = prefix_rows
+    allowed[:, length:, :length] = candidate_prefix
+    allowed[:, length:, length:] = torch.eye(F_ * M, dtype=torch.bool, device=frames.device)
+    # A padded text row reads nothing else; let it read itself so its softmax stays finite (its output is unused).
+    allowed |= torch.eye(total, dtype=torch.bool, device=frames.device)[None]
+    dtype = inputs_embeds.dtype
+    mask = torch.zeros(B, 1, total, total, dtype=dtype, device=frames.device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    prefix_positions = _position_ids(prefix_valid.long())  # (B, n + T)
+    candidate_positions = prefix_positions.gather(1, limit)  # the position of the token each candidate replaces
+    position_ids = torch.cat([prefix_positions, candidate_positions], dim=1)
+    hidden = model.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return hidden[:, length:].view(B, F_, M, E)
+
+
+def _at_frames(values: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """values (B, T, ...) at frames (B, F) -> (B, F, ...)."""
+    index = frames.view(*frames.shape, *([1] * (values.ndim - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
+
+
+def _cross_entropy(target: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of distributions `mass` against `target` over the last dim: (..., K) -> (...)."""
+    return -(target * mass.float().clamp_min(1e-8).log()).sum(-1)

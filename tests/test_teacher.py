@@ -1,0 +1,288 @@
+"""Saccade fixations and the search teacher (teacher_foveated.py): causal, stream = forward, branches = re-runs."""
+
+import pytest
+import torch
+from test_modeling import assert_stream_equals_forward, make_batch, make_model
+
+from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments, branch_states, cell_mass
+
+SACCADE = dict(fixation_bias=True, fixation_mode="saccade", glimpse_position=True)
+
+
+# ---- Saccade fixations ----
+
+
+def test_saccade_needs_fixation_bias_and_names_the_field():
+    with pytest.raises(ValueError, match="fixation_mode"):
+        make_model(fixation_mode="saccade")
+    with pytest.raises(ValueError, match="fixation_mode"):
+        make_model(fixation_bias=True, fixation_mode="jump")
+
+
+def test_saccade_centre_is_tanh_of_the_running_sum_of_moves():
+    model = make_model(**SACCADE)
+    queries = torch.randn(2, 4, model.config.query_dim)
+    fixations, last = model.encoder.saccade_fixations(queries)
+    moves = model.encoder.fixation_proj(queries)[..., :2]
+    running = torch.zeros(2, 2)
+    for t in range(4):
+        running = running + moves[:, t]
+        torch.testing.assert_close(fixations[:, t, :2], torch.tanh(running))
+    torch.testing.assert_close(last, running)
+    # Continuing from a running sum equals reading the whole sequence at once (what the stream does).
+    first, position = model.encoder.saccade_fixations(queries[:, :2])
+    rest, _ = model.encoder.saccade_fixations(queries[:, 2:], position)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), fixations)
+
+
+def test_saccade_fixations_keep_the_index_rule():
+    """Changing frame t changes no Pass-2 glimpse of frames <= t (their moves come from frames < t) nor any
+    prediction of targets <= t."""
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    changed = 1
+    other = pixel_values.clone()
+    other[:, changed] = torch.randn_like(other[:, changed])
+    with torch.no_grad():
+        base, moved = model(pixel_values, vae_latents), model(other, vae_latents)
+    torch.testing.assert_close(moved.pred_fine[:, : changed + 1], base.pred_fine[:, : changed + 1])
+    # The glimpse of frame `changed + 1` follows a move written after the changed frame.
+    assert not torch.allclose(moved.attn_dynamic[:, changed + 1 :], base.attn_dynamic[:, changed + 1 :])
+    assert not torch.allclose(moved.pred_fine[:, changed + 1 :], base.pred_fine[:, changed + 1 :])
+
+
+def test_saccade_differs_from_absolute_fixations():
+    torch.manual_seed(0)
+    saccade = make_model(**SACCADE)
+    absolute = make_model(fixation_bias=True, glimpse_position=True)
+    absolute.load_state_dict(saccade.state_dict())
+    pixel_values, vae_latents = make_batch(saccade.config)
+    with torch.no_grad():
+        a, b = saccade(pixel_values, vae_latents), absolute(pixel_values, vae_latents)
+    torch.testing.assert_close(a.attn_dynamic[:, 0], b.attn_dynamic[:, 0])  # q_init's first move is its place
+    assert not torch.allclose(a.attn_dynamic[:, 1:], b.attn_dynamic[:, 1:])
+
+
+def test_saccade_streaming_equals_the_parallel_forward():
+    assert_stream_equals_forward(make_model(**SACCADE))
+
+
+# ---- The search teacher ----
+
+
+def teacher(**overrides) -> FoveatedVLMSearchTeacher:
+    return FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**{"teacher": True, "teacher_grid": 2, **overrides}))
+
+
+def test_cell_mass_sums_blocks_of_patches():
+    attention = torch.arange(16.0).view(1, 16)  # a 4 x 4 patch grid, row-major
+    mass = cell_mass(attention, 2)
+    assert mass.tolist() == [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7, 8 + 9 + 12 + 13, 10 + 11 + 14 + 15]]
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_candidate_branches_equal_full_reruns_of_pass2(with_text):
+    """A candidate's state equals Pass 2 re-run with its token in place of the token of its frame."""
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    text = {}
+    if with_text:
+        text = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    B, T = pixel_values.shape[:2]
+    with torch.no_grad():
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True, **text)
+        frames = torch.tensor([[0, 2], [1, 2]])
+        candidates = torch.randn(B, 2, 3, model.config.text_config.hidden_size)
+        states = branch_states(model, outputs.tokens_fine, candidates, frames, **text)
+        text_embeds = model._embed_text(text.get("input_ids"), B)
+        for b in range(B):
+            for f in range(2):
+                for m in range(3):
+                    tokens = outputs.tokens_fine.clone()
+                    tokens[b, frames[b, f]] = candidates[b, f, m]
+                    hidden = model.run_language_model(model.fine_token, tokens, text_embeds, text.get("attention_mask"))
+                    # The state right after frame t's token sits at index t + 1 of [<fine>, z_1..z_T].
+                    torch.testing.assert_close(states[b, f, m], hidden[b, frames[b, f] + 1], atol=1e-5, rtol=1e-4)
+
+
+def test_candidate_losses_equal_the_model_loss_with_that_glimpse():
+    """Scoring a candidate equals the loss of Pass 2 re-run with q_init and that fixation at the frame."""
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    search = teacher()
+    with torch.no_grad():
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+        cells = search.candidate_fixations(outputs.attn_dynamic.shape[-1], pixel_values.device)
+        frames = torch.tensor([[1], [2]])
+        losses = search.candidate_losses(model, outputs, vae_latents, None, None, frames, cells.expand(2, 1, 4, 3))
+        B, T = pixel_values.shape[:2]
+        cache = outputs.patch_cache
+        for b in range(B):
+            t = frames[b, 0].item()
+            for k in range(4):
+                token, attention = model.encoder.query(
+                    model.q_init[None], type(cache)(**{n: _row(v, b * T + t) for n, v in cache.items()}), cells[k][None]
+                )
+                token, _ = model._tokens_to_llm(token, attention, 1, 1)
+                tokens = outputs.tokens_fine[b : b + 1].clone()
+                tokens[0, t] = token[0, 0]
+                hidden = model.run_language_model(model.fine_token, tokens, model._embed_text(None, 1), None)
+                prediction = model.prediction_head(hidden[:, t + 1], vae_latents[b : b + 1, t])
+                expected = (prediction - vae_latents[b : b + 1, t + 1]).pow(2).mean()
+                torch.testing.assert_close(losses[b, 0, k], expected, atol=1e-5, rtol=1e-4)
+
+
+def _row(value, index):
+    if isinstance(value, tuple):
+        return tuple(v[index : index + 1] for v in value)
+    return value[index : index + 1]
+
+
+def test_the_teacher_never_changes_loss_fine():
+    """The teacher adds terms beside the model's loss; `loss_fine` is Pass 2 with the policy's own queries."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    torch.manual_seed(3)  # the same dropout draws in both calls
+    plain = model(pixel_values, vae_latents)
+    torch.manual_seed(3)
+    with_cache = model(pixel_values, vae_latents, output_patch_cache=True)
+    taught = teacher()(model, with_cache, vae_latents, progress=0.5)
+    assert taught.loss is not None and taught.loss.item() > 0
+    for name in ("loss", "loss_fine", "loss_coarse", "pred_fine", "attn_dynamic"):
+        torch.testing.assert_close(getattr(with_cache, name), getattr(plain, name))
+
+
+def test_the_teacher_reads_no_ground_truth():
+    """The trainer hands the teacher the model inputs only: two batches that differ in their boxes give the same
+    teacher loss and posterior, while the evaluation metric that reads the boxes tells them apart."""
+    from metrics_foveated import teacher_metrics
+    from trainer_foveated import teacher_inputs
+
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    whole_frame = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(2, 4, 1, 4)
+    top_left = torch.tensor([0.0, 0.0, 0.2, 0.2]).expand(2, 4, 1, 4)
+    results = []
+    for boxes in (whole_frame, top_left):
+        batch = {"pixel_values": pixel_values, "vae_latents": vae_latents, "moving_boxes": boxes}
+        torch.manual_seed(0)
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+        inputs = teacher_inputs(batch)
+        assert set(inputs) <= {"vae_latents", "input_ids", "attention_mask"}
+        taught = teacher()(model, outputs, **inputs, progress=0.2)
+        results.append((taught, teacher_metrics(taught, batch, grid=2)))
+    (first, first_metrics), (second, second_metrics) = results
+    torch.testing.assert_close(first.loss, second.loss)
+    torch.testing.assert_close(first.posterior, second.posterior)
+    assert first_metrics["teacher/on_target"].tolist() == [1.0, 1.0]
+    assert first_metrics["teacher/on_target_chance"].tolist() == [1.0, 1.0]
+    assert second_metrics["teacher/on_target_chance"].tolist() == [0.25, 0.25]
+
+
+def test_gradients_reach_the_query_head_through_the_distillation():
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    taught = teacher(teacher_wta_weight=0.0, teacher_static_weight=0.0)(model, outputs, vae_latents, progress=1.0)
+    assert set(taught.metrics) >= {"teacher/distill", "teacher/loss_best"}
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    assert model.q_static.grad.abs().sum() > 0  # through the Pass-1 LLM that emits the queries
+    assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
+
+
+def test_the_wta_term_trains_the_head_and_the_static_term_q_static():
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    teacher(teacher_distill_weight=0.0, teacher_static_weight=0.0)(model, outputs, vae_latents).loss.backward()
+    assert model.prediction_head.film[0].weight.grad.abs().sum() > 0
+    assert model.query_head.weight.grad is None  # the candidates read with q_init, not the policy's queries
+    model.zero_grad()
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    teacher(teacher_wta_weight=0.0, teacher_distill_weight=0.0)(model, outputs, vae_latents).loss.backward()
+    assert model.q_static.grad.abs().sum() > 0
+
+
+def test_temperature_anneals_from_start_to_end_and_sharpens_the_posterior():
+    search = teacher(teacher_temperature_start=1.0, teacher_temperature_end=0.01)
+    assert search.temperature(0.0) == pytest.approx(1.0)
+    assert search.temperature(1.0) == pytest.approx(0.01)
+    assert search.temperature(0.5) == pytest.approx(0.1)
+    losses = torch.tensor([[1.0, 0.9, 1.1, 1.0]])
+    broad, sharp = search.posterior(losses, 1.0), search.posterior(losses, 0.01)
+    assert broad.argmax().item() == sharp.argmax().item() == 1
+    assert broad.max() < 0.3 and sharp.max() > 0.99
+    # Relative to the mean: the same posterior whatever the loss's scale.
+    torch.testing.assert_close(search.posterior(losses * 100, 0.1), search.posterior(losses, 0.1))
+
+
+def test_outside_training_the_teacher_searches_and_adds_no_loss():
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+        taught = teacher()(model, outputs, vae_latents, progress=1.0)
+    assert taught.loss is None
+    assert taught.posterior.shape == (2, 3, 4)  # B, the T - 1 frames with a next latent, K = 2 x 2 cells
+    torch.testing.assert_close(taught.posterior.sum(-1), torch.ones(2, 3))
+
+
+def test_teacher_frames_draws_a_subset_of_frames_in_order():
+    search = teacher(teacher_frames=2)
+    frames = search._scored_frames(3, 6, "cpu")
+    assert frames.shape == (3, 2)
+    assert (frames[:, 1] > frames[:, 0]).all() and (frames <= 4).all()
+
+
+@pytest.mark.parametrize("field,value", [("teacher_grid", 0), ("teacher_frames", -1), ("teacher_temperature_end", 0.0)])
+def test_bad_teacher_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        FoveatedVLMTeacherArguments(**{field: value})
+
+
+def test_a_grid_that_does_not_divide_the_patches_is_refused_by_name():
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    with pytest.raises(ValueError, match="teacher_grid=3"):
+        teacher(teacher_grid=3)(model, outputs, vae_latents)
+
+
+def test_the_written_out_loss_names_the_teacher_terms():
+    from card_foveated import architecture_rows, loss_formula
+
+    config = make_model(**SACCADE).config
+    settings = FoveatedVLMTeacherArguments(teacher=True, teacher_static_weight=0.0).to_dict()
+    assert loss_formula(config, teacher=settings).endswith("+ 1 · teacher/wta + 1 · teacher/distill")
+    rows = architecture_rows(config, teacher=settings)
+    assert rows["Fixations"].startswith("saccades") and rows["Policy training"].startswith("search teacher")
+    assert architecture_rows(config)["Policy training"] == "backpropagation through the glimpses only"
+
+
+# ---- The calibration probes (ground truth, never a recipe) ----
+
+
+@pytest.mark.parametrize("name", ["supervise_fixations", "supervise_first_glance"])
+def test_glimpse_supervision_probes_add_the_squared_distance_to_the_target(name):
+    from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
+
+    torch.manual_seed(0)
+    model = FoveatedVLMProbedModel(make_model(**SACCADE).config, FoveatedVLMProbes(**{name: 2.0})).train()
+    plain = FoveatedVLMProbedModel(model.config).train()
+    plain.load_state_dict(model.state_dict())
+    pixel_values, vae_latents = make_batch(model.config)
+    centres = torch.rand(2, 4, 2) * 2 - 1
+    torch.manual_seed(1)
+    supervised = model(pixel_values, vae_latents, oracle_fixations=centres)
+    torch.manual_seed(1)
+    reference = plain(pixel_values, vae_latents)
+    attention = supervised.attn_static[:, :1] if name == "supervise_first_glance" else supervised.attn_dynamic[:, 1:]
+    target = centres[:, :1] if name == "supervise_first_glance" else centres[:, 1:]
+    coords = model.encoder.patch_coordinates(attention.shape[-1], "cpu")
+    expected = 2.0 * ((attention @ coords) - target).pow(2).sum(-1).mean()
+    torch.testing.assert_close(supervised.loss - reference.loss, expected)
+    torch.testing.assert_close(supervised.loss_fine, reference.loss_fine)
+    with pytest.raises(ValueError, match="oracle_fixations"):
+        model(pixel_values, vae_latents)
