@@ -606,7 +606,12 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
 
     def read_fine(
-        self, queries: torch.Tensor, cache: FoveatedVLMPatchCache, B: int, T: int, fixations: Optional[torch.Tensor] = None
+        self,
+        queries: torch.Tensor,
+        cache: FoveatedVLMPatchCache,
+        B: int,
+        T: int,
+        fixations: Optional[torch.Tensor] = None,
     ):
         """Pass 2 reads frame t with the query predicted for it, queries (B, T, Q): tokens (B, T, E), attention
         (B, T, P). `fixations` (B, T, 3), *optional*, are the queries' own, worked out already (the stream carries

@@ -5,23 +5,24 @@ target (docs/RESULTS.md): a glimpse pays only once it sits on the target, so the
 The teacher turns *where to look* into a supervised problem without ground truth, as search-supervised glimpse
 policies do (Harvey et al. 2019; Saccader's location pretraining; annealed multiple-choice learning):
 
-1. **Search.** For each clip and scored frame t, K candidate glimpses read frame t: narrow fixations on the centres
-   of a grid of cells, each with `q_init`'s query vector. Each candidate replaces Pass 2's token of frame t; the LLM
-   state after it predicts latent t+1 through the shared head, and the candidate's score is that prediction's MSE, the
-   model's own loss on frames and latents (no box, cue or sidecar is read). A candidate at frame t changes only the
-   states from t on, so every candidate branches off the shared Pass-2 prefix (tokens of frames < t) in one LLM call
-   with a block mask, instead of re-running the pass.
-2. **Posterior and candidate training.** The candidates' posterior is a softmax of their negative losses (relative to
-   the mean over candidates, so the temperature is scale-free), with a temperature annealed from broad to sharp over
+1. **Search.** K candidate glimpses: narrow fixations on the centres of a grid of cells, each with `q_init`'s query
+   vector, scored by the model's own next-latent loss (no box, cue or sidecar is read). `teacher_search="frame"`: a
+   candidate reads one frame t in place of Pass 2's token of frame t, and the state after it predicts latent t+1. A
+   candidate at frame t changes only the states from t on, so every candidate branches off the shared Pass-2 prefix
+   (tokens of frames < t) in one LLM call with a block mask, instead of re-running the pass. `"stay"`: a candidate is
+   a place held in every frame (the saccades' zero move), Pass 2 re-run there, scored over the clip's targets.
+2. **Posterior and candidate training.** The candidates' posterior is a softmax of their negative scores (losses
+   relative to their mean, or standardised over the candidates), at a temperature annealed from broad to sharp over
    training. The LLM, head and query path also train on a few candidates per frame, so that the head learns what a
-   glimpse on each cell is worth before the policy looks there. By default these are drawn uniformly: drawn from the
-   posterior (`teacher_wta_sampling="posterior"`, the soft winner-takes-all of multiple-choice learning) they let
-   the teacher's hindsight choose which candidate trains, the candidates specialise on different guesses, and the
-   best one wins whether or not it is on the target (measured in docs/RESULTS.md).
+   glimpse on each cell is worth before the policy looks there. Drawn from the posterior
+   (`teacher_wta_sampling="posterior"`, the soft winner-takes-all of multiple-choice learning) they let the teacher's
+   hindsight choose which candidate trains on the very targets it was chosen by: the candidates specialise on
+   different guesses, and the best one wins whether or not it is on the target (measured in docs/RESULTS.md). Drawn
+   uniformly, or from the posterior of other targets than those they train on (`"held_out"`), they do not.
 3. **Distillation.** Pass 2's own glimpse of frame t (its attention mass per cell) is pulled towards the posterior by
    cross-entropy, so queries that select by content learn as well as those that select by place.
-4. **The first glance.** Pass 1's static glimpse of frame t-1 is pulled towards the same posterior: what the teacher
-   finds worth reading at t is what the static read before it must have seen for the LLM to aim there.
+4. **The first glance.** Pass 1's static glimpse of frame t-1 (`stay`: of frame 1) is pulled towards the posterior:
+   what the teacher finds worth reading is what the static read before it must have seen for the LLM to aim there.
 
 `loss_fine` stays Pass 2 reading with the policy's own queries; evaluation and streaming use the policy alone.
 """
@@ -31,13 +32,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput, _position_ids
 
-__all__ = ["TEACHER_FILE", "FoveatedVLMTeacherArguments", "FoveatedVLMSearchTeacher", "FoveatedVLMTeacherOutput", "cell_mass"]
+__all__ = [
+    "TEACHER_FILE",
+    "FoveatedVLMSearchTeacher",
+    "FoveatedVLMTeacherArguments",
+    "FoveatedVLMTeacherOutput",
+    "branch_states",
+    "cell_mass",
+]
 
-WTA_SAMPLING = ("uniform", "posterior")
+WTA_SAMPLING = ("uniform", "posterior", "held_out")
+TEACHER_SEARCHES = ("frame", "stay")
+TEACHER_SCORES = ("relative", "standardized")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
 TEACHER_FILE = "teacher.json"
 
@@ -56,26 +65,46 @@ class FoveatedVLMTeacherArguments:
         default=None, metadata={"help": "log sigma of a candidate's fixation, in half-widths; default log(1 / grid)."}
     )
     teacher_frames: int = field(
-        default=0, metadata={"help": "Frames scored per clip and step, drawn at random; 0: every frame with a next latent."}
+        default=0,
+        metadata={"help": "frame search: frames scored per clip and step, drawn at random; 0: every frame with a next "
+        "latent."},
     )
     teacher_samples: int = field(
         default=2, metadata={"help": "Candidates per scored frame drawn for the winner-takes-all term."}
     )
+    teacher_search: str = field(
+        default="stay",
+        metadata={
+            "help": "What a candidate is: frame (a glimpse of one frame, branched off Pass 2's own earlier tokens; a "
+            "posterior per frame) or stay (a place held in every frame, Pass 2 re-run there: the saccades' zero move; "
+            "one posterior per clip from its mean loss, and the first-glance term on Pass 1's glimpse of frame 1).",
+            "choices": TEACHER_SEARCHES,
+        },
+    )
+    teacher_scores: str = field(
+        default="standardized",
+        metadata={
+            "help": "What the posterior's softmax reads: relative (losses over their mean over candidates) or "
+            "standardized (losses standardised over candidates).",
+            "choices": TEACHER_SCORES,
+        },
+    )
     teacher_wta_sampling: str = field(
-        default="uniform",
+        default="held_out",
         metadata={
             "help": "How the winner-takes-all term draws its candidates: uniform (every cell alike: the head learns "
-            "what each glimpse is worth) or posterior (the soft winner-takes-all proper, which the teacher's "
+            "what each glimpse is worth), posterior (the soft winner-takes-all proper, which the teacher's "
             "hindsight turns into multiple-choice learning: the candidates specialise on guesses and the best one "
-            "wins without being on the target; docs/RESULTS.md).",
+            "wins without being on the target; docs/RESULTS.md) or held_out (from the posterior of other targets "
+            "than those the candidate then trains on).",
             "choices": WTA_SAMPLING,
         },
     )
     teacher_temperature_start: float = field(
-        default=1.0, metadata={"help": "Posterior temperature at step 0, on losses relative to their mean."}
+        default=3.0, metadata={"help": "Posterior temperature at step 0, on the scores of teacher_scores."}
     )
     teacher_temperature_end: float = field(
-        default=0.02, metadata={"help": "Posterior temperature at the last step (annealed geometrically)."}
+        default=0.3, metadata={"help": "Posterior temperature at the last step (annealed geometrically)."}
     )
     teacher_wta_weight: float = field(default=1.0, metadata={"help": "Weight of the soft winner-takes-all term."})
     teacher_distill_weight: float = field(
@@ -96,6 +125,10 @@ class FoveatedVLMTeacherArguments:
         for name in ("teacher_temperature_start", "teacher_temperature_end"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.teacher_search not in TEACHER_SEARCHES:
+            raise ValueError(f"teacher_search={self.teacher_search!r} must be one of {TEACHER_SEARCHES}")
+        if self.teacher_scores not in TEACHER_SCORES:
+            raise ValueError(f"teacher_scores={self.teacher_scores!r} must be one of {TEACHER_SCORES}")
         if self.teacher_wta_sampling not in WTA_SAMPLING:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
         for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_static_weight"):
@@ -123,7 +156,8 @@ class FoveatedVLMTeacherOutput:
 
 
 def cell_mass(attention: torch.Tensor, grid: int) -> torch.Tensor:
-    """Attention over a square of patches (..., P) -> its mass per cell of a grid x grid split (..., grid^2), row-major."""
+    """Attention over a square of patches (..., P) -> its mass per cell of a grid x grid split (..., grid^2),
+    row-major."""
     side = math.isqrt(attention.shape[-1])
     block = side // grid
     cells = attention.reshape(*attention.shape[:-1], grid, block, grid, block)  # (..., gy, by, gx, bx)
@@ -141,12 +175,16 @@ class FoveatedVLMSearchTeacher:
         start, end = self.args.teacher_temperature_start, self.args.teacher_temperature_end
         return start * (end / start) ** min(max(progress, 0.0), 1.0)
 
-    @staticmethod
-    def posterior(losses: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Candidates' losses (..., K) -> their posterior (..., K): a softmax of the losses relative to their mean,
-        so that the temperature does not depend on the scale of the loss."""
-        relative = losses / losses.mean(-1, keepdim=True).clamp_min(1e-12)
-        return (-relative / temperature).softmax(-1)
+    def posterior(self, losses: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Candidates' losses (..., K) -> their posterior (..., K): a softmax of the negative losses, relative to their
+        mean (`teacher_scores="relative"`: the temperature does not depend on the loss's scale) or standardised over
+        the candidates (`"standardized"`: nor on how much the candidates differ, so the best ones stand out as soon as
+        any difference is consistent)."""
+        if self.args.teacher_scores == "standardized":
+            scores = (losses - losses.mean(-1, keepdim=True)) / losses.std(-1, keepdim=True).clamp_min(1e-12)
+        else:
+            scores = losses / losses.mean(-1, keepdim=True).clamp_min(1e-12)
+        return (-scores / temperature).softmax(-1)
 
     def candidate_fixations(self, num_patches: int, device) -> torch.Tensor:
         """(K, 3): (y, x, log sigma) of a narrow fixation on the centre of each cell, row-major."""
@@ -182,26 +220,30 @@ class FoveatedVLMSearchTeacher:
             raise ValueError("the search teacher needs the model's output made with output_patch_cache=True")
         args = self.args
         B, T = vae_latents.shape[:2]
-        num_patches = outputs.attn_dynamic.shape[-1]
-        cells = self.candidate_fixations(num_patches, vae_latents.device)  # (K, 3)
+        cells = self.candidate_fixations(outputs.attn_dynamic.shape[-1], vae_latents.device)  # (K, 3)
         K = cells.shape[0]
-        frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
-        F_ = frames.shape[1]
         temperature = self.temperature(progress)
+        stay = args.teacher_search == "stay"
+        inputs = (model, outputs, vae_latents, input_ids, attention_mask)
 
-        # Search: every cell of every scored frame, without a graph.
+        # Search: every candidate, without a graph. losses (B, F, K): candidate k's loss on the target after frame t.
         with torch.no_grad():
-            losses = self.candidate_losses(model, outputs, vae_latents, input_ids, attention_mask, frames,
-                                           cells.expand(B, F_, K, 3))  # (B, F, K)
-            posterior = self.posterior(losses, temperature)  # (B, F, K)
+            if stay:
+                frames = torch.arange(T - 1, device=vae_latents.device).expand(B, T - 1)  # (B, F = T - 1)
+                losses = self.stay_losses(*inputs, cells.expand(B, K, 3)).transpose(1, 2)
+                # One place per clip: the posterior of the mean loss over the clip's targets, the same at every frame.
+                posterior = self.posterior(losses.mean(1), temperature)[:, None].expand(-1, T - 1, -1)
+            else:
+                frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
+                losses = self.candidate_losses(*inputs, frames, cells.expand(B, frames.shape[1], K, 3))
+                posterior = self.posterior(losses, temperature)  # (B, F, K)
 
         # The policy's own loss on the same targets: Pass 2's prediction of latent t+1.
-        policy_losses = (_at_frames(outputs.pred_fine, frames + 1).float() - _at_frames(vae_latents, frames + 1).float())
-        policy_losses = policy_losses.pow(2).flatten(2).mean(-1)  # (B, F)
-        best = losses.min(-1).values
+        policy_errors = _at_frames(outputs.pred_fine, frames + 1).float() - _at_frames(vae_latents, frames + 1).float()
+        policy_losses = policy_errors.pow(2).flatten(2).mean(-1)  # (B, F)
         metrics = {
             "teacher/temperature": torch.full((B,), temperature, device=losses.device),
-            "teacher/loss_best": best.mean(1),
+            "teacher/loss_best": (losses.mean(1).min(-1).values if stay else losses.min(-1).values.mean(1)),
             "teacher/loss_mean": losses.mean((1, 2)),
             "teacher/loss_policy": policy_losses.mean(1),
             "teacher/posterior_entropy": -(posterior * posterior.clamp_min(1e-12).log()).sum(-1).mean(1),
@@ -210,31 +252,87 @@ class FoveatedVLMSearchTeacher:
         if model.training:
             terms = {}
             if args.teacher_wta_weight > 0:
-                # Candidates drawn uniformly or from the posterior (the soft winner-takes-all, as an estimate).
-                drawn_from = posterior if args.teacher_wta_sampling == "posterior" else torch.ones_like(posterior)
-                picks = torch.multinomial(drawn_from.reshape(B * F_, K), args.teacher_samples, replacement=True)
-                picked = cells[picks].view(B, F_, args.teacher_samples, 3)
-                terms["wta"] = self.candidate_losses(
-                    model, outputs, vae_latents, input_ids, attention_mask, frames, picked
-                ).mean((1, 2))  # (B,)
+                terms["wta"] = self._candidate_training(inputs, cells, frames, losses, posterior, temperature)
             target_cells = posterior.detach()
             grid = args.teacher_grid
             if args.teacher_distill_weight > 0:
                 policy_mass = cell_mass(_at_frames(outputs.attn_dynamic, frames), grid)  # (B, F, K)
                 terms["distill"] = _cross_entropy(target_cells, policy_mass).mean(1)
             if args.teacher_static_weight > 0:
-                # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
-                earlier = (frames - 1).clamp_min(0)
-                static_mass = cell_mass(_at_frames(outputs.attn_static, earlier), grid)  # (B, F, K)
-                has_earlier = (frames >= 1).float()
-                per_frame = _cross_entropy(target_cells, static_mass) * has_earlier
-                terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
+                if stay:
+                    # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
+                    terms["static"] = _cross_entropy(target_cells[:, 0], cell_mass(outputs.attn_static[:, 0], grid))
+                else:
+                    # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
+                    earlier = (frames - 1).clamp_min(0)
+                    static_mass = cell_mass(_at_frames(outputs.attn_static, earlier), grid)  # (B, F, K)
+                    has_earlier = (frames >= 1).float()
+                    per_frame = _cross_entropy(target_cells, static_mass) * has_earlier
+                    terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "static": args.teacher_static_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
+
+    def _candidate_training(self, inputs, cells, frames, losses, posterior, temperature) -> torch.Tensor:
+        """The candidates that train the LLM, head and query path, and their mean loss per clip (B,).
+
+        `uniform`: any cell alike. `posterior`: drawn from the posterior (the soft winner-takes-all, as an estimate).
+        `held_out`: drawn from the posterior of other targets than those they are trained on (stay: the clip's even
+        and odd targets in turn; frame: the mean over the other scored frames), so that a candidate is not chosen
+        because its guess happened to fit the very targets it then trains on."""
+        args, (B, F_, K), S = self.args, losses.shape, self.args.teacher_samples
+        stay = args.teacher_search == "stay"
+        sampling = args.teacher_wta_sampling
+        if stay:
+            train_on = torch.ones(B, S, F_, device=losses.device)  # (B, S, F): which targets train each draw
+            if sampling == "held_out":
+                halves = [self.posterior(losses[:, half::2].mean(1), temperature) for half in (0, 1)]  # (B, K) each
+                first = torch.multinomial(halves[0], (S + 1) // 2, replacement=True)  # trained on the odd targets
+                second = torch.multinomial(halves[1], S // 2, replacement=True)  # trained on the even targets
+                picks = torch.cat([first, second], dim=1)  # (B, S)
+                parity = torch.arange(F_, device=losses.device) % 2
+                train_on = torch.cat([(parity == 1).expand(B, first.shape[1], F_),
+                                      (parity == 0).expand(B, second.shape[1], F_)], dim=1).float()
+            else:
+                drawn_from = posterior[:, 0] if sampling == "posterior" else torch.ones_like(posterior[:, 0])
+                picks = torch.multinomial(drawn_from, S, replacement=True)  # (B, S)
+            picked_losses = self.stay_losses(*inputs, cells[picks])  # (B, S, F)
+            return (picked_losses * train_on).sum((1, 2)) / train_on.sum((1, 2)).clamp_min(1)
+        if sampling == "held_out":
+            others = (losses.sum(1, keepdim=True) - losses) / max(F_ - 1, 1)  # (B, F, K): the other frames' mean
+            drawn_from = self.posterior(others, temperature)
+        else:
+            drawn_from = posterior if sampling == "posterior" else torch.ones_like(posterior)
+        picks = torch.multinomial(drawn_from.reshape(B * F_, K), S, replacement=True)
+        return self.candidate_losses(*inputs, frames, cells[picks].view(B, F_, S, 3)).mean((1, 2))
+
+    def stay_losses(self, model, outputs, vae_latents, input_ids, attention_mask, fixations: torch.Tensor):
+        """
+        `teacher_search="stay"`: Pass 2 re-run with each candidate fixation held in every frame.
+
+        fixations (B, M, 3) -> losses (B, M, T - 1) of predicting latents 2..T, each from the state after reading
+        frames 1..t at that place (the first target is predicted before any frame is read and is left out).
+        """
+        B, T = vae_latents.shape[:2]
+        M = fixations.shape[1]
+        queries = model.q_init.expand(B * T, M, -1)  # (B*T, M, Q)
+        held = fixations[:, None].expand(B, T, M, 3).reshape(B * T, M, 3)
+        tokens, attention = model.encoder.query(queries, outputs.patch_cache, held)  # (B*T, M, D), (B*T, M, P)
+        # (B*T, M, ...) -> (M*B*T, ...): M blocks of B clips, the head's layout.
+        tokens = tokens.view(B, T, M, -1).permute(2, 0, 1, 3).reshape(M * B * T, -1)
+        attention = attention.view(B, T, M, -1).permute(2, 0, 1, 3).reshape(M * B * T, -1)
+        visual, _ = model._tokens_to_llm(tokens, attention, M * B, T)  # (M*B, T, E)
+        text_embeds = model._embed_text(input_ids, B).repeat(M, 1, 1)
+        text_mask = attention_mask.repeat(M, 1) if attention_mask is not None else None
+        hidden = model.run_language_model(model.fine_token, visual, text_embeds, text_mask)  # (M*B, T + 1, E)
+        prev = model.previous_latents(vae_latents)[:, 1:]  # (B, T - 1, C, h, w): latents 1..T-1
+        predictions = model.predict_latents(hidden[:, 1:T], prev).float()  # (M*B, T - 1, C, h, w)
+        predictions = predictions.view(M, B, T - 1, *predictions.shape[2:])
+        losses = (predictions - vae_latents[None, :, 1:].float()).pow(2).flatten(3).mean(-1)  # (M, B, T - 1)
+        return losses.permute(1, 0, 2)
 
     def _scored_frames(self, B: int, T: int, device) -> torch.Tensor:
         """(B, F): the frames t whose glimpse is searched, each with a next latent (t <= T - 2), in order."""

@@ -144,7 +144,8 @@ def run_step_benchmark(args) -> dict:
         from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 
         teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(
-            teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames
+            teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames,
+            teacher_search=args.teacher_search,
         ))
 
     def step():
@@ -532,6 +533,7 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_grid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_frames", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher_search", default="frame", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -589,15 +591,18 @@ def print_teacher_table(common, device):
     print(f"\n## The search teacher's cost, configs/cued.yaml's model, B = 16, fp32, on {device}\n")
     print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
     plain = None
-    for grid, frames in ((0, 0), (2, 0), (4, 0), (4, 2), (8, 1)):
-        result = run_child(mode="step", **common, batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames)
+    for search, grid, frames in (("frame", 0, 0), ("frame", 4, 0), ("frame", 4, 2), ("frame", 8, 1), ("stay", 4, 0)):
+        settings = dict(batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames, teacher_search=search)
+        result = run_child(mode="step", **common, **settings)
         if "error" in result:
             print(f"| grid {grid} | error: {result['error'][:80]} |", flush=True)
             continue
         seconds = result["seconds_per_step"]
         plain = plain or seconds
-        name = "off" if not grid else f"{grid}×{grid} cells, {frames or 'all'} frames"
-        candidates = grid * grid * (frames or 7)
+        name = "off" if not grid else f"{search}: {grid}×{grid} cells, {frames or 'all'} frames"
+        # frame: one glimpse per cell and scored frame (7 frames with a next latent); stay: one re-run of Pass 2
+        # (8 glimpses) per cell.
+        candidates = grid * grid * (8 if search == "stay" else frames or 7)
         print(f"| {name} | {candidates} | {seconds:.2f} | {seconds / plain:.2f}× |", flush=True)
 
 

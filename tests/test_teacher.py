@@ -67,6 +67,28 @@ def test_saccade_streaming_equals_the_parallel_forward():
     assert_stream_equals_forward(make_model(**SACCADE))
 
 
+# ---- Several queries per frame (the teacher's candidates) ----
+
+
+@pytest.mark.parametrize("deep_query", [True, False])
+def test_m_queries_per_frame_equal_m_separate_reads(deep_query):
+    model = make_model(fixation_bias=True, deep_query=deep_query)
+    pixel_values, _ = make_batch(model.config)
+    with torch.no_grad():
+        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))  # N = B * T frames
+        N = pixel_values.shape[0] * pixel_values.shape[1]
+        queries = torch.randn(N, 3, model.config.query_dim)
+        fixations = torch.cat([torch.rand(N, 3, 2) * 2 - 1, torch.full((N, 3, 1), -1.5)], dim=-1)
+        for own_fixations in (None, fixations):
+            tokens, attention = model.encoder.query(queries, cache, own_fixations)
+            assert tokens.shape[:2] == attention.shape[:2] == (N, 3)
+            for m in range(3):
+                one = None if own_fixations is None else own_fixations[:, m]
+                token, single = model.encoder.query(queries[:, m], cache, one)
+                torch.testing.assert_close(tokens[:, m], token, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(attention[:, m], single, atol=1e-6, rtol=1e-4)
+
+
 # ---- The search teacher ----
 
 
@@ -205,7 +227,7 @@ def test_the_wta_term_trains_the_head_and_the_static_term_q_static():
 
 
 def test_temperature_anneals_from_start_to_end_and_sharpens_the_posterior():
-    search = teacher(teacher_temperature_start=1.0, teacher_temperature_end=0.01)
+    search = teacher(teacher_temperature_start=1.0, teacher_temperature_end=0.01, teacher_scores="relative")
     assert search.temperature(0.0) == pytest.approx(1.0)
     assert search.temperature(1.0) == pytest.approx(0.01)
     assert search.temperature(0.5) == pytest.approx(0.1)
@@ -215,6 +237,11 @@ def test_temperature_anneals_from_start_to_end_and_sharpens_the_posterior():
     assert broad.max() < 0.3 and sharp.max() > 0.99
     # Relative to the mean: the same posterior whatever the loss's scale.
     torch.testing.assert_close(search.posterior(losses * 100, 0.1), search.posterior(losses, 0.1))
+    # Standardised: nor does it depend on how far apart the candidates are.
+    standardized = teacher(teacher_scores="standardized")
+    close = 1 + (losses - 1) / 100
+    torch.testing.assert_close(standardized.posterior(close, 1.0), standardized.posterior(losses, 1.0))
+    assert search.posterior(close, 1.0).max() < standardized.posterior(close, 1.0).max()
 
 
 def test_outside_training_the_teacher_searches_and_adds_no_loss():
@@ -286,3 +313,78 @@ def test_glimpse_supervision_probes_add_the_squared_distance_to_the_target(name)
     torch.testing.assert_close(supervised.loss_fine, reference.loss_fine)
     with pytest.raises(ValueError, match="oracle_fixations"):
         model(pixel_values, vae_latents)
+
+
+def test_stay_candidates_equal_pass2_rerun_with_the_fixation_held():
+    """`teacher_search="stay"`: a candidate's losses equal Pass 2 re-run with q_init and that fixation held in every
+    frame."""
+    model = make_model(**SACCADE)
+    pixel_values, vae_latents = make_batch(model.config)
+    text = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    search = teacher(teacher_search="stay")
+    B, T = pixel_values.shape[:2]
+    with torch.no_grad():
+        outputs = model(pixel_values, vae_latents, output_patch_cache=True, **text)
+        cells = search.candidate_fixations(outputs.attn_dynamic.shape[-1], "cpu")  # (4, 3)
+        losses = search.stay_losses(model, outputs, vae_latents, text["input_ids"], text["attention_mask"],
+                                    cells.expand(B, 4, 3))
+        assert losses.shape == (B, 4, T - 1)
+        for k in range(4):
+            tokens, _ = model._read_frames(model.q_init.expand(B, T, -1), outputs.patch_cache, B, T,
+                                           cells[k].expand(B, T, 3))
+            hidden = model.run_language_model(model.fine_token, tokens, model._embed_text(text["input_ids"], B),
+                                              text["attention_mask"])
+            prediction = model.predict_latents(hidden[:, :T], model.previous_latents(vae_latents))
+            expected = (prediction[:, 1:] - vae_latents[:, 1:]).pow(2).flatten(2).mean(-1)  # (B, T - 1)
+            torch.testing.assert_close(losses[:, k], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_stay_search_trains_every_term_with_one_posterior_per_clip():
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    taught = teacher(teacher_search="stay")(model, outputs, vae_latents, progress=0.5)
+    assert taught.posterior.shape == (2, 3, 4)
+    torch.testing.assert_close(taught.posterior[:, 1:], taught.posterior[:, :1].expand(-1, 2, -1))
+    assert {"teacher/wta", "teacher/distill", "teacher/static"} <= set(taught.metrics)
+    taught.loss.backward()
+    for parameter in (model.query_head.weight, model.q_static, model.prediction_head.film[0].weight):
+        assert parameter.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("search", ["frame", "stay"])
+@pytest.mark.parametrize("sampling", ["uniform", "posterior", "held_out"])
+def test_every_candidate_sampling_trains_the_head(search, sampling):
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    search_teacher = teacher(teacher_search=search, teacher_wta_sampling=sampling, teacher_samples=3,
+                             teacher_distill_weight=0.0, teacher_static_weight=0.0)
+    taught = search_teacher(model, outputs, vae_latents, progress=0.5)
+    assert torch.isfinite(taught.loss)
+    taught.loss.backward()
+    assert model.prediction_head.film[0].weight.grad.abs().sum() > 0
+
+
+def test_held_out_stay_sampling_trains_each_draw_on_the_other_half_of_the_targets():
+    """With per-frame losses that favour cell 0 on even targets and cell 3 on odd ones, the draws chosen on the even
+    targets (cell 0) train on the odd ones and vice versa."""
+    search = teacher(teacher_search="stay", teacher_wta_sampling="held_out", teacher_samples=2,
+                     teacher_scores="standardized")
+    losses = torch.ones(1, 4, 4)  # (B, F, K)
+    losses[:, 0::2, 0] = 0.0
+    losses[:, 1::2, 3] = 0.0
+    seen = {}
+
+    def stay_losses(*args):
+        picked = args[-1]  # (B, S, 3)
+        seen["cells"] = picked
+        return torch.arange(4.0).expand(1, 2, 4).clone()  # draw s, target f -> f
+
+    search.stay_losses = stay_losses
+    cells = search.candidate_fixations(16, "cpu")
+    trained = search._candidate_training((None,) * 5, cells, None, losses, None, 0.01)
+    torch.testing.assert_close(seen["cells"][0, 0], cells[0])  # chosen on the even targets
+    torch.testing.assert_close(seen["cells"][0, 1], cells[3])  # chosen on the odd targets
+    # Draw 0 trains on targets 1 and 3, draw 1 on targets 0 and 2: mean (1 + 3 + 0 + 2) / 4.
+    assert trained.item() == pytest.approx(1.5)
