@@ -155,11 +155,14 @@ def policy_training(teacher: Optional[dict]) -> str:
     if not teacher:
         return "backpropagation through the glimpses only"
     grid = teacher["teacher_grid"]
+    # Settings saved before the option existed were distilled by mass.
+    matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
+        teacher.get("teacher_distill_target", "mass")]
     return (
         f"search teacher (teacher_foveated.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
         f"loss, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
-        f"{teacher['teacher_temperature_end']:g}, distilled into Pass 2's glimpse and Pass 1's glimpse of the frame "
-        "before; no ground truth"
+        f"{teacher['teacher_temperature_end']:g}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
+        "of the frame before; no ground truth"
     )
 
 

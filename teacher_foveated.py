@@ -47,6 +47,7 @@ __all__ = [
 WTA_SAMPLING = ("uniform", "posterior", "held_out")
 TEACHER_SEARCHES = ("frame", "stay")
 TEACHER_SCORES = ("relative", "standardized")
+DISTILL_TARGETS = ("mass", "position")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
 TEACHER_FILE = "teacher.json"
 
@@ -115,6 +116,16 @@ class FoveatedVLMTeacherArguments:
         metadata={"help": "Weight of pulling Pass 1's static glimpse of frame t-1 towards the posterior of frame t "
         "(the first-glance signal; 0: off)."},
     )
+    teacher_distill_target: str = field(
+        default="mass",
+        metadata={
+            "help": "What the distillation and first-glance terms match: 'mass' (cross-entropy of the glimpse's "
+            "attention mass per cell against the posterior; selects by content or by place) or 'position' (squared "
+            "distance of the glimpse's attention-weighted position from the posterior's mean cell centre; the "
+            "calibration probes' loss, with the teacher's place instead of the box's).",
+            "choices": DISTILL_TARGETS,
+        },
+    )
 
     def __post_init__(self):
         for name in ("teacher_grid", "teacher_samples"):
@@ -129,6 +140,8 @@ class FoveatedVLMTeacherArguments:
             raise ValueError(f"teacher_search={self.teacher_search!r} must be one of {TEACHER_SEARCHES}")
         if self.teacher_scores not in TEACHER_SCORES:
             raise ValueError(f"teacher_scores={self.teacher_scores!r} must be one of {TEACHER_SCORES}")
+        if self.teacher_distill_target not in DISTILL_TARGETS:
+            raise ValueError(f"teacher_distill_target={self.teacher_distill_target!r} must be one of {DISTILL_TARGETS}")
         if self.teacher_wta_sampling not in WTA_SAMPLING:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
         for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_static_weight"):
@@ -254,20 +267,18 @@ class FoveatedVLMSearchTeacher:
             if args.teacher_wta_weight > 0:
                 terms["wta"] = self._candidate_training(inputs, cells, frames, losses, posterior, temperature)
             target_cells = posterior.detach()
-            grid = args.teacher_grid
+            match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
-                policy_mass = cell_mass(_at_frames(outputs.attn_dynamic, frames), grid)  # (B, F, K)
-                terms["distill"] = _cross_entropy(target_cells, policy_mass).mean(1)
+                terms["distill"] = match(target_cells, _at_frames(outputs.attn_dynamic, frames)).mean(1)
             if args.teacher_static_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
-                    terms["static"] = _cross_entropy(target_cells[:, 0], cell_mass(outputs.attn_static[:, 0], grid))
+                    terms["static"] = match(target_cells[:, 0], outputs.attn_static[:, 0])
                 else:
                     # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
                     earlier = (frames - 1).clamp_min(0)
-                    static_mass = cell_mass(_at_frames(outputs.attn_static, earlier), grid)  # (B, F, K)
                     has_earlier = (frames >= 1).float()
-                    per_frame = _cross_entropy(target_cells, static_mass) * has_earlier
+                    per_frame = match(target_cells, _at_frames(outputs.attn_static, earlier)) * has_earlier
                     terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "static": args.teacher_static_weight}
@@ -275,6 +286,20 @@ class FoveatedVLMSearchTeacher:
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
+
+    def _glimpse_match(self, model, cells: torch.Tensor):
+        """The distillation's distance, (posterior (..., K), glimpse attention (..., P)) -> (...), by
+        `teacher_distill_target`."""
+        grid = self.args.teacher_grid
+        if self.args.teacher_distill_target == "mass":
+            return lambda posterior, attention: _cross_entropy(posterior, cell_mass(attention, grid))
+
+        def position_distance(posterior, attention):
+            place = posterior @ cells[:, :2]  # (..., 2): the posterior's mean cell centre
+            where = model.glimpse_summary(attention.reshape(-1, attention.shape[-1]))[:, :2]
+            return (where.view(place.shape) - place).pow(2).sum(-1)
+
+        return position_distance
 
     def _candidate_training(self, inputs, cells, frames, losses, posterior, temperature) -> torch.Tensor:
         """The candidates that train the LLM, head and query path, and their mean loss per clip (B,).

@@ -1,5 +1,7 @@
 """Saccade fixations and the search teacher (teacher_foveated.py): causal, stream = forward, branches = re-runs."""
 
+import math
+
 import pytest
 import torch
 from test_modeling import assert_stream_equals_forward, make_batch, make_model
@@ -211,6 +213,30 @@ def test_gradients_reach_the_query_head_through_the_distillation():
     assert model.query_head.weight.grad.abs().sum() > 0
     assert model.q_static.grad.abs().sum() > 0  # through the Pass-1 LLM that emits the queries
     assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
+
+
+@pytest.mark.parametrize("search", ["frame", "stay"])
+def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(search):
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    search_teacher = teacher(teacher_distill_target="position", teacher_wta_weight=0.0, teacher_search=search)
+    taught = search_teacher(model, outputs, vae_latents, progress=1.0)
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    # The distance is the glimpse position's from the posterior-weighted cell centre: zero on a glimpse centred there.
+    cells = search_teacher.candidate_fixations(outputs.attn_dynamic.shape[-1], "cpu")
+    match = search_teacher._glimpse_match(model, cells)
+    side = math.isqrt(outputs.attn_dynamic.shape[-1])
+    on_cells = torch.zeros(2, side, side)
+    on_cells[0, :side // 2, :side // 2] = 1  # cell 0 of a 2 x 2 grid
+    on_cells[1, side // 2:, :] = 1  # cells 2 and 3
+    attention = on_cells.flatten(1) / on_cells.flatten(1).sum(-1, keepdim=True)
+    posterior = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]])
+    torch.testing.assert_close(match(posterior, attention), torch.zeros(2), atol=1e-6, rtol=0)
+    assert match(posterior.flip(0), attention).min() > 0.2
+    with pytest.raises(ValueError, match="teacher_distill_target"):
+        teacher(teacher_distill_target="box")
 
 
 def test_the_wta_term_trains_the_head_and_the_static_term_q_static():
