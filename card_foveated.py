@@ -22,6 +22,7 @@ __all__ = [
     "latest_eval_metrics",
     "logged_means",
     "loss_formula",
+    "objective_name",
     "policy_training",
     "report_figure_links",
     "table1_markdown",
@@ -66,7 +67,14 @@ TABLE1_METRICS = {
     "improvement": "improvement",
     "improvement_t2": "improvement_t2",
     "improvement_se": "improvement_se",  # the clip-level standard error of `improvement` (metrics_foveated)
+    # With text as a target: cross-entropy (nats per scored token) of each pass's text after the frames.
+    "loss_text_coarse": "loss/text_coarse",
+    "loss_text_fine": "loss/text_fine",
+    "improvement_text": "improvement_text",
+    "improvement_text_se": "improvement_text_se",
 }
+# The task each of Table 1's metrics measures, for model-index.
+TABLE1_TASKS = {"text": "Video captioning (text after the frames)", "": "Next-frame VAE latent prediction"}
 
 
 def logged_means(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
@@ -83,9 +91,10 @@ def table1_values(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
 
 
 def table1_markdown(metrics: dict, prefix: str = "eval_") -> str:
-    """Table 1 (loss_coarse, loss_fine, improvement on all targets and on t >= 2) as Markdown from logged means."""
+    """Table 1 (loss_coarse, loss_fine, improvement on all targets and on t >= 2, and the text losses where the model
+    read text as a target) as Markdown from logged means."""
     values = table1_values(metrics, prefix)
-    width = max(len("Metric"), *map(len, TABLE1_METRICS))
+    width = max(len("Metric"), *map(len, values))
     rows = [
         f"| {metric:<{width}} | {value:.4f} |" if metric.startswith("loss") else f"| {metric:<{width}} | {value:.2%} |"
         for metric, value in values.items()
@@ -98,7 +107,7 @@ def eval_results(metrics: dict, info: "FoveatedVLMModelCardInfo", prefix: str = 
     return [
         EvalResult(
             task_type="other",
-            task_name="Next-frame VAE latent prediction",
+            task_name=next(task for key, task in TABLE1_TASKS.items() if key in metric),
             dataset_type=info.datasets[0] if info.datasets else "custom",
             dataset_name=info.eval_dataset_name,
             dataset_split="eval",
@@ -137,8 +146,20 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
     """The trained loss with every term, as the model's forward sums it; `probes` (probes.json) may reweight
     loss_fine, and the search teacher's settings (teacher_foveated.py) add its training-only terms."""
     fine_weight = (probes or {}).get("fine_loss_weight", 1.0)
-    terms = ["loss_fine" if fine_weight == 1 else f"{fine_weight:g} · loss_fine"]
-    terms.append(f"{config.lambda_coarse:g} · loss_coarse")
+    passes, latent_weight, text_weight = config.fine_passes, config.latent_loss_weight, config.text_loss_weight
+
+    def objective(weight: float, fine: str, coarse: str) -> list[str]:
+        # Every fine pass's loss, the last being `fine`; then Pass 1's.
+        names = [f"{fine}_pass{k}" for k in range(1, passes)] + [fine]
+        terms = [name if fine_weight == 1 else f"{fine_weight:g} · {name}" for name in names]
+        terms.append(f"{config.lambda_coarse:g} · {coarse}")
+        return terms if weight == 1 else [f"{weight:g} · ({' + '.join(terms)})"]
+
+    terms = []
+    if latent_weight > 0:
+        terms += objective(latent_weight, "loss_fine", "loss_coarse")
+    if text_weight > 0:
+        terms += objective(text_weight, "loss_text_fine", "loss_text_coarse")
     if config.aux_current_weight > 0:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
     if config.dynamic_entropy_weight > 0:
@@ -148,6 +169,16 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
         if weight > 0:
             terms.append(f"{weight:g} · teacher/{name}")
     return " + ".join(terms)
+
+
+def objective_name(config) -> str:
+    """Which targets the model trains on, in words, for the card's architecture table and Table 1's line."""
+    latent, text = config.latent_loss_weight, config.text_loss_weight
+    if text == 0:
+        return "next-frame latent (the design)"
+    if latent == 0:
+        return "text: the clip's text after the frames and <video_end>"
+    return f"joint: {latent:g} × next-frame latent + {text:g} × text after the frames"
 
 
 def policy_training(teacher: Optional[dict]) -> str:
@@ -177,7 +208,9 @@ def architecture_rows(config, probes: Optional[dict] = None, teacher: Optional[d
         "Query": f"{'deep (joins every encoder layer)' if config.deep_query else 'shallow (one cross-attention)'}, "
         f"width {config.query_dim}; one visual token per frame",
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
-        "Target": f"next-frame VAE latent {latent}",
+        "Target": f"next-frame VAE latent {latent}" if config.text_loss_weight == 0 else objective_name(config),
+        "Fine passes": f"{config.fine_passes}" + (" (the design)" if config.fine_passes == 1 else
+                                                 ": each reads with the queries of the pass before it"),
         "Prediction head": head,
         "Fixations": "none (content-only query)" if not config.fixation_bias else (
             "saccades (each query writes a move)" if config.fixation_mode == "saccade" else "absolute places"

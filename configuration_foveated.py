@@ -64,8 +64,21 @@ class FoveatedVLMConfig(PretrainedConfig):
         latent_size (`int`, *optional*, defaults to 32):
             Side of the target VAE latent; must be `image_size / 8` (the SD VAE downsamples 8x).
         lambda_coarse (`float`, *optional*, defaults to 1.0):
-            Weight of the Pass-1 loss: `loss = loss_fine + lambda_coarse * loss_coarse (+ aux_current_weight *
-            loss_aux + dynamic_entropy_weight * entropy_dynamic)`.
+            Weight of Pass 1's losses against Pass 2's: `loss = latent_loss_weight * (loss_fine + lambda_coarse *
+            loss_coarse) + text_loss_weight * (loss_text_fine + lambda_coarse * loss_text_coarse) (+
+            aux_current_weight * loss_aux + dynamic_entropy_weight * entropy_dynamic)`; with `fine_passes > 1` every
+            fine pass's losses join their Pass-2 term.
+        latent_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the next-frame latent objective (the design's).
+        text_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of text as a target: after the frames each pass reads `<video_end>` and the clip's text with
+            teacher forcing, and its cross-entropy on the scored tokens (`target_labels`) is `loss_text_coarse` /
+            `loss_text_fine`, through the language model's own LM head. 0 with `latent_loss_weight` 1: latent only
+            (the default); 1 and 0: text only; both above 0: joint. The text losses are measured whenever
+            `target_ids` are given, whatever the weights.
+        fine_passes (`int`, *optional*, defaults to 1):
+            How many fine passes follow the static one. Fine pass k+1 reads frame t with the query fine pass k
+            wrote after frame t-1 (fine pass 1 reads with Pass 1's); `loss_fine` is the last pass's. 1 is the design.
         deep_query (`bool`, *optional*, defaults to `True`):
             `True`: the query joins every encoder layer, attending to that layer's cached keys/values.
             `False` ("shallow"): one cross-attention of the query over the final encoder features.
@@ -134,6 +147,9 @@ class FoveatedVLMConfig(PretrainedConfig):
         latent_channels: int = 4,
         latent_size: int = 32,
         lambda_coarse: float = 1.0,
+        latent_loss_weight: float = 1.0,
+        text_loss_weight: float = 0.0,
+        fine_passes: int = 1,
         deep_query: bool = True,
         head_type: str = "film",
         head_channels: int = 128,
@@ -172,6 +188,9 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.latent_channels = latent_channels
         self.latent_size = latent_size
         self.lambda_coarse = lambda_coarse
+        self.latent_loss_weight = latent_loss_weight
+        self.text_loss_weight = text_loss_weight
+        self.fine_passes = fine_passes
         self.deep_query = deep_query
         self.head_type = head_type
         self.head_channels = head_channels
@@ -233,6 +252,13 @@ class FoveatedVLMConfig(PretrainedConfig):
             )
         if self.aux_current_weight < 0:
             raise ValueError(f"aux_current_weight={self.aux_current_weight} must be >= 0")
+        for name in ("latent_loss_weight", "text_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.latent_loss_weight == 0 and self.text_loss_weight == 0:
+            raise ValueError("latent_loss_weight and text_loss_weight are both 0: the model would train on nothing")
+        if self.fine_passes < 1:
+            raise ValueError(f"fine_passes={self.fine_passes} must be >= 1 (1: the design's one fine pass)")
         if self.lambda_coarse < 0:
             raise ValueError(f"lambda_coarse={self.lambda_coarse} must be >= 0")
         if self.token_dim is not None and self.token_dim <= 0:

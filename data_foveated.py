@@ -58,6 +58,8 @@ __all__ = [
     "FoveatedVLMDataCollator",
     "download_llava_video_slice",
     "find_videos",
+    "load_caption_files",
+    "target_tokens",
     "load_llava_captions",
     "load_precomputed",
     "precompute_dataset",
@@ -164,6 +166,17 @@ def _extract_tar(tar_path: Path, destination: Path) -> None:
         # The "data" filter refuses absolute paths, `..`, links leaving `destination` and device files.
         archive.extractall(destination, filter="data")
     marker.touch()
+
+
+def load_caption_files(video_paths: list) -> dict[str, str]:
+    """Captions of a folder's videos: the text of the file beside each one (`clip.mp4` -> `clip.txt`), stripped,
+    keyed by video file stem (the `video_id` column); videos without one are left out (their caption is "")."""
+    captions = {}
+    for path in map(Path, video_paths):
+        caption_file = path.with_suffix(".txt")
+        if caption_file.is_file():
+            captions[path.stem] = caption_file.read_text(encoding="utf-8").strip()
+    return captions
 
 
 def load_llava_captions(json_path: str | os.PathLike) -> dict[str, str]:
@@ -619,22 +632,31 @@ class FoveatedVLMDataCollator:
     """Rows of `load_precomputed` -> a batch of model inputs.
 
     Args:
-        tokenizer: tokenizes the captions (Phase 2); None leaves text out.
+        tokenizer: tokenizes the captions; None leaves text out.
         max_text_length: captions are truncated to this many tokens.
         normalize_frames: True returns `pixel_values`; False returns the uint8 `frames` instead, a quarter of the
             bytes, for the trainer to normalise on the accelerator (`model_inputs`): the loader's main cost is this
             conversion.
+        caption_as_target: the caption is text as a target, read after the frames (`target_ids`, `target_labels`),
+            instead of text prepended to them (Phase 2's `input_ids`).
 
     Returns:
         pixel_values: float32 (B, T, 3, S, S), ImageNet-normalised (or frames: uint8 (B, T, S, S, 3)).
         vae_latents: float32 (B, T, C, h, w), the targets.
         moving_boxes: float32 (B, T, MAX_MOVING_BOXES, 4), normalised boxes, rows of -1 where absent.
-        input_ids, attention_mask: int64 (B, L), the captions right-padded, only when `tokenizer` is set.
+        input_ids, attention_mask: int64 (B, L), the captions right-padded, when `tokenizer` is set.
+        target_ids, target_labels: int64 (B, L) instead, with `caption_as_target`: each caption and the tokenizer's
+            end-of-text token, right-padded; the labels hold -100 on the padding.
     """
 
     tokenizer: Optional[Any] = None
     max_text_length: int = 256
     normalize_frames: bool = True
+    caption_as_target: bool = False
+
+    def __post_init__(self):
+        if self.caption_as_target and self.tokenizer is None:
+            raise ValueError("caption_as_target needs a tokenizer")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         # uint8 from `load_precomputed`; rows in another integer dtype (datasets' default torch format) are cast.
@@ -646,13 +668,29 @@ class FoveatedVLMDataCollator:
             "vae_latents": torch.stack([torch.as_tensor(row["vae_latents"], dtype=torch.float32) for row in rows]),
             "moving_boxes": torch.stack([torch.as_tensor(row["moving_boxes"], dtype=torch.float32) for row in rows]),
         }
-        if self.tokenizer is not None:
+        if self.caption_as_target:
+            captions = [row["caption"] for row in rows]
+            batch["target_ids"], batch["target_labels"] = target_tokens(self.tokenizer, captions, self.max_text_length)
+        elif self.tokenizer is not None:
             text = self.tokenizer(
-                [row["caption"] for row in rows],
-                padding=True,
-                truncation=True,
-                max_length=self.max_text_length,
-                return_tensors="pt",
+                [row["caption"] for row in rows], padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
             )
             batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
         return batch
+
+
+def target_tokens(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as targets: (target_ids, target_labels), int64 (B, L). Each text's tokens (at most `max_length` - 1)
+    and the end-of-text token, so that a model learns where to stop; right-padded, with labels -100 there."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: text as a target needs one")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+    sequences = [ids + [eos] for ids in encoded]
+    length = max(map(len, sequences))
+    target_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+    target_labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        target_ids[i, : len(ids)] = target_labels[i, : len(ids)] = torch.tensor(ids)
+    return target_ids, target_labels

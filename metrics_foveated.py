@@ -38,11 +38,12 @@ __all__ = [
     "means_from_totals",
     "model_inputs",
     "psnr",
+    "text_headroom",
     "totals",
 ]
 
 # Batch columns the model's forward takes; the rest (moving_boxes, frames, ...) are for metrics and figures only.
-MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask")
+MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask", "target_ids", "target_labels")
 # A latent cell "changes" when the mean absolute change of its channels from the previous latent exceeds this: a
 # tenth of the latents' standard deviation, which the VAE's scaling factor makes about 1.
 CHANGED_CELL_THRESHOLD = 0.1
@@ -50,8 +51,13 @@ CHANGED_CELL_THRESHOLD = 0.1
 BOX_COVERAGE_SUBDIVISIONS = 8
 # Ridge penalty of `linear_readout`, relative to the mean diagonal of the standardised features' Gram matrix.
 READOUT_RIDGE = 1e-3
-# The per-clip losses Table 1's improvements and their standard errors are computed from.
-TABLE1_LOSSES = ("loss/fine", "loss/coarse", "loss/fine_t2", "loss/coarse_t2")
+# Table 1's improvements: name -> the per-clip (fine, coarse) losses it and its standard error are computed from.
+IMPROVEMENTS = {
+    "improvement": ("loss/fine", "loss/coarse"),
+    "improvement_t2": ("loss/fine_t2", "loss/coarse_t2"),
+    "improvement_text": ("loss/text_fine", "loss/text_coarse"),  # text as a target
+}
+TABLE1_LOSSES = tuple(name for pair in IMPROVEMENTS.values() for name in pair)
 
 
 def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
@@ -88,6 +94,22 @@ def loss_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     }
     if outputs.loss_aux is not None:
         metrics["loss/aux"] = outputs.loss_aux.detach().float().expand(B)
+    return metrics
+
+
+def text_metrics(outputs) -> dict[str, torch.Tensor]:
+    """Per clip, with text as a target: each pass's mean cross-entropy (nats per scored token) of the clip's text
+    (`loss/text_fine`, `loss/text_coarse`, whose batch means are the model's `loss_text_fine` and
+    `loss_text_coarse`). With several fine passes, every pass's batch loss (`loss/fine_pass{k}`,
+    `loss/text_fine_pass{k}`, k = 1..fine_passes), each clip carrying the batch value as `loss/aux` does."""
+    metrics = {}
+    if outputs.text_nll_fine is not None:
+        metrics["loss/text_fine"] = outputs.text_nll_fine.detach().float()
+        metrics["loss/text_coarse"] = outputs.text_nll_coarse.detach().float()
+    for name, per_pass in (("loss/fine_pass", outputs.loss_fine_passes), ("loss/text_fine_pass", outputs.loss_text_fine_passes)):
+        if per_pass is not None and len(per_pass) > 1:
+            B = outputs.attn_static.shape[0]
+            metrics.update({f"{name}{k + 1}": value.detach().float().expand(B) for k, value in enumerate(per_pass)})
     return metrics
 
 
@@ -232,8 +254,8 @@ def clip_metrics(model, outputs, batch: dict, state_contribution: bool = True) -
     The keys depend only on what the batch and the output carry and on `state_contribution`, never on values: the
     trainer reduces them across processes by name.
     """
-    metrics = entropy_metrics(outputs)
-    if outputs.pred_fine is None:  # no targets: no losses
+    metrics = {**entropy_metrics(outputs), **text_metrics(outputs)}
+    if outputs.pred_fine is None:  # no latent targets: no latent losses
         return metrics
     metrics.update(loss_metrics(outputs, batch))
     metrics.update(changed_cell_metrics(outputs, batch))
@@ -269,14 +291,15 @@ def improvement(fine: float, coarse: float) -> float:
 
 
 def derived_metrics(means: dict[str, float]) -> dict[str, float]:
-    """From mean losses: `loss/ratio` = coarse / fine (> 1: foveation helps), `improvement` and, where the t >= 2
-    losses exist, `improvement_t2`."""
-    if "loss/fine" not in means or "loss/coarse" not in means:
-        return {}
-    fine, coarse = means["loss/fine"], means["loss/coarse"]
-    derived = {"loss/ratio": coarse / fine if fine > 0 else math.inf, "improvement": improvement(fine, coarse)}
-    if "loss/fine_t2" in means and "loss/coarse_t2" in means:
-        derived["improvement_t2"] = improvement(means["loss/fine_t2"], means["loss/coarse_t2"])
+    """From mean losses: `loss/ratio` = coarse / fine (> 1: foveation helps) and each of `IMPROVEMENTS` whose losses
+    are there (`improvement`, `improvement_t2`, `improvement_text`)."""
+    derived = {}
+    if "loss/fine" in means and "loss/coarse" in means:
+        fine = means["loss/fine"]
+        derived["loss/ratio"] = means["loss/coarse"] / fine if fine > 0 else math.inf
+    for name, (fine, coarse) in IMPROVEMENTS.items():
+        if fine in means and coarse in means:
+            derived[name] = improvement(means[fine], means[coarse])
     return derived
 
 
@@ -325,6 +348,36 @@ def level_headroom(
         "mse_level_known": known,
         "headroom": unknown - known,
     }
+
+
+def text_headroom(train_targets: list[list[int]], eval_targets: list[list[int]]) -> dict[str, float]:
+    """What reading the clip is worth to its text target, in nats per target token (the unit of `loss/text_*`).
+
+    `without_reading`: the held-out cross-entropy of a writer that knows the captions' form but sees no frame: at
+    each position, the training captions' token frequencies there (add-one smoothed over the tokens seen in
+    training; a held-out token never seen there costs the log of that count plus one). `with_reading`: 0, for
+    captions written from the clip's generator state (`synthetic_videos.describe_clip`): every word follows from what
+    the frames show, so a reader that sees it can write it exactly. `headroom` = without − with, the most a
+    glimpse can win; a pass that reads the whole frame already gets part of it where the words are in any glimpse.
+
+    Args:
+        train_targets, eval_targets: token ids of each clip's target text, end of text included (`target_tokens`).
+    """
+    counts: dict[int, dict[int, int]] = {}
+    for ids in train_targets:
+        for position, token in enumerate(ids):
+            counts.setdefault(position, {}).setdefault(token, 0)
+            counts[position][token] += 1
+    per_clip = []
+    for ids in eval_targets:
+        nats = 0.0
+        for position, token in enumerate(ids):
+            seen = counts.get(position, {})
+            total, kinds = sum(seen.values()), len(seen) + 1  # + 1: the unseen token
+            nats -= math.log((seen.get(token, 0) + 1) / (total + kinds))
+        per_clip.append(nats / max(len(ids), 1))
+    without = float(np.mean(per_clip))
+    return {"without_reading": without, "with_reading": 0.0, "headroom": without}
 
 
 def linear_readout(
@@ -418,14 +471,14 @@ class FoveatedVLMImprovement(evaluate.Metric):
 
 
 def improvement_with_se(values: dict, metric: Optional[FoveatedVLMImprovement] = None) -> dict[str, float]:
-    """`improvement`, `improvement_se` and, where the t >= 2 losses are there, `improvement_t2` and
-    `improvement_t2_se` from per-clip losses (`TABLE1_LOSSES` -> (N,) tensors or arrays)."""
+    """Each of `IMPROVEMENTS` whose per-clip losses are there (name -> (N,) tensors or arrays), with its standard
+    error (`improvement_se`, `improvement_t2_se`, `improvement_text_se`)."""
     metric = metric or FoveatedVLMImprovement(keep_in_memory=True)
     results = {}
-    for suffix in ("", "_t2"):
-        fine, coarse = values.get(f"loss/fine{suffix}"), values.get(f"loss/coarse{suffix}")
+    for name, (fine_name, coarse_name) in IMPROVEMENTS.items():
+        fine, coarse = values.get(fine_name), values.get(coarse_name)
         if fine is not None and coarse is not None and len(fine) > 0:
             measured = metric.compute(loss_fine=np.asarray(fine), loss_coarse=np.asarray(coarse))
-            results[f"improvement{suffix}"] = measured["improvement"]
-            results[f"improvement{suffix}_se"] = measured["improvement_se"]
+            results[name] = measured["improvement"]
+            results[f"{name}_se"] = measured["improvement_se"]
     return results

@@ -14,7 +14,15 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -39,9 +47,15 @@ __all__ = [
     "FoveatedVLMPredictionHead",
     "FoveatedVLMPreTrainedModel",
     "FoveatedVLMModel",
+    "FoveatedVLMStreams",
+    "TEXT_MODES",
     "attention_entropy",
 ]
 
+
+# The streams text can be read from or written by (`FoveatedVLMModel.generate_text`, `score_text`): Pass 1 alone, the
+# parallel passes' last fine stream, and one fine stream that reads with its own queries (the deployed form).
+TEXT_MODES = ("coarse", "fine", "autoregressive")
 
 @dataclass
 class FoveatedVLMPatchCache(ModelOutput):
@@ -72,9 +86,10 @@ class FoveatedVLMOutput(ModelOutput):
     Output of [`FoveatedVLMModel`]: both passes of one clip batch.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss, `loss_fine + lambda_coarse *
-            loss_coarse`, plus `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and
-            `dynamic_entropy_weight * entropy_dynamic` when `config.dynamic_entropy_weight > 0`.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss (`FoveatedVLMConfig.lambda_coarse`
+            writes it out): with the default weights `loss_fine + lambda_coarse * loss_coarse`, plus
+            `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and `dynamic_entropy_weight *
+            entropy_dynamic` when `config.dynamic_entropy_weight > 0`.
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
         loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
@@ -96,6 +111,16 @@ class FoveatedVLMOutput(ModelOutput):
             `output_patch_cache=True`.
         tokens_fine (`torch.FloatTensor` of shape `(B, T, E)`, *optional*): Pass 2's visual tokens as the LLM reads
             them, with `output_patch_cache=True`.
+        loss_text_fine (`torch.FloatTensor` of shape `()`, *optional*): with `target_ids`: the mean over clips of
+            `text_nll_fine`.
+        loss_text_coarse (`torch.FloatTensor` of shape `()`, *optional*): the same for Pass 1.
+        text_nll_fine (`torch.FloatTensor` of shape `(B,)`, *optional*): with `target_ids`: each clip's mean
+            cross-entropy (nats per token) of the last fine pass on its scored text tokens.
+        text_nll_coarse (`torch.FloatTensor` of shape `(B,)`, *optional*): the same for Pass 1.
+        loss_fine_passes (`torch.FloatTensor` of shape `(fine_passes,)`, *optional*): every fine pass's latent MSE,
+            the last being `loss_fine`.
+        loss_text_fine_passes (`torch.FloatTensor` of shape `(fine_passes,)`, *optional*): every fine pass's text
+            loss, the last being `loss_text_fine`.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -114,6 +139,12 @@ class FoveatedVLMOutput(ModelOutput):
     prev_latents: Optional[torch.FloatTensor] = None
     patch_cache: Optional[FoveatedVLMPatchCache] = None
     tokens_fine: Optional[torch.FloatTensor] = None
+    loss_text_fine: Optional[torch.FloatTensor] = None
+    loss_text_coarse: Optional[torch.FloatTensor] = None
+    text_nll_fine: Optional[torch.FloatTensor] = None
+    text_nll_coarse: Optional[torch.FloatTensor] = None
+    loss_fine_passes: Optional[torch.FloatTensor] = None
+    loss_text_fine_passes: Optional[torch.FloatTensor] = None
 
 
 @dataclass
@@ -467,7 +498,7 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
             # transformers' init functions skip parameters already loaded from a checkpoint.
             init.normal_(module.q_static, std=self.config.query_init_std)
             init.normal_(module.q_init, std=self.config.query_init_std)
-            for parameter in (module.coarse_token, module.fine_token, module.z_vae_init):
+            for parameter in (module.coarse_token, module.fine_token, module.video_end_token, module.z_vae_init):
                 init.normal_(parameter, std=self.config.mode_token_init_std)
         if isinstance(module, FoveatedVLMEncoder) and self.config.query_logit_scale is not None:
             init.constant_(module.query_log_scale, math.log(self.config.query_logit_scale))
@@ -515,6 +546,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         self.q_init = nn.Parameter(torch.empty(config.query_dim))
         self.coarse_token = nn.Parameter(torch.empty(text_width))
         self.fine_token = nn.Parameter(torch.empty(text_width))
+        self.video_end_token = nn.Parameter(torch.empty(text_width))  # <video_end>: the text target follows it
+        # The LM head is the language model's own: its input embeddings where they are tied (SmolLM2), else its own.
+        tied = getattr(config.text_config, "tie_word_embeddings", False)
+        self.lm_head = None if tied else nn.Linear(text_width, config.text_config.vocab_size, bias=False)
         latent_shape = (config.latent_channels, config.latent_size, config.latent_size)
         self.z_vae_init = nn.Parameter(torch.empty(latent_shape))
 
@@ -533,7 +568,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         GGUF file inside `text`). The new parts (query path, projections, head, mode tokens) are initialised fresh.
         """
         vision_model = AutoModel.from_pretrained(vision)
-        text_model = AutoModel.from_pretrained(text, gguf_file=text_gguf_file)
+        causal_lm = AutoModelForCausalLM.from_pretrained(text, gguf_file=text_gguf_file)
+        text_model = causal_lm.get_decoder()
         # GGUF weights arrive de-quantized to float; the checkpoint we write is a plain one.
         text_config = {k: v for k, v in text_model.config.to_dict().items() if k != "quantization_config"}
         config = FoveatedVLMConfig(
@@ -542,9 +578,11 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         model = cls(config)
         model.encoder.backbone.load_state_dict(vision_model.state_dict())
         model.language_model.load_state_dict(text_model.state_dict())
+        if model.lm_head is not None:
+            model.lm_head.load_state_dict(causal_lm.get_output_embeddings().state_dict())
         return model
 
-    def _check_inputs(self, pixel_values, vae_latents, input_ids, attention_mask):
+    def _check_inputs(self, pixel_values, vae_latents, input_ids, attention_mask, target_ids=None, target_labels=None):
         config = self.config
         S = config.image_size
         if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (3, S, S):
@@ -560,6 +598,15 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             raise ValueError(f"input_ids must have shape ({B}, text_length); got {tuple(input_ids.shape)}")
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask needs input_ids of the same shape")
+        if target_ids is not None and (target_ids.ndim != 2 or target_ids.shape[0] != B):
+            raise ValueError(f"target_ids must have shape ({B}, target_length); got {tuple(target_ids.shape)}")
+        if target_labels is not None and (target_ids is None or target_labels.shape != target_ids.shape):
+            raise ValueError("target_labels needs target_ids of the same shape")
+        if config.text_loss_weight > 0 and target_ids is None and self.training:
+            raise ValueError(
+                f"text_loss_weight={config.text_loss_weight} trains on text as a target: pass target_ids (and "
+                "target_labels), e.g. from the data collator with a caption target"
+            )
 
     def _embed_text(self, input_ids: Optional[torch.Tensor], B: int) -> torch.Tensor:
         """The text prepended to both LLM sequences: (B, text, E), text = 0 without `input_ids`."""
@@ -567,22 +614,49 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             return self.coarse_token.new_zeros(B, 0, self.config.text_config.hidden_size)
         return self.language_model.get_input_embeddings()(input_ids)
 
-    def run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask):
+    def run_language_model(self, mode_token, visual_tokens, text_embeds, text_mask, suffix_embeds=None):
         """
-        LLM over `[text, mode, z_1..z_T]`; returns the states at `[mode, z_1..z_T]`: (B, T + 1, E).
+        LLM over `[text, mode, z_1..z_T, suffix]`; returns the states at `[mode, z_1..z_T, suffix]`: (B, T + 1 + S, E).
+        The suffix (B, S, E), *optional*, is `<video_end>` and the text target (`target_embeddings`).
         """
         B, T, _ = visual_tokens.shape
         mode = mode_token.to(visual_tokens.dtype).expand(B, 1, -1)
-        inputs_embeds = torch.cat([text_embeds, mode, visual_tokens], dim=1)  # (B, text + 1 + T, E)
+        suffix = [] if suffix_embeds is None else [suffix_embeds.to(visual_tokens.dtype)]
+        inputs_embeds = torch.cat([text_embeds, mode, visual_tokens, *suffix], dim=1)  # (B, text + 1 + T + S, E)
         attention_mask = position_ids = None
         if text_mask is not None:
             # Padding inside the text must not shift the visual positions: positions count real tokens only.
-            attention_mask = torch.cat([text_mask, text_mask.new_ones(B, T + 1)], dim=1)
+            after_text = inputs_embeds.shape[1] - text_mask.shape[1]
+            attention_mask = torch.cat([text_mask, text_mask.new_ones(B, after_text)], dim=1)
             position_ids = _position_ids(attention_mask)
         hidden = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         return hidden[:, text_embeds.shape[1] :]
+
+    def target_embeddings(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """What each pass reads after its frames for text as a target, teacher-forced: `[<video_end>, t_1..t_{L-1}]`
+        (B, L, E), whose states predict the target tokens t_1..t_L (`target_ids` (B, L), padded on the right: a causal
+        LLM never lets a real token see the padding after it)."""
+        B = target_ids.shape[0]
+        video_end = self.video_end_token.expand(B, 1, -1)
+        return torch.cat([video_end, self._embed_text(target_ids[:, :-1], B).to(video_end.dtype)], dim=1)
+
+    def text_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The language model's LM head: states (..., E) -> next-token logits (..., vocabulary)."""
+        if self.lm_head is not None:
+            return self.lm_head(states)
+        return F.linear(states, self.language_model.get_input_embeddings().weight)
+
+    def text_nll(self, states: torch.Tensor, target_ids: torch.Tensor, target_labels: Optional[torch.Tensor] = None):
+        """Per clip, the mean cross-entropy (nats per token) of the scored target tokens: states (B, L, E) at
+        `target_embeddings`' positions -> (B,). `target_labels` (B, L) holds -100 where a token is not scored (a
+        question, padding); by default every token is."""
+        labels = target_ids if target_labels is None else target_labels
+        logits = self.text_logits(states).float()  # (B, L, V)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, L)
+        scored = (labels != -100).float()
+        return (per_token * scored).sum(1) / scored.sum(1).clamp_min(1)
 
     def _read_frames(self, queries, cache, B, T, fixations=None):
         """Query every cached frame: queries (B, T, Q) -> LLM-width tokens (B, T, E), attention (B, T, P).
@@ -640,6 +714,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         vae_latents: Optional[torch.Tensor] = None,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        target_ids: Optional[torch.Tensor] = None,
+        target_labels: Optional[torch.Tensor] = None,
         output_patch_cache: bool = False,
         return_dict: bool = True,
     ) -> FoveatedVLMOutput:
@@ -650,49 +726,43 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 the model returns queries and attention only.
             input_ids, attention_mask (`torch.LongTensor` of shape `(B, text_length)`, *optional*): text prepended
                 to both LLM sequences (Phase 2).
+            target_ids (`torch.LongTensor` of shape `(B, target_length)`, *optional*): text as a target, read by
+                every pass after its frames and `<video_end>` (caption, or question and answer), right-padded.
+            target_labels (`torch.LongTensor` of shape `(B, target_length)`, *optional*): `target_ids` with -100
+                where a token is not scored (the question, padding); default: every token is.
             output_patch_cache (`bool`, *optional*): also return the frames' encoder cache and Pass 2's LLM inputs,
                 which a training-time search over other glimpses of the same frames reuses (teacher_foveated.py).
         """
-        self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask)
+        self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask, target_ids, target_labels)
         B, T, C, H, W = pixel_values.shape
         cache = self.encoder.encode_patches(pixel_values.reshape(B * T, C, H, W))  # frames encoded once
 
         text_embeds = self._embed_text(input_ids, B)  # (B, text, E)
+        suffix = None if target_ids is None else self.target_embeddings(target_ids)  # (B, L, E)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
         coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
-        hidden_coarse = self.run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask)
-        queries = self.query_head(hidden_coarse[:, 1:])  # (B, T + 1, E) -> (B, T, Q)
+        hidden = self.run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask, suffix)
+        hidden_coarse, text_states_coarse = hidden[:, : T + 1], hidden[:, T + 1 :]  # (B, T + 1, E), (B, L, E)
+        queries = self.query_head(hidden_coarse[:, 1:])  # (B, T, Q)
 
-        # Pass 2: frame t is read with the query emitted after frame t-1.
-        shifted_queries = torch.cat([self.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)
+        # The fine passes: fine pass k reads frame t with the query the pass before it emitted after frame t-1.
         # A Pass 2 that the loss does not weigh is still evaluated, without building its graph.
+        fine_passes = []  # per fine pass: (LLM states (B, T + 1, E), text states (B, L, E))
+        pass_queries = queries
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.fine_loss_weight > 0):
-            fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
-            hidden_fine = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask)
+            for _ in range(self.config.fine_passes):
+                first = self.q_init.expand(B, 1, -1).to(pass_queries.dtype)
+                shifted_queries = torch.cat([first, pass_queries[:, :-1]], dim=1)  # (B, T, Q)
+                fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
+                hidden = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask, suffix)
+                fine_passes.append((hidden[:, : T + 1], hidden[:, T + 1 :]))
+                pass_queries = self.query_head(hidden[:, 1 : T + 1])
+        hidden_fine = fine_passes[-1][0]
 
         entropy_dynamic = attention_entropy(attn_dynamic)
-        loss = loss_fine = loss_coarse = loss_aux = pred_fine = pred_coarse = prev_latents = None
-        if vae_latents is not None:
-            prev_latents = self.previous_latents(vae_latents)  # (B, T, C, h, w)
-            pred_coarse, pred_fine, reconstructions = self._predict(hidden_coarse, hidden_fine, prev_latents)
-            target = vae_latents.float()
-            loss_coarse = F.mse_loss(pred_coarse, target)
-            loss_fine = F.mse_loss(pred_fine, target)
-            loss = self.fine_loss_weight * loss_fine + self.config.lambda_coarse * loss_coarse
-            if reconstructions is not None:
-                loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
-                loss = loss + self.config.aux_current_weight * loss_aux
-            if self.config.dynamic_entropy_weight > 0:
-                loss = loss + self.config.dynamic_entropy_weight * entropy_dynamic
-
-        output = FoveatedVLMOutput(
-            loss=loss,
-            loss_fine=loss_fine,
-            loss_coarse=loss_coarse,
-            loss_aux=loss_aux,
-            pred_fine=pred_fine,
-            pred_coarse=pred_coarse,
+        # ModelOutput's tuple holds the fields set when it is built: gather them all first.
+        values = dict(
             queries=queries,
             attn_static=attn_static,
             attn_dynamic=attn_dynamic,
@@ -700,28 +770,61 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             entropy_dynamic=entropy_dynamic,
             state_coarse=hidden_coarse[:, :T],
             state_fine=hidden_fine[:, :T],
-            prev_latents=prev_latents,
             patch_cache=cache if output_patch_cache else None,
             tokens_fine=fine_tokens if output_patch_cache else None,
         )
+        config, lambda_coarse = self.config, self.config.lambda_coarse
+        losses = []  # the terms of the loss
+        if vae_latents is not None:
+            prev_latents = values["prev_latents"] = self.previous_latents(vae_latents)  # (B, T, C, h, w)
+            states_fine = [states for states, _ in fine_passes]
+            pred_coarse, preds_fine, reconstructions = self._predict(hidden_coarse, states_fine, prev_latents)
+            target = vae_latents.float()
+            loss_coarse = F.mse_loss(pred_coarse, target)
+            loss_fine_passes = torch.stack([F.mse_loss(pred, target) for pred in preds_fine])  # (fine_passes,)
+            values.update(pred_coarse=pred_coarse, pred_fine=preds_fine[-1], loss_coarse=loss_coarse,
+                          loss_fine=loss_fine_passes[-1], loss_fine_passes=loss_fine_passes)
+            losses.append(config.latent_loss_weight * (
+                self.fine_loss_weight * loss_fine_passes.sum() + lambda_coarse * loss_coarse))
+            if reconstructions is not None:
+                loss_aux = F.mse_loss(reconstructions, target.repeat(len(reconstructions) // B, 1, 1, 1, 1))
+                values["loss_aux"] = loss_aux
+                losses.append(config.aux_current_weight * loss_aux)
+        if target_ids is not None:
+            nll_coarse = self.text_nll(text_states_coarse, target_ids, target_labels)  # (B,)
+            nll_fine = torch.stack([self.text_nll(states, target_ids, target_labels) for _, states in fine_passes])
+            loss_text_fine_passes = nll_fine.mean(1)  # (fine_passes,)
+            values.update(text_nll_coarse=nll_coarse, text_nll_fine=nll_fine[-1], loss_text_coarse=nll_coarse.mean(),
+                          loss_text_fine=loss_text_fine_passes[-1], loss_text_fine_passes=loss_text_fine_passes)
+            if config.text_loss_weight > 0:
+                losses.append(config.text_loss_weight * (
+                    self.fine_loss_weight * loss_text_fine_passes.sum() + lambda_coarse * nll_coarse.mean()))
+        if losses:
+            if config.dynamic_entropy_weight > 0:
+                losses.append(config.dynamic_entropy_weight * entropy_dynamic)
+            values["loss"] = sum(losses)
+        output = FoveatedVLMOutput(**values)
         return output if return_dict else output.to_tuple()
 
     def _predict(self, hidden_coarse, hidden_fine, prev_latents):
         """
-        The shared head in one batched call over the LLM states at `[mode, z_1..z_T]` (B, T + 1, E) of both passes:
-        predictions of latents 1..T, `pred_coarse` and `pred_fine` (B, T, C, h, w), and the auxiliary
-        reconstructions (k * B, T, C, h, w) stacked pass by pass, or None when `aux_current_weight` is 0.
+        The shared head in one batched call over the LLM states at `[mode, z_1..z_T]` (B, T + 1, E) of Pass 1 and of
+        each fine pass (`hidden_fine`, a list): predictions of latents 1..T, `pred_coarse` (B, T, C, h, w) and one
+        per fine pass (a list), and the auxiliary reconstructions (k * B, T, C, h, w) stacked pass by pass, or None
+        when `aux_current_weight` is 0.
         """
         B, T = prev_latents.shape[:2]
         # The states before frame t predict latent t; those that have just read frame t reconstruct it (auxiliary).
-        head_states = [hidden_coarse[:, :T], hidden_fine[:, :T]]
+        head_states = [hidden_coarse[:, :T], *(states[:, :T] for states in hidden_fine)]
+        num_predictions = len(head_states)
         if self.config.aux_current_weight > 0:
             head_states.append(hidden_coarse[:, 1:])
             if self.fine_loss_weight > 0:  # a Pass 2 the loss does not weigh stays out of the auxiliary term too
-                head_states.append(hidden_fine[:, 1:])
+                head_states.extend(states[:, 1:] for states in hidden_fine)
         predictions = self.predict_latents(torch.cat(head_states, dim=0), prev_latents).float()  # (k * B, T, C, h, w)
-        reconstructions = predictions[2 * B :] if len(head_states) > 2 else None
-        return predictions[:B], predictions[B : 2 * B], reconstructions
+        blocks = predictions.split(B)
+        reconstructions = predictions[num_predictions * B :] if len(head_states) > num_predictions else None
+        return blocks[0], list(blocks[1:num_predictions]), reconstructions
 
     def predict_latents(self, states: torch.Tensor, prev_latents: torch.Tensor) -> torch.Tensor:
         """
@@ -746,53 +849,153 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         autoregressive: bool = False,
+        streams: Optional["FoveatedVLMStreams"] = None,
     ) -> Iterator[FoveatedVLMStreamOutput]:
         """
-        Streaming inference: frames arrive one at a time, each is encoded once, and two LLM streams step one token
+        Streaming inference: frames arrive one at a time, each is encoded once, and the LLM streams step one token
         per frame with their own KV caches, so the cost per frame stays constant as the clip grows.
 
-        The Pass-1 stream reads frame t with `q_static` and emits `q_t`; the Pass-2 (focused) stream reads frame t
-        with the previous query and its state predicts the next latent. With `autoregressive=True` the next query
-        comes from the focused stream instead (what a deployed model would do; training uses the two-pass
-        approximation). Without it, stacking the outputs over t reproduces the parallel `forward`.
+        The Pass-1 stream reads frame t with `q_static` and emits `q_t`; each fine stream reads frame t with the query
+        the stream before it emitted after frame t-1 (`fine_passes` of them; the last, "focused", one predicts). With
+        `autoregressive=True` one fine stream reads with the queries it emits itself instead (what a deployed model
+        would do; training uses the parallel passes). Without it, stacking the outputs over t reproduces the
+        parallel `forward`.
 
         Args:
             frames: iterable of `(B, 3, S, S)` ImageNet-normalised frames.
             vae_latents: iterable of `(B, C, h, w)` latents of the same frames (or None items); latent t lets the
                 head predict latent t+1.
-            input_ids, attention_mask: optional text prepended to both streams.
+            input_ids, attention_mask: optional text prepended to every stream.
+            streams: a `FoveatedVLMStreams` to step (made on the first frame otherwise); after the frames it holds
+                every stream's KV cache, from which `score_text` and `generate_text` go on to the text.
         """
         latents = iter(vae_latents) if vae_latents is not None else None
-        streams = None
         for frame in frames:
             B = frame.shape[0]
             if streams is None:
-                # Prime both streams with [text, mode]; their last states predict latent 1 from z_vae_init.
-                streams = _FoveatedVLMStreams(self, B, input_ids, attention_mask)
-                query, prev_latent = self.q_init.expand(B, -1), self.z_vae_init.expand(B, -1, -1, -1)
-                saccade_position = None  # the running sum of the saccades' moves (fixation_mode="saccade")
+                streams = FoveatedVLMStreams(self, B, input_ids, attention_mask, autoregressive)
+            if not streams.states:  # prime every stream with [text, mode]; their states predict latent 1
+                streams.start()
+                prev_latent = self.z_vae_init.expand(B, -1, -1, -1)
 
             pred_fine = pred_coarse = None
             if prev_latent is not None:
-                states = torch.cat([streams.coarse_state, streams.fine_state], dim=0)  # (2B, E)
+                states = torch.cat([streams.states[0], streams.states[-1]], dim=0)  # (2B, E)
                 pred_coarse, pred_fine = self.prediction_head(states, prev_latent).float().chunk(2)
 
-            cache = self.encoder.encode_patches(frame)  # the frame is encoded once for both streams
-            coarse_token, attn_static = self.read_coarse(cache, B, 1)  # (B, 1, E), (B, 1, P)
-            fixation = None
-            if self.config.fixation_mode == "saccade":
-                fixation, saccade_position = self.encoder.saccade_fixations(query.unsqueeze(1), saccade_position)
-            fine_token, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1, fixation)
-            streams.step(coarse_token, fine_token)
-            query = self.query_head(streams.fine_state if autoregressive else streams.coarse_state)  # (B, Q)
+            cache = self.encoder.encode_patches(frame)  # the frame is encoded once for every stream
+            tokens, attention = self.read_coarse(cache, B, 1)  # (B, 1, E), (B, 1, P)
+            stream_tokens, attn_static = [tokens], attention
+            for k, query in enumerate(streams.queries):  # fine stream k + 1 reads with `query`
+                fixation = None
+                if self.config.fixation_mode == "saccade":
+                    fixation, streams.saccade_positions[k] = self.encoder.saccade_fixations(
+                        query.unsqueeze(1), streams.saccade_positions[k]
+                    )
+                tokens, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1, fixation)
+                stream_tokens.append(tokens)
+            streams.step(stream_tokens)
             prev_latent = next(latents) if latents is not None else None
             yield FoveatedVLMStreamOutput(
                 pred_fine=pred_fine,
                 pred_coarse=pred_coarse,
-                query=query,
+                query=streams.queries[-1],
                 attn_static=attn_static[:, 0],
                 attn_dynamic=attn_dynamic[:, 0],
             )
+
+    @torch.no_grad()
+    def read_clip(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        autoregressive: bool = False,
+    ) -> "FoveatedVLMStreams":
+        """Stream a whole clip (B, T, 3, S, S) and `<video_end>`: the streams, ready for text."""
+        streams = FoveatedVLMStreams(self, pixel_values.shape[0], input_ids, attention_mask, autoregressive)
+        for _ in self.stream(pixel_values.unbind(1), streams=streams):
+            pass
+        streams.step([self.video_end_token.expand(pixel_values.shape[0], 1, -1)] * streams.num_streams, queries=False)
+        return streams
+
+    @torch.no_grad()
+    def score_text(
+        self,
+        pixel_values: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_labels: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        mode: str = "fine",
+    ) -> torch.Tensor:
+        """Each clip's mean cross-entropy (nats per scored token, as `text_nll_*` of `forward`) of its text target,
+        read through the streams after the frames: (B,). `mode` is one of `TEXT_MODES`: "coarse" (Pass 1 alone),
+        "fine" (the parallel passes: equals `forward`'s `text_nll_fine`) or "autoregressive" (the deployed form)."""
+        streams = self.read_clip(pixel_values, input_ids, attention_mask, autoregressive=mode == "autoregressive")
+        index = _stream_index(mode)
+        states = [streams.states[index]]  # (B, E): the state at <video_end> predicts the first target token
+        if target_ids.shape[1] > 1:
+            streams.step([self._embed_text(target_ids[:, :-1], target_ids.shape[0])] * streams.num_streams, queries=False)
+            states.append(streams.hidden[index])  # (B, L - 1, E)
+        return self.text_nll(torch.cat([states[0][:, None], *states[1:]], dim=1), target_ids, target_labels)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        mode: str = "fine",
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Video captioning: text written after the frames and `<video_end>`, token by token with the KV cache of the
+        stream `mode` names (`TEXT_MODES`): "coarse" (Pass 1 alone), "fine" (coarse + fine: the last fine stream,
+        reading with the queries of the stream before it) or "autoregressive" (one stream that reads with its own
+        queries). Greedy, or sampled with transformers' temperature and top-p warpers. Returns the new tokens
+        (B, n <= max_new_tokens); after a clip's `eos_token_id` (default the text config's) its row holds
+        `pad_token_id` (default: the eos token). The processor's `batch_decode` turns them into strings."""
+        if mode not in TEXT_MODES:
+            raise ValueError(f"mode={mode!r} must be one of {TEXT_MODES}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        eos_token_id = self.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        warpers = LogitsProcessorList()
+        if do_sample:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        streams = self.read_clip(pixel_values, input_ids, attention_mask, autoregressive=mode == "autoregressive")
+        index = _stream_index(mode)
+        B = pixel_values.shape[0]
+        written = torch.zeros(B, 0, dtype=torch.long, device=pixel_values.device)
+        done = torch.zeros(B, dtype=torch.bool, device=pixel_values.device)
+        for _ in range(max_new_tokens):
+            scores = warpers(written, self.text_logits(streams.states[index]).float())  # (B, V)
+            token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if do_sample else scores.argmax(-1)  # (B,)
+            token = torch.where(done, pad_token_id if pad_token_id is not None else 0, token)
+            written = torch.cat([written, token[:, None]], dim=1)
+            if eos_token_id is not None:
+                done = done | (token == eos_token_id)
+            if done.all():
+                break
+            # Only the stream being read needs the token; the others are not used after <video_end>.
+            streams.step_one(index, self._embed_text(token[:, None], B))
+        return written
+
+
+def _stream_index(mode: str) -> int:
+    """Which stream a text mode reads: the first (Pass 1) or the last (the focused one)."""
+    if mode not in TEXT_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {TEXT_MODES}")
+    return 0 if mode == "coarse" else -1
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -800,31 +1003,66 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class _FoveatedVLMStreams:
-    """The two LLM streams of `FoveatedVLMModel.stream`, each with its own KV cache and last state (B, E)."""
+class FoveatedVLMStreams:
+    """
+    The LLM streams of `FoveatedVLMModel.stream`, each with its own KV cache: Pass 1's, then the fine ones
+    (`fine_passes` of them, or one with `autoregressive`). Per stream: `states` (B, E), the last state, and `hidden`
+    (B, n, E), the states of the last inputs; per fine stream, the query it reads the next frame with (`queries`) and
+    its saccades' running sum.
+    """
 
-    def __init__(self, model: FoveatedVLMModel, B: int, input_ids=None, attention_mask=None):
-        self.language_model = model.language_model
-        text_config = model.config.text_config
-        self.caches = DynamicCache(config=text_config), DynamicCache(config=text_config)
-        text_embeds = model._embed_text(input_ids, B)  # (B, text, E)
-        self.mask = attention_mask
-        self.step(
-            torch.cat([text_embeds, model.coarse_token.expand(B, 1, -1)], dim=1),
-            torch.cat([text_embeds, model.fine_token.expand(B, 1, -1)], dim=1),
-        )
+    def __init__(self, model: FoveatedVLMModel, B: int, input_ids=None, attention_mask=None, autoregressive=False):
+        self.model = model
+        self.B = B
+        self.autoregressive = autoregressive
+        self.num_streams = 1 + (1 if autoregressive else model.config.fine_passes)
+        self.input_ids, self.mask = input_ids, attention_mask
+        self.caches = [DynamicCache(config=model.config.text_config) for _ in range(self.num_streams)]
+        self.states, self.hidden = [], []
+        self.queries = [model.q_init.expand(B, -1)] * (self.num_streams - 1)
+        self.saccade_positions = [None] * (self.num_streams - 1)
 
-    def step(self, coarse_inputs, fine_inputs):
-        """Append (B, n, E) inputs, the last one a mode or visual token, to each stream; keep the last states."""
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        position_ids = None if self.mask is None else _position_ids(self.mask)[:, -coarse_inputs.shape[1] :]
-        self.coarse_state, self.fine_state = (
-            self.language_model(
-                inputs_embeds=inputs, attention_mask=self.mask, position_ids=position_ids, cache=cache, use_cache=True
-            ).last_hidden_state[:, -1]
-            for inputs, cache in zip((coarse_inputs, fine_inputs), self.caches)
-        )
+    def start(self):
+        """Read `[text, mode]` into every stream."""
+        model, B = self.model, self.B
+        text_embeds = model._embed_text(self.input_ids, B)  # (B, text, E)
+        modes = [model.coarse_token] + [model.fine_token] * (self.num_streams - 1)
+        text_mask, self.mask = self.mask, None if self.mask is None else self.mask[:, :0]
+        new_mask = None if text_mask is None else torch.cat([text_mask, text_mask.new_ones(B, 1)], dim=1)
+        # The first frame is read with q_init: the states after [text, mode] write no query.
+        self.step([torch.cat([text_embeds, mode.expand(B, 1, -1)], dim=1) for mode in modes], new_mask, queries=False)
+
+    def step(self, inputs: list, new_mask: Optional[torch.Tensor] = None, queries: bool = True):
+        """Append inputs (B, n, E), one per stream, the same n; then (`queries`) the fine streams' next queries: each
+        from the stream before it (from itself with `autoregressive`)."""
+        positions = self._extend_mask(inputs[0].shape[1], new_mask)
+        self.hidden = [self._run(inputs[k], k, positions) for k in range(self.num_streams)]
+        self.states = [hidden[:, -1] for hidden in self.hidden]
+        if not queries:
+            return
+        query_head = self.model.query_head
+        sources = self.states[1:] if self.autoregressive else self.states[:-1]
+        self.queries = [query_head(state) for state in sources]  # (B, Q) each
+
+    def step_one(self, index: int, inputs: torch.Tensor):
+        """Append inputs (B, n, E) to one stream only (text being written); the others stop here."""
+        positions = self._extend_mask(inputs.shape[1])
+        self.hidden[index] = self._run(inputs, index, positions)
+        self.states[index] = self.hidden[index][:, -1]
+
+    def _extend_mask(self, n: int, new_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Grow the attention mask by n inputs (all real unless `new_mask` says); their position ids (B, n)."""
+        if self.mask is None:
+            return None
+        new_mask = self.mask.new_ones(self.B, n) if new_mask is None else new_mask
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        return _position_ids(self.mask)[:, -n:]
+
+    def _run(self, inputs: torch.Tensor, index: int, position_ids) -> torch.Tensor:
+        return self.model.language_model(
+            inputs_embeds=inputs, attention_mask=self.mask, position_ids=position_ids, cache=self.caches[index],
+            use_cache=True,
+        ).last_hidden_state
 
 
 FoveatedVLMConfig.register_for_auto_class()

@@ -11,6 +11,7 @@ setup(
         "modeling_foveated",
         "probes_foveated",
         "teacher_foveated",
+        "captioning_foveated",
         "processing_foveated",
         "synthetic_videos",
         "data_foveated",

@@ -39,6 +39,7 @@ __all__ = [
     "EVAL_SEED_OFFSET",
     "FoveatedVLMCueSpec",
     "FoveatedVLMSceneSpec",
+    "describe_clip",
     "generate_video",
     "write_video",
     "generate_split",
@@ -390,6 +391,51 @@ def _render_cued(
         frames[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
         ground_truth_frames.append({"level": int(levels[t]), "objects": objects})
     return frames, ground_truth_frames, extra
+
+
+# The cue colours' names, in `FoveatedVLMCueSpec.cue_colours`' order.
+CUE_COLOUR_NAMES = ("red", "green", "blue", "yellow")
+# How the describer names the target of each way of marking it.
+TARGET_NAMES = {"colour": "marked", "motion": "moving", "appearance": "announced"}
+# Compass words for a direction in image coordinates (y grows downwards), counter-clockwise from "right".
+DIRECTION_NAMES = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
+
+
+def describe_clip(ground_truth: dict, num_frames: Optional[int] = None) -> str:
+    """A caption of a clip, written from its generator state as a describer who watched it would write it: text as
+    a target (docs/TRAINING.md). The words carry what a glimpse has to read.
+
+    - Cued scenes: the target's cue colour in the last frame, e.g. "the marked object's last cue is green." Only a
+      reader that finds the target (marked, moving or announced in frame 0) and still looks at it in the last frame
+      can write it. (Its cue in an earlier frame is no test: the next frame's background level tells it to any read
+      of the whole frame.)
+    - The other scenes: where each mover heads between the first two sampled frames, e.g. "1 of 4 objects moves
+      down-left." A glimpse that tracks the mover can read its heading; the count is in any glimpse of the frame.
+
+    Args:
+        ground_truth: `generate_video`'s ground truth (a sidecar's JSON).
+        num_frames: how many frames the reader samples, uniformly over the video (default: the sidecar's
+            `num_frames`); the cue colours named are those of the sampled frames.
+    """
+    frames = ground_truth["frames"]
+    num_frames = num_frames or ground_truth.get("num_frames") or len(frames)
+    sampled = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    spec = DIFFICULTIES[ground_truth["difficulty"]]
+    if spec.cue is not None:
+        last_cue = frames[sampled[-1]]["objects"][ground_truth["target"]]["cue"]
+        return f"the {TARGET_NAMES[spec.cue.target_marked_by]} object's last cue is {CUE_COLOUR_NAMES[last_cue]}."
+    first, second = (frames[t]["objects"] for t in sampled[:2])
+    headings = []
+    for before, after in zip(first, second):
+        if before["moving"]:
+            dx = (after["box"][0] + after["box"][2] - before["box"][0] - before["box"][2]) / 2
+            dy = (after["box"][1] + after["box"][3] - before["box"][1] - before["box"][3]) / 2
+            sector = round(np.arctan2(-dy, dx) / (np.pi / 4)) % len(DIRECTION_NAMES)
+            headings.append(DIRECTION_NAMES[sector])
+    if not headings:
+        return f"none of {len(first)} objects moves."
+    verb = "moves" if len(headings) == 1 else "move"
+    return f"{len(headings)} of {len(first)} objects {verb} {' and '.join(headings)}."
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:

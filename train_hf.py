@@ -34,13 +34,19 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import data_foveated
 import report_foveated
-from card_foveated import FoveatedVLMModelCardInfo, latest_eval_metrics, policy_training, table1_markdown
+from card_foveated import (
+    FoveatedVLMModelCardInfo,
+    latest_eval_metrics,
+    objective_name,
+    policy_training,
+    table1_markdown,
+)
 from data_foveated import LLAVA_VIDEO_DATASET, SD_VAE_ID
 from configuration_foveated import FoveatedVLMConfig
 from modeling_foveated import FoveatedVLMModel
-from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
+from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, from_pretrained_with_probes
 from processing_foveated import RESIZE_MODES, FoveatedVLMProcessor, FoveatedVLMVideoProcessor
-from synthetic_videos import DIFFICULTIES, generate_split
+from synthetic_videos import DIFFICULTIES, describe_clip, generate_split
 from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 from tiny_vae import make_tiny_vae
 from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMFinalEvaluationCallback, FoveatedVLMTrainer
@@ -52,7 +58,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2_GGUF = "smollm2-gguf"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DATA_SOURCES = ("synthetic", "video_dir", "llava_video")
+DATA_SOURCES = ("synthetic", "video_dir", "llava_video", "precomputed")
 
 
 @dataclass
@@ -116,6 +122,9 @@ class ModelArguments:
             raise ValueError(f"model_config.{key} is not a FoveatedVLMConfig field; the fields are {sorted(design)}")
 
 
+# What `--text_target` may name: no text after the frames, or each clip's caption.
+TEXT_TARGETS = ("none", "caption")
+
 # Options that act under one data_source only (eval_fraction: under the two of real videos): (sources, default). Their
 # fields default to None, meaning "not given", so that one given under another source is refused; the default here
 # is filled in when the source is chosen.
@@ -130,6 +139,7 @@ SOURCE_OPTIONS = {
     "llava_dir": (("llava_video",), "data/llava_video"),
     "download_llava": (("llava_video",), None),  # a bool: only True is an option given
     "llava_num_video_tars": (("llava_video",), 1),
+    "precomputed_dir": (("precomputed",), None),
 }
 
 
@@ -147,7 +157,8 @@ class DataArguments:
     data_source: str = field(
         default="llava_video",
         metadata={
-            "help": "synthetic (generated clips), video_dir (any folder of videos) or llava_video.",
+            "help": "synthetic (generated clips), video_dir (any folder of videos), llava_video, or precomputed (the "
+            "train/ and eval/ folders of `precompute_latents.py --eval_fraction`).",
             "choices": DATA_SOURCES,
         },
     )
@@ -159,6 +170,11 @@ class DataArguments:
     )
     llava_dir: Optional[str] = field(
         default=None, metadata={"help": _only_for("llava_dir", "Folder of the LLaVA-Video-178K slice")}
+    )
+    precomputed_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": _only_for("precomputed_dir", "precompute_latents.py's output_dir, holding train/ and eval/; "
+                                    "its frames, size and VAE are the data's")},
     )
     download_llava: bool = field(
         default=False, metadata={"help": _only_for("download_llava", "Download the LLaVA-Video slice into llava_dir")}
@@ -216,6 +232,15 @@ class DataArguments:
     max_text_length: int = field(
         default=256, metadata={"help": "Captions are truncated to this many tokens (a memory knob in Phase 2)."}
     )
+    text_target: str = field(
+        default="none",
+        metadata={
+            "help": "Text as a target: 'caption' has every pass read each clip's caption after its frames and "
+            "<video_end>, and logs loss/text_fine, loss/text_coarse and improvement_text; model_config's "
+            "text_loss_weight sets how much it trains (docs/TRAINING.md). 'none': no text after the frames.",
+            "choices": TEXT_TARGETS,
+        },
+    )
 
     def __post_init__(self):
         check_data_arguments(self)
@@ -239,6 +264,15 @@ def check_data_arguments(data_args: DataArguments) -> None:
             "--sample_fps has no meaning with --data_source synthetic: the synthetic movers' speed is set for "
             "--num_frames frames sampled uniformly over each video"
         )
+    if data_args.text_target not in TEXT_TARGETS:
+        raise ValueError(f"--text_target {data_args.text_target!r} must be one of {TEXT_TARGETS}")
+    if data_args.text_target == "caption" and data_args.use_captions:
+        raise ValueError(
+            "--use_captions prepends each clip's caption to the frames, and --text_target caption asks the model to "
+            "write it after them: choose one"
+        )
+    if source == "precomputed" and not data_args.precomputed_dir:
+        raise ValueError("--data_source precomputed needs --precomputed_dir, the output_dir of precompute_latents.py")
     if source == "video_dir" and not data_args.video_dir:
         raise ValueError("--data_source video_dir needs --video_dir, a folder of videos")
 
@@ -270,6 +304,12 @@ class FoveatedTrainingArguments(TrainingArguments):
     )
     num_attention_figures: int = field(
         default=4, metadata={"help": "Fixed eval clips drawn to TensorBoard at each evaluation; 0 for none."}
+    )
+    evaluate_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Evaluate this trained model (a folder or Hub id) instead of training one: Table 1 on the "
+        "config's held-out split, from any data source, with eval_results.json, the report and a model card in "
+        "output_dir. Only the held-out split is prepared."},
     )
     write_report: bool = field(
         default=True,
@@ -307,6 +347,9 @@ def yaml_to_argv(config: dict) -> list[str]:
 
 
 DICT_ARGUMENTS = ("vision_config", "text_config", "model_config")
+# TrainingArguments fields that the Trainer itself never reads (they are for scripts): refused here rather than
+# silently ignored.
+IGNORED_TRAINER_FLAGS = ("do_train", "do_eval", "do_predict")
 
 
 def merge_dict_overrides(config: dict, argv: list[str]) -> list[str]:
@@ -386,6 +429,12 @@ def parse_arguments(
         if source is not None and source != config.get("data_source"):
             config = set_aside_other_source_options(config, source, config_path)
         config_argv, config_name = yaml_to_argv(config), config_path.stem
+    for flag in IGNORED_TRAINER_FLAGS:
+        if any(arg.split("=")[0] in (f"--{flag}", f"--{flag.replace('_', '-')}") for arg in config_argv + argv):
+            raise ValueError(
+                f"--{flag} is a TrainingArguments field this script does not read: it trains, then evaluates. To "
+                "evaluate a trained model without training, pass --evaluate_model FOLDER_OR_HUB_ID"
+            )
     if not any(arg.split("=")[0] in ("--output_dir", "--output-dir") for arg in config_argv + argv):
         config_argv += ["--output_dir", os.path.join("outputs", config_name)]
     return parser.parse_args_into_dataclasses(args=config_argv + argv)
@@ -405,7 +454,11 @@ def resolve_pretrained(name: str, gguf_file: Optional[str] = None) -> tuple[str,
 
 
 def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[str]], dict, str]:
-    """({"train": paths, "eval": paths}, captions by video, a one-line description for the model card)."""
+    """({"train": paths, "eval": paths}, {split: captions by video id}, a one-line description for the model card).
+
+    Captions: synthetic clips are described from their sidecars (`describe_clip`); a folder's videos have theirs in
+    a text file beside each (`clip.mp4` -> `clip.txt`), where there is one; LLaVA-Video's come from its caption file.
+    """
     if data_args.data_source == "synthetic":
         # Every generator setting names the folder (the movers' speed depends on T, see generate_video), so runs
         # with different settings never re-render each other's videos.
@@ -435,9 +488,16 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
             f"{kind} ({data_args.difficulty}: {scene}), "
             f"{data_args.synthetic_size}×{data_args.synthetic_size} px, {data_args.num_video_frames} frames each"
         )
-        return videos, {}, description
+        captions = {
+            split: {
+                Path(path).stem: describe_clip(json.loads(Path(path).with_suffix(".json").read_text()), data_args.num_frames)
+                for path in paths
+            }
+            for split, paths in videos.items()
+        }
+        return videos, captions, description
     if data_args.data_source == "video_dir":
-        folder, captions, description = data_args.video_dir, {}, f"Videos from the folder {data_args.video_dir}"
+        folder, captions, description = data_args.video_dir, None, f"Videos from the folder {data_args.video_dir}"
     else:
         if data_args.download_llava:
             data_foveated.download_llava_video_slice(data_args.llava_dir, data_args.llava_num_video_tars)
@@ -448,14 +508,20 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
     train, evaluation = data_foveated.split_train_eval(
         data_foveated.find_videos(folder), data_args.eval_fraction, seed=seed
     )
-    return {"train": train, "eval": evaluation}, captions, description
+    videos = {"train": train, "eval": evaluation}
+    if captions is None:
+        captions = {split: data_foveated.load_caption_files(paths) for split, paths in videos.items()}
+    else:
+        captions = {split: captions for split in videos}
+    return videos, captions, description
 
 
 @dataclass
 class PreparedData:
-    """What `build_datasets` hands on: both splits, the VAE that made their latents, and what they are."""
+    """What `build_datasets` hands on: both splits (no training split when only evaluating), the VAE that made their
+    latents, and what they are."""
 
-    train: Dataset
+    train: Optional[Dataset]
     eval: Dataset
     eval_dir: str  # the held-out split's precompute run folder, for reports
     vae: str
@@ -464,7 +530,7 @@ class PreparedData:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train[0]["vae_latents"].shape[1:])  # (T, C, h, w) -> (C, h, w)
+        return tuple(self.eval[0]["vae_latents"].shape[1:])  # (T, C, h, w) -> (C, h, w)
 
 
 @contextmanager
@@ -483,9 +549,14 @@ def global_rng_unchanged():
 
 
 @global_rng_unchanged()
-def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArguments) -> PreparedData:
-    """Arrow datasets of both splits, built once and then reused from `cache_dir`. Draws nothing from the global
-    random states: a run trains the same model on a cold cache as on a warm one."""
+def build_datasets(
+    data_args: DataArguments, training_args: FoveatedTrainingArguments, splits_wanted=("train", "eval")
+) -> PreparedData:
+    """Arrow datasets of the splits wanted (both, or "eval" alone to evaluate a model), built once and then reused
+    from `cache_dir`. Draws nothing from the global random states: a run trains the same model on a cold cache as on
+    a warm one."""
+    if data_args.data_source == "precomputed":
+        return load_precomputed_splits(data_args, splits_wanted)
     # Videos and the tiny VAE: made by the main process, found in the cache by the others. precompute_dataset
     # shares its own work among the processes.
     with training_args.main_process_first(desc="videos and VAE"):
@@ -496,6 +567,8 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
             vae = make_tiny_vae(tiny_vae_dir, data_args.image_size)
     splits = {}
     for split, paths in videos.items():
+        if split not in splits_wanted:
+            continue
         if not paths:
             raise ValueError(f"no {split} videos: raise num_{split}_videos (synthetic) or eval_fraction (video folders)")
         # precompute_dataset's run id is the one cache key: each set of videos and settings gets its own run.
@@ -507,16 +580,47 @@ def build_datasets(data_args: DataArguments, training_args: FoveatedTrainingArgu
             vae=vae,
             resize_mode=data_args.resize_mode,
             sample_fps=data_args.sample_fps,
-            captions=captions,
+            captions=captions[split],
             num_proc=data_args.precompute_num_proc,
             batch_size=data_args.precompute_batch_size,
         )
+    training = f"{len(splits['train'])} training and " if "train" in splits else ""
     description += (
-        f"; {len(splits['train'])} training and {len(splits['eval'])} held-out clips of T = {data_args.num_frames} "
-        f"frames at {data_args.image_size} px, target latents from the VAE `{vae}`."
+        f"; {training}{len(splits['eval'])} held-out clips of T = {data_args.num_frames} frames at "
+        f"{data_args.image_size} px, target latents from the VAE `{vae}`."
     )
     eval_dir = str(data_foveated.run_dir_of(splits["eval"]).resolve())
-    return PreparedData(splits["train"], splits["eval"], eval_dir, vae, description, data_args.use_captions)
+    return PreparedData(splits.get("train"), splits["eval"], eval_dir, vae, description, data_args.use_captions)
+
+
+def load_precomputed_splits(data_args: DataArguments, splits_wanted=("train", "eval")) -> PreparedData:
+    """The train/ and eval/ folders `precompute_latents.py --eval_fraction` wrote. Their frames and size must be the
+    run's (each mismatch is named); the VAE is the one the latents were made with, as recorded."""
+    root = Path(data_args.precomputed_dir)
+    splits, settings = {}, None
+    for split in splits_wanted:
+        record = root / split / "precompute.json"
+        if not record.is_file():
+            raise FileNotFoundError(
+                f"{root / split} holds no precompute run ({record.name} missing): write it with "
+                f"`precompute_latents.py --video_dir VIDEOS --output_dir {root} --eval_fraction 0.05`"
+            )
+        settings = json.loads(record.read_text())["settings"]
+        for name in ("num_frames", "image_size"):
+            if settings[name] != getattr(data_args, name):
+                raise ValueError(
+                    f"--{name} {getattr(data_args, name)} differs from {settings[name]}, the {name} {record} was made "
+                    f"with: set --{name} {settings[name]}"
+                )
+        splits[split] = data_foveated.load_precomputed(root / split)
+    counts = " and ".join(f"{len(splits[split])} {'held-out' if split == 'eval' else 'training'}" for split in splits)
+    description = (
+        f"Precomputed clips from {root}: {counts} clips of T = {data_args.num_frames} frames at "
+        f"{data_args.image_size} px, target latents from the VAE `{settings['vae']}`."
+    )
+    eval_dir = str(data_foveated.run_dir_of(splits["eval"]).resolve())
+    return PreparedData(splits.get("train"), splits["eval"], eval_dir, settings["vae"], description,
+                        data_args.use_captions)
 
 
 # ---- Model and processor ----
@@ -537,10 +641,15 @@ def resume_checkpoint(training_args: FoveatedTrainingArguments) -> Optional[str]
 
 def freeze_for_training(model: FoveatedVLMModel, freeze_vision: bool = False, freeze_text: bool = False) -> None:
     """Training policy, applied to a fully trainable model: the optimizer and DDP see only parameters that get a
-    gradient. DINOv3's mask token (for masked-image pretraining) and the LLM's input embeddings (the objective
-    reads no vocabulary logits) never do, nor the parameters a probe cuts out of the loss."""
+    gradient. DINOv3's mask token (for masked-image pretraining) never does, nor the parameters a probe cuts out of
+    the loss; without text as a target (`text_loss_weight` 0) neither do the LLM's input embeddings, its LM head and
+    `<video_end>`."""
     model.encoder.backbone.embeddings.mask_token.requires_grad_(False)
-    model.language_model.get_input_embeddings().requires_grad_(False)
+    if model.config.text_loss_weight == 0:
+        model.language_model.get_input_embeddings().requires_grad_(False)
+        model.video_end_token.requires_grad_(False)
+        if model.lm_head is not None:
+            model.lm_head.requires_grad_(False)
     if freeze_vision:
         model.encoder.backbone.requires_grad_(False)
     if freeze_text:
@@ -600,6 +709,25 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
     return FoveatedVLMModel(config)
 
 
+def load_for_evaluation(name: str, data_args: DataArguments, latent_shape: tuple) -> FoveatedVLMModel:
+    """A trained model (folder or Hub id, with its probes where probes.json lies beside it) to evaluate on data of
+    `data_args`' shapes; a model that cannot read that data is refused, naming the settings that differ."""
+    model = from_pretrained_with_probes(name)
+    config, (C, h, _) = model.config, latent_shape
+    differ = [
+        f"{field_name} {model_value} (model) vs {data_value} (data)"
+        for field_name, model_value, data_value in (
+            ("image_size", config.image_size, data_args.image_size),
+            ("latent_channels", config.latent_channels, C),
+            ("latent_size", config.latent_size, h),
+        )
+        if model_value != data_value
+    ]
+    if differ:
+        raise ValueError(f"--evaluate_model {name} cannot read this data: {'; '.join(differ)}")
+    return model
+
+
 def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> FoveatedVLMProcessor:
     """The processor saved with the model: the video processor and a tokenizer (`tokenizer`, else the text model's,
     else SmolLM2-135M-Instruct's from the offline GGUF), so that every checkpoint takes text."""
@@ -648,8 +776,16 @@ def build_trainer(
 ) -> FoveatedVLMTrainer:
     # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
     # Captions reach the LLM only in runs that ask for them (Phase 2); the processor carries the tokenizer always.
-    tokenizer = processor.tokenizer if data_args.use_captions else None
-    collator = data_foveated.FoveatedVLMDataCollator(tokenizer, data_args.max_text_length, normalize_frames=False)
+    caption_as_target = data_args.text_target == "caption"
+    if model.config.text_loss_weight > 0 and not caption_as_target:
+        raise ValueError(
+            f"the model's text_loss_weight={model.config.text_loss_weight} trains on text as a target, which the data "
+            "must give: add --text_target caption"
+        )
+    tokenizer = processor.tokenizer if data_args.use_captions or caption_as_target else None
+    collator = data_foveated.FoveatedVLMDataCollator(
+        tokenizer, data_args.max_text_length, normalize_frames=False, caption_as_target=caption_as_target
+    )
     card_info = FoveatedVLMModelCardInfo(
         data_description=data.description,
         datasets=[LLAVA_VIDEO_DATASET] if data_args.data_source == "llava_video" else [],
@@ -725,7 +861,10 @@ def evaluate(trainer: FoveatedVLMTrainer, data: PreparedData) -> dict:
     if trainer.is_world_process_zero():
         print(f"\nClips: {data.description}")
         print(f"Pass 2's policy: {policy_training(trainer.teacher.args.to_dict() if trainer.teacher else None)}")
-        print(f"\nTable 1: held-out next-frame latent MSE ({len(trainer.eval_dataset)} clips)\n")
+        model_config = trainer.accelerator.unwrap_model(trainer.model).config
+        print(f"Objective: {objective_name(model_config)}")
+        measured = "next-frame latent MSE" + (", text cross-entropy" if "eval_loss/text_fine" in metrics else "")
+        print(f"\nTable 1: held-out {measured} ({len(trainer.eval_dataset)} clips)\n")
         print(table1_markdown(metrics))
     return metrics
 
@@ -764,21 +903,29 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     start = time.perf_counter()
     set_seed(training_args.seed)
 
-    data = build_datasets(data_args, training_args)
+    evaluate_only = training_args.evaluate_model is not None
+    data = build_datasets(data_args, training_args, ("eval",) if evaluate_only else ("train", "eval"))
     data_seconds = time.perf_counter() - start
-    checkpoint = resume_checkpoint(training_args)
-    model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
+    checkpoint = None if evaluate_only else resume_checkpoint(training_args)
+    if evaluate_only:
+        model = load_for_evaluation(training_args.evaluate_model, data_args, data.latent_shape)
+    else:
+        model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
     if training_args.channels_last_head:
         # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.
         model.prediction_head.to(memory_format=torch.channels_last)
-    processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
+    if evaluate_only:  # the model's own processor: its tokenizer is the one it was trained with
+        processor = FoveatedVLMProcessor.from_pretrained(training_args.evaluate_model, trust_remote_code=True)
+    else:
+        processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
     trainer = build_trainer(model, processor, data, model_args, data_args, training_args, teacher_args)
     if training_args.profile_memory:
         report_peak_memory(trainer)
         return trainer
 
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if not evaluate_only:
+        trainer.train(resume_from_checkpoint=checkpoint)
     evaluate(trainer, data)
     save(trainer, data)
     if trainer.is_world_process_zero():

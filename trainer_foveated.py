@@ -87,7 +87,8 @@ class FoveatedVLMTrainer(Trainer):
         self.label_names = ["vae_latents"]
         # Per mode, per metric: a tensor [sum over clips, number of clips] since the last log (TRL's `_metrics`).
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._eval_clip_losses = []  # (B, len(TABLE1_LOSSES)) per eval micro-batch since the last log
+        self._eval_clip_losses = []  # (B, len(_eval_loss_names)) per eval micro-batch since the last log
+        self._eval_loss_names = []  # which of TABLE1_LOSSES the model's outputs give
         self.model_card_info = model_card_info
         self.add_callback(FoveatedVLMHubFilesCallback(model_card_info))
 
@@ -112,9 +113,11 @@ class FoveatedVLMTrainer(Trainer):
         summed = totals(torch.stack([metrics[name].detach().float() for name in names]))  # (M, B) -> (M, 2)
         for name, row in zip(names, summed):
             self._metrics[mode][name] += row
-        if mode == "eval" and all(name in metrics for name in TABLE1_LOSSES):
-            # Table 1's standard errors need every clip's losses, not only their sums.
-            self._eval_clip_losses.append(torch.stack([metrics[name].float() for name in TABLE1_LOSSES], dim=1))
+        # Table 1's standard errors need every clip's losses, not only their sums. Which losses there are follows
+        # from the run's settings alone, so every batch and process has the same ones.
+        self._eval_loss_names = [name for name in TABLE1_LOSSES if name in metrics]
+        if mode == "eval" and self._eval_loss_names:
+            self._eval_clip_losses.append(torch.stack([metrics[name].float() for name in self._eval_loss_names], 1))
         return (loss, outputs) if return_outputs else loss
 
     def _step_logs(self) -> bool:
@@ -147,10 +150,10 @@ class FoveatedVLMTrainer(Trainer):
     def _improvement_standard_errors(self) -> dict[str, float]:
         """`improvement_se` and `improvement_t2_se` over every process's eval clips (`FoveatedVLMImprovement`)."""
         losses = self.accelerator.pad_across_processes(torch.cat(self._eval_clip_losses), pad_index=math.nan)
-        losses = self.accelerator.gather(losses).cpu().numpy()  # (clips, len(TABLE1_LOSSES)), NaN rows: padding
+        losses = self.accelerator.gather(losses).cpu().numpy()  # (clips, len(_eval_loss_names)), NaN rows: padding
         losses = losses[~np.isnan(losses).any(axis=1)]
         self._eval_clip_losses.clear()
-        measured = improvement_with_se({name: losses[:, i] for i, name in enumerate(TABLE1_LOSSES)})
+        measured = improvement_with_se({name: losses[:, i] for i, name in enumerate(self._eval_loss_names)})
         return {name: value for name, value in measured.items() if name.endswith("_se")}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

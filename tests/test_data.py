@@ -688,3 +688,64 @@ def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_pat
     assert "eval_teacher/loss_best" in final and "eval_teacher/on_target" not in final  # no boxes: absent, not 0
     assert json.loads((output_dir / "teacher.json").read_text())["teacher"] is True
     assert "search teacher" in (output_dir / "README.md").read_text()
+
+
+def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, tiny_vae, tmp_path):
+    """`--evaluate_model RUN` trains nothing: on the run's own held-out clips it reproduces the run's final Table 1;
+    on another source it prepares the held-out split only. `--do_train false` is refused, not ignored."""
+    common = [
+        "--cache_dir", str(tmp_path / "cache"), "--vae", tiny_vae, "--num_frames", str(T), "--image_size", str(S),
+        "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--num_attention_figures", "0",
+        "--report_to", "none", "--logging_steps", "1",
+    ]  # fmt: skip
+    folder = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train"), "--eval_fraction", "0.5"]
+    run = tmp_path / "run"
+    train_hf.main(["configs/cued.yaml", *folder, *common, "--max_steps", "2", "--write_report", "false",
+                   "--output_dir", str(run)])  # fmt: skip
+    trained = json.loads((run / "eval_results.json").read_text())
+    evaluated = tmp_path / "evaluated"
+    trainer = train_hf.main(["configs/cued.yaml", *folder, *common, "--evaluate_model", str(run),
+                             "--output_dir", str(evaluated)])  # fmt: skip
+    assert trainer.state.global_step == 0
+    measured = json.loads((evaluated / "eval_results.json").read_text())
+    for name in ("eval_loss/fine", "eval_loss/coarse", "eval_improvement", "eval_improvement_se"):
+        assert measured[name] == pytest.approx(trained[name], rel=1e-5, nan_ok=True), name
+    assert (evaluated / "report" / "report.md").is_file() and "improvement" in (evaluated / "README.md").read_text()
+    # Another source: synthetic clips, of which only the held-out split is made.
+    synthetic = ["--data_source", "synthetic", "--difficulty", "medium", "--synthetic_size", str(S),
+                 "--num_video_frames", str(T), "--num_train_videos", "3", "--num_eval_videos", "2"]  # fmt: skip
+    train_hf.main(["configs/cued.yaml", *synthetic, *common, "--evaluate_model", str(run), "--write_report", "false",
+                   "--output_dir", str(tmp_path / "on_synthetic")])  # fmt: skip
+    assert json.loads((tmp_path / "on_synthetic" / "eval_results.json").read_text())["eval_loss/fine"] > 0
+    assert len(list((tmp_path / "cache" / "arrow" / "train" / "runs").iterdir())) == 1  # the training run's alone
+    with pytest.raises(ValueError, match="--do_train is a TrainingArguments field .* --evaluate_model"):
+        train_hf.parse_arguments(["configs/cued.yaml", "--do_train", "false"])
+    data_args = dataclasses.replace(train_hf.parse_arguments(["configs/cued.yaml"])[1], image_size=128)
+    with pytest.raises(ValueError, match=r"image_size 64 \(model\) vs 128 \(data\)"):
+        train_hf.load_for_evaluation(str(run), data_args, (4, 16, 16))
+
+
+def test_precomputed_train_and_eval_folders_feed_training(video_dir, tiny_vae, tmp_path):
+    """`precompute_latents.py --eval_fraction` writes train/ and eval/, split as train_hf.py splits a folder; then
+    `train_hf.py --data_source precomputed` trains on them without decoding a video."""
+    output = tmp_path / "precomputed"
+    arguments = cli_arguments(video_dir / "train", output, tiny_vae) + ["--eval_fraction", "0.5"]
+    assert precompute_latents.main(arguments) == 0
+    train, evaluation = split_train_eval(find_videos(video_dir / "train"), 0.5)
+    for split, paths in (("train", train), ("eval", evaluation)):
+        assert sorted(load_precomputed(output / split)["video_path"]) == sorted(map(str, paths))
+    common = [
+        "configs/cued.yaml", "--data_source", "precomputed", "--precomputed_dir", str(output),
+        "--num_frames", str(T), "--image_size", str(S), "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"),
+        "--max_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--write_report", "false",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    with mock.patch.object(data_foveated, "precompute_dataset", side_effect=AssertionError("decoded videos")):
+        trainer = train_hf.main(common)
+    assert trainer.state.global_step == 1 and len(trainer.train_dataset) == len(train)
+    recorded = json.loads((tmp_path / "run" / "data_paths.json").read_text())
+    assert recorded["vae"] == os.path.abspath(tiny_vae)  # the VAE the latents were made with
+    with pytest.raises(ValueError, match=f"--num_frames 8 differs from {T}, the num_frames .*precompute.json"):
+        train_hf.main([arg if arg != str(T) else "8" for arg in common])
+    with pytest.raises(ValueError, match="--data_source precomputed needs --precomputed_dir"):
+        train_hf.parse_arguments(["configs/cued.yaml", "--data_source", "precomputed"])

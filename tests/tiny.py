@@ -43,14 +43,15 @@ def save_tiny_vae(path, sample_size: int) -> str:
 
 
 def tiny_tokenizer(words=("where", "does", "the", "square", "move", "?")):
-    """A word-level tokenizer built offline (no Hub download in the tests): [PAD] 0, [UNK] 1, then `words` in order."""
+    """A word-level tokenizer built offline (no Hub download in the tests): [PAD] 0, [UNK] 1, then `words` in order,
+    then the end of text [EOS]."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", *words])}
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", *words, "[EOS]"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
 
 
 def save_tiny_tokenizer(folder) -> str:

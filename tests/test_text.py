@@ -1,0 +1,322 @@
+"""Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captioning."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_modeling import make_batch, make_model
+from test_trainer import tiny_arrow_dataset
+from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+
+import captioning_foveated
+import train_hf
+from data_foveated import FoveatedVLMDataCollator, load_precomputed, target_tokens
+from metrics_foveated import text_headroom
+from modeling_foveated import TEXT_MODES
+from synthetic_videos import CUE_COLOUR_NAMES, describe_clip, generate_split, generate_video
+
+TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
+
+
+def make_targets(B=2, L=5, vocabulary=128, seed=2):
+    """Right-padded targets: the second clip's last two tokens are padding, not scored."""
+    generator = torch.Generator().manual_seed(seed)
+    target_ids = torch.randint(3, vocabulary, (B, L), generator=generator)
+    target_labels = target_ids.clone()
+    target_ids[1, -2:] = 0
+    target_labels[1, -2:] = -100
+    return target_ids, target_labels
+
+
+def text_states(model, method, *args, **kwargs):
+    """Run `method` and return the states `text_nll` was called with, one per call."""
+    seen = []
+    original = model.text_nll
+
+    def recording(states, *rest, **kw):
+        seen.append(states)
+        return original(states, *rest, **kw)
+
+    model.text_nll = recording
+    try:
+        method(*args, **kwargs)
+    finally:
+        del model.text_nll
+    return seen
+
+
+def test_text_losses_are_the_cross_entropy_of_the_scored_tokens_in_each_pass():
+    model = make_model(**TEXT_ONLY)
+    pixel_values, vae_latents = make_batch(model.config)
+    target_ids, target_labels = make_targets()
+    with torch.no_grad():
+        output = model(pixel_values, vae_latents, target_ids=target_ids, target_labels=target_labels)
+        states = text_states(model, model, pixel_values, vae_latents, target_ids=target_ids,
+                             target_labels=target_labels)
+    assert output.text_nll_fine.shape == output.text_nll_coarse.shape == (2,)
+    coarse_states, fine_states = states
+    for nll, hidden in ((output.text_nll_coarse, coarse_states), (output.text_nll_fine, fine_states)):
+        log_probs = model.text_logits(hidden).log_softmax(-1)  # (B, L, V)
+        expected = [-log_probs[0].gather(-1, target_ids[0, :, None]).mean(),
+                    -log_probs[1, :3].gather(-1, target_ids[1, :3, None]).mean()]  # the padding is not scored
+        torch.testing.assert_close(nll, torch.stack(expected))
+    # The LM head is the language model's own: tied to its input embeddings.
+    assert model.lm_head is None
+    torch.testing.assert_close(model.text_logits(fine_states[:, :1]),
+                               fine_states[:, :1] @ model.language_model.get_input_embeddings().weight.T)
+    # Text only: the loss names the text terms alone (aux and entropy weights are 0 in the design).
+    torch.testing.assert_close(output.loss, output.loss_text_fine + model.config.lambda_coarse * output.loss_text_coarse)
+    torch.testing.assert_close(output.loss_text_fine, output.text_nll_fine.mean())
+
+
+def test_objectives_weigh_their_terms_and_text_only_needs_targets():
+    pixel_values, vae_latents = make_batch(make_model().config)
+    target_ids, _ = make_targets()
+    joint = make_model(text_loss_weight=0.5, latent_loss_weight=2.0, lambda_coarse=0.3)
+    with torch.no_grad():
+        output = joint(pixel_values, vae_latents, target_ids=target_ids)
+    expected = 2.0 * (output.loss_fine + 0.3 * output.loss_coarse) + 0.5 * (
+        output.loss_text_fine + 0.3 * output.loss_text_coarse)
+    torch.testing.assert_close(output.loss, expected)
+    # Latent only (the default) measures the text when it is given, without training on it.
+    latent = make_model()
+    with torch.no_grad():
+        output = latent(pixel_values, vae_latents, target_ids=target_ids)
+    torch.testing.assert_close(output.loss, output.loss_fine + output.loss_coarse)
+    assert output.loss_text_fine is not None
+    text_only = make_model(**TEXT_ONLY)
+    with torch.no_grad():  # evaluated on clips without text, it measures the latents alone
+        assert text_only(pixel_values, vae_latents).loss_text_fine is None
+    with pytest.raises(ValueError, match="text_loss_weight=1.0 .* target_ids"):
+        text_only.train()(pixel_values, vae_latents)
+    with pytest.raises(ValueError, match="both 0"):
+        make_model(text_loss_weight=0.0, latent_loss_weight=0.0)
+    with pytest.raises(ValueError, match="target_labels needs target_ids"):
+        latent(pixel_values, vae_latents, target_labels=target_ids)
+
+
+def test_text_trains_the_embeddings_the_video_end_token_and_the_queries():
+    model = make_model(**TEXT_ONLY, fixation_bias=True).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    target_ids, target_labels = make_targets()
+    model(pixel_values, vae_latents, target_ids=target_ids, target_labels=target_labels).loss.backward()
+    for parameter in (model.video_end_token, model.language_model.get_input_embeddings().weight,
+                      model.query_head.weight, model.q_static):
+        assert parameter.grad.abs().sum() > 0
+    assert model.prediction_head.film[0].weight.grad.abs().sum() == 0  # the latent head is weighed 0
+
+
+@pytest.mark.parametrize("fine_passes", [1, 2, 3])
+def test_every_fine_pass_keeps_the_index_rule(fine_passes):
+    """Fine pass k of a model with fine_passes = N is the last pass of the same weights with fine_passes = k: checking
+    the last pass for N = 1, 2, 3 checks every pass. A frame changed at t leaves every prediction before it alone."""
+    model = make_model(fine_passes=fine_passes, fixation_bias=True, glimpse_position=True)
+    pixel_values, vae_latents = make_batch(model.config)
+    with torch.no_grad():
+        reference = model(pixel_values, vae_latents)
+        for t in range(model.config.num_frames - 1):  # the last frame predicts nothing
+            changed = pixel_values.clone()
+            changed[:, t] = torch.randn_like(changed[:, t])
+            output = model(changed, vae_latents)
+            torch.testing.assert_close(output.pred_fine[:, : t + 1], reference.pred_fine[:, : t + 1])
+            torch.testing.assert_close(output.pred_coarse[:, : t + 1], reference.pred_coarse[:, : t + 1])
+            assert not torch.allclose(output.pred_fine[:, t + 1 :], reference.pred_fine[:, t + 1 :])
+    assert reference.loss_fine_passes.shape == (fine_passes,)
+    torch.testing.assert_close(reference.loss_fine, reference.loss_fine_passes[-1])
+
+
+def test_the_second_fine_pass_reads_with_the_first_fine_pass_queries():
+    one, two = make_model(fixation_bias=True), make_model(fixation_bias=True, fine_passes=2)
+    two.load_state_dict(one.state_dict())
+    pixel_values, vae_latents = make_batch(one.config)
+    with torch.no_grad():
+        first, second = one(pixel_values, vae_latents), two(pixel_values, vae_latents)
+    torch.testing.assert_close(second.loss_fine_passes[0], first.loss_fine)
+    torch.testing.assert_close(second.pred_coarse, first.pred_coarse)
+    torch.testing.assert_close(second.attn_dynamic[:, 0], first.attn_dynamic[:, 0])  # frame 1: q_init in every pass
+    assert not torch.allclose(second.attn_dynamic[:, 1:], first.attn_dynamic[:, 1:])
+    torch.testing.assert_close(second.loss, second.loss_fine_passes.sum() + second.loss_coarse)
+
+
+@pytest.mark.parametrize("options", [{}, dict(fine_passes=2), dict(fixation_bias=True, fixation_mode="saccade")])
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_text_through_the_streams_equals_the_parallel_forward(options, with_prompt):
+    model = make_model(**options)
+    pixel_values, _ = make_batch(model.config)
+    target_ids, target_labels = make_targets()
+    prompt = {}
+    if with_prompt:
+        prompt = dict(input_ids=torch.tensor([[5, 6, 7], [8, 9, 0]]), attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    with torch.no_grad():
+        parallel = model(pixel_values, target_ids=target_ids, target_labels=target_labels, **prompt)
+        for mode, expected in (("coarse", parallel.text_nll_coarse), ("fine", parallel.text_nll_fine)):
+            streamed = model.score_text(pixel_values, target_ids, target_labels, mode=mode, **prompt)
+            torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-4, msg=mode)
+        autoregressive = model.score_text(pixel_values, target_ids, target_labels, mode="autoregressive", **prompt)
+    assert autoregressive.shape == (2,) and not torch.allclose(autoregressive, parallel.text_nll_fine)
+
+
+@pytest.mark.parametrize("mode", TEXT_MODES)
+def test_greedy_captions_are_the_argmax_of_each_mode_and_sampling_is_seeded(mode):
+    model = make_model(fine_passes=2, fixation_bias=True)
+    pixel_values, _ = make_batch(model.config)
+    never = -1  # no end-of-text: every row writes max_new_tokens
+    with torch.no_grad():
+        written = model.generate_text(pixel_values, mode=mode, max_new_tokens=6, eos_token_id=never)
+        assert written.shape == (2, 6)
+        # Teacher-forced through the same stream, each written token is the argmax of the state before it.
+        (states,) = text_states(model, model.score_text, pixel_values, written, mode=mode)
+        torch.testing.assert_close(model.text_logits(states).argmax(-1), written)
+        torch.manual_seed(0)
+        sampled = model.generate_text(pixel_values, mode=mode, max_new_tokens=6, eos_token_id=never, do_sample=True,
+                                      temperature=0.7, top_p=0.9)
+        torch.manual_seed(0)
+        again = model.generate_text(pixel_values, mode=mode, max_new_tokens=6, eos_token_id=never, do_sample=True,
+                                    temperature=0.7, top_p=0.9)
+        assert torch.equal(sampled, again) and sampled.max() < model.config.text_config.vocab_size
+        # A near-zero temperature samples the argmax.
+        cold = model.generate_text(pixel_values, mode=mode, max_new_tokens=6, eos_token_id=never, do_sample=True,
+                                   temperature=1e-4)
+        assert torch.equal(cold, written)
+
+
+def test_captions_stop_at_the_end_of_text_and_pad_after_it():
+    model = make_model()
+    pixel_values, _ = make_batch(model.config)
+    with torch.no_grad():
+        free = model.generate_text(pixel_values, max_new_tokens=4, eos_token_id=-1)
+        stop = int(free[0, 0])  # make clip 0's first token the end of text
+        written = model.generate_text(pixel_values, max_new_tokens=4, eos_token_id=stop, pad_token_id=7)
+    for row, free_row in zip(written, free):
+        # Each clip writes what it wrote freely up to its first end of text, then padding.
+        end = (free_row == stop).nonzero()
+        end = int(end[0]) + 1 if len(end) else len(free_row)
+        assert torch.equal(row[:end], free_row[:end]) and (row[end:] == 7).all()
+    assert written.shape[1] == 4 or (written == stop).any(1).all()  # it stops early only when every clip is done
+    with pytest.raises(ValueError, match="mode='both' must be one of"):
+        model.generate_text(pixel_values, mode="both")
+
+
+# ---- Data, the training script, the report and the captioning command ----
+
+
+def test_synthetic_captions_name_what_the_glimpse_must_read():
+    _, cued = generate_video(0, "cued", size=64, num_video_frames=4, num_frames=4)
+    last_cue = cued["frames"][-1]["objects"][cued["target"]]["cue"]
+    assert describe_clip(cued) == f"the marked object's last cue is {CUE_COLOUR_NAMES[last_cue]}."
+    _, motion = generate_video(0, "cued_motion", size=64, num_video_frames=4, num_frames=4)
+    assert describe_clip(motion).startswith("the moving object's last cue is ")
+    _, medium = generate_video(0, "medium", size=64, num_video_frames=16, num_frames=8)
+    mover = [k for k, o in enumerate(medium["frames"][0]["objects"]) if o["moving"]]
+    (box0, box1) = (medium["frames"][t]["objects"][mover[0]]["box"] for t in (0, 2))  # sampled frames 0 and 1 of 8
+    heading = describe_clip(medium).removeprefix("1 of 4 objects moves ").removesuffix(".")
+    dx, dy = box1[0] - box0[0], box1[1] - box0[1]
+    assert ("right" in heading) == (dx > abs(dy) / 2.5) and ("down" in heading) == (dy > abs(dx) / 2.5)
+
+
+def test_targets_are_captions_and_end_of_text_right_padded():
+    tokenizer = tiny_tokenizer()
+    target_ids, target_labels = target_tokens(tokenizer, ["where does the square move ?", "the square"], 16)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert target_ids.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, pad, pad, pad, pad]]
+    assert target_labels.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, -100, -100, -100, -100]]
+    assert target_tokens(tokenizer, ["where does the square move ?"], 3)[0].tolist() == [[2, 3, eos]]  # truncated
+    rows = [{"frames": np.zeros((4, 64, 64, 3), np.uint8), "vae_latents": np.zeros((4, 4, 8, 8), np.float32),
+             "moving_boxes": np.full((4, 4, 4), -1.0, np.float32), "caption": "the square"}]
+    batch = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)(rows)
+    assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
+    with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
+        FoveatedVLMDataCollator(caption_as_target=True)
+
+
+def test_text_target_settings_are_checked_where_they_are_set():
+    with pytest.raises(ValueError, match="--use_captions .* --text_target caption"):
+        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "caption", "--use_captions", "true"])
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
+        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "answer"])
+
+
+@pytest.fixture(scope="module")
+def captioned_videos(tmp_path_factory) -> Path:
+    """Cued clips in a plain folder, each with its description beside it as clip.txt (no sidecars)."""
+    root = tmp_path_factory.mktemp("captioned")
+    generated = generate_split(root / "generated", num_train=6, num_eval=0, difficulty="cued", size=64,
+                               num_video_frames=4, num_frames=4)
+    folder = root / "videos"
+    folder.mkdir()
+    for path in map(Path, generated["train"]):
+        shutil.copy(path, folder / path.name)
+        (folder / path.with_suffix(".txt").name).write_text(describe_clip(json.loads(path.with_suffix(".json").read_text())))
+    return folder
+
+
+def test_text_target_training_runs_end_to_end_with_report_and_captioning(captioned_videos, tmp_path):
+    """`train_hf.py` with text as a target on a folder of videos with caption files: text losses in the logs and
+    Table 1, the objective on the card, the three modes in the report, and the captioning command's gap."""
+    output_dir = tmp_path / "run"
+    argv = [
+        "configs/cued.yaml", "--data_source", "video_dir", "--video_dir", str(captioned_videos), "--eval_fraction", "0.5",
+        "--cache_dir", str(tmp_path / "cache"), "--vae", save_tiny_vae(tmp_path / "vae", 64), "--num_frames", "4",
+        "--image_size", "64", "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--max_steps", "2",
+        "--logging_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--output_dir", str(output_dir),
+        "--text_target", "caption", "--model_config", json.dumps({**TEXT_ONLY, "fine_passes": 2}),
+    ]  # fmt: skip
+    trainer = train_hf.main(argv)
+    logged = trainer.state.log_history
+    assert any("loss/text_fine_pass1" in entry and "loss/text_fine_pass2" in entry for entry in logged)
+    final = json.loads((output_dir / "eval_results.json").read_text())
+    assert {"eval_loss/text_fine", "eval_loss/text_coarse", "eval_improvement_text", "eval_improvement_text_se"} <= set(final)
+    card = (output_dir / "README.md").read_text()
+    assert "improvement_text" in card and "loss_text_fine_pass1 + loss_text_fine" in card
+    report = (output_dir / "report" / "report.md").read_text()
+    assert "improvement_text" in report and "| autoregressive |" in report
+    captioning = captioning_foveated.main([str(output_dir), "--max_new_tokens", "4", "--output", str(tmp_path / "c.json")])
+    eval_dataset = json.loads((output_dir / "data_paths.json").read_text())["eval_dataset"]
+    assert set(captioning.text_loss) == set(TEXT_MODES) and captioning.num_clips == len(load_precomputed(eval_dataset))
+    assert json.loads((tmp_path / "c.json").read_text())["autoregressive_gap"] == pytest.approx(
+        captioning.text_loss["autoregressive"] / captioning.text_loss["fine"] - 1)
+    # Without --text_target the data cannot feed a text objective: refused before training, naming the flag.
+    with pytest.raises(ValueError, match="add --text_target caption"):
+        train_hf.main([arg for arg in argv if arg not in ("--text_target", "caption")])
+
+
+def test_the_phase2_text_recipe_builds_offline_on_tiny_backbones(tmp_path):
+    vision_dir, text_dir = tmp_path / "dinov3", tmp_path / "llama"
+    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(vision_dir)
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
+    tiny_tokenizer().save_pretrained(text_dir)
+    model_args, data_args, training_args, _, _ = train_hf.parse_arguments(
+        ["configs/phase2_text.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir),
+         "--bf16", "false", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert data_args.text_target == "caption" and not data_args.use_captions
+    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
+    assert (model.config.text_loss_weight, model.config.latent_loss_weight) == (1.0, 0.5)
+    text_model = LlamaForCausalLM.from_pretrained(text_dir)
+    # The LM head is the pretrained one (tied to the embeddings, as SmolLM2's is).
+    torch.testing.assert_close(model.language_model.get_input_embeddings().weight, text_model.lm_head.weight)
+    assert model.video_end_token.requires_grad and model.language_model.get_input_embeddings().weight.requires_grad
+    processor = train_hf.build_processor(model_args, data_args, model.config.text_config.vocab_size)
+    clips = tiny_arrow_dataset(2).add_column("caption", ["the square", "where does the square move ?"])
+    data = train_hf.PreparedData(clips, clips, "", "", "", use_captions=False)
+    training_args.num_attention_figures = 0
+    trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
+    batch = trainer.data_collator([clips[0], clips[1]])
+    assert batch["target_ids"].shape[0] == 2 and "input_ids" not in batch
+
+
+def test_text_headroom_is_the_cross_entropy_of_a_writer_that_sees_no_frame():
+    # Template token 5, then one of four colour tokens uniformly, then the end of text 9.
+    train = [[5, colour, 9] for colour in (1, 2, 3, 4) * 25]
+    measured = text_headroom(train, [[5, 3, 9], [5, 1, 9]])
+    smoothed_template = -math.log(101 / 102)  # seen 100 times in 100, add-one over {seen, unseen}
+    colour = -math.log(26 / 105)  # 25 of 100, add-one over 4 seen + 1 unseen
+    assert measured["without_reading"] == pytest.approx((2 * smoothed_template + colour) / 3)
+    assert measured["headroom"] == measured["without_reading"] and measured["with_reading"] == 0
+    unseen = text_headroom(train, [[5, 7, 9]])["without_reading"]
+    assert unseen == pytest.approx((2 * smoothed_template - math.log(1 / 105)) / 3)
