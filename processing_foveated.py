@@ -445,6 +445,13 @@ class FoveatedVLMVideoProcessor(VideoProcessorMixin):
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.video_backend is not None and self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"video_backend must be one of {VIDEO_BACKENDS} or None, got {self.video_backend!r}")
+        # A bad setting is refused here, naming it, rather than surfacing later as a failure to read a good video.
+        if not isinstance(self.num_frames, int) or self.num_frames < 1:
+            raise ValueError(f"num_frames must be an integer >= 1 (frames sampled per video), got {self.num_frames!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1 (the frame side in pixels), got {self.image_size!r}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be > 0 (frames sampled per second) or None, got {self.fps!r}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean}, {self.image_std}")
         # Lists, as they come back from the saved JSON, so a reloaded processor compares equal.

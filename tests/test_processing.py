@@ -491,3 +491,10 @@ def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatc
     again = train_hf.build_processor(model_args, data_args, vocab_size=49152)
     text = "Where does the red square move?"
     assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("setting", [dict(num_frames=0), dict(image_size=0), dict(fps=-1.0), dict(num_frames=2.5)])
+def test_a_bad_processor_setting_is_refused_where_it_is_set(setting):
+    (name,) = setting
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        FoveatedVLMVideoProcessor(**setting)
