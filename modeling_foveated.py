@@ -558,28 +558,38 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     @classmethod
     def from_backbones(
         cls,
-        vision: str = "facebook/dinov3-vits16-pretrain-lvd1689m",
-        text: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        vision: Optional[str] = "facebook/dinov3-vits16-pretrain-lvd1689m",
+        text: Optional[str] = "HuggingFaceTB/SmolLM2-135M-Instruct",
         text_gguf_file: Optional[str] = None,
         **config_overrides,
     ) -> "FoveatedVLMModel":
         """
         Build the model around pretrained backbones (Hub ids or local folders; `text_gguf_file` loads the LLM from a
         GGUF file inside `text`). The new parts (query path, projections, head, mode tokens) are initialised fresh.
+        An empty name keeps that backbone random, built from `vision_config` / `text_config` among the overrides
+        (e.g. a tiny encoder with the real SmolLM2, which a CPU can train).
         """
-        vision_model = AutoModel.from_pretrained(vision)
-        causal_lm = AutoModelForCausalLM.from_pretrained(text, gguf_file=text_gguf_file)
-        text_model = causal_lm.get_decoder()
-        # GGUF weights arrive de-quantized to float; the checkpoint we write is a plain one.
-        text_config = {k: v for k, v in text_model.config.to_dict().items() if k != "quantization_config"}
-        config = FoveatedVLMConfig(
-            vision_config=vision_model.config.to_dict(), text_config=text_config, **config_overrides
-        )
-        model = cls(config)
-        model.encoder.backbone.load_state_dict(vision_model.state_dict())
-        model.language_model.load_state_dict(text_model.state_dict())
-        if model.lm_head is not None:
-            model.lm_head.load_state_dict(causal_lm.get_output_embeddings().state_dict())
+        if vision:
+            if config_overrides.get("vision_config"):
+                raise ValueError(f"vision_config describes a random encoder; leave it out with vision={vision!r}")
+            vision_model = AutoModel.from_pretrained(vision)
+            config_overrides["vision_config"] = vision_model.config.to_dict()
+        if text:
+            if config_overrides.get("text_config"):
+                raise ValueError(f"text_config describes a random LLM; leave it out with text={text!r}")
+            causal_lm = AutoModelForCausalLM.from_pretrained(text, gguf_file=text_gguf_file)
+            text_model = causal_lm.get_decoder()
+            # GGUF weights arrive de-quantized to float; the checkpoint we write is a plain one.
+            config_overrides["text_config"] = {
+                k: v for k, v in text_model.config.to_dict().items() if k != "quantization_config"
+            }
+        model = cls(FoveatedVLMConfig(**config_overrides))
+        if vision:
+            model.encoder.backbone.load_state_dict(vision_model.state_dict())
+        if text:
+            model.language_model.load_state_dict(text_model.state_dict())
+            if model.lm_head is not None:
+                model.lm_head.load_state_dict(causal_lm.get_output_embeddings().state_dict())
         return model
 
     def _check_inputs(self, pixel_values, vae_latents, input_ids, attention_mask, target_ids=None, target_labels=None):

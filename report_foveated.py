@@ -970,14 +970,18 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     """Each clip's LLM states at targets t = 1..T-1 (0-based: the state that has read frames < t and predicts latent
     t; t = 0 has read no frame) with what frame t needs: {"coarse", "fine": (M, E), "target", "cued"}. The target is
     frame t's background level index (M,) where every clip's sidecar has levels (a cued split), else the centre
-    (x, y) (M, 2) of frame t's first moving box; targets without a box are left out."""
+    (x, y) (M, 2) of frame t's first moving box; targets without a box are left out.
+
+    Per clip as well, for the place readout: {"coarse_by_frame", "fine_by_frame": (C, T, E), "place": (C, T, 2) the
+    first box's centre in each frame (the cued target, the mover), "place_present": (C, T) bool}."""
     dataset = load_precomputed(path)
     frame_indices = dataset.select_columns(["frame_indices"]).with_format("numpy")["frame_indices"]
     levels = [_sidecar_levels(video, indices) for video, indices in zip(dataset["video_path"], frame_indices)]
     cued = all(clip is not None for clip in levels)
     if not cued and any(clip is not None for clip in levels):
         raise ValueError(f"only some clips of {path} have background levels in their sidecars")
-    samples = {"coarse": [], "fine": [], "target": []}
+    samples = {"coarse": [], "fine": [], "target": [], "coarse_by_frame": [], "fine_by_frame": [], "place": [],
+               "place_present": []}
     model.eval()
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -985,21 +989,42 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
         inputs = metrics_foveated.model_inputs(batch, model)
         inputs.pop("vae_latents", None)  # the states alone: no head pass
         outputs = model(**inputs)
+        states = {name: getattr(outputs, f"state_{name}").float().cpu() for name in ("coarse", "fine")}  # (B, T, E)
+        first_box = batch["moving_boxes"][:, :, 0].cpu()  # (B, T, 4) xyxy
+        for name, state in states.items():
+            samples[f"{name}_by_frame"].append(state)
+        samples["place"].append((first_box[..., :2] + first_box[..., 2:]) / 2)  # (B, T, 2)
+        samples["place_present"].append(metrics_foveated.box_present(first_box))  # (B, T)
         if cued:
             target = torch.tensor(levels[start : start + len(rows)])  # (B, T)
             keep = torch.ones(target.shape, dtype=torch.bool)
         else:
-            box = batch["moving_boxes"][:, :, 0].cpu()  # (B, T, 4) the first box, xyxy
-            target = (box[..., :2] + box[..., 2:]) / 2  # (B, T, 2)
-            keep = metrics_foveated.box_present(box)  # (B, T)
+            target = samples["place"][-1]  # (B, T, 2)
+            keep = samples["place_present"][-1].clone()  # (B, T)
         keep[:, 0] = False
-        samples["coarse"].append(outputs.state_coarse.float().cpu()[keep])  # (B, T, E) -> (n, E)
-        samples["fine"].append(outputs.state_fine.float().cpu()[keep])
+        for name, state in states.items():
+            samples[name].append(state[keep])  # (B, T, E) -> (n, E)
         samples["target"].append(target[keep])
     samples = {name: torch.cat(parts).numpy() for name, parts in samples.items()}
     if not len(samples["target"]):
         raise ValueError(f"no clip of {path} has a moving box at frames 1..T-1: nothing to read out")
     return {**samples, "cued": cued}
+
+
+def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[float]]:
+    """Held-out R² of the first box's centre in frame t from pass `name`'s state at t, one ridge per t = 1..T-1
+    (None where fewer than two clips of a split have the box): whether the LLM keeps *where* as frames go by."""
+    scores = []
+    for t in range(1, train["place"].shape[1]):
+        fit, score = train["place_present"][:, t], held_out["place_present"][:, t]
+        if fit.sum() < 2 or score.sum() < 2:
+            scores.append(None)
+            continue
+        features = (train[f"{name}_by_frame"][fit, t], held_out[f"{name}_by_frame"][score, t])
+        readout = metrics_foveated.linear_readout(features[0], train["place"][fit, t], features[1],
+                                                  held_out["place"][score, t])  # fmt: skip
+        scores.append(readout["r2"])
+    return scores
 
 
 def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
@@ -1012,13 +1037,19 @@ def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 1
     already holds it leaves a glimpse nothing to add. The run's model is read with its probes (an oracle run with
     oracle fixations) and its captions where it trained on them.
 
+    The place readout asks the link before that: from the state at each t, the held-out R² of where the first box
+    is in frame t (on a cued split the marked target, which does not move; on a mover split the mover). A state
+    after frame 0 that holds the target's place, and a state a few frames later that has lost it, is the break
+    docs/RESULTS.md's calibration found in a small LLM trained from scratch.
+
     Args:
         run_dir: a train_hf.py output_dir (its final model, else its last checkpoint's).
         train_dataset, eval_dataset: `load_precomputed` paths; `eval_dataset` defaults to the run's DATA_PATHS_FILE.
 
     Returns:
         {"quantity": "next level" | "mover centre", "metric": "accuracy" | "r2", "coarse", "fine", "chance"
-        (classification only), "num_train", "num_eval" ((clip, target) samples), "eval_dataset"}.
+        (classification only), "num_train", "num_eval" ((clip, target) samples), "place_by_frame": {"coarse",
+        "fine": [R² at t = 1..T-1]}, "eval_dataset"}.
     """
     run_dir = Path(run_dir)
     model_dir = _model_dir(run_dir)
@@ -1046,8 +1077,9 @@ def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 1
     result.update({name: score[metric] for name, score in scores.items()})
     if train["cued"]:
         result["chance"] = scores["coarse"]["chance"]
+    place = {name: _place_by_frame(train, held_out, name) for name in ("coarse", "fine")}
     return {**result, "num_train": len(train["target"]), "num_eval": len(held_out["target"]),
-            "eval_dataset": str(eval_dataset)}
+            "place_by_frame": place, "eval_dataset": str(eval_dataset)}
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[Path]:

@@ -378,13 +378,24 @@ def merge_dict_overrides(config: dict, argv: list[str]) -> list[str]:
     return remaining
 
 
-def command_line_data_source(argv: list[str]) -> Optional[str]:
-    """The value of `--data_source` on the command line (either spelling), or None."""
+def command_line_value(argv: list[str], name: str) -> Optional[str]:
+    """The value of `--name` on the command line (either spelling), or None."""
     for index, arg in enumerate(argv):
         key, _, value = arg.partition("=")
-        if key in ("--data_source", "--data-source"):
+        if key in (f"--{name}", f"--{name.replace('_', '-')}"):
             return value or (argv[index + 1] if index + 1 < len(argv) else None)
     return None
+
+
+def set_aside_random_backbone_configs(config: dict, argv: list[str], config_path: Path) -> dict:
+    """A recipe of random backbones keeps its other choices when the command line names a pretrained one
+    (`configs/cued.yaml --text_model smollm2-gguf`): the YAML's config of that random backbone is set aside, with a
+    notice. A config given on the command line beside the name is still refused by `build_model`."""
+    for name, config_name in (("vision_model", "vision_config"), ("text_model", "text_config")):
+        if command_line_value(argv, name) and config.get(config_name):
+            logger.warning("%s: %s set aside: --%s names a pretrained backbone", config_path, config_name, name)
+            config = {key: value for key, value in config.items() if key != config_name}
+    return config
 
 
 def set_aside_other_source_options(config: dict, source: str, config_path: Path) -> dict:
@@ -409,7 +420,8 @@ def parse_arguments(
 ) -> tuple[ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes, FoveatedVLMTeacherArguments]:
     """`[CONFIG.yaml] [--key value ...]`: the YAML's keys become arguments placed before the command line's, so the
     command line wins; output_dir defaults to outputs/<config file name>. A `--data_source` on the command line that
-    differs from the YAML's sets the YAML's options of other sources aside."""
+    differs from the YAML's sets the YAML's options of other sources aside, and a pretrained backbone named there
+    sets aside the YAML's config of that random backbone."""
     dataclass_types = (
         ModelArguments, DataArguments, FoveatedTrainingArguments, FoveatedVLMProbes, FoveatedVLMTeacherArguments
     )
@@ -424,8 +436,9 @@ def parse_arguments(
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown keys {unknown}; see `python train_hf.py {config_path} --help`")
+        config = set_aside_random_backbone_configs(config, argv[1:], config_path)
         argv = merge_dict_overrides(config, argv[1:])
-        source = command_line_data_source(argv)
+        source = command_line_value(argv, "data_source")
         if source is not None and source != config.get("data_source"):
             config = set_aside_other_source_options(config, source, config_path)
         config_argv, config_name = yaml_to_argv(config), config_path.stem
@@ -693,18 +706,22 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
     # their initial values.
     if checkpoint or model_args.init_from:
         return FoveatedVLMModel.from_pretrained(checkpoint or model_args.init_from, **overrides)
-    if bool(model_args.vision_model) != bool(model_args.text_model):
-        raise ValueError(
-            "vision_model and text_model must both name pretrained backbones or both be empty (random backbones from "
-            f"vision_config / text_config); got vision_model={model_args.vision_model!r}, "
-            f"text_model={model_args.text_model!r}"
-        )
-    if model_args.vision_model:
-        if model_args.vision_config or model_args.text_config:
-            raise ValueError("vision_config / text_config describe random backbones; unset them with pretrained ones")
-        text_model, gguf_file = resolve_pretrained(model_args.text_model, model_args.text_gguf_file)
-        return FoveatedVLMModel.from_backbones(model_args.vision_model, text_model, gguf_file, **overrides)
-    vision_config = {**(model_args.vision_config or {}), "image_size": data_args.image_size}
+    # Each backbone is pretrained (a name) or random (built from its *_config); a name with a config is refused.
+    for name, config_name in (("vision_model", "vision_config"), ("text_model", "text_config")):
+        if getattr(model_args, name) and getattr(model_args, config_name):
+            raise ValueError(
+                f"{config_name} describes a random backbone; leave it out with {name}={getattr(model_args, name)!r}"
+            )
+    vision_config = None
+    if not model_args.vision_model:
+        vision_config = {**(model_args.vision_config or {}), "image_size": data_args.image_size}
+    if model_args.vision_model or model_args.text_model:
+        text_model, gguf_file = None, None
+        if model_args.text_model:
+            text_model, gguf_file = resolve_pretrained(model_args.text_model, model_args.text_gguf_file)
+        return FoveatedVLMModel.from_backbones(model_args.vision_model or None, text_model, gguf_file,
+                                               vision_config=vision_config, text_config=model_args.text_config,
+                                               **overrides)  # fmt: skip
     config = FoveatedVLMConfig(vision_config=vision_config, text_config=model_args.text_config, **overrides)
     return FoveatedVLMModel(config)
 

@@ -52,12 +52,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def eval_dataset(path, seed: int = 0) -> None:
-    """A saved eval split with the precomputed columns; one box moves, clip 1 has none."""
+def eval_dataset(path, seed: int = 0, spread: float = 0.0) -> None:
+    """A saved eval split with the precomputed columns; one box moves, clip 1 has none. `spread` moves clip i's box
+    down by i * spread, so that where the box is differs between clips."""
     rng = np.random.default_rng(seed)
     boxes = np.full((NUM_CLIPS, T, 4, 4), -1.0, dtype=np.float32)
     for t in range(T):
         boxes[:, t, 0] = [0.1 + 0.15 * t, 0.2, 0.35 + 0.15 * t, 0.45]
+    boxes[:, :, 0, 1::2] += spread * np.arange(NUM_CLIPS)[:, None, None]
     boxes[1] = -1.0
     features = Features(
         {
@@ -388,8 +390,10 @@ def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
     """The CLI on a tiny run, eval split from its data_paths.json; the samples are the states at t = 1..T-1 of the
     frames with a box, read out as `linear_readout` does it on a direct forward."""
     run_dir = make_run(tmp_path / "run", data)
-    eval_dataset(tmp_path / "train", seed=1)  # other frames, the same boxes
-    main(["--readout", str(run_dir), str(tmp_path / "train"), "--batch_size", "2"])  # a ragged last batch
+    eval_dataset(tmp_path / "train", seed=1, spread=0.1)  # other frames; boxes whose place differs between clips
+    eval_dataset(tmp_path / "eval", seed=2, spread=0.05)
+    held_out = str(tmp_path / "eval")
+    main(["--readout", str(run_dir), str(tmp_path / "train"), "--eval_dataset", held_out, "--batch_size", "2"])
     result = json.loads(capsys.readouterr().out)
     assert result["quantity"] == "mover centre" and result["metric"] == "r2" and "chance" not in result
     assert result["num_train"] == result["num_eval"] == (NUM_CLIPS - 1) * (T - 1)  # clip 1 has no box
@@ -409,10 +413,21 @@ def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
         return states, centres
 
     train_states, train_centres = samples(tmp_path / "train")
-    eval_states, eval_centres = samples(data["eval_dataset"])
+    eval_states, eval_centres = samples(held_out)
     for name in ("coarse", "fine"):
         expected = metrics_foveated.linear_readout(train_states[name], train_centres, eval_states[name], eval_centres)
         assert result[name] == pytest.approx(expected["r2"], rel=1e-3, abs=1e-4), name
+
+    # The place readout: one ridge per t over the clips with a box, the state at t against the centre in frame t.
+    place = result["place_by_frame"]
+    assert len(place["coarse"]) == len(place["fine"]) == T - 1
+    for t in range(1, T):
+        (train_state, train_centre), (eval_state, eval_centre) = (
+            (states["coarse"].reshape(len(keep), T - 1, -1)[:, t - 1], centres.reshape(len(keep), T - 1, 2)[:, t - 1])
+            for states, centres in ((train_states, train_centres), (eval_states, eval_centres))
+        )
+        expected = metrics_foveated.linear_readout(train_state, train_centre, eval_state, eval_centre)["r2"]
+        assert math.isfinite(expected) and place["coarse"][t - 1] == pytest.approx(expected, rel=1e-3, abs=1e-4), t
 
 
 @pytest.fixture(scope="module")

@@ -447,6 +447,34 @@ def test_phase_configs_build_offline_from_local_backbones(tmp_path):
         assert (trainer.data_collator.tokenizer is not None) == (config_name == "phase2")
 
 
+def test_a_random_recipe_reads_with_a_pretrained_llm_named_on_the_command_line(tmp_path, caplog):
+    """configs/cued.yaml (random backbones) with --text_model: the YAML's text_config is set aside with a notice, the
+    encoder stays the recipe's random one and the LLM carries the named weights; a text_config given on the command
+    line beside the name is refused, naming it."""
+    text_dir = tmp_path / "llama"
+    torch.manual_seed(0)
+    text = LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
+    text.save_pretrained(text_dir)
+    with caplog.at_level(logging.WARNING, logger="train_hf"):
+        model_args, data_args, _, _, _ = train_hf.parse_arguments(
+            ["configs/cued.yaml", "--text_model", str(text_dir), "--output_dir", str(tmp_path / "out")]
+        )
+    assert "text_config set aside" in caplog.text and model_args.text_config is None
+    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
+    recipe = yaml.safe_load(Path("configs/cued.yaml").read_text())
+    assert model.config.vision_config.hidden_size == recipe["vision_config"]["hidden_size"]
+    assert model.config.text_config.hidden_size == TINY_TEXT["hidden_size"]
+    torch.testing.assert_close(model.language_model.norm.weight, text.norm.weight)
+    torch.testing.assert_close(model.language_model.embed_tokens.weight, text.embed_tokens.weight)
+
+    model_args, data_args, _, _, _ = train_hf.parse_arguments(
+        ["configs/cued.yaml", "--text_model", str(text_dir), "--text_config", json.dumps(TINY_TEXT)]
+        + ["--output_dir", str(tmp_path / "out")]
+    )
+    with pytest.raises(ValueError, match="^text_config describes a random backbone"):
+        train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
+
+
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
