@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from transformers.utils.logging import tqdm
 
 from data_foveated import FoveatedVLMDataCollator, load_precomputed, target_tokens
 from metrics_foveated import model_inputs, text_headroom
@@ -76,7 +77,7 @@ def evaluate_captioning(
     losses = {mode: [] for mode in TEXT_MODES}
     matches = {mode: [] for mode in TEXT_MODES}
     examples = []
-    for start in range(0, len(dataset), batch_size):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="captioning: held-out clips", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {name: value.to(device) for name, value in collator(rows).items()}
         inputs = model_inputs(batch, model)

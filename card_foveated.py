@@ -32,6 +32,37 @@ __all__ = [
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
+# The licences of what a card can name, as their Hub pages give them (Hub id prefix -> licence). Weights a model
+# starts from carry their licence into it; DINOv3's is Meta's own.
+DINOV3_LICENSE = dict(
+    license="other",
+    license_name="dinov3-license",
+    license_link="https://ai.meta.com/resources/models-and-libraries/dinov3-license/",
+)
+KNOWN_LICENSES = {
+    "facebook/dinov3-": "DINOv3 License (dinov3-license)",
+    "HuggingFaceTB/SmolLM2-": "apache-2.0",
+    "lmms-lab/LLaVA-Video-178K": "apache-2.0; its card allows academic research and education use only",
+    "stabilityai/sd-vae-ft-": "mit",
+}
+# This package's licence (LICENSE), which a model without pretrained weights carries.
+PACKAGE_LICENSE = "apache-2.0"
+
+
+def license_of(name: str) -> str:
+    """The licence of a Hub id from KNOWN_LICENSES, else a pointer to its page (a folder names no licence)."""
+    for prefix, license in KNOWN_LICENSES.items():
+        if name.startswith(prefix):
+            return license
+    return "see its page" if not os.path.isdir(name) else "a local folder: its own terms"
+
+
+def card_license(base_models: list[str]) -> dict:
+    """The card's licence metadata: DINOv3's where its weights are in the model, else the package's."""
+    if any(name.startswith("facebook/dinov3-") for name in base_models):
+        return dict(DINOV3_LICENSE)
+    return dict(license=PACKAGE_LICENSE)
+
 
 def latest_eval_metrics(log_history: list[dict]) -> Optional[dict]:
     """The last evaluation in a Trainer's `log_history` that has the foveation losses, or None."""
@@ -126,8 +157,9 @@ class FoveatedVLMModelCardInfo:
     data_description: str = field(metadata={"help": "One paragraph: which videos, how many, how preprocessed."})
     datasets: list[str] = field(default_factory=list, metadata={"help": "Hub dataset ids, for the metadata."})
     base_models: list[str] = field(default_factory=list, metadata={"help": "Hub ids of pretrained backbones."})
-    # Not a generation or classification model: AutoModel returns queries, states and latent predictions.
-    pipeline_tag: str = field(default="feature-extraction", metadata={"help": "Hub pipeline tag."})
+    # None: no transformers pipeline can call the model (its forward takes clips of frames, and "feature-extraction"
+    # would hand it text), so the card names none rather than one that fails.
+    pipeline_tag: Optional[str] = field(default=None, metadata={"help": "Hub pipeline tag, where one works."})
     eval_dataset_name: str = field(
         default="held-out clips", metadata={"help": "The held-out split Table 1 is measured on, for model-index."}
     )
@@ -208,7 +240,8 @@ def architecture_rows(config, probes: Optional[dict] = None, teacher: Optional[d
         "Query": f"{'deep (joins every encoder layer)' if config.deep_query else 'shallow (one cross-attention)'}, "
         f"width {config.query_dim}; one visual token per frame",
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
-        "Target": f"next-frame VAE latent {latent}" if config.text_loss_weight == 0 else objective_name(config),
+        "Target": (f"next-frame VAE latent {latent}" if config.text_loss_weight == 0 else objective_name(config))
+        + (f"; latents of `{config.target_vae}`" if getattr(config, "target_vae", None) else ""),
         "Fine passes": f"{config.fine_passes}" + (" (the design)" if config.fine_passes == 1 else
                                                  ": each reads with the queries of the pass before it"),
         "Prediction head": head,
@@ -249,6 +282,18 @@ def report_figure_links(folder) -> list[tuple[str, str]]:
     return links
 
 
+def hub_namespace() -> str:
+    """The account a push would go to, from the saved token, without a network call where there is no token."""
+    from huggingface_hub import get_token, whoami
+
+    if get_token() is None:
+        return "<namespace>"
+    try:
+        return whoami()["name"]
+    except Exception:  # offline, or a token the Hub refuses: the card still gets written
+        return "<namespace>"
+
+
 def write_model_card(
     folder, config, args, state, info: Optional[FoveatedVLMModelCardInfo] = None, **card_kwargs
 ) -> ModelCard:
@@ -265,9 +310,16 @@ def write_model_card(
         tags=["foveated-vlm", "video", "next-frame-prediction", "custom_code", *tags],
         datasets=info.datasets or None,
         base_model=info.base_models or None,
+        **card_license(info.base_models),
     )
     evaluation = latest_eval_metrics(state.log_history)
-    repo_id = args.hub_model_id or card_kwargs.get("model_name") or Path(folder).name
+    # The id the checkpoint has on the Hub: hub_model_id, else the Trainer's default, the folder's name under the
+    # pushing account's namespace (written as a placeholder when no token says which account that is).
+    repo_id = args.hub_model_id or f"{hub_namespace()}/{card_kwargs.get('model_name') or Path(folder).name}"
+    licenses = [(name, license_of(name)) for name in [*info.base_models, *info.datasets]]
+    vae = getattr(config, "target_vae", None)
+    if vae and not os.path.isdir(vae):
+        licenses.append((vae, license_of(vae)))
     if evaluation:
         card_data.model_name = Path(repo_id).name
         card_data.eval_results = eval_results(evaluation, info)
@@ -287,6 +339,9 @@ def write_model_card(
         image_size=config.image_size,
         figures=report_figure_links(folder),
         has_report=Path(folder, REPORT_DIR, "report.md").is_file(),
+        local_folder=str(folder),
+        licenses=licenses,
+        license=card_data.license_name or card_data.license,
     )
     card.save(os.path.join(folder, "README.md"))
     return card

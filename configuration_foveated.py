@@ -1,5 +1,7 @@
 """Configuration of the foveated video model (remote code: flat, self-contained, only transformers at top level)."""
 
+from typing import Optional
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.dinov3_vit import DINOv3ViTConfig
 from transformers.models.llama import LlamaConfig
@@ -132,6 +134,9 @@ class FoveatedVLMConfig(PretrainedConfig):
             Std of the learned `<coarse>`/`<fine>` mode tokens and `z_vae_init`.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the new linear/conv layers.
+        target_vae (`str`, *optional*):
+            The VAE (Hub id or folder) whose latents the model learned to predict, recorded by the training script:
+            latents of another VAE mean something else to the head.
     """
 
     model_type = "foveated_vlm"
@@ -166,6 +171,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         query_init_std: float = 1.0,
         mode_token_init_std: float = 0.02,
         initializer_range: float = 0.02,
+        target_vae: Optional[str] = None,
         **kwargs,
     ):
         if vision_config is None:
@@ -211,6 +217,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.query_init_std = query_init_std
         self.mode_token_init_std = mode_token_init_std
         self.initializer_range = initializer_range
+        self.target_vae = target_vae
         # A config.json with keys this class does not define still loads: transformers keeps unknown keys
         # as plain attributes, which the model never reads.
         super().__init__(**kwargs)

@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils.logging import tqdm
 
 import metrics_foveated
 from card_foveated import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
@@ -263,7 +264,7 @@ def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu")
     """Run the final model over the whole eval split and keep each clip's metrics."""
     model.eval()
     per_clip, streamed, frame_diffs, stream = {}, [], [], True
-    for start in range(0, len(dataset), batch_size):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="report: held-out clips", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
         inputs = metrics_foveated.model_inputs(batch, model)
@@ -983,7 +984,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     samples = {"coarse": [], "fine": [], "target": [], "coarse_by_frame": [], "fine_by_frame": [], "place": [],
                "place_present": []}
     model.eval()
-    for start in range(0, len(dataset), batch_size):
+    for start in tqdm(range(0, len(dataset), batch_size), desc=f"readout: {Path(path).name}", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
         inputs = metrics_foveated.model_inputs(batch, model)

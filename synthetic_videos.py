@@ -32,6 +32,7 @@ from typing import Optional
 
 import av
 import numpy as np
+from transformers.utils.logging import tqdm
 
 
 __all__ = [
@@ -525,7 +526,7 @@ def generate_split(
         split_dir = Path(output_dir) / split
         split_dir.mkdir(parents=True, exist_ok=True)
         paths[split] = []
-        for i, video_seed in enumerate(seeds):
+        for i, video_seed in enumerate(tqdm(seeds, desc=f"synthetic {split} clips", unit="clip")):
             video_path = split_dir / f"video_{i:06d}.mp4"
             sidecar_path = video_path.with_suffix(".json")
             params = _video_params(video_seed, difficulty, size, fps, num_video_frames, num_frames)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.utils.logging import tqdm
 
 from metrics_foveated import psnr
 from processing_foveated import frames_to_vae_pixel_values
@@ -160,7 +161,7 @@ def fit_tiny_vae(vae, pixels: torch.Tensor, steps: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=FIT_LEARNING_RATE, weight_decay=0.0)
     vae.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="fitting the tiny VAE", unit="step"):
         index = torch.randint(N, (FIT_BATCH_SIZE,), generator=generator)
         top, left = (grid * torch.randint((S - crop) // grid + 1, (2,), generator=generator)).tolist()
         batch = pixels[index, :, top : top + crop, left : left + crop]  # (B, 3, crop, crop)

@@ -639,7 +639,7 @@ def load_precomputed_splits(data_args: DataArguments, splits_wanted=("train", "e
 # ---- Model and processor ----
 
 # Fixed by the data, not by model_config.
-DATA_SHAPE_FIELDS = ("image_size", "num_frames", "latent_channels", "latent_size")
+DATA_SHAPE_FIELDS = ("image_size", "num_frames", "latent_channels", "latent_size", "target_vae")
 
 
 def resume_checkpoint(training_args: FoveatedTrainingArguments) -> Optional[str]:
@@ -692,7 +692,7 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
     model_config = dict(model_args.model_config or {})
     clashes = sorted(set(model_config) & set(DATA_SHAPE_FIELDS))
     if clashes:
-        raise ValueError(f"model_config sets {clashes}; these follow the data: set num_frames / image_size instead")
+        raise ValueError(f"model_config sets {clashes}; these follow the data: set num_frames / image_size / vae instead")
     C, h, w = latent_shape
     overrides = dict(
         model_config,
@@ -745,6 +745,11 @@ def load_for_evaluation(name: str, data_args: DataArguments, latent_shape: tuple
     return model
 
 
+def vae_record(vae: str) -> str:
+    """How a run records its VAE: a folder by its absolute path, a Hub id as it is."""
+    return os.path.abspath(vae) if os.path.isdir(vae) else vae
+
+
 def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_size: int) -> FoveatedVLMProcessor:
     """The processor saved with the model: the video processor and a tokenizer (`tokenizer`, else the text model's,
     else SmolLM2-135M-Instruct's from the offline GGUF), so that every checkpoint takes text."""
@@ -778,10 +783,10 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, vocab_
 
 def base_model_ids(model_args: ModelArguments) -> list[str]:
     """Hub ids of the pretrained backbones, for the model card's metadata (local folders are not Hub ids)."""
-    if model_args.init_from or not model_args.vision_model:
+    if model_args.init_from:
         return []
     text_model = SMOLLM2_HUB_ID if model_args.text_model == SMOLLM2_GGUF else model_args.text_model
-    return [name for name in (model_args.vision_model, text_model) if not os.path.isdir(name)]
+    return [name for name in (model_args.vision_model, text_model) if name and not os.path.isdir(name)]
 
 
 # ---- Train, evaluate, save ----
@@ -823,7 +828,8 @@ def build_trainer(
         teacher=FoveatedVLMSearchTeacher(teacher_args) if teacher_args is not None and teacher_args.teacher else None,
     )
     if training_args.num_attention_figures > 0:
-        figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures)
+        figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures,
+                                            trainer.callback_handler)  # fmt: skip
         trainer.add_callback(figures)
     # Every run ends with one evaluation at its last step (`evaluate` reads it); "steps" and "epoch" have one.
     trainer.add_callback(FoveatedVLMFinalEvaluationCallback())
@@ -904,9 +910,8 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
         trainer.push_to_hub()
     # After the push: local paths are of no use on the Hub.
     if trainer.is_world_process_zero():
-        vae = os.path.abspath(data.vae) if os.path.isdir(data.vae) else data.vae
         data_paths = {
-            "eval_dataset": data.eval_dir, "vae": vae, "use_captions": data.use_captions, "description": data.description
+            "eval_dataset": data.eval_dir, "vae": vae_record(data.vae), "use_captions": data.use_captions, "description": data.description
         }
         Path(trainer.args.output_dir, report_foveated.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
@@ -926,8 +931,12 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     checkpoint = None if evaluate_only else resume_checkpoint(training_args)
     if evaluate_only:
         model = load_for_evaluation(training_args.evaluate_model, data_args, data.latent_shape)
+        if model.config.target_vae not in (None, vae_record(data.vae)):
+            logger.warning("%s learned the latents of %s and is evaluated on those of %s",
+                           training_args.evaluate_model, model.config.target_vae, vae_record(data.vae))  # fmt: skip
     else:
         model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
+        model.config.target_vae = vae_record(data.vae)  # the checkpoint says what its latents mean
     if training_args.channels_last_head:
         # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.

@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback, WandbCallback
+from transformers.integrations.integration_utils import default_logdir
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
@@ -91,6 +93,11 @@ class FoveatedVLMTrainer(Trainer):
         self._eval_loss_names = []  # which of TABLE1_LOSSES the model's outputs give
         self.model_card_info = model_card_info
         self.add_callback(FoveatedVLMHubFilesCallback(model_card_info))
+        # TensorBoard's integration picks output_dir/runs/<time> only when training begins; an evaluation without
+        # training (train_hf.py --evaluate_model) would write to ./runs of wherever it was started.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
@@ -216,28 +223,42 @@ class FoveatedVLMFinalEvaluationCallback(TrainerCallback):
 
 
 class FoveatedVLMFigureCallback(TrainerCallback):
-    """At each evaluation, writes to TensorBoard, for the same few eval clips every time: static vs dynamic attention
-    maps over time (`attention/clip_i`), and frame t, actual and predicted t+1 decoded by the VAE (`predictions`).
+    """At each evaluation, for the same few eval clips every time: static vs dynamic attention maps over time
+    (`attention/clip_i`), and frame t, actual and predicted t+1 decoded by the VAE (`predictions`). They go where the
+    Trainer's scalars go, through its integrations (`report_to`): TensorBoard's writer and wandb's run; with neither,
+    nothing is drawn.
 
     Args:
         eval_dataset: the precomputed eval split (columns frames, vae_latents, moving_boxes, ...).
         data_collator: the collator the Trainer uses, to build the model inputs of the chosen clips.
         vae_path: folder or Hub id of the `diffusers.AutoencoderKL` that made the latents; None skips predictions.
         num_clips: how many clips, spread evenly over the eval split.
-        log_dir: TensorBoard folder; default `output_dir/runs/figures`, next to the Trainer's scalar runs.
+        callback_handler: the Trainer's `callback_handler`, whose integration callbacks receive the figures.
     """
 
-    def __init__(self, eval_dataset, data_collator, vae_path: Optional[str], num_clips: int = 4, log_dir=None):
+    def __init__(self, eval_dataset, data_collator, vae_path: Optional[str], num_clips: int = 4,
+                 callback_handler=None):  # fmt: skip
         rows = [eval_dataset[i] for i in evenly_spaced_clips(len(eval_dataset), num_clips)]
         self.batch = data_collator(rows)
         self.frames = stack_frames(rows)  # (N, T, S, S, 3)
         self.vae_path = vae_path
-        self.log_dir = log_dir
+        self.callback_handler = callback_handler
         self._vae = None
-        self._writer = None
+
+    def _sinks(self) -> list:
+        """The integration callbacks that can take a figure now (each starts its writer or run on the first log,
+        which the Trainer makes before `on_evaluate`)."""
+        callbacks = self.callback_handler.callbacks if self.callback_handler is not None else []
+        tensorboard = [cb for cb in callbacks if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None]
+        wandb = [cb for cb in callbacks if isinstance(cb, WandbCallback) and getattr(cb, "_initialized", False)]
+        return tensorboard + wandb
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        # Every rank runs the forward: with sharded parameters (FSDP) it is a collective.
+        sinks = self._sinks() if state.is_world_process_zero else []
+        # Every rank runs the forward, or none does: with sharded parameters (FSDP) it is a collective, and whether
+        # any figure goes out is a setting (report_to), the same on every rank.
+        if not any(name in ("tensorboard", "wandb") for name in args.report_to):
+            return
         device = next(model.parameters()).device
         inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model).items()}
         was_training = model.training
@@ -245,21 +266,28 @@ class FoveatedVLMFigureCallback(TrainerCallback):
         with torch.no_grad():
             outputs = model(**inputs)
         model.train(was_training)
-        if not state.is_world_process_zero:
+        if not sinks:
             return
-        writer = self._get_writer(args)
         boxes = self.batch.get("moving_boxes")
-        for i in range(len(self.frames)):
-            figure = plot_attention_maps(
+        figures = {
+            f"attention/clip_{i}": plot_attention_maps(
                 self.frames[i],
                 outputs.attn_static[i].cpu(),
                 outputs.attn_dynamic[i].cpu(),
                 boxes[i].cpu() if boxes is not None else None,
             )
-            writer.add_figure(f"attention/clip_{i}", figure, state.global_step)
+            for i in range(len(self.frames))
+        }
         if self.vae_path is not None:
-            writer.add_figure("predictions", self._prediction_figure(outputs, device), state.global_step)
-        writer.flush()
+            figures["predictions"] = self._prediction_figure(outputs, device)
+        for sink in sinks:
+            if isinstance(sink, TensorBoardCallback):
+                for tag, figure in figures.items():
+                    sink.tb_writer.add_figure(tag, figure, state.global_step, close=False)
+                sink.tb_writer.flush()
+            else:  # wandb, as WandbCallback logs its scalars: keyed by the Trainer's step
+                images = {tag: sink._wandb.Image(figure) for tag, figure in figures.items()}
+                sink._wandb.log({**images, "train/global_step": state.global_step})
 
     def _prediction_figure(self, outputs, device):
         from diffusers import AutoencoderKL  # only the process that draws needs diffusers
@@ -269,14 +297,3 @@ class FoveatedVLMFigureCallback(TrainerCallback):
         figure, _ = plot_prediction_figure(self._vae.to(device), self.frames, self.batch["vae_latents"], outputs)
         self._vae.to("cpu")  # keep accelerator memory for training
         return figure
-
-    def _get_writer(self, args):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(self.log_dir or os.path.join(args.output_dir, "runs", "figures"))
-        return self._writer
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._writer is not None:
-            self._writer.flush()

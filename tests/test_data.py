@@ -429,13 +429,14 @@ def test_load_precomputed_names_a_missing_folder(tmp_path):
         load_precomputed(tmp_path)
 
 
-def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog):
+def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog, capsys):
     caplog.set_level("INFO", logger="tiny_vae")
     torch.manual_seed(7)
     expected_draw = torch.rand(3)
     torch.manual_seed(7)
     path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
     assert "held-out PSNR" in caplog.text
+    assert "fitting the tiny VAE: 100%" in capsys.readouterr().err  # a progress bar: fitting takes a minute
     # Fitting drew from its own seeded generator: the caller's random state is where it was.
     assert torch.equal(torch.rand(3), expected_draw)
     caplog.clear()

@@ -283,10 +283,10 @@ def test_compare_and_table2_show_the_same_tracking(tiny_run):
         assert f"{value:.4f}" in row and f"{value:.3f}" in markdown, name
 
 
-def card_for(tmp_path, config, log_history, info=None) -> ModelCard:
+def card_for(tmp_path, config, log_history, info=None, **training_args) -> ModelCard:
     folder = tmp_path / "card"
-    folder.mkdir()
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    folder.mkdir(parents=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **training_args)
     state = TrainerState(global_step=4, log_history=log_history)
     write_model_card(folder, config, args, state, info)
     return ModelCard.load(folder / "README.md")
@@ -305,6 +305,28 @@ def test_model_card_model_index_carries_the_logged_results(tmp_path):
     assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
     assert "0.9871" in card.text  # Table 1 in the text as well
     assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
+
+
+def test_model_card_names_the_licences_the_vae_and_the_hub_id(tmp_path, monkeypatch):
+    """DINOv3's licence where its weights are in the model (else the package's), every named part's licence, the
+    VAE of the targets, the repo id from hub_model_id, and no pipeline tag (no pipeline can call the model)."""
+    info = FoveatedVLMModelCardInfo(
+        data_description="LLaVA clips.", datasets=["lmms-lab/LLaVA-Video-178K"],
+        base_models=["facebook/dinov3-vits16-pretrain-lvd1689m", "HuggingFaceTB/SmolLM2-135M-Instruct"],
+    )
+    config = tiny_config(target_vae="stabilityai/sd-vae-ft-mse")
+    card = card_for(tmp_path, config, [], info, hub_model_id="someone/fvlm")
+    assert card.data.license == "other" and card.data.license_name == "dinov3-license"
+    assert card.data.license_link.startswith("https://ai.meta.com/") and card.data.pipeline_tag is None
+    assert '"someone/fvlm", trust_remote_code=True' in card.text
+    for line in ("- `HuggingFaceTB/SmolLM2-135M-Instruct`: apache-2.0", "- `stabilityai/sd-vae-ft-mse`: mit",
+                 "- `lmms-lab/LLaVA-Video-178K`: apache-2.0", "latents of `stabilityai/sd-vae-ft-mse`"):
+        assert line in card.text, line
+    # Random backbones, no hub_model_id, no token: the package's licence and the Trainer's default id as a placeholder.
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    card = card_for(tmp_path / "random", tiny_config(), [])
+    assert card.data.license == "apache-2.0" and '"<namespace>/card", trust_remote_code=True' in card.text
 
 
 def test_model_card_without_evaluation_has_no_model_index(tmp_path):

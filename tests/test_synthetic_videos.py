@@ -482,3 +482,9 @@ def test_cued_appearance_legend_shows_the_target_in_frame_0_only(appearance_spli
             level = CUE.levels[ground_truth["frames"][t]["level"]]
             # (within the faint texture's +-12 around the level; the levels are 45 apart)
             assert np.abs(corner.mean() - level) < 15, (t, corner.mean(), level)
+
+
+def test_generating_a_split_shows_its_progress(tmp_path, capsys):
+    generate_split(tmp_path, num_train=2, num_eval=1, difficulty="cued", size=32, num_video_frames=4, num_frames=4)
+    progress = capsys.readouterr().err
+    assert "synthetic train clips: 100%" in progress and "synthetic eval clips: 100%" in progress

@@ -42,7 +42,7 @@ from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
 from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from tiny_vae import make_tiny_vae
-from trainer_foveated import FoveatedVLMTrainer
+from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -475,6 +475,69 @@ def test_a_random_recipe_reads_with_a_pretrained_llm_named_on_the_command_line(t
         train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
 
 
+def test_figures_reach_tensorboard_and_wandb_through_the_trainers_integrations(tmp_path):
+    """The attention figures go to every integration report_to enabled (here TensorBoard, and a wandb run faked
+    where the WandbCallback keeps it), at the evaluation's step; with report_to none the callback draws nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations import WandbCallback
+
+    class FakeWandb:  # what WandbCallback calls on the wandb module
+        logged = []
+
+        @staticmethod
+        def Image(figure):
+            return ("image", type(figure).__name__)
+
+        @classmethod
+        def log(cls, values):
+            cls.logged.append(values)
+
+    wandb_callback = WandbCallback.__new__(WandbCallback)  # no wandb installed, and no run to start
+    wandb_callback._wandb, wandb_callback._initialized = FakeWandb, True
+    clips = tiny_arrow_dataset(4)
+    collator = FoveatedVLMDataCollator()
+    args = training_arguments(tmp_path, report_to="tensorboard")
+    trainer = FoveatedVLMTrainer(model=FoveatedVLMModel(tiny_config()), args=args, eval_dataset=clips,
+                                 data_collator=collator)  # fmt: skip
+    trainer.add_callback(wandb_callback)
+    trainer.add_callback(FoveatedVLMFigureCallback(clips, collator, None, 2, trainer.callback_handler))
+    trainer.evaluate()
+    (run,) = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert set(images) == {"attention/clip_0", "attention/clip_1"}
+    (logged,) = [values for values in FakeWandb.logged if "attention/clip_0" in values]  # the rest: scalars
+    assert logged == {"attention/clip_0": ("image", "Figure"), "attention/clip_1": ("image", "Figure"),
+                      "train/global_step": 0}  # fmt: skip
+
+    silent = training_arguments(tmp_path / "none")
+    trainer = FoveatedVLMTrainer(model=FoveatedVLMModel(tiny_config()), args=silent, eval_dataset=clips,
+                                 data_collator=collator)  # fmt: skip
+    figures = FoveatedVLMFigureCallback(clips, collator, None, 2, trainer.callback_handler)
+    figures.batch = None  # drawing would fail on it
+    trainer.add_callback(figures)
+    trainer.evaluate()
+
+
+def test_evaluation_keeps_only_the_losses_table1_needs(tmp_path, monkeypatch):
+    """Evaluation holds no output tensor of the split: every prediction step returns its loss alone (the Trainer asks
+    for the loss only when no compute_metrics is set), and Table 1's standard errors keep one row of losses per
+    clip."""
+    returned = []
+    original = FoveatedVLMTrainer.prediction_step
+
+    def spy(self, *args, **kwargs):
+        returned.append(original(self, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(FoveatedVLMTrainer, "prediction_step", spy)
+    args = training_arguments(tmp_path, per_device_eval_batch_size=2)
+    trainer = FoveatedVLMTrainer(model=FoveatedVLMModel(tiny_config()), args=args, eval_dataset=tiny_arrow_dataset(6),
+                                 data_collator=FoveatedVLMDataCollator())  # fmt: skip
+    metrics = trainer.evaluate()
+    assert len(returned) == 3 and all(logits is None and labels is None for _, logits, labels in returned)
+    assert "eval_improvement_se" in metrics and not trainer._eval_clip_losses  # cleared once logged
+
+
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -604,7 +667,10 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
         assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
 
     readme = (output_dir / "README.md").read_text()
-    assert readme.startswith("---\n") and "library_name: transformers" in readme and "pipeline_tag:" in readme
+    assert readme.startswith("---\n") and "library_name: transformers" in readme
+    # No pipeline can call the model, so the card names none; random backbones carry the package's licence.
+    assert "pipeline_tag:" not in readme and "license: apache-2.0" in readme
+    assert f"the local folder, \"{output_dir}\"" in readme
     assert f"| loss_fine      | {eval_results['eval_loss/fine']:.4f} |" in readme
     # A checkpoint's card holds the evaluation made at its step (the Trainer evaluates before it saves).
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -616,7 +682,12 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     for figure in ("fig1_losses.png", "fig2_ratio.png", "fig3_attention_0.png", "fig4_predictions.png"):
         assert (report / figure).is_file() and f"(report/{figure})" in readme, figure
     assert "(report/report.md)" in readme and "report/" not in (checkpoint / "README.md").read_text()
-    assert list((output_dir / "runs" / "figures").glob("events.out.tfevents.*")), "no attention figures written"
+    # The figures go through the Trainer's TensorBoard integration: into its one run, beside the scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = {path.parent for path in (output_dir / "runs").rglob("events.out.tfevents.*")}
+    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert {"attention/clip_0", "predictions"} <= set(images), images
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
     assert data_paths["use_captions"] is False  # the report reads the clips as training did
@@ -649,8 +720,7 @@ def test_final_evaluation_runs_once(tiny_run):
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     assert eval_results == {name: value for name, value in evaluations[-1].items() if name != "step"}
     assert eval_results["eval_improvement_se"] > 0
-    scalar_runs = [path for path in (output_dir / "runs").rglob("events.out.tfevents.*") if "figures" not in path.parts]
-    assert len(scalar_runs) == 1, scalar_runs
+    assert len(list((output_dir / "runs").rglob("events.out.tfevents.*"))) == 1
 
 
 def test_saved_folder_holds_no_pickle(tiny_run):
@@ -749,8 +819,8 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     event_files = list((output_dir / "runs").rglob("events.out.tfevents.*"))
     writers = {path.name.split(".")[-2] for path in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
     assert event_files and len(writers) == 1, event_files
-    # The final evaluation ran inside training: one scalar event file, besides the figures run's.
-    assert len([path for path in event_files if "figures" not in path.parts]) == 1, event_files
+    # The final evaluation ran inside training: one event file, scalars and figures.
+    assert len(event_files) == 1, event_files
 
     # FSDP with the shipped config (each DINOv3 and Llama layer sharded over the two processes) trains the same
     # model and saves one ordinary checkpoint. On the CPU, FSDP cannot broadcast the initial weights
