@@ -48,7 +48,7 @@ class FoveatedVLMConfig(PretrainedConfig):
 
     The config records the model's design only. Freezing is training policy (`train_hf.py --freeze_vision`), and the
     research probes (oracle fixations, fixed or random Pass-2 queries, coarse-only training) live in
-    `probes_foveated.py`.
+    `foveated_vlm/probes.py`.
 
     Args:
         vision_config (`dict` or `DINOv3ViTConfig`, *optional*):

@@ -8,8 +8,8 @@ setup_venv() {
     if [ ! -x .venv/bin/python ]; then
         python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
     fi
-    # Reinstall only when setup.py changed since the last install.
-    local stamp=".venv/.installed-$(sha1sum setup.py | cut -c1-12)"
+    # Reinstall only when setup.py or pyproject.toml changed since the last install.
+    local stamp=".venv/.installed-$(cat setup.py pyproject.toml | sha1sum | cut -c1-12)"
     if [ ! -f "$stamp" ]; then
         .venv/bin/python -m pip install -q --upgrade pip
         # Ask for torch first with an exact version: on machines that carry a CPU wheel of it locally pip takes
@@ -32,9 +32,9 @@ case "$cmd" in
         .venv/bin/python train_hf.py configs/cued.yaml "$@"
         .venv/bin/python train_hf.py configs/cued.yaml --fine_queries oracle --output_dir outputs/cued-oracle "$@"
         echo "Headroom (held-out latent MSE on targets t >= 2 without and with the next level known):"
-        .venv/bin/python report_foveated.py --headroom data/cued/arrow/train data/cued/arrow/eval
+        .venv/bin/python -m foveated_vlm.report --headroom data/cued/arrow/train data/cued/arrow/eval
         echo "The two runs: learned queries (cued) and Pass 2 sent to the target (cued-oracle):"
-        .venv/bin/python report_foveated.py --compare outputs/cued outputs/cued-oracle
+        .venv/bin/python -m foveated_vlm.report --compare outputs/cued outputs/cued-oracle
         ;;
     test)
         setup_venv

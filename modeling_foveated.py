@@ -522,7 +522,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     (`z_vae_init` for t = 1), so each prediction sees frames < t only (the index rule).
 
     `read_coarse`, `read_fine` and `fine_loss_weight` are the design's choices of how Pass 1 reads a frame, which
-    queries Pass 2 reads with and how much `loss_fine` weighs; `probes_foveated.FoveatedVLMProbedModel` overrides them.
+    queries Pass 2 reads with and how much `loss_fine` weighs; `foveated_vlm.probes.FoveatedVLMProbedModel` overrides them.
     """
 
     # The loss is a mean over latent cells, not a sum over tokens: the Trainer must not pass `num_items_in_batch`.
@@ -707,7 +707,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     @property
     def fine_loss_weight(self) -> float:
         """Weight of `loss_fine` in the loss: 1 in the design. Like `read_coarse` and `read_fine`, a point where
-        probes_foveated.py (not part of a checkpoint) changes one link of the design; at 0, Pass 2 builds no graph."""
+        foveated_vlm/probes.py (not part of a checkpoint) changes one link of the design; at 0, Pass 2 builds no graph."""
         return 1.0
 
     def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
@@ -741,7 +741,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             target_labels (`torch.LongTensor` of shape `(B, target_length)`, *optional*): `target_ids` with -100
                 where a token is not scored (the question, padding); default: every token is.
             output_patch_cache (`bool`, *optional*): also return the frames' encoder cache and Pass 2's LLM inputs,
-                which a training-time search over other glimpses of the same frames reuses (teacher_foveated.py).
+                which a training-time search over other glimpses of the same frames reuses (foveated_vlm/teacher.py).
         """
         self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask, target_ids, target_labels)
         B, T, C, H, W = pixel_values.shape

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_data.py --sizes 128 256
 
-Precompute: `precompute_dataset` (the path of precompute_latents.py: decode map with 2 workers, one VAE call per
+Precompute: `precompute_dataset` (the path of foveated_vlm/precompute.py: decode map with 2 workers, one VAE call per
 batch) against a plain loop (per video: decord, resize, one VAE call per frame, torch.save).
 Training input: the Arrow dataset through `load_precomputed` + `FoveatedVLMDataCollator` against decoding the
 video with decord in every step (latents from the plain loop's .pt files), both in a DataLoader with 2 workers.
@@ -30,15 +30,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_foveated import (  # noqa: E402
+from foveated_vlm.data import (  # noqa: E402
     FoveatedVLMDataCollator,
     load_precomputed,
     precompute_dataset,
 )
 import processing_foveated  # noqa: E402
 from processing_foveated import VIDEO_BACKENDS, load_video  # noqa: E402
-from synthetic_videos import generate_split  # noqa: E402
-from tiny_vae import make_tiny_vae  # noqa: E402
+from foveated_vlm.synthetic import generate_split  # noqa: E402
+from foveated_vlm.tiny_vae import make_tiny_vae  # noqa: E402
 
 
 @torch.no_grad()
@@ -135,7 +135,7 @@ def tokenizer_rows() -> list[tuple]:
 
     from transformers import AutoTokenizer
 
-    from train_hf import SMOLLM2_GGUF, resolve_pretrained
+    from foveated_vlm.train import SMOLLM2_GGUF, resolve_pretrained
 
     name, gguf_file = resolve_pretrained(SMOLLM2_GGUF)
     start = time.perf_counter()

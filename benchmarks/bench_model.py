@@ -70,7 +70,7 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
 def build_model(
     deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="phase1", channels_last_head=True
 ):
-    from train_hf import freeze_for_training
+    from foveated_vlm.train import freeze_for_training
 
     overrides = dict(num_frames=num_frames, deep_query=deep_query)
     # phase1: the config's defaults, the shapes of configs/phase1.yaml (DINOv3 ViT-S/16 + SmolLM2-135M, 256 px).
@@ -141,7 +141,7 @@ def run_step_benchmark(args) -> dict:
     forward = torch.compile(model, mode=args.compile_mode or None) if args.compile else model
     teacher = None
     if args.teacher_grid:
-        from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
+        from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 
         teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(
             teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames,
@@ -200,7 +200,7 @@ def step_parts(model, pixel_values, vae_latents) -> dict:
     reconstruction in one call), the trainer's per-step diagnostics. Each entry is `(run, times)`: the step runs
     `run` that many times. Call `model.zero_grad` between runs; the optimizer is left out (it needs real gradients).
     """
-    from metrics_foveated import clip_metrics
+    from foveated_vlm.metrics import clip_metrics
 
     config = model.config
     B, T = pixel_values.shape[:2]
@@ -238,7 +238,7 @@ def run_parts_benchmark(args) -> dict:
     The train step against the sum of its parts (`step_parts`, plus the optimizer step), each timed alone. What
     the whole step costs beyond the sum is glue (concatenations, losses, autograd bookkeeping).
     """
-    from metrics_foveated import clip_metrics
+    from foveated_vlm.metrics import clip_metrics
 
     model = build_model(args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes)
     config = model.config
@@ -330,8 +330,8 @@ def run_dispatch_benchmark(args) -> dict:
 
     from transformers import TrainerCallback, TrainingArguments
 
-    from data_foveated import MAX_MOVING_BOXES, FoveatedVLMDataCollator
-    from trainer_foveated import FoveatedVLMTrainer
+    from foveated_vlm.data import MAX_MOVING_BOXES, FoveatedVLMDataCollator
+    from foveated_vlm.trainer import FoveatedVLMTrainer
 
     model = build_model(
         args.deep_query, args.freeze_vision, args.num_frames, "cpu", args.shapes, bool(args.channels_last_head)
@@ -587,7 +587,7 @@ def main():
 
 def print_teacher_table(common, device):
     """The train step of configs/cued.yaml's model (saccades, B = 16, T = 8, 128 px) without and with the search
-    teacher (teacher_foveated.py) at a few grids and frames per clip: what the teacher costs per step."""
+    teacher (foveated_vlm/teacher.py) at a few grids and frames per clip: what the teacher costs per step."""
     print(f"\n## The search teacher's cost, configs/cued.yaml's model, B = 16, fp32, on {device}\n")
     print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
     plain = None

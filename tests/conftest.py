@@ -20,10 +20,11 @@ import importlib.abc
 import sys
 
 class _BlockProjectModules(importlib.abc.MetaPathFinder):
-    names = {"synthetic_videos", "precompute_latents", "train_hf"}
+    names = {"foveated_vlm", "train_hf"}
 
     def find_spec(self, fullname, path=None, target=None):
-        if "." not in fullname and (fullname.endswith("_foveated") or fullname in self.names):
+        top = fullname.split(".")[0]
+        if top in self.names or ("." not in fullname and fullname.endswith("_foveated")):
             raise ModuleNotFoundError(f"No module named {fullname!r} (blocked by run_isolated_python)", name=fullname)
         return None
 
@@ -34,7 +35,7 @@ del importlib, sys, _BlockProjectModules
 
 def run_isolated_python(code: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python in `cwd` that cannot import this repository's modules (`*_foveated`,
-    `synthetic_videos`, ...), offline, with its own transformers remote-code cache under `cwd`.
+    `foveated_vlm`, ...), offline, with its own transformers remote-code cache under `cwd`.
     Fails the calling test, showing stdout and stderr, when the child exits non-zero."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "hf_modules"))
     python_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]

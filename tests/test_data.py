@@ -25,11 +25,11 @@ import yaml
 from diffusers import AutoencoderKL
 from tiny import save_tiny_tokenizer, save_tiny_vae
 
-import data_foveated
-import precompute_latents
-import report_foveated
-import train_hf
-from data_foveated import (
+from foveated_vlm import data as data_foveated
+from foveated_vlm import precompute as precompute_latents
+from foveated_vlm import report as report_foveated
+from foveated_vlm import train as train_hf
+from foveated_vlm.data import (
     COLUMNS,
     LLAVA_CAPTIONS_FILE,
     LLAVA_VIDEO_DIR,
@@ -44,9 +44,9 @@ from data_foveated import (
     split_train_eval,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
-from synthetic_videos import generate_split
-from metrics_foveated import level_headroom, model_inputs
-from tiny_vae import make_tiny_vae
+from foveated_vlm.synthetic import generate_split
+from foveated_vlm.metrics import level_headroom, model_inputs
+from foveated_vlm.tiny_vae import make_tiny_vae
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -430,7 +430,7 @@ def test_load_precomputed_names_a_missing_folder(tmp_path):
 
 
 def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog, capsys):
-    caplog.set_level("INFO", logger="tiny_vae")
+    caplog.set_level("INFO", logger="foveated_vlm.tiny_vae")
     torch.manual_seed(7)
     expected_draw = torch.rand(3)
     torch.manual_seed(7)
@@ -468,13 +468,13 @@ def run_cli(command: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, caplog):
-    ok = run_cli([sys.executable, "precompute_latents.py", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
+    ok = run_cli([sys.executable, "-m", "foveated_vlm.precompute", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
     assert ok.returncode == 0, ok.stderr
     assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stderr
     assert len(load_precomputed(tmp_path / "all")) == NUM_GOOD
 
     # In this process: a second interpreter start would only repeat what the run above showed.
-    caplog.set_level("INFO", logger="data_foveated")
+    caplog.set_level("INFO", logger="foveated_vlm.data")
     assert precompute_latents.main(cli_arguments(video_dir / "broken", tmp_path / "none", tiny_vae)) == 1
     assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in caplog.text
 
@@ -483,7 +483,7 @@ def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
     arguments = cli_arguments(video_dir / "train", tmp_path / "out", tiny_vae)
     result = run_cli([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "precompute_latents.py", *arguments])  # fmt: skip
+                      "-m", "foveated_vlm.precompute", *arguments])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     dataset = load_precomputed(tmp_path / "out")
     assert sorted(dataset["video_path"]) == sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
@@ -656,7 +656,7 @@ def test_a_recipe_runs_on_a_video_folder_with_its_synthetic_keys_set_aside(caplo
     """configs/cued.yaml keeps its model and training choices under --data_source video_dir; its synthetic-only keys
     are set aside with a notice each, while such a key given on the command line is still refused."""
     argv = ["configs/cued.yaml", "--data_source", "video_dir", "--video_dir", "/videos"]
-    with caplog.at_level("WARNING", logger="train_hf"):
+    with caplog.at_level("WARNING", logger="foveated_vlm.train"):
         model_args, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
     assert model_args.model_config["head_type"] == "spatial" and training_args.max_steps == 480
     assert (data_args.data_source, data_args.video_dir, data_args.num_train_videos) == ("video_dir", "/videos", None)
@@ -727,7 +727,7 @@ def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, 
 
 
 def test_precomputed_train_and_eval_folders_feed_training(video_dir, tiny_vae, tmp_path):
-    """`precompute_latents.py --eval_fraction` writes train/ and eval/, split as train_hf.py splits a folder; then
+    """`foveated_vlm/precompute.py --eval_fraction` writes train/ and eval/, split as train_hf.py splits a folder; then
     `train_hf.py --data_source precomputed` trains on them without decoding a video."""
     output = tmp_path / "precomputed"
     arguments = cli_arguments(video_dir / "train", output, tiny_vae) + ["--eval_fraction", "0.5"]
@@ -741,7 +741,7 @@ def test_precomputed_train_and_eval_folders_feed_training(video_dir, tiny_vae, t
         "--max_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--write_report", "false",
         "--output_dir", str(tmp_path / "run"),
     ]  # fmt: skip
-    with mock.patch.object(data_foveated, "precompute_dataset", side_effect=AssertionError("decoded videos")):
+    with mock.patch.object(train_hf, "precompute_dataset", side_effect=AssertionError("decoded videos")):
         trainer = train_hf.main(common)
     assert trainer.state.global_step == 1 and len(trainer.train_dataset) == len(train)
     recorded = json.loads((tmp_path / "run" / "data_paths.json").read_text())

@@ -5,9 +5,9 @@ import pytest
 import torch
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 
-import train_hf
+from foveated_vlm import train as train_hf
 from modeling_foveated import FoveatedVLMModel
-from probes_foveated import (
+from foveated_vlm.probes import (
     PROBES_FILE,
     FoveatedVLMProbedModel,
     FoveatedVLMProbes,
@@ -546,7 +546,7 @@ def test_token_bottleneck_narrows_every_visual_token():
     torch.testing.assert_close(output.state_fine[0], output.state_fine[1])
 
 
-# ---- Probes (probes_foveated.py): each trains what it uses, and leaves the parameters it cuts out without gradient ----
+# ---- Probes (foveated_vlm/probes.py): each trains what it uses, and leaves the parameters it cuts out without gradient ----
 
 PROBES = {
     "mean_pool": FoveatedVLMProbes(coarse_reader="mean_pool"),
@@ -696,7 +696,7 @@ def test_probed_save_is_a_plain_checkpoint_with_probes_json(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["FoveatedVLMModel"]
     assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
-    assert not (tmp_path / "probes_foveated.py").exists()
+    assert not (tmp_path / "foveated_vlm/probes.py").exists()
     assert json.loads((tmp_path / PROBES_FILE).read_text()) == PROBES["oracle"].to_dict()
     plain = FoveatedVLMModel.from_pretrained(tmp_path)
     assert type(plain) is FoveatedVLMModel

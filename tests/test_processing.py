@@ -22,7 +22,7 @@ from processing_foveated import (
     sample_frame_indices,
     transform_box,
 )
-from synthetic_videos import generate_video, write_video
+from foveated_vlm.synthetic import generate_video, write_video
 from tiny import tiny_tokenizer
 
 
@@ -456,7 +456,7 @@ for name in ("crop_any_backend", "squash_pyav"):
 
 
 def _parse(tmp_path, *flags):
-    import train_hf
+    from foveated_vlm import train as train_hf
 
     argv = ["configs/tiny.yaml", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
     model_args, data_args, _, _, _ = train_hf.parse_arguments(argv + list(flags))

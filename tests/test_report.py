@@ -1,4 +1,4 @@
-"""report_foveated.py and card_foveated.py on tiny run folders built in seconds: every file written, Table 1 read from
+"""foveated_vlm/report.py and foveated_vlm/card.py on tiny run folders built in seconds: every file written, Table 1 read from
 the logged evaluation (or measured with the trainer's metric functions where nothing was logged), per-clip numbers
 equal to a direct computation, images embedded in report.html, missing pieces reported instead of crashing, and the
 model card's model-index carrying the logged results, and the linear readout of each pass's LLM state."""
@@ -14,13 +14,13 @@ from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
 from huggingface_hub import ModelCard
 from transformers import TrainerState, TrainingArguments
 
-import metrics_foveated
-from card_foveated import FoveatedVLMModelCardInfo, loss_formula, write_model_card
-from data_foveated import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
+from foveated_vlm import metrics as metrics_foveated
+from foveated_vlm.card import FoveatedVLMModelCardInfo, loss_formula, write_model_card
+from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
 from modeling_foveated import FoveatedVLMModel
-from probes_foveated import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
-from report_foveated import DATA_PATHS_FILE, compare_runs, main, state_readout, write_report
-from synthetic_videos import generate_split
+from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
+from foveated_vlm.report import DATA_PATHS_FILE, compare_runs, main, state_readout, write_report
+from foveated_vlm.synthetic import generate_split
 from tiny import save_tiny_vae, tiny_config
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from processing_foveated import load_video, sample_frame_indices
-from synthetic_videos import (
+from foveated_vlm.synthetic import (
     DIFFICULTIES,
     EVAL_SEED_OFFSET,
     FoveatedVLMCueSpec,
@@ -20,7 +20,7 @@ from synthetic_videos import (
 )
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "synthetic_videos.py"
+SCRIPT = ["-m", "foveated_vlm.synthetic"]
 SPLIT_PARAMS = dict(num_train=3, num_eval=2, difficulty="medium", size=64, num_video_frames=12, fps=6.0, seed=5)
 MOVER_DIFFICULTIES = sorted(name for name, spec in DIFFICULTIES.items() if spec.cue is None)
 CUE = DIFFICULTIES["cued"].cue
@@ -176,12 +176,12 @@ def test_rerun_skips_up_to_date_videos_and_redoes_changed_ones(tmp_path):
 
 def test_cli(tmp_path):
     help_text = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True
+        [sys.executable, *SCRIPT, "--help"], capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--output_dir", "--num_train", "--num_eval", "--difficulty", "--size", "--num_video_frames", "--fps"):
         assert flag in help_text
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--num_train", "2", "--num_eval", "1",
+        [sys.executable, *SCRIPT, "--output_dir", str(tmp_path), "--num_train", "2", "--num_eval", "1",
          "--difficulty", "easy", "--size", "32", "--num_video_frames", "4", "--seed", "7"],
         capture_output=True, text=True, check=True,
     )

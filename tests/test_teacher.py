@@ -1,4 +1,4 @@
-"""Saccade fixations and the search teacher (teacher_foveated.py): causal, stream = forward, branches = re-runs."""
+"""Saccade fixations and the search teacher (foveated_vlm/teacher.py): causal, stream = forward, branches = re-runs."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_modeling import assert_stream_equals_forward, make_batch, make_model
 
-from teacher_foveated import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments, branch_states, cell_mass
+from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments, branch_states, cell_mass
 
 SACCADE = dict(fixation_bias=True, fixation_mode="saccade", glimpse_position=True)
 
@@ -179,8 +179,8 @@ def test_the_teacher_never_changes_loss_fine():
 def test_the_teacher_reads_no_ground_truth():
     """The trainer hands the teacher the model inputs only: two batches that differ in their boxes give the same
     teacher loss and posterior, while the evaluation metric that reads the boxes tells them apart."""
-    from metrics_foveated import teacher_metrics
-    from trainer_foveated import teacher_inputs
+    from foveated_vlm.metrics import teacher_metrics
+    from foveated_vlm.trainer import teacher_inputs
 
     model = make_model(**SACCADE).train()
     pixel_values, vae_latents = make_batch(model.config)
@@ -304,7 +304,7 @@ def test_a_grid_that_does_not_divide_the_patches_is_refused_by_name():
 
 
 def test_the_written_out_loss_names_the_teacher_terms():
-    from card_foveated import architecture_rows, loss_formula
+    from foveated_vlm.card import architecture_rows, loss_formula
 
     config = make_model(**SACCADE).config
     settings = FoveatedVLMTeacherArguments(teacher=True, teacher_static_weight=0.0).to_dict()
@@ -319,7 +319,7 @@ def test_the_written_out_loss_names_the_teacher_terms():
 
 @pytest.mark.parametrize("name", ["supervise_fixations", "supervise_first_glance"])
 def test_glimpse_supervision_probes_add_the_squared_distance_to_the_target(name):
-    from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes
+    from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes
 
     torch.manual_seed(0)
     model = FoveatedVLMProbedModel(make_model(**SACCADE).config, FoveatedVLMProbes(**{name: 2.0})).train()

@@ -13,12 +13,12 @@ from test_trainer import tiny_arrow_dataset
 from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
 
-import captioning_foveated
-import train_hf
-from data_foveated import FoveatedVLMDataCollator, load_precomputed, target_tokens
-from metrics_foveated import text_headroom
+from foveated_vlm import captioning as captioning_foveated
+from foveated_vlm import train as train_hf
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, target_tokens
+from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
-from synthetic_videos import CUE_COLOUR_NAMES, describe_clip, generate_split, generate_video
+from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_split, generate_video
 
 TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
 

@@ -1,4 +1,4 @@
-"""FoveatedVLMTrainer, metrics_foveated.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
+"""FoveatedVLMTrainer, foveated_vlm/metrics.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
 SIGKILL, two processes, and the configs.
 
 The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
@@ -26,10 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 from transformers import TrainingArguments
 
-import train_hf
-from data_foveated import FoveatedVLMDataCollator, load_precomputed
+from foveated_vlm import train as train_hf
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed
 from host_sync import HOST_SYNC_OPERATORS
-from metrics_foveated import (
+from foveated_vlm.metrics import (
     CHANGED_CELL_THRESHOLD,
     FoveatedVLMImprovement,
     clip_metrics,
@@ -39,10 +39,10 @@ from metrics_foveated import (
     model_inputs,
 )
 from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
-from probes_foveated import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
+from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
-from tiny_vae import make_tiny_vae
-from trainer_foveated import FoveatedVLMFigureCallback, FoveatedVLMTrainer
+from foveated_vlm.tiny_vae import make_tiny_vae
+from foveated_vlm.trainer import FoveatedVLMFigureCallback, FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -163,7 +163,7 @@ def test_captioned_micro_batches_train_like_one_batch(tmp_path):
 
 
 def test_state_contribution_only_on_steps_that_log(tmp_path, monkeypatch):
-    import trainer_foveated
+    from foveated_vlm import trainer as trainer_foveated
 
     flags = []
 
@@ -455,7 +455,7 @@ def test_a_random_recipe_reads_with_a_pretrained_llm_named_on_the_command_line(t
     torch.manual_seed(0)
     text = LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
     text.save_pretrained(text_dir)
-    with caplog.at_level(logging.WARNING, logger="train_hf"):
+    with caplog.at_level(logging.WARNING, logger="foveated_vlm.train"):
         model_args, data_args, _, _, _ = train_hf.parse_arguments(
             ["configs/cued.yaml", "--text_model", str(text_dir), "--output_dir", str(tmp_path / "out")]
         )
@@ -688,7 +688,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     (run,) = {path.parent for path in (output_dir / "runs").rglob("events.out.tfevents.*")}
     images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()["images"]
     assert {"attention/clip_0", "predictions"} <= set(images), images
-    data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for report_foveated.py
+    data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for foveated_vlm/report.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
     assert data_paths["use_captions"] is False  # the report reads the clips as training did
     assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
@@ -776,7 +776,7 @@ def _is_complete_json(path: Path) -> bool:
 TWO_PROCESS_SCRIPT = """
 import hashlib, json, sys
 import torch
-import train_hf
+from foveated_vlm import train as train_hf
 
 trainer = train_hf.main(sys.argv[2:])
 digest = hashlib.sha256()

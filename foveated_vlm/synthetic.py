@@ -17,7 +17,7 @@ same rule with the target revealed by its motion instead (it moves, the others s
 0 only shows the target's colour: finding the target means matching the legend to a body.
 
 Usage:
-    python synthetic_videos.py --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
+    python -m foveated_vlm.synthetic --output_dir data/synthetic --num_train 512 --num_eval 64 --difficulty medium
 """
 
 import argparse

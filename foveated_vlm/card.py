@@ -9,8 +9,8 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from figures_foveated import REPORT_DIR, REPORT_FIGURES
-from metrics_foveated import derived_metrics
+from foveated_vlm.figures import REPORT_DIR, REPORT_FIGURES
+from foveated_vlm.metrics import derived_metrics
 
 __all__ = [
     "IMPROVEMENT_BANDS",
@@ -30,7 +30,13 @@ __all__ = [
     "write_model_card",
 ]
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+# model_card.md lives at the repository's top; the build copies it into the package (setup.py), so an installed
+# package finds it beside this module and a source checkout one folder up.
+MODEL_CARD_TEMPLATE = next(
+    path
+    for path in (Path(__file__).resolve().parent / "model_card.md", Path(__file__).resolve().parents[1] / "model_card.md")
+    if path.is_file()
+)
 
 # The licences of what a card can name, as their Hub pages give them (Hub id prefix -> licence). Weights a model
 # starts from carry their licence into it; DINOv3's is Meta's own.
@@ -97,7 +103,7 @@ TABLE1_METRICS = {
     "loss_fine": "loss/fine",
     "improvement": "improvement",
     "improvement_t2": "improvement_t2",
-    "improvement_se": "improvement_se",  # the clip-level standard error of `improvement` (metrics_foveated)
+    "improvement_se": "improvement_se",  # the clip-level standard error of `improvement` (foveated_vlm.metrics)
     # With text as a target: cross-entropy (nats per scored token) of each pass's text after the frames.
     "loss_text_coarse": "loss/text_coarse",
     "loss_text_fine": "loss/text_fine",
@@ -176,7 +182,7 @@ class FoveatedVLMModelCardInfo:
 
 def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] = None) -> str:
     """The trained loss with every term, as the model's forward sums it; `probes` (probes.json) may reweight
-    loss_fine, and the search teacher's settings (teacher_foveated.py) add its training-only terms."""
+    loss_fine, and the search teacher's settings (foveated_vlm/teacher.py) add its training-only terms."""
     fine_weight = (probes or {}).get("fine_loss_weight", 1.0)
     passes, latent_weight, text_weight = config.fine_passes, config.latent_loss_weight, config.text_loss_weight
 
@@ -222,7 +228,7 @@ def policy_training(teacher: Optional[dict]) -> str:
     matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
         teacher.get("teacher_distill_target", "mass")]
     return (
-        f"search teacher (teacher_foveated.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
+        f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
         f"loss, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
         f"{teacher['teacher_temperature_end']:g}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
         "of the frame before; no ground truth"

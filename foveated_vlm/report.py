@@ -2,11 +2,11 @@
 the result, for whoever decides on the next run.
 
 Usage:
-    python report_foveated.py outputs/tiny                               # data paths from the run's data_paths.json
-    python report_foveated.py RUN_DIR --eval_dataset data/arrow/.../eval --vae data/vae/tiny-128px --num_videos 6
-    python report_foveated.py --compare outputs/research/*               # one table row per run, seeds pooled
-    python report_foveated.py --headroom CACHE_DIR/arrow/train CACHE_DIR/arrow/eval   # a cued scene's headroom
-    python report_foveated.py --readout RUN_DIR TRAIN_DATASET [--eval_dataset EVAL]   # what each pass's state knows
+    python -m foveated_vlm.report outputs/tiny                               # data paths from the run's data_paths.json
+    python -m foveated_vlm.report RUN_DIR --eval_dataset data/arrow/.../eval --vae data/vae/tiny-128px --num_videos 6
+    python -m foveated_vlm.report --compare outputs/research/*               # one table row per run, seeds pooled
+    python -m foveated_vlm.report --headroom CACHE_DIR/arrow/train CACHE_DIR/arrow/eval   # a cued scene's headroom
+    python -m foveated_vlm.report --readout RUN_DIR TRAIN_DATASET [--eval_dataset EVAL]   # what each pass's state knows
 
 Writes `RUN_DIR/report/`: fig1_losses.png, fig2_ratio.png, fig3_attention_<k>.png, fig4_predictions.png,
 metrics.json (every number the text quotes), report.md and report.html (self-contained, images embedded).
@@ -14,7 +14,7 @@ metrics.json (every number the text quotes), report.md and report.html (self-con
 Table 1 is what training logged: the `eval_*` values of the last evaluation in trainer_state.json (of the run or of
 its last checkpoint). The report runs the final model over the held-out split only for what training does not log:
 per-clip numbers (the hardest clips and their kinds of motion), the streamed loss and figures 3-4. It measures Table 1
-itself only where the log has no evaluation, with the trainer's metric functions (metrics_foveated.py), and says so.
+itself only where the log has no evaluation, with the trainer's metric functions (metrics.py), and says so.
 Whatever is missing is said in the report instead of stopping it.
 
 Targets are numbered as in docs/DESIGN.md: the model predicts latents v_1..v_T; "t >= 2" are the targets that have a
@@ -37,11 +37,11 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils.logging import tqdm
 
-import metrics_foveated
-from card_foveated import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
-from captioning_foveated import FoveatedVLMCaptioning, captioning_markdown, evaluate_captioning
-from data_foveated import FoveatedVLMDataCollator, load_precomputed
-from figures_foveated import (
+from foveated_vlm import metrics
+from foveated_vlm.card import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
+from foveated_vlm.captioning import FoveatedVLMCaptioning, captioning_markdown, evaluate_captioning
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed
+from foveated_vlm.figures import (
     REPORT_DIR,
     REPORT_FIGURES,
     evenly_spaced_clips,
@@ -52,8 +52,8 @@ from figures_foveated import (
     stack_frames,
 )
 from modeling_foveated import FoveatedVLMModel
-from probes_foveated import PROBES_FILE, from_pretrained_with_probes
-from teacher_foveated import TEACHER_FILE
+from foveated_vlm.probes import PROBES_FILE, from_pretrained_with_probes
+from foveated_vlm.teacher import TEACHER_FILE
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = [
@@ -219,7 +219,7 @@ class FoveatedVLMClipMetrics:
     """Per-clip values of the final model on the eval split (N clips).
 
     Args:
-        metrics: `metrics_foveated.clip_metrics` of every clip: the trainer's metric name -> (N,), NaN where a clip
+        metrics: `metrics.clip_metrics` of every clip: the trainer's metric name -> (N,), NaN where a clip
             lacks what a metric needs (tracking on a clip without boxes).
         loss_streamed, loss_streamed_t2: (N,) loss_fine of `model.stream(autoregressive=True)`, all targets and t >= 2;
             None for a model probed with oracle fixations (they exist in the two-pass forward only).
@@ -234,8 +234,8 @@ class FoveatedVLMClipMetrics:
     names: list[str]
 
     def means(self) -> dict[str, float]:
-        """The means the trainer logs for these clips (`metrics_foveated.mean_metrics`), derived metrics included."""
-        return metrics_foveated.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
+        """The means the trainer logs for these clips (`metrics.mean_metrics`), derived metrics included."""
+        return metrics.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -244,7 +244,7 @@ def _to_device(batch: dict, device) -> dict:
 
 def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Tensor]:
     """Per-clip loss_fine of the stream where each next query comes from the stream itself (deployment):
-    [(B,) over all targets, (B,) over t >= 2], the MSEs of `metrics_foveated`'s `loss/fine` and `loss/fine_t2`."""
+    [(B,) over all targets, (B,) over t >= 2], the MSEs of `foveated_vlm.metrics`' `loss/fine` and `loss/fine_t2`."""
     streamed = model.stream(
         inputs["pixel_values"].unbind(1),
         target.unbind(1),
@@ -255,7 +255,7 @@ def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Te
     prediction = torch.stack([step.pred_fine for step in streamed], dim=1)  # (B, T, C, h, w)
     # The streamed predictions in place of both passes' two-pass ones: loss/fine keeps its one definition.
     streamed_outputs = SimpleNamespace(pred_fine=prediction, pred_coarse=prediction, loss_aux=None)
-    losses = metrics_foveated.loss_metrics(streamed_outputs, {"vae_latents": target})
+    losses = metrics.loss_metrics(streamed_outputs, {"vae_latents": target})
     return [losses["loss/fine"], losses["loss/fine_t2"]]
 
 
@@ -267,12 +267,12 @@ def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu")
     for start in tqdm(range(0, len(dataset), batch_size), desc="report: held-out clips", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
-        inputs = metrics_foveated.model_inputs(batch, model)
+        inputs = metrics.model_inputs(batch, model)
         outputs = model(**inputs)
-        for name, value in metrics_foveated.clip_metrics(model, outputs, batch).items():
+        for name, value in metrics.clip_metrics(model, outputs, batch).items():
             per_clip.setdefault(name, []).append(value.float().cpu().numpy())
         # Probe inputs (oracle fixations) come from the batch's ground truth, which a stream does not have.
-        stream = stream and inputs.keys() <= set(metrics_foveated.MODEL_INPUT_NAMES)
+        stream = stream and inputs.keys() <= set(metrics.MODEL_INPUT_NAMES)
         if stream:
             losses = _streamed_losses(model, inputs, batch["vae_latents"].float())
             streamed.append([loss.cpu().numpy() for loss in losses])
@@ -497,7 +497,7 @@ def _method(config, probes: Optional[dict], state, log_history, eval_path, num_c
         _table(["Training", "Value"], _training_rows(state, log_history, eval_path, num_clips)),
     ]
     if probes:
-        text.append(f"This run trained with research probes (probes_foveated.py): `{json.dumps(probes)}`.")
+        text.append(f"This run trained with research probes (foveated_vlm/probes.py): `{json.dumps(probes)}`.")
     return text
 
 
@@ -643,7 +643,7 @@ def _next_steps(summary: FoveatedVLMReportSummary, state: Optional[dict], log_hi
                                   if h.state_contribution_fine is not None else "")
             items.append("The queries are not yet selective. They get a gradient only through the LLM state, so the "
                          f"state contribution{state_contribution} must be above zero first (`aux_current_weight` "
-                         "trains the state), and a perfect policy (`--fine_queries oracle`, probes_foveated.py) tests "
+                         "trains the state), and a perfect policy (`--fine_queries oracle`, foveated_vlm/probes.py) tests "
                          "whether looking in the right place pays at this stage of training.")
         share = h.first_target_share(T) if T else None
         if share is not None and h.improvement < TARGET_EFFECT and share > FIRST_TARGET_DOMINANCE / T:
@@ -706,12 +706,12 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     rows = [dataset[i] for i in indices]
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
-        outputs = model(**metrics_foveated.model_inputs(batch, model))
+        outputs = model(**metrics.model_inputs(batch, model))
     frames, boxes = stack_frames(rows), batch["moving_boxes"].cpu().numpy()
     tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
     figures = []
     for k, i in enumerate(indices):
-        has_box = metrics_foveated.box_present(boxes[k]).any()
+        has_box = metrics.box_present(boxes[k]).any()
         figure = plot_attention_maps(
             frames[k], outputs.attn_static[k].cpu(), outputs.attn_dynamic[k].cpu(), boxes[k] if has_box else None
         )
@@ -785,7 +785,7 @@ def _held_out(run_dir: Path, log_history, eval_dataset, vae, use_captions, num_v
         notes.append("The captioning modes are not measured: the probes' oracle fixations exist in the parallel "
                      "forward only, not in the streams that write text.")
     if held_out is None:
-        measured = {**clips.means(), **metrics_foveated.improvement_with_se(clips.metrics)}
+        measured = {**clips.means(), **metrics.improvement_with_se(clips.metrics)}
         held_out = FoveatedVLMHeldOut.from_logged(measured, "measured by this report (the log has no evaluation)", "")
     return held_out, clip_summary, clip_figures, config, probes
 
@@ -947,7 +947,7 @@ def _sidecar_levels(video_path: str, frame_indices) -> Optional[list[int]]:
 
 
 def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
-    """`metrics_foveated.level_headroom` of two precomputed splits of cued clips (`load_precomputed` paths), with
+    """`metrics.level_headroom` of two precomputed splits of cued clips (`load_precomputed` paths), with
     each sampled frame's background level read from the video's ground-truth sidecar."""
 
     def latents_and_levels(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -963,7 +963,7 @@ def cued_headroom(train_dataset: str, eval_dataset: str) -> dict[str, float]:
             levels.append(clip_levels)
         return columns["vae_latents"], np.array(levels)
 
-    return metrics_foveated.level_headroom(*latents_and_levels(train_dataset), *latents_and_levels(eval_dataset))
+    return metrics.level_headroom(*latents_and_levels(train_dataset), *latents_and_levels(eval_dataset))
 
 
 @torch.no_grad()
@@ -987,7 +987,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"readout: {Path(path).name}", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
-        inputs = metrics_foveated.model_inputs(batch, model)
+        inputs = metrics.model_inputs(batch, model)
         inputs.pop("vae_latents", None)  # the states alone: no head pass
         outputs = model(**inputs)
         states = {name: getattr(outputs, f"state_{name}").float().cpu() for name in ("coarse", "fine")}  # (B, T, E)
@@ -995,7 +995,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
         for name, state in states.items():
             samples[f"{name}_by_frame"].append(state)
         samples["place"].append((first_box[..., :2] + first_box[..., 2:]) / 2)  # (B, T, 2)
-        samples["place_present"].append(metrics_foveated.box_present(first_box))  # (B, T)
+        samples["place_present"].append(metrics.box_present(first_box))  # (B, T)
         if cued:
             target = torch.tensor(levels[start : start + len(rows)])  # (B, T)
             keep = torch.ones(target.shape, dtype=torch.bool)
@@ -1022,7 +1022,7 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
             scores.append(None)
             continue
         features = (train[f"{name}_by_frame"][fit, t], held_out[f"{name}_by_frame"][score, t])
-        readout = metrics_foveated.linear_readout(features[0], train["place"][fit, t], features[1],
+        readout = metrics.linear_readout(features[0], train["place"][fit, t], features[1],
                                                   held_out["place"][score, t])  # fmt: skip
         scores.append(readout["r2"])
     return scores
@@ -1030,7 +1030,7 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
 
 def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
     """What a linear readout of each pass's LLM state recovers, on held-out clips, of what the next frame needs
-    (docs/DESIGN.md's conditions): `metrics_foveated.linear_readout` fitted on the training split's states, scored on
+    (docs/DESIGN.md's conditions): `metrics.linear_readout` fitted on the training split's states, scored on
     the held-out split's, for Pass 1 (`state_coarse`) and Pass 2 (`state_fine`) apart.
 
     On a cued split the quantity is frame t's background level, set by the target's cue in frame t-1 (classification
@@ -1071,7 +1071,7 @@ def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 1
     kind = "classification" if train["cued"] else "regression"
     metric = "accuracy" if train["cued"] else "r2"
     scores = {
-        name: metrics_foveated.linear_readout(train[name], train["target"], held_out[name], held_out["target"], kind)
+        name: metrics.linear_readout(train[name], train["target"], held_out[name], held_out["target"], kind)
         for name in ("coarse", "fine")
     }
     result = {"quantity": "next level" if train["cued"] else "mover centre", "metric": metric}
@@ -1090,7 +1090,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     parser.add_argument(
         "--headroom",
         action="store_true",
-        help="Instead of a run: print what knowing the next level is worth (metrics_foveated.level_headroom) on a "
+        help="Instead of a run: print what knowing the next level is worth (metrics.level_headroom) on a "
         "cued scene, given its training and held-out precomputed datasets as the two positional paths.",
     )
     parser.add_argument(
@@ -1129,6 +1129,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[Path]:
     out = write_report(args.run_dir, args.eval_dataset, args.vae, args.num_videos, args.device, args.batch_size)
     print(f"report written to {out / 'report.md'} and {out / 'report.html'}")
     return out
+
+
+def cli() -> None:
+    """The `foveated-report` command: `main` without its return value, which a console script would print."""
+    main()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from metrics_foveated import box_present, derived_metrics, psnr
+from foveated_vlm.metrics import box_present, derived_metrics, psnr
 
 __all__ = [
     "REPORT_DIR",

@@ -590,7 +590,7 @@ def _run_dir(path: str | os.PathLike) -> Path:
         return path
     record_path = path / "precompute.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{path} holds no precomputed dataset; run precompute_latents.py first")
+        raise FileNotFoundError(f"{path} holds no precomputed dataset; run foveated_vlm/precompute.py first")
     return path / json.loads(record_path.read_text())["run_dir"]
 
 

@@ -10,13 +10,13 @@ For each mode this scores every held-out clip's reference text (cross-entropy, n
 through the mode's stream), writes a greedy caption and counts exact matches with the reference. "fine" against
 "autoregressive" is the gap between the parallel training passes and deployment.
 
-`--headroom TRAIN EVAL` measures instead what reading the clip is worth to the text (`metrics_foveated.text_headroom`),
+`--headroom TRAIN EVAL` measures instead what reading the clip is worth to the text (`foveated_vlm.metrics.text_headroom`),
 with MODEL's tokenizer, on two precomputed splits.
 
 Usage:
-    python captioning_foveated.py outputs/text-run                      # the held-out split the run recorded
-    python captioning_foveated.py MODEL --eval_dataset data/cued/arrow/eval/runs/<id> --max_new_tokens 16
-    python captioning_foveated.py MODEL --headroom data/cued/arrow/train data/cued/arrow/eval
+    python -m foveated_vlm.captioning outputs/text-run                      # the held-out split the run recorded
+    python -m foveated_vlm.captioning MODEL --eval_dataset data/cued/arrow/eval/runs/<id> --max_new_tokens 16
+    python -m foveated_vlm.captioning MODEL --headroom data/cued/arrow/train data/cued/arrow/eval
 """
 
 import argparse
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-from data_foveated import FoveatedVLMDataCollator, load_precomputed, target_tokens
-from metrics_foveated import model_inputs, text_headroom
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, target_tokens
+from foveated_vlm.metrics import model_inputs, text_headroom
 from modeling_foveated import TEXT_MODES
 from processing_foveated import FoveatedVLMProcessor
 
@@ -122,7 +122,7 @@ def captioning_markdown(captioning: FoveatedVLMCaptioning) -> str:
 
 
 def _recorded_eval_dataset(model_dir: Path) -> Optional[str]:
-    recorded = model_dir / "data_paths.json"  # report_foveated.DATA_PATHS_FILE, written by train_hf.py
+    recorded = model_dir / "data_paths.json"  # foveated_vlm.report.DATA_PATHS_FILE, written by train_hf.py
     return json.loads(recorded.read_text()).get("eval_dataset") if recorded.is_file() else None
 
 
@@ -165,6 +165,11 @@ def main(argv: Optional[list[str]] = None):
         output.write_text(json.dumps(captioning.to_dict(), indent=1))
         print(f"\nWritten: {output}")
     return captioning
+
+
+def cli() -> None:
+    """The `foveated-caption` command: `main` without its return value, which a console script would print."""
+    main()
 
 
 if __name__ == "__main__":

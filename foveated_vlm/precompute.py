@@ -1,14 +1,14 @@
 """Decode every video of a folder and encode its frames with a frozen VAE, once, into an Arrow dataset.
 
-    python precompute_latents.py --video_dir data/videos --output_dir data/precomputed --num_proc 8
-    accelerate launch --num_processes 4 precompute_latents.py --video_dir data/videos --output_dir data/precomputed \
+    python -m foveated_vlm.precompute --video_dir data/videos --output_dir data/precomputed --num_proc 8
+    accelerate launch --num_processes 4 -m foveated_vlm.precompute --video_dir data/videos --output_dir data/precomputed \
         --eval_fraction 0.05
     accelerate launch train_hf.py configs/phase1.yaml --data_source precomputed --precomputed_dir data/precomputed
 
 With `--eval_fraction` the videos are split into OUTPUT_DIR/train and OUTPUT_DIR/eval (each video by a hash of its
 file name, as train_hf.py splits a folder), which `train_hf.py --data_source precomputed` reads. Captions come from
 `--captions_json` (LLaVA-Video) or from a text file beside each video (clip.mp4 -> clip.txt). Reruns reuse finished
-shards (see data_foveated.precompute_dataset). Exits non-zero only when no video succeeded;
+shards (see foveated_vlm.data.precompute_dataset). Exits non-zero only when no video succeeded;
 the videos that failed are listed in the run's failures.jsonl (OUTPUT_DIR/runs/<run id>/, named in the log).
 """
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
-from data_foveated import (
+from foveated_vlm.data import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_FRAMES,
     DEFAULT_SHARD_SIZE,

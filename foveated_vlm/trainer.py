@@ -1,9 +1,9 @@
 """Training of the Foveated VLM with the 🤗 Trainer.
 
-`FoveatedVLMTrainer` adds the metrics of metrics_foveated.py to the Trainer's logs, averaged correctly over
+`FoveatedVLMTrainer` adds the metrics of foveated_vlm/metrics.py to the Trainer's logs, averaged correctly over
 gradient-accumulation micro-batches and processes. Callbacks write what a run shows besides scalars: attention maps
-and decoded predictions of a few fixed eval clips to TensorBoard (figures_foveated.py), and a model card
-(card_foveated.py) into every checkpoint so that each saved folder is Hub-ready.
+and decoded predictions of a few fixed eval clips to TensorBoard (foveated_vlm/figures.py), and a model card
+(foveated_vlm/card.py) into every checkpoint so that each saved folder is Hub-ready.
 """
 
 import dataclasses
@@ -23,9 +23,9 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from card_foveated import FoveatedVLMModelCardInfo, write_model_card
-from figures_foveated import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
-from metrics_foveated import (
+from foveated_vlm.card import FoveatedVLMModelCardInfo, write_model_card
+from foveated_vlm.figures import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
+from foveated_vlm.metrics import (
     TABLE1_LOSSES,
     clip_metrics,
     improvement_with_se,
@@ -34,7 +34,7 @@ from metrics_foveated import (
     teacher_metrics,
     totals,
 )
-from teacher_foveated import TEACHER_FILE, FoveatedVLMSearchTeacher
+from foveated_vlm.teacher import TEACHER_FILE, FoveatedVLMSearchTeacher
 
 __all__ = [
     "TRAINING_ARGS_JSON",
@@ -51,7 +51,7 @@ TRAINING_ARGS_JSON = "training_args.json"
 
 class FoveatedVLMTrainer(Trainer):
     """
-    A `Trainer` for `FoveatedVLMModel` that logs the metrics of metrics_foveated.py next to the Trainer's own `loss`,
+    A `Trainer` for `FoveatedVLMModel` that logs the metrics of foveated_vlm/metrics.py next to the Trainer's own `loss`,
     `grad_norm` and `learning_rate`, as means over every clip of every micro-batch and process since the last log,
     `eval_`-prefixed in evaluation, where it adds Table 1's standard errors (`eval_improvement_se`,
     `eval_improvement_t2_se`). (In distributed evaluation accelerate pads the last batches with repeated clips so
@@ -63,7 +63,7 @@ class FoveatedVLMTrainer(Trainer):
     Args:
         model_card_info (`FoveatedVLMModelCardInfo`, *optional*): what the model card says about the data and base
             models.
-        teacher (`FoveatedVLMSearchTeacher`, *optional*): the search teacher (teacher_foveated.py): its terms join
+        teacher (`FoveatedVLMSearchTeacher`, *optional*): the search teacher (foveated_vlm/teacher.py): its terms join
             the training loss, and its search is logged in training and evaluation (`teacher/...`).
         *args, **kwargs: as for `Trainer`; pass the `FoveatedVLMProcessor` as `processing_class` so that it is saved.
     """

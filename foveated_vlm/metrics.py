@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from modeling_foveated import attention_entropy
-from probes_foveated import probe_inputs
+from foveated_vlm.probes import probe_inputs
 from processing_foveated import frames_to_pixel_values
 
 __all__ = [
@@ -63,7 +63,7 @@ TABLE1_LOSSES = tuple(name for pair in IMPROVEMENTS.values() for name in pair)
 def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
     """The model's forward arguments from a collated batch: its model columns, uint8 `frames` normalised into
     `pixel_values` where the collator left them (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device
-    they are, and a probed model's extra inputs (`probes_foveated.probe_inputs`)."""
+    they are, and a probed model's extra inputs (`foveated_vlm.probes.probe_inputs`)."""
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     if "pixel_values" not in inputs and "frames" in batch:
         inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
@@ -220,7 +220,7 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def teacher_metrics(taught, batch: dict, grid: int) -> dict[str, torch.Tensor]:
-    """Per clip: the search teacher's own metrics (teacher_foveated.py), and how often its best cell overlaps the
+    """Per clip: the search teacher's own metrics (foveated_vlm/teacher.py), and how often its best cell overlaps the
     target's box (`teacher/on_target`, over the scored frames with a box) against the share of cells that do
     (`teacher/on_target_chance`). The boxes are read here, for evaluation, never by the teacher. No box keys for a
     batch without `moving_boxes`."""
@@ -356,7 +356,7 @@ def text_headroom(train_targets: list[list[int]], eval_targets: list[list[int]])
     `without_reading`: the held-out cross-entropy of a writer that knows the captions' form but sees no frame: at
     each position, the training captions' token frequencies there (add-one smoothed over the tokens seen in
     training; a held-out token never seen there costs the log of that count plus one). `with_reading`: 0, for
-    captions written from the clip's generator state (`synthetic_videos.describe_clip`): every word follows from what
+    captions written from the clip's generator state (`foveated_vlm.synthetic.describe_clip`): every word follows from what
     the frames show, so a reader that sees it can write it exactly. `headroom` = without − with, the most a
     glimpse can win; a pass that reads the whole frame already gets part of it where the words are in any glimpse.
 

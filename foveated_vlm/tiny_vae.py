@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-from metrics_foveated import psnr
+from foveated_vlm.metrics import psnr
 from processing_foveated import frames_to_vae_pixel_values
-from synthetic_videos import DIFFICULTIES, generate_video
+from foveated_vlm.synthetic import DIFFICULTIES, generate_video
 
 
 __all__ = ["build_tiny_vae", "fit_tiny_vae", "make_tiny_vae", "reconstruction_psnr", "synthetic_fitting_frames"]
