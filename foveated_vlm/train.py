@@ -261,6 +261,9 @@ class DataArguments:
 
     def __post_init__(self):
         check_data_arguments(self)
+        # Evaluating a model on a folder reads all of it, unless a held-out share is asked for (to re-measure a run
+        # on its own held-out videos).
+        self.eval_fraction_given = self.eval_fraction is not None
         # The chosen source's options get their defaults; the others stay None, so a second check still passes.
         for name, (sources, default) in SOURCE_OPTIONS.items():
             if getattr(self, name) is None and self.data_source in sources:
@@ -483,8 +486,12 @@ def resolve_pretrained(name: str, gguf_file: Optional[str] = None) -> tuple[str,
 # ---- Data ----
 
 
-def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[str]], dict, str]:
+def split_videos(
+    data_args: DataArguments, seed: int, whole_folder_as_eval: bool = False
+) -> tuple[dict[str, list[str]], dict, str]:
     """({"train": paths, "eval": paths}, {split: captions by video id}, a one-line description for the model card).
+    `whole_folder_as_eval`: a folder's videos (or LLaVA-Video's) all go to "eval", for evaluating a trained model on
+    them; synthetic clips keep their held-out split.
 
     Captions: synthetic clips are described from their sidecars (`describe_clip`); a folder's videos have theirs in
     a text file beside each (`clip.mp4` -> `clip.txt`), where there is one; LLaVA-Video's come from its caption file.
@@ -535,10 +542,11 @@ def split_videos(data_args: DataArguments, seed: int) -> tuple[dict[str, list[st
         folder = llava_dir / LLAVA_VIDEO_DIR
         captions = load_llava_captions(llava_dir / LLAVA_CAPTIONS_FILE)
         description = f"A slice of [LLaVA-Video-178K](https://huggingface.co/datasets/{LLAVA_VIDEO_DATASET})"
-    train, evaluation = split_train_eval(
-        find_videos(folder), data_args.eval_fraction, seed=seed
-    )
-    videos = {"train": train, "eval": evaluation}
+    if whole_folder_as_eval:
+        videos = {"train": [], "eval": find_videos(folder)}
+    else:
+        train, evaluation = split_train_eval(find_videos(folder), data_args.eval_fraction, seed=seed)
+        videos = {"train": train, "eval": evaluation}
     if captions is None:
         captions = {split: load_caption_files(paths) for split, paths in videos.items()}
     else:
@@ -590,7 +598,9 @@ def build_datasets(
     # Videos and the tiny VAE: made by the main process, found in the cache by the others. precompute_dataset
     # shares its own work among the processes.
     with training_args.main_process_first(desc="videos and VAE"):
-        videos, captions, description = split_videos(data_args, data_args.split_seed)
+        # Evaluating a trained model: every video of a folder, unless --eval_fraction asks for its held-out share.
+        whole_folder = "train" not in splits_wanted and not data_args.eval_fraction_given
+        videos, captions, description = split_videos(data_args, data_args.split_seed, whole_folder)
         vae = data_args.vae
         if vae == "tiny":
             tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")

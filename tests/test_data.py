@@ -719,6 +719,11 @@ def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, 
                    "--output_dir", str(tmp_path / "on_synthetic")])  # fmt: skip
     assert json.loads((tmp_path / "on_synthetic" / "eval_results.json").read_text())["eval_loss/fine"] > 0
     assert len(list((tmp_path / "cache" / "arrow" / "train" / "runs").iterdir())) == 1  # the training run's alone
+    # A folder without --eval_fraction: every one of its videos is evaluated (with it: its held-out share, above).
+    other = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train")]
+    trainer = train_hf.main(["configs/cued.yaml", *other, *common, "--evaluate_model", str(run), "--write_report",
+                             "false", "--output_dir", str(tmp_path / "on_other_videos")])  # fmt: skip
+    assert len(trainer.eval_dataset) == len(find_videos(video_dir / "train")) == NUM_GOOD
     with pytest.raises(ValueError, match="--do_train is a TrainingArguments field .* --evaluate_model"):
         train_hf.parse_arguments(["configs/cued.yaml", "--do_train", "false"])
     data_args = dataclasses.replace(train_hf.parse_arguments(["configs/cued.yaml"])[1], image_size=128)
