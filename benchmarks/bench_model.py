@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_foveated import DINOV3_VITS16_REGISTER_TOKENS, SMOLLM2_135M_DEFAULTS, FoveatedVLMConfig  # noqa: E402
 from modeling_foveated import FoveatedVLMModel  # noqa: E402
-from tests.host_sync import HOST_SYNC_OPERATORS  # noqa: E402
+from foveated_vlm.trainer import HOST_SYNC_OPERATORS  # noqa: E402
 
 # Dense peak throughput of the devices we report against (vendor figures, TFLOP/s): bf16 tensor cores, fp32 via TF32.
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}

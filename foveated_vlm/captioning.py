@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, target_tokens
-from foveated_vlm.metrics import model_inputs, text_headroom
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs, target_tokens
+from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
 from processing_foveated import FoveatedVLMProcessor
 

@@ -9,11 +9,12 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from foveated_vlm.figures import REPORT_DIR, REPORT_FIGURES
 from foveated_vlm.metrics import derived_metrics
 
 __all__ = [
     "IMPROVEMENT_BANDS",
+    "REPORT_DIR",
+    "REPORT_FIGURES",
     "TABLE1_METRICS",
     "FoveatedVLMModelCardInfo",
     "architecture_rows",
@@ -29,6 +30,17 @@ __all__ = [
     "table1_values",
     "write_model_card",
 ]
+
+# The report's folder inside a run, and its figures: file name (glob pattern) -> title. The report draws them, the
+# model card links them.
+REPORT_DIR = "report"
+REPORT_FIGURES = {
+    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
+    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
+    "fig3_attention_*.png": "Figure 3: Pass 1 and Pass 2 attention on a held-out clip",
+    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
+}
+
 
 # model_card.md lives at the repository's top; the build copies it into the package (setup.py), so an installed
 # package finds it beside this module and a source checkout one folder up.

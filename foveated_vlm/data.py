@@ -54,6 +54,7 @@ __all__ = [
     "LLAVA_VIDEO_DATASET",
     "LLAVA_VIDEO_DIR",
     "MAX_MOVING_BOXES",
+    "MODEL_INPUT_NAMES",
     "SD_VAE_ID",
     "FoveatedVLMDataCollator",
     "download_llava_video_slice",
@@ -62,6 +63,7 @@ __all__ = [
     "target_tokens",
     "load_llava_captions",
     "load_precomputed",
+    "model_inputs",
     "precompute_dataset",
     "run_dir_of",
     "split_train_eval",
@@ -625,6 +627,21 @@ def run_dir_of(dataset: datasets.Dataset) -> Path:
     files = {Path(f["filename"]) for f in dataset.cache_files}
     (run_dir,) = {path.parent for path in files if path.name == "captions.arrow"}
     return run_dir
+
+
+# Batch columns the model's forward takes; the rest (moving_boxes, frames, ...) are for metrics and figures only.
+MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask", "target_ids", "target_labels")
+
+
+def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
+    """The model's forward arguments from a collated batch: its model columns, uint8 `frames` normalised into
+    `pixel_values` where the collator left them (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device
+    they are, and a probed model's extra inputs (`FoveatedVLMProbedModel.probe_inputs`)."""
+    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
+    if "pixel_values" not in inputs and "frames" in batch:
+        inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
+    probe_inputs = getattr(model, "probe_inputs", None)  # a probed model's; asked of the model, not imported
+    return {**inputs, **(probe_inputs(batch) if probe_inputs is not None else {})}
 
 
 @dataclass

@@ -11,8 +11,6 @@ from matplotlib.patches import Rectangle
 from foveated_vlm.metrics import box_present, derived_metrics, psnr
 
 __all__ = [
-    "REPORT_DIR",
-    "REPORT_FIGURES",
     "decode_latents",
     "evenly_spaced_clips",
     "plot_attention_maps",
@@ -22,17 +20,6 @@ __all__ = [
     "plot_ratio",
     "stack_frames",
 ]
-
-# The report's folder inside a run, and its figures: file name (glob pattern) -> title. The report draws them, the
-# model card links them.
-REPORT_DIR = "report"
-REPORT_FIGURES = {
-    "fig1_losses.png": "Figure 1: loss_fine and loss_coarse over training steps",
-    "fig2_ratio.png": "Figure 2: loss_coarse / loss_fine over training steps",
-    "fig3_attention_*.png": "Figure 3: Pass 1 and Pass 2 attention on a held-out clip",
-    "fig4_predictions.png": "Figure 4: frame t, predicted and actual frame t+1",
-}
-
 
 def evenly_spaced_clips(num_rows: int, num_clips: int) -> list[int]:
     """Row indices of `num_clips` clips spread evenly over a split of `num_rows`, first and last included: the clips
@@ -127,8 +114,8 @@ def plot_prediction_figure(vae, frames, latents, outputs) -> tuple[Figure, float
         decode_latents(vae, outputs.pred_coarse[:, t + 1]),
         t=t,
     )
-    figure.suptitle(f"{REPORT_FIGURES['fig4_predictions.png']}: frame {t + 1} predicted from frames 0..{t} "
-                    "(VAE-decoded latents)", fontsize=9)
+    figure.suptitle(f"Frame {t}, and frame {t + 1} predicted from frames 0..{t} and actual (VAE-decoded latents)",
+                    fontsize=9)
     return figure, psnr(actual, frames[:, t + 1].astype(np.float32) / 255)
 
 
@@ -161,7 +148,7 @@ def plot_losses(train: dict, evaluation: dict) -> Figure:
             ax.plot(evaluation["step"], evaluation[name], "o--", color=color, label=f"eval loss/{name}", **size)
     _finish(ax, bool(len(train["step"]) or len(evaluation["step"])), log_scale=True)
     ax.set_ylabel("next-frame latent MSE (log scale)")
-    ax.set_title(REPORT_FIGURES["fig1_losses.png"])
+    ax.set_title("loss_fine and loss_coarse over training steps")
     return figure
 
 
@@ -177,5 +164,5 @@ def plot_ratio(train: dict, evaluation: dict) -> Figure:
     ax.axhline(1.0, color="black", linewidth=1, linestyle=":", label="1.0 (no effect)")
     _finish(ax, bool(len(train["step"]) or len(evaluation["step"])))
     ax.set_ylabel("loss/coarse ÷ loss/fine")
-    ax.set_title(REPORT_FIGURES["fig2_ratio.png"])
+    ax.set_title("loss_coarse / loss_fine over training steps")
     return figure

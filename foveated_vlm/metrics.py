@@ -19,12 +19,9 @@ import numpy as np
 import torch
 
 from modeling_foveated import attention_entropy
-from foveated_vlm.probes import probe_inputs
-from processing_foveated import frames_to_pixel_values
 
 __all__ = [
     "CHANGED_CELL_THRESHOLD",
-    "MODEL_INPUT_NAMES",
     "FoveatedVLMImprovement",
     "box_coverage",
     "box_present",
@@ -36,14 +33,11 @@ __all__ = [
     "linear_readout",
     "mean_metrics",
     "means_from_totals",
-    "model_inputs",
     "psnr",
     "text_headroom",
     "totals",
 ]
 
-# Batch columns the model's forward takes; the rest (moving_boxes, frames, ...) are for metrics and figures only.
-MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask", "target_ids", "target_labels")
 # A latent cell "changes" when the mean absolute change of its channels from the previous latent exceeds this: a
 # tenth of the latents' standard deviation, which the VAE's scaling factor makes about 1.
 CHANGED_CELL_THRESHOLD = 0.1
@@ -58,16 +52,6 @@ IMPROVEMENTS = {
     "improvement_text": ("loss/text_fine", "loss/text_coarse"),  # text as a target
 }
 TABLE1_LOSSES = tuple(name for pair in IMPROVEMENTS.values() for name in pair)
-
-
-def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
-    """The model's forward arguments from a collated batch: its model columns, uint8 `frames` normalised into
-    `pixel_values` where the collator left them (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device
-    they are, and a probed model's extra inputs (`foveated_vlm.probes.probe_inputs`)."""
-    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
-    if "pixel_values" not in inputs and "frames" in batch:
-        inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
-    return {**inputs, **probe_inputs(model, batch)}
 
 
 def _clip_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

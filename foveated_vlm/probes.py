@@ -129,6 +129,15 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         model._oracle_fixations = None
         return model
 
+    def probe_inputs(self, batch: dict) -> dict:
+        """The probed forward's extra arguments from a collated batch: `oracle_fixations` where a probe reads the
+        ground truth (`FoveatedVLMProbes.needs_oracle`: the centre of each frame's first moving box), else nothing."""
+        if not self.probes.needs_oracle:
+            return {}
+        if "moving_boxes" not in batch:
+            raise ValueError("oracle probes need the batch's moving_boxes (synthetic clips carry them)")
+        return {"oracle_fixations": moving_box_centres(batch["moving_boxes"])}
+
     def forward(self, pixel_values: torch.Tensor, *args, oracle_fixations: Optional[torch.Tensor] = None, **kwargs):
         r"""
         `FoveatedVLMModel.forward` (which refuses any other argument), and:
@@ -258,11 +267,6 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
 
 
 def probe_inputs(model, batch: dict) -> dict:
-    """The probed forward's extra arguments from a collated batch: `oracle_fixations` for a model probed with
-    anything that reads the ground truth (`FoveatedVLMProbes.needs_oracle`: the centre of each frame's first moving
-    box), else nothing."""
-    if not (isinstance(model, FoveatedVLMProbedModel) and model.probes.needs_oracle):
-        return {}
-    if "moving_boxes" not in batch:
-        raise ValueError("oracle probes need the batch's moving_boxes (synthetic clips carry them)")
-    return {"oracle_fixations": moving_box_centres(batch["moving_boxes"])}
+    """The probed forward's extra arguments from a collated batch (`FoveatedVLMProbedModel.probe_inputs`); nothing
+    for a model without probes."""
+    return model.probe_inputs(batch) if isinstance(model, FoveatedVLMProbedModel) else {}

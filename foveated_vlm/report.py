@@ -38,12 +38,18 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils.logging import tqdm
 
 from foveated_vlm import metrics
-from foveated_vlm.card import IMPROVEMENT_BANDS, architecture_rows, improvement_band, latest_eval_metrics, logged_means
-from foveated_vlm.captioning import FoveatedVLMCaptioning, captioning_markdown, evaluate_captioning
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed
-from foveated_vlm.figures import (
+from foveated_vlm.card import (
+    IMPROVEMENT_BANDS,
     REPORT_DIR,
     REPORT_FIGURES,
+    architecture_rows,
+    improvement_band,
+    latest_eval_metrics,
+    logged_means,
+)
+from foveated_vlm.captioning import FoveatedVLMCaptioning, captioning_markdown, evaluate_captioning
+from foveated_vlm.data import MODEL_INPUT_NAMES, FoveatedVLMDataCollator, load_precomputed, model_inputs
+from foveated_vlm.figures import (
     evenly_spaced_clips,
     plot_attention_maps,
     plot_losses,
@@ -267,12 +273,12 @@ def evaluate_clips(model, dataset, collator, batch_size: int = 16, device="cpu")
     for start in tqdm(range(0, len(dataset), batch_size), desc="report: held-out clips", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
-        inputs = metrics.model_inputs(batch, model)
+        inputs = model_inputs(batch, model)
         outputs = model(**inputs)
         for name, value in metrics.clip_metrics(model, outputs, batch).items():
             per_clip.setdefault(name, []).append(value.float().cpu().numpy())
         # Probe inputs (oracle fixations) come from the batch's ground truth, which a stream does not have.
-        stream = stream and inputs.keys() <= set(metrics.MODEL_INPUT_NAMES)
+        stream = stream and inputs.keys() <= set(MODEL_INPUT_NAMES)
         if stream:
             losses = _streamed_losses(model, inputs, batch["vae_latents"].float())
             streamed.append([loss.cpu().numpy() for loss in losses])
@@ -706,7 +712,7 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     rows = [dataset[i] for i in indices]
     batch = _to_device(collator(rows), device)
     with torch.no_grad():
-        outputs = model(**metrics.model_inputs(batch, model))
+        outputs = model(**model_inputs(batch, model))
     frames, boxes = stack_frames(rows), batch["moving_boxes"].cpu().numpy()
     tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
     figures = []
@@ -987,7 +993,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"readout: {Path(path).name}", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = _to_device(collator(rows), device)
-        inputs = metrics.model_inputs(batch, model)
+        inputs = model_inputs(batch, model)
         inputs.pop("vae_latents", None)  # the states alone: no head pass
         outputs = model(**inputs)
         states = {name: getattr(outputs, f"state_{name}").float().cpu() for name in ("coarse", "fine")}  # (B, T, E)

@@ -24,19 +24,20 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from foveated_vlm.card import FoveatedVLMModelCardInfo, write_model_card
+from foveated_vlm.data import model_inputs
 from foveated_vlm.figures import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
 from foveated_vlm.metrics import (
     TABLE1_LOSSES,
     clip_metrics,
     improvement_with_se,
     means_from_totals,
-    model_inputs,
     teacher_metrics,
     totals,
 )
 from foveated_vlm.teacher import TEACHER_FILE, FoveatedVLMSearchTeacher
 
 __all__ = [
+    "HOST_SYNC_OPERATORS",
     "TRAINING_ARGS_JSON",
     "FoveatedVLMTrainer",
     "FoveatedVLMFigureCallback",
@@ -47,6 +48,14 @@ __all__ = [
 
 # The training arguments as saved with the model: JSON, where the Trainer writes a pickle (TRAINING_ARGS_NAME).
 TRAINING_ARGS_JSON = "training_args.json"
+
+
+# Operators that make the host wait for the accelerator: reading a value (`.item()`, `bool(tensor)`) or an output
+# whose size depends on the data. A train step calls none of them outside logging (tests/test_trainer.py checks it,
+# benchmarks/bench_model.py counts them).
+HOST_SYNC_OPERATORS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "repeat_interleave"}
+)
 
 
 class FoveatedVLMTrainer(Trainer):

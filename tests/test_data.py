@@ -39,13 +39,14 @@ from foveated_vlm.data import (
     find_videos,
     load_llava_captions,
     load_precomputed,
+    model_inputs,
     precompute_dataset,
     run_dir_of,
     split_train_eval,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from foveated_vlm.synthetic import generate_split
-from foveated_vlm.metrics import level_headroom, model_inputs
+from foveated_vlm.metrics import level_headroom
 from foveated_vlm.tiny_vae import make_tiny_vae
 
 
@@ -467,6 +468,7 @@ def run_cli(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, caplog):
     ok = run_cli([sys.executable, "-m", "foveated_vlm.precompute", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
     assert ok.returncode == 0, ok.stderr
@@ -479,6 +481,7 @@ def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_va
     assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in caplog.text
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, tmp_path):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
     arguments = cli_arguments(video_dir / "train", tmp_path / "out", tiny_vae)
@@ -636,6 +639,7 @@ def tiny_training_config(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cold_and_warm_cache_train_the_same_model(tmp_path):
     """The first run builds the data (videos, a tiny VAE fit, latents); the second finds it all cached. Building draws
     nothing from the global random state, so both runs log the same losses."""
@@ -691,6 +695,7 @@ def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_pat
     assert "search teacher" in (output_dir / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, tiny_vae, tmp_path):
     """`--evaluate_model RUN` trains nothing: on the run's own held-out clips it reproduces the run's final Table 1;
     on another source it prepares the held-out split only. `--do_train false` is refused, not ignored."""

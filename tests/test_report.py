@@ -16,7 +16,7 @@ from transformers import TrainerState, TrainingArguments
 
 from foveated_vlm import metrics as metrics_foveated
 from foveated_vlm.card import FoveatedVLMModelCardInfo, loss_formula, write_model_card
-from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
+from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, model_inputs, precompute_dataset
 from modeling_foveated import FoveatedVLMModel
 from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
 from foveated_vlm.report import DATA_PATHS_FILE, compare_runs, main, state_readout, write_report
@@ -358,7 +358,7 @@ def test_probed_run_is_reported_with_its_probes(tmp_path, data):
     dataset = load_precomputed(data["eval_dataset"])
     batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        outputs = model(**metrics_foveated.model_inputs(batch, model))
+        outputs = model(**model_inputs(batch, model))
     assert metrics["held_out"]["loss_fine"] == pytest.approx(outputs.loss_fine.item(), rel=1e-5)
     assert "oracle" in (out / "report.md").read_text()
 

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import decord
 import numpy as np
@@ -174,6 +173,7 @@ def test_rerun_skips_up_to_date_videos_and_redoes_changed_ones(tmp_path):
     assert not list(tmp_path.glob("*/.tmp-*"))
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     help_text = subprocess.run(
         [sys.executable, *SCRIPT, "--help"], capture_output=True, text=True, check=True

@@ -255,6 +255,7 @@ def captioned_videos(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_text_target_training_runs_end_to_end_with_report_and_captioning(captioned_videos, tmp_path):
     """`train_hf.py` with text as a target on a folder of videos with caption files: text losses in the logs and
     Table 1, the objective on the card, the three modes in the report, and the captioning command's gap."""

@@ -27,8 +27,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaMode
 from transformers import TrainingArguments
 
 from foveated_vlm import train as train_hf
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed
-from host_sync import HOST_SYNC_OPERATORS
+from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
 from foveated_vlm.metrics import (
     CHANGED_CELL_THRESHOLD,
     FoveatedVLMImprovement,
@@ -36,13 +35,12 @@ from foveated_vlm.metrics import (
     improvement_with_se,
     level_headroom,
     mean_metrics,
-    model_inputs,
 )
 from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
 from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from foveated_vlm.tiny_vae import make_tiny_vae
-from foveated_vlm.trainer import FoveatedVLMFigureCallback, FoveatedVLMTrainer
+from foveated_vlm.trainer import HOST_SYNC_OPERATORS, FoveatedVLMFigureCallback, FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
@@ -128,6 +126,7 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     assert np.std([o.loss_fine.item() for o in outputs]) > 1e-4
 
 
+@pytest.mark.slow
 def test_captioned_micro_batches_train_like_one_batch(tmp_path):
     """configs/phase2.yaml trains 8 clips as one micro-batch where it used 2 x 4: captions of different lengths are
     then padded to the longest of 8 instead of 2. Padding is masked, so the trained models must agree."""
@@ -654,6 +653,7 @@ HUB_FILES = (
 )
 
 
+@pytest.mark.slow
 def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_isolated_python):
     output_dir = tiny_run["output_dir"]
     assert "| loss_coarse    |" in tiny_run["stdout"] and "Wall time" in tiny_run["stdout"]
@@ -710,6 +710,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
         )
 
 
+@pytest.mark.slow
 def test_final_evaluation_runs_once(tiny_run):
     """The Trainer evaluates at the last step itself: train_hf.py reuses that evaluation for Table 1 instead of
     running a second one, so the log history and TensorBoard hold it once."""
@@ -723,6 +724,7 @@ def test_final_evaluation_runs_once(tiny_run):
     assert len(list((output_dir / "runs").rglob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_saved_folder_holds_no_pickle(tiny_run):
     """Every file of the final folder (checkpoints aside: they keep the optimizer state a resume needs) is one the
     Hub can show without unpickling: no pickle, no torch.save zip."""
@@ -736,6 +738,7 @@ def test_saved_folder_holds_no_pickle(tiny_run):
     assert not list(output_dir.rglob("training_args.bin"))  # nor in the checkpoints
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
     output_dir = tmp_path / "killed"
     # Planned far longer than it will live; with a constant learning rate only the step count matters.
@@ -789,6 +792,7 @@ with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
     script = tmp_path / "two_process_run.py"
     script.write_text(TWO_PROCESS_SCRIPT)
@@ -834,6 +838,7 @@ def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
         torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsys):
     trainer = train_hf.main([str(tiny_run["config"]), "--profile_memory", "--output_dir", str(tmp_path / "profile")])
     assert trainer.state.global_step == 1
