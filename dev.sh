@@ -32,9 +32,9 @@ case "$cmd" in
         .venv/bin/python train_hf.py configs/cued.yaml "$@"
         .venv/bin/python train_hf.py configs/cued.yaml --fine_queries oracle --output_dir outputs/cued-oracle "$@"
         echo "Headroom (held-out latent MSE on targets t >= 2 without and with the next level known):"
-        .venv/bin/python -m foveated_vlm.report --headroom data/cued/arrow/train data/cued/arrow/eval
+        .venv/bin/python -m foveated_vlm.analyses headroom data/cued/arrow/train data/cued/arrow/eval
         echo "The two runs: learned queries (cued) and Pass 2 sent to the target (cued-oracle):"
-        .venv/bin/python -m foveated_vlm.report --compare outputs/cued outputs/cued-oracle
+        .venv/bin/python -m foveated_vlm.analyses compare outputs/cued outputs/cued-oracle
         ;;
     test)
         setup_venv

@@ -18,9 +18,10 @@ import evaluate
 import numpy as np
 import torch
 
-from modeling_foveated import attention_entropy
 
 __all__ = [
+    "clip_category",
+    "rank_correlation",
     "CHANGED_CELL_THRESHOLD",
     "FoveatedVLMImprovement",
     "box_coverage",
@@ -111,6 +112,13 @@ def changed_cell_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
         mean = (error * cells).flatten(1).sum(1) / count.clamp_min(1)
         metrics[name] = torch.where(count > 0, mean, math.nan)
     return metrics
+
+
+def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
+    """Mean entropy in nats of distributions over the last dim; `log(P)` for uniform attention. The definition of
+    `modeling_foveated.attention_entropy` (the model's entropy price), repeated here so that the metrics, and the
+    card, figures and tiny VAE above them, do not load the model; tests/test_trainer.py checks they agree."""
+    return -(attention * attention.clamp_min(1e-12).log()).sum(-1).mean()
 
 
 def entropy_metrics(outputs) -> dict[str, torch.Tensor]:
@@ -466,3 +474,30 @@ def improvement_with_se(values: dict, metric: Optional[FoveatedVLMImprovement] =
             results[name] = measured["improvement"]
             results[f"{name}_se"] = measured["improvement_se"]
     return results
+
+
+# Clip heuristics on the mean absolute difference of consecutive frames (pixels scaled to [0, 1]). A 16 px square
+# moving on a 128 px synthetic frame gives about 0.01; a camera pan over a textured real scene 0.05-0.15.
+STATIC_MAX_DIFF = 0.005  # below: nothing visible changes (about 1.3 grey levels on average)
+FAST_MIN_DIFF = 0.05  # at or above: fast motion
+CUT_MIN_DIFF = 0.20  # a scene cut: one frame pair differs this much ...
+CUT_MIN_RATIO = 3.0  # ... and at least this many times the clip's median pair difference
+
+
+def clip_category(diffs: np.ndarray) -> str:
+    """static / scene cut / fast motion / moderate motion, from one clip's consecutive-frame differences."""
+    if diffs.max() >= CUT_MIN_DIFF and diffs.max() >= CUT_MIN_RATIO * np.median(diffs):
+        return "scene cut"
+    if diffs.mean() < STATIC_MAX_DIFF:
+        return "static"
+    return "fast motion" if diffs.mean() >= FAST_MIN_DIFF else "moderate motion"
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho (no tie correction), NaN for fewer than 3 clips or a constant input."""
+    if len(a) < 3:
+        return math.nan
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ranks_a.std() == 0 or ranks_b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])

@@ -27,7 +27,7 @@ from tiny import save_tiny_tokenizer, save_tiny_vae
 
 from foveated_vlm import data as data_foveated
 from foveated_vlm import precompute as precompute_latents
-from foveated_vlm import report as report_foveated
+from foveated_vlm import analyses
 from foveated_vlm import train as train_hf
 from foveated_vlm.data import (
     COLUMNS,
@@ -319,9 +319,9 @@ def test_cued_moving_boxes_are_the_target_in_every_frame(tiny_vae, precomputed, 
               for path in dataset["video_path"]]  # fmt: skip
     latents = batch["vae_latents"].numpy()
     expected = level_headroom(latents, levels, latents, levels)
-    assert report_foveated.cued_headroom(tmp_path / "out", tmp_path / "out") == pytest.approx(expected)
+    assert analyses.cued_headroom(tmp_path / "out", tmp_path / "out") == pytest.approx(expected)
     with pytest.raises(ValueError, match="no background levels"):
-        report_foveated.cued_headroom(tmp_path / "out", precomputed_dir)
+        analyses.cued_headroom(tmp_path / "out", precomputed_dir)
 
 
 def test_moving_boxes_without_a_sidecar_and_a_broken_sidecar(video_dir, tiny_vae, tmp_path):

@@ -1,6 +1,7 @@
 """The installed package, as `pip install foveated-vlm` would lay it out: a wheel built from this repository,
 installed into a folder of its own, run from another working directory through its console scripts."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -75,3 +76,44 @@ def test_the_installed_commands_train_and_evaluate_from_another_folder(installed
     assert "| loss_fine" in (tmp_path / "work" / "run" / "README.md").read_text()
     stdout = run(str(installed / "bin" / "foveated-evaluate"), "run", "tiny.yaml", "--output_dir", "evaluated")
     assert "loss_fine" in stdout and (tmp_path / "work" / "evaluated" / "eval_results.json").is_file()
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each package module (the three model modules and foveated_vlm.*) -> the package modules it imports at run
+    time, wherever in the file (imports under `if TYPE_CHECKING:` are types only, and left out)."""
+    files = {path.stem: path for path in REPO_ROOT.glob("*_foveated.py")}
+    files.update({f"foveated_vlm.{path.stem}": path for path in (REPO_ROOT / "foveated_vlm").glob("*.py")})
+    files.pop("foveated_vlm.__init__")
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                     and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}  # fmt: skip
+        imported = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = (imported & set(files)) - {name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle_and_at_most_six_floors():
+    """Floors: a module importing no package module is on floor 1, any other one floor above its highest import.
+    A short stack keeps the metrics, the card and the data pipeline importable without the report and training."""
+    graph = _package_imports()
+    floors = {}
+
+    def floor(name, path=()):
+        if name in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path + (name,))}")
+        if name not in floors:
+            floors[name] = 1 + max((floor(child, path + (name,)) for child in graph[name]), default=0)
+        return floors[name]
+
+    assert max(floor(name) for name in graph) <= 6, sorted(floors.items(), key=lambda item: item[1])
+    # The lower floors load neither the model nor matplotlib.
+    assert graph["foveated_vlm.metrics"] == set() and "foveated_vlm.figures" not in graph["foveated_vlm.card"]

@@ -19,7 +19,9 @@ from foveated_vlm.card import FoveatedVLMModelCardInfo, loss_formula, write_mode
 from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, model_inputs, precompute_dataset
 from modeling_foveated import FoveatedVLMModel
 from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
-from foveated_vlm.report import DATA_PATHS_FILE, compare_runs, main, state_readout, write_report
+from foveated_vlm import analyses
+from foveated_vlm.analyses import compare_runs, state_readout
+from foveated_vlm.report import DATA_PATHS_FILE, main, write_report
 from foveated_vlm.synthetic import generate_split
 from tiny import save_tiny_vae, tiny_config
 
@@ -262,15 +264,20 @@ def test_compare_pools_seeds_into_mean_and_spread(tmp_path, capsys):
         curve = [{"step": 2, "eval_improvement_t2": value / 2}, {"step": 4, "eval_improvement_t2": value}]
         state["log_history"] += curve
         (run_dir / "trainer_state.json").write_text(json.dumps(state))
-    main(["--compare", *(str(tmp_path / name) for name in improvements)])
-    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    analyses.main(["compare", *(str(tmp_path / name) for name in improvements)])
+    table = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     # Mean and sample standard deviation over the three seeds, each seed listed; the single run has no spread.
     assert "| 3 | 4 | 3 |" in rows["base"] and "+20.00 % ± 10.00 (+10.00, +20.00, +30.00)" in rows["base"]
     assert "| -5.00 % |" in rows["ablation"] and "±" not in rows["ablation"]
     # The last column: the t >= 2 improvement at each evaluation, averaged over the seeds.
     assert rows["base"].endswith("| +10.0 / +20.0 |") and rows["ablation"].endswith("| -2.5 / -5.0 |")
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
-        main(["--compare", str(tmp_path)])
+        analyses.main(["compare", str(tmp_path)])
+    # The report's old flag names the new command.
+    with pytest.raises(SystemExit):
+        main(["--compare", str(tmp_path / "ablation")])
+    assert f"--compare moved: python -m foveated_vlm.analyses compare {tmp_path / 'ablation'}" in capsys.readouterr().err
 
 
 def test_compare_and_table2_show_the_same_tracking(tiny_run):
@@ -415,7 +422,7 @@ def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
     eval_dataset(tmp_path / "train", seed=1, spread=0.1)  # other frames; boxes whose place differs between clips
     eval_dataset(tmp_path / "eval", seed=2, spread=0.05)
     held_out = str(tmp_path / "eval")
-    main(["--readout", str(run_dir), str(tmp_path / "train"), "--eval_dataset", held_out, "--batch_size", "2"])
+    analyses.main(["readout", str(run_dir), str(tmp_path / "train"), "--eval_dataset", held_out, "--batch_size", "2"])
     result = json.loads(capsys.readouterr().out)
     assert result["quantity"] == "mover centre" and result["metric"] == "r2" and "chance" not in result
     assert result["num_train"] == result["num_eval"] == (NUM_CLIPS - 1) * (T - 1)  # clip 1 has no box
@@ -488,4 +495,4 @@ def test_state_readout_bad_paths_name_the_file(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="missing_split"):
         state_readout(run_dir, tmp_path / "missing_split")
     with pytest.raises(SystemExit):
-        main(["--readout", str(run_dir)])  # the training split is missing
+        analyses.main(["readout", str(run_dir)])  # the training split is missing

@@ -537,6 +537,17 @@ def test_evaluation_keeps_only_the_losses_table1_needs(tmp_path, monkeypatch):
     assert "eval_improvement_se" in metrics and not trainer._eval_clip_losses  # cleared once logged
 
 
+def test_the_metrics_entropy_is_the_models():
+    """metrics.attention_entropy repeats modeling_foveated.attention_entropy (so that the metrics do not load the
+    model): the two agree on peaked, uniform and random attention."""
+    from foveated_vlm import metrics
+    import modeling_foveated
+
+    attention = torch.stack([torch.eye(4)[0], torch.full((4,), 0.25), torch.rand(4).softmax(0)])  # (3, 4)
+    for rows in (attention, attention[:1], attention[1:2]):
+        torch.testing.assert_close(metrics.attention_entropy(rows), modeling_foveated.attention_entropy(rows))
+
+
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
