@@ -68,7 +68,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         lambda_coarse (`float`, *optional*, defaults to 1.0):
             Weight of Pass 1's losses against Pass 2's: `loss = latent_loss_weight * (loss_fine + lambda_coarse *
             loss_coarse) + text_loss_weight * (loss_text_fine + lambda_coarse * loss_text_coarse) (+
-            aux_current_weight * loss_aux + dynamic_entropy_weight * entropy_dynamic)`; with `fine_passes > 1` every
+            aux_current_weight * loss_aux + dynamic_entropy_weight * entropy_fine)`; with `fine_passes > 1` every
             fine pass's losses join their Pass-2 term.
         latent_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the next-frame latent objective (the design's).

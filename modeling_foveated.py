@@ -8,6 +8,7 @@ D = encoder width, E = LLM width, Q = query_dim, C x h x w = VAE latent.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -80,8 +81,24 @@ class FoveatedVLMPatchCache(ModelOutput):
     final_features: Optional[torch.FloatTensor] = None
 
 
+class _RenamedFields:
+    """Read-only aliases of output fields renamed in this release (Pass 1 / Pass 2 are `coarse` / `fine` in code;
+    `static` / `dynamic` were a second name for them): `output.attn_static` still reads `attn_coarse`, with a
+    warning. Attribute access only; the outputs' keys are the new names. To be removed in the next release."""
+
+    _RENAMED = {"attn_static": "attn_coarse", "attn_dynamic": "attn_fine", "entropy_static": "entropy_coarse",
+                "entropy_dynamic": "entropy_fine"}  # fmt: skip
+
+    def __getattr__(self, name):
+        new = type(self)._RENAMED.get(name)
+        if new is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        warnings.warn(f"{name} is renamed {new}; the old name goes in the next release", FutureWarning, stacklevel=2)
+        return getattr(self, new)
+
+
 @dataclass
-class FoveatedVLMOutput(ModelOutput):
+class FoveatedVLMOutput(_RenamedFields, ModelOutput):
     """
     Output of [`FoveatedVLMModel`]: both passes of one clip batch.
 
@@ -89,7 +106,7 @@ class FoveatedVLMOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss (`FoveatedVLMConfig.lambda_coarse`
             writes it out): with the default weights `loss_fine + lambda_coarse * loss_coarse`, plus
             `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and `dynamic_entropy_weight *
-            entropy_dynamic` when `config.dynamic_entropy_weight > 0`.
+            entropy_fine` when `config.dynamic_entropy_weight > 0`.
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
         loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
@@ -98,11 +115,11 @@ class FoveatedVLMOutput(ModelOutput):
         pred_coarse (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-1 prediction of latents 1..T.
         queries (`torch.FloatTensor` of shape `(B, T, Q)`): `q_t` emitted after frame t (Pass 1); frame t+1 is
             read with it in Pass 2.
-        attn_static (`torch.FloatTensor` of shape `(B, T, P)`): `q_static`'s attention over each frame's patches.
-        attn_dynamic (`torch.FloatTensor` of shape `(B, T, P)`): the attention of the query that read frame t in
+        attn_coarse (`torch.FloatTensor` of shape `(B, T, P)`): `q_static`'s attention over each frame's patches.
+        attn_fine (`torch.FloatTensor` of shape `(B, T, P)`): the attention of the query that read frame t in
             Pass 2 (`q_init` for t = 1, else `q_{t-1}`).
-        entropy_static (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_static`.
-        entropy_dynamic (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_dynamic`.
+        entropy_coarse (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_coarse`.
+        entropy_fine (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_fine`.
         state_coarse (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 1 (at
             `<coarse>`, z°_1..z°_{T-1}).
         state_fine (`torch.FloatTensor` of shape `(B, T, E)`): LLM states the head reads in Pass 2.
@@ -130,10 +147,10 @@ class FoveatedVLMOutput(ModelOutput):
     pred_fine: Optional[torch.FloatTensor] = None
     pred_coarse: Optional[torch.FloatTensor] = None
     queries: Optional[torch.FloatTensor] = None
-    attn_static: Optional[torch.FloatTensor] = None
-    attn_dynamic: Optional[torch.FloatTensor] = None
-    entropy_static: Optional[torch.FloatTensor] = None
-    entropy_dynamic: Optional[torch.FloatTensor] = None
+    attn_coarse: Optional[torch.FloatTensor] = None
+    attn_fine: Optional[torch.FloatTensor] = None
+    entropy_coarse: Optional[torch.FloatTensor] = None
+    entropy_fine: Optional[torch.FloatTensor] = None
     state_coarse: Optional[torch.FloatTensor] = None
     state_fine: Optional[torch.FloatTensor] = None
     prev_latents: Optional[torch.FloatTensor] = None
@@ -148,7 +165,7 @@ class FoveatedVLMOutput(ModelOutput):
 
 
 @dataclass
-class FoveatedVLMStreamOutput(ModelOutput):
+class FoveatedVLMStreamOutput(_RenamedFields, ModelOutput):
     """
     One frame t of [`FoveatedVLMModel.stream`] (B clips).
 
@@ -158,15 +175,15 @@ class FoveatedVLMStreamOutput(ModelOutput):
             t-1 was not given.
         pred_coarse (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): the Pass-1 stream's prediction.
         query (`torch.FloatTensor` of shape `(B, Q)`): the query emitted after frame t (reads frame t+1).
-        attn_static (`torch.FloatTensor` of shape `(B, P)`): `q_static`'s attention over frame t.
-        attn_dynamic (`torch.FloatTensor` of shape `(B, P)`): the Pass-2 query's attention over frame t.
+        attn_coarse (`torch.FloatTensor` of shape `(B, P)`): `q_static`'s attention over frame t.
+        attn_fine (`torch.FloatTensor` of shape `(B, P)`): the Pass-2 query's attention over frame t.
     """
 
     pred_fine: Optional[torch.FloatTensor] = None
     pred_coarse: Optional[torch.FloatTensor] = None
     query: Optional[torch.FloatTensor] = None
-    attn_static: Optional[torch.FloatTensor] = None
-    attn_dynamic: Optional[torch.FloatTensor] = None
+    attn_coarse: Optional[torch.FloatTensor] = None
+    attn_fine: Optional[torch.FloatTensor] = None
 
 
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
@@ -751,7 +768,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         suffix = None if target_ids is None else self.target_embeddings(target_ids)  # (B, L, E)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
-        coarse_tokens, attn_static = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
+        coarse_tokens, attn_coarse = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
         hidden = self.run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask, suffix)
         hidden_coarse, text_states_coarse = hidden[:, : T + 1], hidden[:, T + 1 :]  # (B, T + 1, E), (B, L, E)
         queries = self.query_head(hidden_coarse[:, 1:])  # (B, T, Q)
@@ -764,20 +781,20 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             for _ in range(self.config.fine_passes):
                 first = self.q_init.expand(B, 1, -1).to(pass_queries.dtype)
                 shifted_queries = torch.cat([first, pass_queries[:, :-1]], dim=1)  # (B, T, Q)
-                fine_tokens, attn_dynamic = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
+                fine_tokens, attn_fine = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
                 hidden = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask, suffix)
                 fine_passes.append((hidden[:, : T + 1], hidden[:, T + 1 :]))
                 pass_queries = self.query_head(hidden[:, 1 : T + 1])
         hidden_fine = fine_passes[-1][0]
 
-        entropy_dynamic = attention_entropy(attn_dynamic)
+        entropy_fine = attention_entropy(attn_fine)
         # ModelOutput's tuple holds the fields set when it is built: gather them all first.
         values = dict(
             queries=queries,
-            attn_static=attn_static,
-            attn_dynamic=attn_dynamic,
-            entropy_static=attention_entropy(attn_static),
-            entropy_dynamic=entropy_dynamic,
+            attn_coarse=attn_coarse,
+            attn_fine=attn_fine,
+            entropy_coarse=attention_entropy(attn_coarse),
+            entropy_fine=entropy_fine,
             state_coarse=hidden_coarse[:, :T],
             state_fine=hidden_fine[:, :T],
             patch_cache=cache if output_patch_cache else None,
@@ -811,7 +828,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                     self.fine_loss_weight * loss_text_fine_passes.sum() + lambda_coarse * nll_coarse.mean()))
         if losses:
             if config.dynamic_entropy_weight > 0:
-                losses.append(config.dynamic_entropy_weight * entropy_dynamic)
+                losses.append(config.dynamic_entropy_weight * entropy_fine)
             values["loss"] = sum(losses)
         output = FoveatedVLMOutput(**values)
         return output if return_dict else output.to_tuple()
@@ -895,14 +912,14 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
 
             cache = self.encoder.encode_patches(frame)  # the frame is encoded once for every stream
             tokens, attention = self.read_coarse(cache, B, 1)  # (B, 1, E), (B, 1, P)
-            stream_tokens, attn_static = [tokens], attention
+            stream_tokens, attn_coarse = [tokens], attention
             for k, query in enumerate(streams.queries):  # fine stream k + 1 reads with `query`
                 fixation = None
                 if self.config.fixation_mode == "saccade":
                     fixation, streams.saccade_positions[k] = self.encoder.saccade_fixations(
                         query.unsqueeze(1), streams.saccade_positions[k]
                     )
-                tokens, attn_dynamic = self.read_fine(query.unsqueeze(1), cache, B, 1, fixation)
+                tokens, attn_fine = self.read_fine(query.unsqueeze(1), cache, B, 1, fixation)
                 stream_tokens.append(tokens)
             streams.step(stream_tokens)
             prev_latent = next(latents) if latents is not None else None
@@ -910,8 +927,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 pred_fine=pred_fine,
                 pred_coarse=pred_coarse,
                 query=streams.queries[-1],
-                attn_static=attn_static[:, 0],
-                attn_dynamic=attn_dynamic[:, 0],
+                attn_coarse=attn_coarse[:, 0],
+                attn_fine=attn_fine[:, 0],
             )
 
     @torch.no_grad()

@@ -213,7 +213,7 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
     if config.aux_current_weight > 0:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
     if config.dynamic_entropy_weight > 0:
-        terms.append(f"{config.dynamic_entropy_weight:g} · entropy_dynamic")
+        terms.append(f"{config.dynamic_entropy_weight:g} · entropy_fine")
     for name in ("wta", "distill", "static"):
         weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
         if weight > 0:

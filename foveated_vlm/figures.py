@@ -32,12 +32,12 @@ def stack_frames(rows: list[dict]) -> np.ndarray:
     return np.stack([np.asarray(row["frames"], dtype=np.uint8) for row in rows])
 
 
-def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure:
+def plot_attention_maps(frames, attn_coarse, attn_fine, boxes=None) -> Figure:
     """Static vs dynamic attention of one clip over time.
 
     Args:
         frames: uint8 (T, S, S, 3).
-        attn_static, attn_dynamic: (T, P) attention over the P = g × g patches of each frame.
+        attn_coarse, attn_fine: (T, P) attention over the P = g × g patches of each frame.
         boxes: optional (T, K, 4) ground-truth moving boxes, normalised [x0, y0, x1, y1]; rows with a negative
             value are absent boxes.
 
@@ -46,16 +46,16 @@ def plot_attention_maps(frames, attn_static, attn_dynamic, boxes=None) -> Figure
         scale from 0, so a flat (uniform) map looks flat instead of being stretched into noise.
     """
     frames = np.asarray(frames)
-    attn_static, attn_dynamic = np.asarray(attn_static, dtype=np.float32), np.asarray(attn_dynamic, dtype=np.float32)
+    attn_coarse, attn_fine = np.asarray(attn_coarse, dtype=np.float32), np.asarray(attn_fine, dtype=np.float32)
     T, S = frames.shape[0], frames.shape[1]
-    P = attn_static.shape[-1]
+    P = attn_coarse.shape[-1]
     grid = math.isqrt(P)
     if grid * grid != P:
         raise ValueError(f"attention has {P} patches per frame; expected a square number (a g x g patch grid)")
-    vmax = float(max(attn_static.max(), attn_dynamic.max()))
+    vmax = float(max(attn_coarse.max(), attn_fine.max()))
     figure = Figure(figsize=(1.8 * T, 4.0), layout="constrained")
     axes = figure.subplots(2, T, squeeze=False)
-    for row, (name, attention) in enumerate((("static", attn_static), ("dynamic", attn_dynamic))):
+    for row, (name, attention) in enumerate((("static", attn_coarse), ("dynamic", attn_fine))):
         for t in range(T):
             ax = axes[row, t]
             ax.imshow(frames[t])

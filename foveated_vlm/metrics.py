@@ -93,7 +93,7 @@ def text_metrics(outputs) -> dict[str, torch.Tensor]:
         metrics["loss/text_coarse"] = outputs.text_nll_coarse.detach().float()
     for name, per_pass in (("loss/fine_pass", outputs.loss_fine_passes), ("loss/text_fine_pass", outputs.loss_text_fine_passes)):
         if per_pass is not None and len(per_pass) > 1:
-            B = outputs.attn_static.shape[0]
+            B = outputs.attn_coarse.shape[0]
             metrics.update({f"{name}{k + 1}": value.detach().float().expand(B) for k, value in enumerate(per_pass)})
     return metrics
 
@@ -126,8 +126,8 @@ def entropy_metrics(outputs) -> dict[str, torch.Tensor]:
     `attention_entropy` of one clip; log(P) is uniform attention."""
     per_clip = torch.vmap(attention_entropy)
     return {
-        "attention/entropy_static": per_clip(outputs.attn_static.float()),
-        "attention/entropy_dynamic": per_clip(outputs.attn_dynamic.float()),
+        "attention/entropy_static": per_clip(outputs.attn_coarse.float()),
+        "attention/entropy_dynamic": per_clip(outputs.attn_fine.float()),
     }
 
 
@@ -191,21 +191,21 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     """
     if "moving_boxes" not in batch:
         return {}
-    coverage = box_coverage(batch["moving_boxes"], math.isqrt(outputs.attn_static.shape[-1]))[:, 1:]  # (B, T-1, P)
+    coverage = box_coverage(batch["moving_boxes"], math.isqrt(outputs.attn_coarse.shape[-1]))[:, 1:]  # (B, T-1, P)
     has_box = (coverage.sum(-1) > 0).float()  # (B, T-1)
     frames = has_box.sum(1)
 
     def over_frames(per_frame: torch.Tensor) -> torch.Tensor:  # (B, T-1) -> (B,), NaN without a box
         return torch.where(frames > 0, (per_frame * has_box).sum(1) / frames.clamp_min(1), math.nan)
 
-    first = box_coverage(batch["moving_boxes"][:, :1], math.isqrt(outputs.attn_static.shape[-1]))[:, 0]  # (B, P)
+    first = box_coverage(batch["moving_boxes"][:, :1], math.isqrt(outputs.attn_coarse.shape[-1]))[:, 0]  # (B, P)
     return {
-        "tracking/dynamic": over_frames((outputs.attn_dynamic[:, 1:].float() * coverage).sum(-1)),
-        "tracking/static": over_frames((outputs.attn_static[:, 1:].float() * coverage).sum(-1)),
+        "tracking/dynamic": over_frames((outputs.attn_fine[:, 1:].float() * coverage).sum(-1)),
+        "tracking/static": over_frames((outputs.attn_coarse[:, 1:].float() * coverage).sum(-1)),
         "tracking/chance": over_frames(coverage.mean(-1)),
         # Frame 1 apart: where the cued target is marked, so Pass 1 can see there where to look later.
         "tracking/static_first": torch.where(
-            first.sum(-1) > 0, (outputs.attn_static[:, 0].float() * first).sum(-1), math.nan
+            first.sum(-1) > 0, (outputs.attn_coarse[:, 0].float() * first).sum(-1), math.nan
         ),
     }
 

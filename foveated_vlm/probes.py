@@ -167,13 +167,13 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
 
     def _glimpse_supervision(self, output, centres: torch.Tensor) -> torch.Tensor:
         """The calibration terms: squared distances of glimpse positions from the true centres (B, T, 2)."""
-        B, T, P = output.attn_dynamic.shape
+        B, T, P = output.attn_fine.shape
         loss = 0.0
         if self.probes.supervise_fixations:
-            where = self.glimpse_summary(output.attn_dynamic[:, 1:].reshape(-1, P))[:, :2].view(B, T - 1, 2)
+            where = self.glimpse_summary(output.attn_fine[:, 1:].reshape(-1, P))[:, :2].view(B, T - 1, 2)
             loss = loss + self.probes.supervise_fixations * (where - centres[:, 1:]).pow(2).sum(-1).mean()
         if self.probes.supervise_first_glance:
-            where = self.glimpse_summary(output.attn_static[:, 0])[:, :2]  # (B, 2)
+            where = self.glimpse_summary(output.attn_coarse[:, 0])[:, :2]  # (B, 2)
             loss = loss + self.probes.supervise_first_glance * (where - centres[:, 0]).pow(2).sum(-1).mean()
         return loss
 

@@ -288,7 +288,7 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     for k, i in enumerate(indices):
         has_box = metrics.box_present(boxes[k]).any()
         figure = plot_attention_maps(
-            frames[k], outputs.attn_static[k].cpu(), outputs.attn_dynamic[k].cpu(), boxes[k] if has_box else None
+            frames[k], outputs.attn_coarse[k].cpu(), outputs.attn_fine[k].cpu(), boxes[k] if has_box else None
         )
         numbers = ""
         if tracking["chance"] is not None and not np.isnan(tracking["chance"][i]):

@@ -233,7 +233,7 @@ class FoveatedVLMSearchTeacher:
             raise ValueError("the search teacher needs the model's output made with output_patch_cache=True")
         args = self.args
         B, T = vae_latents.shape[:2]
-        cells = self.candidate_fixations(outputs.attn_dynamic.shape[-1], vae_latents.device)  # (K, 3)
+        cells = self.candidate_fixations(outputs.attn_fine.shape[-1], vae_latents.device)  # (K, 3)
         K = cells.shape[0]
         temperature = self.temperature(progress)
         stay = args.teacher_search == "stay"
@@ -269,16 +269,16 @@ class FoveatedVLMSearchTeacher:
             target_cells = posterior.detach()
             match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
-                terms["distill"] = match(target_cells, _at_frames(outputs.attn_dynamic, frames)).mean(1)
+                terms["distill"] = match(target_cells, _at_frames(outputs.attn_fine, frames)).mean(1)
             if args.teacher_static_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
-                    terms["static"] = match(target_cells[:, 0], outputs.attn_static[:, 0])
+                    terms["static"] = match(target_cells[:, 0], outputs.attn_coarse[:, 0])
                 else:
                     # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
                     earlier = (frames - 1).clamp_min(0)
                     has_earlier = (frames >= 1).float()
-                    per_frame = match(target_cells, _at_frames(outputs.attn_static, earlier)) * has_earlier
+                    per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier)) * has_earlier
                     terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "static": args.teacher_static_weight}

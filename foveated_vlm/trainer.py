@@ -281,8 +281,8 @@ class FoveatedVLMFigureCallback(TrainerCallback):
         figures = {
             f"attention/clip_{i}": plot_attention_maps(
                 self.frames[i],
-                outputs.attn_static[i].cpu(),
-                outputs.attn_dynamic[i].cpu(),
+                outputs.attn_coarse[i].cpu(),
+                outputs.attn_fine[i].cpu(),
                 boxes[i].cpu() if boxes is not None else None,
             )
             for i in range(len(self.frames))

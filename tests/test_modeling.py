@@ -36,10 +36,10 @@ def test_output_shapes():
     B, T, P = 2, 4, model.config.num_patches
     assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
     assert output.queries.shape == (B, T, model.config.query_dim)
-    assert output.attn_static.shape == output.attn_dynamic.shape == (B, T, P)
+    assert output.attn_coarse.shape == output.attn_fine.shape == (B, T, P)
     assert output.state_coarse.shape == output.state_fine.shape == (B, T, model.config.text_config.hidden_size)
-    torch.testing.assert_close(output.attn_static.sum(-1), torch.ones(B, T))
-    assert 0 <= output.entropy_static <= torch.log(torch.tensor(float(P))) + 1e-5
+    torch.testing.assert_close(output.attn_coarse.sum(-1), torch.ones(B, T))
+    assert 0 <= output.entropy_coarse <= torch.log(torch.tensor(float(P))) + 1e-5
     expected = output.loss_fine + model.config.lambda_coarse * output.loss_coarse
     torch.testing.assert_close(output.loss, expected)
     assert output.loss_aux is None  # aux_current_weight = 0 in the design
@@ -231,7 +231,7 @@ def test_shallow_query():
     model = make_model(deep_query=False).train()
     pixel_values, vae_latents = make_batch(model.config)
     output = model(pixel_values, vae_latents)
-    assert output.attn_dynamic.shape == (2, 4, model.config.num_patches)
+    assert output.attn_fine.shape == (2, 4, model.config.num_patches)
     output.loss.backward()
     assert model.encoder.shallow_attention.q_proj.weight.grad.abs().sum() > 0
     assert model.q_init.grad.abs().sum() > 0
@@ -474,7 +474,7 @@ def test_dynamic_entropy_weight_prices_diffuse_pass2_glimpses():
     for weight in (0.0, 0.5):
         model = make_model(fixation_bias=True, dynamic_entropy_weight=weight).train()
         output = model(pixel_values, vae_latents)
-        expected = output.loss_fine + output.loss_coarse + weight * output.entropy_dynamic
+        expected = output.loss_fine + output.loss_coarse + weight * output.entropy_fine
         torch.testing.assert_close(output.loss, expected)
         output.loss.backward()
         grads[weight] = model.encoder.fixation_proj.bias.grad.clone()
@@ -491,8 +491,8 @@ def test_query_logit_scale_sharpens_the_query_and_is_learned(tmp_path):
         )
     assert not hasattr(make_model().encoder, "query_log_scale")
     torch.testing.assert_close(unit.loss, plain.loss)  # a factor of 1 is the encoder's own scale
-    assert sharp.entropy_static < plain.entropy_static - 0.1
-    assert sharp.entropy_dynamic < plain.entropy_dynamic - 0.1
+    assert sharp.entropy_coarse < plain.entropy_coarse - 0.1
+    assert sharp.entropy_fine < plain.entropy_fine - 0.1
     model = make_model(query_logit_scale=200.0).train()
     model(pixel_values, vae_latents).loss.backward()
     assert model.encoder.query_log_scale.grad.abs() > 0
@@ -527,7 +527,7 @@ def test_a_glimpse_on_one_patch_has_finite_gradients():
         model.encoder.fixation_proj.weight.zero_()
         model.encoder.fixation_proj.bias.copy_(torch.tensor([0.2554, -0.2554, -10.0]))  # tanh -> a patch centre
     output = model(*make_batch(model.config))
-    assert output.attn_dynamic.max() > 0.99
+    assert output.attn_fine.max() > 0.99
     output.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -577,7 +577,7 @@ def test_probe_shapes_and_gradients(name):
     output = model(pixel_values, vae_latents, **probe_inputs(model, oracle_batch(model.config)))
     B, T, P = 2, 4, model.config.num_patches
     assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
-    assert output.attn_static.shape == output.attn_dynamic.shape == (B, T, P)
+    assert output.attn_coarse.shape == output.attn_fine.shape == (B, T, P)
     output.loss.backward()
     outside = model.parameters_outside_loss()
     assert outside and all(model.get_parameter(n).grad is None for n in outside)
@@ -592,7 +592,7 @@ def test_probed_model_without_probes_is_the_model():
     with torch.no_grad():
         expected = model(pixel_values, vae_latents)
         probed = FoveatedVLMProbedModel.from_model(model, FoveatedVLMProbes())(pixel_values, vae_latents)
-    for name in ("loss", "loss_aux", "pred_fine", "queries", "attn_dynamic"):
+    for name in ("loss", "loss_aux", "pred_fine", "queries", "attn_fine"):
         assert torch.equal(probed[name], expected[name]), name
     assert model.parameters_outside_loss() == [] and probe_inputs(model, {}) == {}
 
@@ -602,7 +602,7 @@ def test_mean_pool_coarse_reader_averages_the_patches():
     pixel_values, vae_latents = make_batch(model.config)
     with torch.no_grad():
         base = model(pixel_values, vae_latents)
-        torch.testing.assert_close(base.attn_static, torch.full_like(base.attn_static, 1 / 16))
+        torch.testing.assert_close(base.attn_coarse, torch.full_like(base.attn_coarse, 1 / 16))
         model.q_static.normal_()  # Pass 1 no longer reads with it
         assert torch.equal(model(pixel_values, vae_latents).pred_coarse, base.pred_coarse)
         cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
@@ -627,10 +627,10 @@ def test_pass2_query_probes_cut_the_llm_out_of_the_glimpse(name):
     pass2 = read_with[3]  # (B*T, Q) of the second call
     if name == "fixed":  # every frame read with q_init
         torch.testing.assert_close(pass2, model.q_init.expand_as(pass2))
-        assert torch.equal(again.attn_dynamic, changed.attn_dynamic)
-        torch.testing.assert_close(changed.attn_dynamic, base.attn_dynamic)
+        assert torch.equal(again.attn_fine, changed.attn_fine)
+        torch.testing.assert_close(changed.attn_fine, base.attn_fine)
     else:  # fresh Gaussian queries each call, as large as the predicted ones
-        assert not torch.allclose(again.attn_dynamic, changed.attn_dynamic)
+        assert not torch.allclose(again.attn_fine, changed.attn_fine)
         rms = changed.queries.pow(2).mean().sqrt()
         torch.testing.assert_close(pass2.pow(2).mean().sqrt(), rms, rtol=0.3, atol=0)
 
@@ -642,7 +642,7 @@ def test_oracle_fixations_steer_pass2_only():
     with torch.no_grad():
         output = model(pixel_values, vae_latents, **inputs)
     coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
-    dynamic_centre, static_centre = output.attn_dynamic @ coords, output.attn_static @ coords  # (B, T, 2)
+    dynamic_centre, static_centre = output.attn_fine @ coords, output.attn_coarse @ coords  # (B, T, 2)
     assert (dynamic_centre[..., 0] > 0.4).all() and (dynamic_centre[..., 1] < -0.4).all(), dynamic_centre
     assert static_centre.abs().max() < 0.4  # Pass 1 is untouched
     with pytest.raises(ValueError, match="oracle_fixations"):
@@ -669,10 +669,10 @@ def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
     with torch.no_grad():
         output, design = model(pixel_values, vae_latents, **inputs), plain(pixel_values, vae_latents)
     coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
-    first_centre = output.attn_static[:, 0] @ coords  # (B, 2)
+    first_centre = output.attn_coarse[:, 0] @ coords  # (B, 2)
     assert (first_centre[:, 0] > 0.4).all() and (first_centre[:, 1] < -0.4).all(), first_centre
     # Frames 2..T are read as the design reads them, and Pass 2 keeps its predicted queries.
-    torch.testing.assert_close(output.attn_static[:, 1:], design.attn_static[:, 1:])
+    torch.testing.assert_close(output.attn_coarse[:, 1:], design.attn_coarse[:, 1:])
     assert not torch.allclose(output.queries, design.queries)  # the LLM read where frame 1's glimpse landed
     model.train()
     model(pixel_values, vae_latents, **inputs).loss.backward()
@@ -713,7 +713,7 @@ def test_probed_save_is_a_plain_checkpoint_with_probes_json(tmp_path):
 # ---- Streaming ----
 
 
-def assert_stream_equals_forward(model, names=("pred_fine", "pred_coarse", "query", "attn_static", "attn_dynamic"),
+def assert_stream_equals_forward(model, names=("pred_fine", "pred_coarse", "query", "attn_coarse", "attn_fine"),
                                  **text):
     pixel_values, vae_latents = make_batch(model.config)
     with torch.no_grad():
@@ -747,6 +747,26 @@ def test_autoregressive_streaming_takes_queries_from_the_focused_stream():
     two_pass = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1)))
     autoregressive = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1), autoregressive=True))
     # The first frame is read with q_init either way; later frames with different queries.
-    torch.testing.assert_close(autoregressive[0].attn_dynamic, two_pass[0].attn_dynamic)
+    torch.testing.assert_close(autoregressive[0].attn_fine, two_pass[0].attn_fine)
     torch.testing.assert_close(autoregressive[1].pred_coarse, two_pass[1].pred_coarse)
-    assert not torch.allclose(autoregressive[1].attn_dynamic, two_pass[1].attn_dynamic)
+    assert not torch.allclose(autoregressive[1].attn_fine, two_pass[1].attn_fine)
+
+
+def test_renamed_output_fields_still_read_with_a_warning():
+    """attn_static / attn_dynamic / entropy_static / entropy_dynamic were second names for Pass 1 / Pass 2: the
+    outputs now say coarse / fine, and the old names read the same tensors for one release, with a warning."""
+    model = make_model().eval()
+    pixel_values, _ = make_batch(model.config)
+    with torch.no_grad():
+        output = model(pixel_values)
+        step = next(iter(model.stream(pixel_values.unbind(1))))
+    renamed = {"attn_static": "attn_coarse", "attn_dynamic": "attn_fine", "entropy_static": "entropy_coarse",
+               "entropy_dynamic": "entropy_fine"}  # fmt: skip
+    for old, new in renamed.items():
+        with pytest.warns(FutureWarning, match=f"{old} is renamed {new}"):
+            assert getattr(output, old) is getattr(output, new)
+    with pytest.warns(FutureWarning):
+        assert step.attn_dynamic is step.attn_fine
+    assert not set(renamed) & set(output.keys())
+    with pytest.raises(AttributeError):
+        output.attn_nowhere

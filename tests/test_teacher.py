@@ -49,7 +49,7 @@ def test_saccade_fixations_keep_the_index_rule():
         base, moved = model(pixel_values, vae_latents), model(other, vae_latents)
     torch.testing.assert_close(moved.pred_fine[:, : changed + 1], base.pred_fine[:, : changed + 1])
     # The glimpse of frame `changed + 1` follows a move written after the changed frame.
-    assert not torch.allclose(moved.attn_dynamic[:, changed + 1 :], base.attn_dynamic[:, changed + 1 :])
+    assert not torch.allclose(moved.attn_fine[:, changed + 1 :], base.attn_fine[:, changed + 1 :])
     assert not torch.allclose(moved.pred_fine[:, changed + 1 :], base.pred_fine[:, changed + 1 :])
 
 
@@ -61,8 +61,8 @@ def test_saccade_differs_from_absolute_fixations():
     pixel_values, vae_latents = make_batch(saccade.config)
     with torch.no_grad():
         a, b = saccade(pixel_values, vae_latents), absolute(pixel_values, vae_latents)
-    torch.testing.assert_close(a.attn_dynamic[:, 0], b.attn_dynamic[:, 0])  # q_init's first move is its place
-    assert not torch.allclose(a.attn_dynamic[:, 1:], b.attn_dynamic[:, 1:])
+    torch.testing.assert_close(a.attn_fine[:, 0], b.attn_fine[:, 0])  # q_init's first move is its place
+    assert not torch.allclose(a.attn_fine[:, 1:], b.attn_fine[:, 1:])
 
 
 def test_saccade_streaming_equals_the_parallel_forward():
@@ -136,7 +136,7 @@ def test_candidate_losses_equal_the_model_loss_with_that_glimpse():
     search = teacher()
     with torch.no_grad():
         outputs = model(pixel_values, vae_latents, output_patch_cache=True)
-        cells = search.candidate_fixations(outputs.attn_dynamic.shape[-1], pixel_values.device)
+        cells = search.candidate_fixations(outputs.attn_fine.shape[-1], pixel_values.device)
         frames = torch.tensor([[1], [2]])
         losses = search.candidate_losses(model, outputs, vae_latents, None, None, frames, cells.expand(2, 1, 4, 3))
         B, T = pixel_values.shape[:2]
@@ -172,7 +172,7 @@ def test_the_teacher_never_changes_loss_fine():
     with_cache = model(pixel_values, vae_latents, output_patch_cache=True)
     taught = teacher()(model, with_cache, vae_latents, progress=0.5)
     assert taught.loss is not None and taught.loss.item() > 0
-    for name in ("loss", "loss_fine", "loss_coarse", "pred_fine", "attn_dynamic"):
+    for name in ("loss", "loss_fine", "loss_coarse", "pred_fine", "attn_fine"):
         torch.testing.assert_close(getattr(with_cache, name), getattr(plain, name))
 
 
@@ -225,9 +225,9 @@ def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(se
     taught.loss.backward()
     assert model.query_head.weight.grad.abs().sum() > 0
     # The distance is the glimpse position's from the posterior-weighted cell centre: zero on a glimpse centred there.
-    cells = search_teacher.candidate_fixations(outputs.attn_dynamic.shape[-1], "cpu")
+    cells = search_teacher.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")
     match = search_teacher._glimpse_match(model, cells)
-    side = math.isqrt(outputs.attn_dynamic.shape[-1])
+    side = math.isqrt(outputs.attn_fine.shape[-1])
     on_cells = torch.zeros(2, side, side)
     on_cells[0, :side // 2, :side // 2] = 1  # cell 0 of a 2 x 2 grid
     on_cells[1, side // 2:, :] = 1  # cells 2 and 3
@@ -331,7 +331,7 @@ def test_glimpse_supervision_probes_add_the_squared_distance_to_the_target(name)
     supervised = model(pixel_values, vae_latents, oracle_fixations=centres)
     torch.manual_seed(1)
     reference = plain(pixel_values, vae_latents)
-    attention = supervised.attn_static[:, :1] if name == "supervise_first_glance" else supervised.attn_dynamic[:, 1:]
+    attention = supervised.attn_coarse[:, :1] if name == "supervise_first_glance" else supervised.attn_fine[:, 1:]
     target = centres[:, :1] if name == "supervise_first_glance" else centres[:, 1:]
     coords = model.encoder.patch_coordinates(attention.shape[-1], "cpu")
     expected = 2.0 * ((attention @ coords) - target).pow(2).sum(-1).mean()
@@ -351,7 +351,7 @@ def test_stay_candidates_equal_pass2_rerun_with_the_fixation_held():
     B, T = pixel_values.shape[:2]
     with torch.no_grad():
         outputs = model(pixel_values, vae_latents, output_patch_cache=True, **text)
-        cells = search.candidate_fixations(outputs.attn_dynamic.shape[-1], "cpu")  # (4, 3)
+        cells = search.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")  # (4, 3)
         losses = search.stay_losses(model, outputs, vae_latents, text["input_ids"], text["attention_mask"],
                                     cells.expand(B, 4, 3))
         assert losses.shape == (B, 4, T - 1)

@@ -138,8 +138,8 @@ def test_the_second_fine_pass_reads_with_the_first_fine_pass_queries():
         first, second = one(pixel_values, vae_latents), two(pixel_values, vae_latents)
     torch.testing.assert_close(second.loss_fine_passes[0], first.loss_fine)
     torch.testing.assert_close(second.pred_coarse, first.pred_coarse)
-    torch.testing.assert_close(second.attn_dynamic[:, 0], first.attn_dynamic[:, 0])  # frame 1: q_init in every pass
-    assert not torch.allclose(second.attn_dynamic[:, 1:], first.attn_dynamic[:, 1:])
+    torch.testing.assert_close(second.attn_fine[:, 0], first.attn_fine[:, 0])  # frame 1: q_init in every pass
+    assert not torch.allclose(second.attn_fine[:, 1:], first.attn_fine[:, 1:])
     torch.testing.assert_close(second.loss, second.loss_fine_passes.sum() + second.loss_coarse)
 
 

@@ -111,8 +111,8 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     expected = {
         "loss/fine": np.mean([o.loss_fine.item() for o in outputs]),
         "loss/coarse": np.mean([o.loss_coarse.item() for o in outputs]),
-        "attention/entropy_static": np.mean([o.entropy_static.item() for o in outputs]),
-        "attention/entropy_dynamic": np.mean([o.entropy_dynamic.item() for o in outputs]),
+        "attention/entropy_static": np.mean([o.entropy_coarse.item() for o in outputs]),
+        "attention/entropy_dynamic": np.mean([o.entropy_fine.item() for o in outputs]),
         "loss": np.mean([o.loss.item() for o in outputs]),
     }
     expected["loss/ratio"] = expected["loss/coarse"] / expected["loss/fine"]
@@ -307,8 +307,8 @@ def test_each_metric_matches_a_hand_computation():
     pred_fine[1, 0] += 1.0  # clip 1: error 1 on all cells of t = 1 only
     pred_coarse = target + 1.0  # error 1 everywhere
     uniform, corner = torch.full((4,), 0.25), torch.tensor([1.0, 0.0, 0.0, 0.0])
-    attn_static = torch.stack([torch.stack([uniform, uniform])] * 2)  # (2, 2, 4)
-    attn_dynamic = torch.stack([torch.stack([uniform, corner])] * 2)
+    attn_coarse = torch.stack([torch.stack([uniform, uniform])] * 2)  # (2, 2, 4)
+    attn_fine = torch.stack([torch.stack([uniform, corner])] * 2)
     boxes = torch.full((2, 2, 1, 4), -1.0)
     boxes[0, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # clip 0: the top-left patch on both frames
     boxes[1, 0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # clip 1: a box on frame 1 only, which tracking leaves out
@@ -318,8 +318,8 @@ def test_each_metric_matches_a_hand_computation():
     prev_latents = torch.cat([torch.zeros(2, 1, 1, 2, 2), target[:, :-1]], dim=1)
     outputs = FoveatedVLMOutput(
         loss_fine=(pred_fine - target).pow(2).mean(), loss_coarse=(pred_coarse - target).pow(2).mean(),
-        loss_aux=torch.tensor(0.5), pred_fine=pred_fine, pred_coarse=pred_coarse, attn_static=attn_static,
-        attn_dynamic=attn_dynamic, state_coarse=state_coarse, state_fine=state_fine, prev_latents=prev_latents,
+        loss_aux=torch.tensor(0.5), pred_fine=pred_fine, pred_coarse=pred_coarse, attn_coarse=attn_coarse,
+        attn_fine=attn_fine, state_coarse=state_coarse, state_fine=state_fine, prev_latents=prev_latents,
     )
     metrics = clip_metrics(_Head(), outputs, {"vae_latents": target, "moving_boxes": boxes})
     # Clip 0: fine errors 4 + 1 over 8 cells; clip 1: 4 x 1 over 8 cells. Coarse: 1 everywhere.
