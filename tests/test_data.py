@@ -662,7 +662,8 @@ def test_a_recipe_runs_on_a_video_folder_with_its_synthetic_keys_set_aside(caplo
     argv = ["configs/cued.yaml", "--data_source", "video_dir", "--video_dir", "/videos"]
     with caplog.at_level("WARNING", logger="foveated_vlm.train"):
         model_args, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
-    assert model_args.model_config["head_type"] == "spatial" and training_args.max_steps == 480
+    recipe = yaml.safe_load(Path("configs/cued.yaml").read_text())
+    assert model_args.model_config == recipe["model_config"] and training_args.max_steps == recipe["max_steps"]
     assert (data_args.data_source, data_args.video_dir, data_args.num_train_videos) == ("video_dir", "/videos", None)
     for key in ("num_train_videos", "num_eval_videos", "difficulty", "synthetic_size", "num_video_frames"):
         assert any(key in record.getMessage() and "set aside" in record.getMessage() for record in caplog.records)

@@ -898,7 +898,7 @@ def test_cued_config_is_tiny_on_the_cued_scene():
     assert cued["model_config"] == {**tiny["model_config"], **cued_model}
     _, data_args, training_args, _, _ = train_hf.parse_arguments(["configs/cued.yaml"])
     assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
-    assert training_args.max_steps == training_args.save_steps == 480
+    assert training_args.max_steps == training_args.save_steps  # the one checkpoint is the final model
 
 
 @pytest.mark.parametrize("difficulty, marked", [("cued", "marked in frame 0"), ("cued_motion", "the only one that moves"),
