@@ -273,17 +273,21 @@ def test_cued_ground_truth_matches_the_pixels(cued_split):
         target = ground_truth["target"]
         for t, frame in enumerate(ground_truth["frames"]):
             for k, obj in enumerate(frame["objects"]):
-                x0, y0, x1, y1 = obj["box"]
-                cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-                # The cue: the 2 x 2 centre pixels are nearest to the recorded colour, with a wide margin.
-                centre = frames[t, cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
-                distance = np.abs(colours - centre).max(axis=1)  # (C,)
-                assert distance[obj["cue"]] < 40 and np.delete(distance, obj["cue"]).min() > 120, (t, k, distance)
-                # The body, 2 px inside the left edge (inside a disc too, outside the cue): the target's mark
-                # colour in frame 0, the look-alikes' colour everywhere else.
-                body = frames[t, cy, int(np.ceil(x0)) + 2]
+                body = _check_cue_and_read_body(frames[t], obj, colours, (t, k))
+                # The body: the target's mark colour in frame 0, the look-alikes' colour everywhere else.
                 expected = CUE.target_colour if (k == target and t == 0) else CUE.object_colour
                 assert np.abs(body - expected).max() < 30, (t, k, body)
+
+
+def _check_cue_and_read_body(frame: np.ndarray, obj: dict, colours: np.ndarray, where) -> np.ndarray:
+    """Assert that an object's cue (its 2 x 2 centre pixels) is nearest to its recorded colour with a wide margin;
+    return its body's pixel 2 px inside the left edge (inside a disc too, outside the cue)."""
+    x0, y0, x1, y1 = obj["box"]
+    cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+    centre = frame[cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
+    distance = np.abs(colours - centre).max(axis=1)  # (C,)
+    assert distance[obj["cue"]] < 40 and np.delete(distance, obj["cue"]).min() > 120, (where, distance)
+    return frame[cy, int(np.ceil(x0)) + 2]
 
 
 def test_cued_train_and_eval_seeds_are_disjoint(cued_split):
@@ -448,15 +452,9 @@ def test_cued_appearance_ground_truth_matches_the_pixels(appearance_split):
     for frames, ground_truth in appearance_split:
         for t, frame in enumerate(ground_truth["frames"]):
             for k, obj in enumerate(frame["objects"]):
-                x0, y0, x1, y1 = obj["box"]
-                cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
                 # The cue reads as clearly on a coloured body as on a near-black one.
-                centre = frames[t, cy - 1 : cy + 1, cx - 1 : cx + 1].mean(axis=(0, 1))
-                distance = np.abs(colours - centre).max(axis=1)  # (C,)
-                assert distance[obj["cue"]] < 40 and np.delete(distance, obj["cue"]).min() > 120, (t, k, distance)
-                # The body, 2 px inside the left edge: its own colour in every frame (the target's is not marked),
-                # nearest to it of the whole palette.
-                body = frames[t, cy, int(np.ceil(x0)) + 2]
+                body = _check_cue_and_read_body(frames[t], obj, colours, (t, k))
+                # The body: its own colour in every frame (the target's is not marked), nearest to it of the palette.
                 expected = np.array(ground_truth["body_colours"][k])
                 assert np.abs(body - expected).max() < 30, (t, k, body, expected)
                 assert np.abs(palette - body).max(axis=1).argmin() == APPEARANCE.body_colours.index(tuple(expected))
