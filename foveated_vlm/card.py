@@ -67,12 +67,12 @@ KNOWN_LICENSES = {
 PACKAGE_LICENSE = "apache-2.0"
 
 
-def license_of(name: str) -> str:
-    """The licence of a Hub id from KNOWN_LICENSES, else a pointer to its page (a folder names no licence)."""
+def license_of(hub_id: str) -> str:
+    """The licence of a Hub id from KNOWN_LICENSES, else a pointer to its page."""
     for prefix, license in KNOWN_LICENSES.items():
-        if name.startswith(prefix):
+        if hub_id.startswith(prefix):
             return license
-    return "see its page" if not os.path.isdir(name) else "a local folder: its own terms"
+    return "see its Hub page"
 
 
 def card_license(base_models: list[str]) -> dict:
