@@ -274,6 +274,22 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+@dataclass
+class FoveatedVLMReportInputs:
+    """Where the report reads the held-out clips from and how: the run, its held-out split and VAE (None: not
+    found, so that part of the report is left out with a note), whether the run read captions before the frames,
+    how many clips the figures show, and where the figures go."""
+
+    run_dir: Path
+    eval_dataset: Optional[str]
+    vae: Optional[str]
+    use_captions: bool
+    num_videos: int
+    device: str
+    batch_size: int
+    out: Path
+
+
 def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, num_videos, device, out: Path):
     """Figures 3 (attention, one per clip) and 4 (decoded predictions) on evenly spaced eval clips:
     ([(path, caption)], VAE PSNR or None)."""
@@ -315,47 +331,48 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     return figures, psnr
 
 
-def _measure(model_dir: Path, eval_dataset: str, vae, use_captions, num_videos, device, batch_size, out: Path):
-    """The pass over the held-out clips: (the model, its clip metrics, the clip summary, [(figure path, caption)])."""
+def _measure(model_dir: Path, inputs: FoveatedVLMReportInputs):
+    """The pass over the held-out clips: (its clip metrics, the clip summary, [(figure path, caption)])."""
+    device, batch_size = inputs.device, inputs.batch_size
     model = from_pretrained_with_probes(str(model_dir)).to(device).eval()
     # The clips are read as the run read them: with their captions before the frames only if it trained on them so,
     # after the frames if it trained on text as a target.
     caption_as_target = model.config.text_loss_weight > 0
     processor = None
-    if use_captions or caption_as_target:
+    if inputs.use_captions or caption_as_target:
         processor = FoveatedVLMProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    dataset = load_precomputed(eval_dataset)
+    dataset = load_precomputed(inputs.eval_dataset)
     collator = FoveatedVLMDataCollator(processor and processor.tokenizer, caption_as_target=caption_as_target)
     clips = evaluate_clips(model, dataset, collator, batch_size, device)
     config = model.config
     summary = summarize_clips(
-        clips, config.num_frames, config.num_patches, min(num_videos, len(dataset)), str(eval_dataset), str(model_dir)
+        clips, config.num_frames, config.num_patches, min(inputs.num_videos, len(dataset)), str(inputs.eval_dataset),
+        str(model_dir),
     )
     if caption_as_target and clips.loss_streamed is not None:  # streams exist without a probe's ground truth
         summary.captioning = evaluate_captioning(model, processor, dataset, batch_size, device=device)
-    figures, summary.vae_psnr = _clip_figures(model, dataset, collator, clips, vae, num_videos, device, out)
+    figures, summary.vae_psnr = _clip_figures(model, dataset, collator, clips, inputs.vae, inputs.num_videos, device,
+                                              inputs.out)  # fmt: skip
     return clips, summary, figures
 
 
-def _held_out(run_dir: Path, log_history, eval_dataset, vae, use_captions, num_videos, device, batch_size, out, notes):
+def _held_out(inputs: FoveatedVLMReportInputs, log_history: list[dict], notes: list[str]):
     """Table 1 (logged, else measured), the clip analysis and figures 3-4, and the model's config and probes:
     (held_out, clip summary, [(figure path, caption)], config, probes), None where the run lacks what they need."""
     logged = latest_eval_metrics(log_history)
     held_out = None
     if logged:
         held_out = FoveatedVLMHeldOut.from_logged(logged, f"from the evaluation logged at step {logged.get('step')}")
-    model_dir = saved_model_dir(run_dir)
+    model_dir = saved_model_dir(inputs.run_dir)
     if model_dir is None:
-        notes.append(f"No saved model in {run_dir} or its checkpoints: nothing on the held-out split is measured.")
+        notes.append(f"No saved model in {inputs.run_dir} or its checkpoints: nothing on the held-out split is measured.")
         return held_out, None, [], None, None
     config = FoveatedVLMModel.config_class.from_pretrained(model_dir)
     probes_path = model_dir / PROBES_FILE
     probes = json.loads(probes_path.read_text()) if probes_path.is_file() else None
-    if eval_dataset is None:
+    if inputs.eval_dataset is None:
         return held_out, None, [], config, probes
-    clips, clip_summary, clip_figures = _measure(
-        model_dir, eval_dataset, vae, use_captions, num_videos, device, batch_size, out
-    )
+    clips, clip_summary, clip_figures = _measure(model_dir, inputs)
     if config.text_loss_weight > 0 and clip_summary.captioning is None:
         notes.append("The captioning modes are not measured: the probes' oracle fixations exist in the parallel "
                      "forward only, not in the streams that write text.")
@@ -394,9 +411,8 @@ def write_report(
     fig2 = _save(plot_ratio(train, evaluation), out / "fig2_ratio.png")
     eval_dataset, vae, use_captions, data_notes = resolve_data_paths(run_dir, eval_dataset, vae, use_captions)
     notes += data_notes
-    held_out, clips, clip_figures, config, probes = _held_out(
-        run_dir, log_history, eval_dataset, vae, use_captions, num_videos, device, batch_size, out, notes
-    )
+    inputs = FoveatedVLMReportInputs(run_dir, eval_dataset, vae, use_captions, num_videos, device, batch_size, out)
+    held_out, clips, clip_figures, config, probes = _held_out(inputs, log_history, notes)
     summary = FoveatedVLMReportSummary(
         held_out=held_out,
         clips=clips,
