@@ -1,7 +1,7 @@
-"""foveated_vlm/report.py and foveated_vlm/card.py on tiny run folders built in seconds: every file written, Table 1 read from
-the logged evaluation (or measured with the trainer's metric functions where nothing was logged), per-clip numbers
-equal to a direct computation, images embedded in report.html, missing pieces reported instead of crashing, and the
-model card's model-index carrying the logged results, and the linear readout of each pass's LLM state."""
+"""foveated_vlm/report.py and foveated_vlm/analyses.py on tiny run folders built in seconds: every file written, Table 1
+read from the logged evaluation (or measured with the trainer's metric functions where nothing was logged), per-clip
+numbers equal to a direct computation, images embedded in report.html, missing pieces reported instead of crashing,
+runs compared, and the linear readout of each pass's LLM state."""
 
 import json
 import math
@@ -11,11 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
-from huggingface_hub import ModelCard
-from transformers import TrainerState, TrainingArguments
 
 from foveated_vlm import metrics as metrics_foveated
-from foveated_vlm.card import FoveatedVLMModelCardInfo, loss_formula, write_model_card
 from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, model_inputs, precompute_dataset
 from modeling_foveated import FoveatedVLMModel
 from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
@@ -23,27 +20,9 @@ from foveated_vlm import analyses
 from foveated_vlm.analyses import compare_runs, state_readout
 from foveated_vlm.report import DATA_PATHS_FILE, main, write_report
 from foveated_vlm.synthetic import generate_split
-from tiny import save_tiny_vae, tiny_config
+from tiny import LOGGED_EVAL, save_tiny_vae, tiny_config, trainer_state
 
 T, S, LATENT, NUM_CLIPS, NUM_VIDEOS = 4, 64, 8, 5, 2  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
-
-# A final evaluation as the trainer logs it (values chosen to be recognisable in the text, not measured).
-LOGGED_EVAL = {
-    "eval_loss": 2.0,
-    "eval_loss/fine": 0.9871,
-    "eval_loss/coarse": 1.0123,
-    "eval_loss/fine_t2": 0.9512,
-    "eval_loss/coarse_t2": 0.9634,
-    "eval_loss/copy_t2": 1.8765,
-    "eval_improvement_se": 0.0031,
-    "eval_attention/entropy_static": 2.701,
-    "eval_attention/entropy_dynamic": 2.689,
-    "eval_diag/state_contribution_fine": 0.0123,
-    "eval_tracking/dynamic": 0.2346,
-    "eval_tracking/static": 0.1876,
-    "eval_tracking/chance": 0.1567,
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -86,17 +65,6 @@ def eval_dataset(path, seed: int = 0, spread: float = 0.0) -> None:
         "moving_boxes": boxes,
     }
     Dataset.from_dict(columns, features=features).save_to_disk(str(path))
-
-
-def trainer_state(with_eval: bool = True) -> dict:
-    log = [
-        {"step": 2, "loss": 2.2, "learning_rate": 1e-3, "loss/fine": 1.10, "loss/coarse": 1.12},
-        {"step": 4, "loss": 2.0, "learning_rate": 5e-4, "loss/fine": 0.98, "loss/coarse": 1.02},
-        {"step": 4, "train_runtime": 3.0, "train_loss": 2.1},
-    ]
-    if with_eval:
-        log.insert(2, {"step": 4, **LOGGED_EVAL})
-    return {"global_step": 4, "max_steps": 4, "train_batch_size": 2, "log_history": log}
 
 
 @pytest.fixture(scope="module")
@@ -288,68 +256,6 @@ def test_compare_and_table2_show_the_same_tracking(tiny_run):
     for name in ("dynamic", "static", "chance"):
         value = LOGGED_EVAL[f"eval_tracking/{name}"]
         assert f"{value:.4f}" in row and f"{value:.3f}" in markdown, name
-
-
-def card_for(tmp_path, config, log_history, info=None, **training_args) -> ModelCard:
-    folder = tmp_path / "card"
-    folder.mkdir(parents=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **training_args)
-    state = TrainerState(global_step=4, log_history=log_history)
-    write_model_card(folder, config, args, state, info)
-    return ModelCard.load(folder / "README.md")
-
-
-def test_model_card_model_index_carries_the_logged_results(tmp_path):
-    info = FoveatedVLMModelCardInfo(data_description="Synthetic clips.", eval_dataset_name="5 held-out clips",
-                                    frozen=["vision"])
-    card = card_for(tmp_path, tiny_config(), trainer_state()["log_history"], info)
-    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
-    coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
-    assert results["loss_fine"] == fine and results["loss_coarse"] == coarse
-    assert results["improvement"] == pytest.approx((coarse - fine) / coarse)
-    t2 = (LOGGED_EVAL["eval_loss/coarse_t2"] - LOGGED_EVAL["eval_loss/fine_t2"]) / LOGGED_EVAL["eval_loss/coarse_t2"]
-    assert results["improvement_t2"] == pytest.approx(t2)
-    assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
-    assert "0.9871" in card.text  # Table 1 in the text as well
-    assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
-
-
-def test_model_card_names_the_licences_the_vae_and_the_hub_id(tmp_path, monkeypatch):
-    """DINOv3's licence where its weights are in the model (else the package's), every named part's licence, the
-    VAE of the targets, the repo id from hub_model_id, and no pipeline tag (no pipeline can call the model)."""
-    info = FoveatedVLMModelCardInfo(
-        data_description="LLaVA clips.", datasets=["lmms-lab/LLaVA-Video-178K"],
-        base_models=["facebook/dinov3-vits16-pretrain-lvd1689m", "HuggingFaceTB/SmolLM2-135M-Instruct"],
-    )
-    config = tiny_config(target_vae="stabilityai/sd-vae-ft-mse")
-    card = card_for(tmp_path, config, [], info, hub_model_id="someone/fvlm")
-    assert card.data.license == "other" and card.data.license_name == "dinov3-license"
-    assert card.data.license_link.startswith("https://ai.meta.com/") and card.data.pipeline_tag is None
-    assert '"someone/fvlm", trust_remote_code=True' in card.text
-    for line in ("- `HuggingFaceTB/SmolLM2-135M-Instruct`: apache-2.0", "- `stabilityai/sd-vae-ft-mse`: mit",
-                 "- `lmms-lab/LLaVA-Video-178K`: apache-2.0", "latents of `stabilityai/sd-vae-ft-mse`"):
-        assert line in card.text, line
-    # Random backbones, no hub_model_id, no token: the package's licence and the Trainer's default id as a placeholder.
-    monkeypatch.setenv("HF_TOKEN", "")
-    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    card = card_for(tmp_path / "random", tiny_config(), [])
-    assert card.data.license == "apache-2.0" and '"<namespace>/card", trust_remote_code=True' in card.text
-
-
-def test_model_card_without_evaluation_has_no_model_index(tmp_path):
-    card = card_for(tmp_path, tiny_config(), trainer_state(with_eval=False)["log_history"])
-    assert not card.data.eval_results and "Not evaluated yet" in card.text
-
-
-@pytest.mark.parametrize("aux", [0.0, 0.5])
-def test_card_states_every_trained_loss_term(tmp_path, aux):
-    config = tiny_config(aux_current_weight=aux, lambda_coarse=0.25)
-    formula = loss_formula(config)
-    assert ("0.5 · loss_aux" in formula) == (aux > 0) and "0.25 · loss_coarse" in formula
-    card = card_for(tmp_path, config, [])
-    assert formula in card.text
-    # A probe that reweights loss_fine (probes.json) is part of what was trained.
-    assert loss_formula(config, {"fine_loss_weight": 0.0}).startswith("0 · loss_fine + 0.25 · loss_coarse")
 
 
 def test_probed_run_is_reported_with_its_probes(tmp_path, data):

@@ -58,3 +58,34 @@ def save_tiny_tokenizer(folder) -> str:
     """`tiny_tokenizer()` saved as a folder, for `--tokenizer` in training runs of tiny models (vocabulary 128)."""
     tiny_tokenizer().save_pretrained(str(folder))
     return str(folder)
+
+
+# ---- A run's log history, as the trainer writes it ----
+
+# A final evaluation as the trainer logs it (values chosen to be recognisable in the text, not measured).
+LOGGED_EVAL = {
+    "eval_loss": 2.0,
+    "eval_loss/fine": 0.9871,
+    "eval_loss/coarse": 1.0123,
+    "eval_loss/fine_t2": 0.9512,
+    "eval_loss/coarse_t2": 0.9634,
+    "eval_loss/copy_t2": 1.8765,
+    "eval_improvement_se": 0.0031,
+    "eval_attention/entropy_static": 2.701,
+    "eval_attention/entropy_dynamic": 2.689,
+    "eval_diag/state_contribution_fine": 0.0123,
+    "eval_tracking/dynamic": 0.2346,
+    "eval_tracking/static": 0.1876,
+    "eval_tracking/chance": 0.1567,
+}
+
+
+def trainer_state(with_eval: bool = True) -> dict:
+    log = [
+        {"step": 2, "loss": 2.2, "learning_rate": 1e-3, "loss/fine": 1.10, "loss/coarse": 1.12},
+        {"step": 4, "loss": 2.0, "learning_rate": 5e-4, "loss/fine": 0.98, "loss/coarse": 1.02},
+        {"step": 4, "train_runtime": 3.0, "train_loss": 2.1},
+    ]
+    if with_eval:
+        log.insert(2, {"step": 4, **LOGGED_EVAL})
+    return {"global_step": 4, "max_steps": 4, "train_batch_size": 2, "log_history": log}
