@@ -30,7 +30,6 @@ from foveated_vlm import train as train_hf
 from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
 from foveated_vlm.metrics import (
     CHANGED_CELL_THRESHOLD,
-    FoveatedVLMImprovement,
     clip_metrics,
     improvement_with_se,
     level_headroom,
@@ -355,25 +354,6 @@ def test_each_metric_matches_a_hand_computation():
     assert means["improvement_t2"] == pytest.approx(1.0 - 5 / 8)
 
 
-def test_improvement_metric_and_its_standard_error():
-    # R = mean(fine) / mean(coarse) = 2 / (8/3) = 0.75; residuals fine - R coarse = (-0.5, 0.5, 0), sd 0.5;
-    # SE = 0.5 / (sqrt(3) * 8/3).
-    measured = FoveatedVLMImprovement().compute(loss_fine=[1.0, 2.0, 3.0], loss_coarse=[2.0, 2.0, 4.0])
-    assert measured["improvement"] == pytest.approx(0.25)
-    assert measured["improvement_se"] == pytest.approx(0.5 / (math.sqrt(3) * 8 / 3))
-    assert measured["num_clips"] == 3
-    # The delta method against the spread of the improvement over many resamples of the same clips.
-    rng = np.random.default_rng(0)
-    coarse = rng.uniform(1.0, 2.0, 400)
-    fine = coarse * rng.uniform(0.7, 1.0, 400)
-    se = FoveatedVLMImprovement().compute(loss_fine=fine, loss_coarse=coarse)["improvement_se"]
-    resampled = [rng.integers(0, 400, 400) for _ in range(2000)]
-    spread = np.std([1 - fine[i].mean() / coarse[i].mean() for i in resampled])
-    assert se == pytest.approx(spread, rel=0.1)
-    single = FoveatedVLMImprovement().compute(loss_fine=[1.0], loss_coarse=[2.0])
-    assert single["improvement"] == 0.5 and math.isnan(single["improvement_se"])
-
-
 def test_level_headroom_on_a_hand_computed_example():
     # Latents (N, T, C=2, 1, 1): channel 0 carries the change, channel 1 stays 0 (so each MSE is half the
     # channel-0 one). Training changes by (level before, level after): (0, 1): +1, +1; (1, 0): -1; (0, 0): 0.
@@ -535,17 +515,6 @@ def test_evaluation_keeps_only_the_losses_table1_needs(tmp_path, monkeypatch):
     metrics = trainer.evaluate()
     assert len(returned) == 3 and all(logits is None and labels is None for _, logits, labels in returned)
     assert "eval_improvement_se" in metrics and not trainer._eval_clip_losses  # cleared once logged
-
-
-def test_the_metrics_entropy_is_the_models():
-    """metrics.attention_entropy repeats modeling_foveated.attention_entropy (so that the metrics do not load the
-    model): the two agree on peaked, uniform and random attention."""
-    from foveated_vlm import metrics
-    import modeling_foveated
-
-    attention = torch.stack([torch.eye(4)[0], torch.full((4,), 0.25), torch.rand(4).softmax(0)])  # (3, 4)
-    for rows in (attention, attention[:1], attention[1:2]):
-        torch.testing.assert_close(metrics.attention_entropy(rows), modeling_foveated.attention_entropy(rows))
 
 
 def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
