@@ -196,18 +196,24 @@ def test_cli(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cued_split(tmp_path_factory):
-    """Decoded frames (F, S, S, 3) float and sidecars of 3 cued train videos, read as the model reads them."""
-    output_dir = tmp_path_factory.mktemp("cued")
-    paths = generate_split(output_dir, num_train=3, num_eval=1, difficulty="cued", size=CUED_SIZE,
-                           num_video_frames=CUED_T, num_frames=CUED_T, seed=11)  # fmt: skip
+def _cued_videos(output_dir, difficulty: str, num_eval: int, seed: int) -> tuple[dict, list]:
+    """3 train videos of a cued scene: (the split's paths, [(decoded frames (F, S, S, 3) float, sidecar)])."""
+    paths = generate_split(output_dir, num_train=3, num_eval=num_eval, difficulty=difficulty, size=CUED_SIZE,
+                           num_video_frames=CUED_T, num_frames=CUED_T, seed=seed)  # fmt: skip
     videos = []
     for path in paths["train"]:
         frames, info = load_video(path, CUED_T, CUED_SIZE)
         # Uniform sampling with T = num_video_frames reads every frame, in order: the rule links what the model sees.
         assert info["frame_indices"] == list(range(CUED_T))
         videos.append((frames.astype(float), json.loads(open(path.replace(".mp4", ".json")).read())))
+    return paths, videos
+
+
+@pytest.fixture(scope="module")
+def cued_split(tmp_path_factory):
+    """Decoded frames (F, S, S, 3) float and sidecars of 3 cued train videos, read as the model reads them."""
+    output_dir = tmp_path_factory.mktemp("cued")
+    paths, videos = _cued_videos(output_dir, difficulty="cued", num_eval=1, seed=11)
     return output_dir, paths, videos
 
 
@@ -356,14 +362,7 @@ LEGEND_KEEP_OUT = 20
 def appearance_split(tmp_path_factory):
     """Decoded frames (F, S, S, 3) float and sidecars of 3 cued_appearance train videos, read as the model reads
     them."""
-    output_dir = tmp_path_factory.mktemp("cued_appearance")
-    paths = generate_split(output_dir, num_train=3, num_eval=0, difficulty="cued_appearance", size=CUED_SIZE,
-                           num_video_frames=CUED_T, num_frames=CUED_T, seed=21)  # fmt: skip
-    videos = []
-    for path in paths["train"]:
-        frames, info = load_video(path, CUED_T, CUED_SIZE)
-        assert info["frame_indices"] == list(range(CUED_T))
-        videos.append((frames.astype(float), json.loads(open(path.replace(".mp4", ".json")).read())))
+    _, videos = _cued_videos(tmp_path_factory.mktemp("cued_appearance"), "cued_appearance", num_eval=0, seed=21)
     return videos
 
 
