@@ -7,7 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+from runs import S, eval_dataset
+from tiny import save_tiny_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +64,25 @@ def run_isolated_python(code: str, cwd: str | os.PathLike) -> subprocess.Complet
 def _run_isolated_python_fixture():
     """The helper as a fixture: `def test_x(tmp_path, run_isolated_python): run_isolated_python(code, tmp_path)`."""
     return run_isolated_python
+
+
+# ---- Shared by the report and analyses tests (tests/runs.py builds the folders) ----
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP spin-waiting slow them down a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The held-out split and a VAE, shared by the run folders."""
+    root = tmp_path_factory.mktemp("data")
+    eval_dataset(root / "eval")
+    save_tiny_vae(root / "vae", S)
+    description = "Synthetic clips of the positive control (docs/RESULTS.md) (cued: look-alike objects)"
+    return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae"), "description": description}

@@ -1,0 +1,57 @@
+"""Tiny run folders for the report and analyses tests: a held-out split with the precomputed columns, a VAE, and a
+finished run (final model, trainer_state.json, data_paths.json) built in seconds."""
+
+import json
+
+import numpy as np
+import torch
+from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
+
+from foveated_vlm.report import DATA_PATHS_FILE
+from modeling_foveated import FoveatedVLMModel
+from tiny import tiny_config, trainer_state
+
+T, S, LATENT, NUM_CLIPS = 4, 64, 8, 5  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
+
+
+def eval_dataset(path, seed: int = 0, spread: float = 0.0) -> None:
+    """A saved eval split with the precomputed columns; one box moves, clip 1 has none. `spread` moves clip i's box
+    down by i * spread, so that where the box is differs between clips."""
+    rng = np.random.default_rng(seed)
+    boxes = np.full((NUM_CLIPS, T, 4, 4), -1.0, dtype=np.float32)
+    for t in range(T):
+        boxes[:, t, 0] = [0.1 + 0.15 * t, 0.2, 0.35 + 0.15 * t, 0.45]
+    boxes[:, :, 0, 1::2] += spread * np.arange(NUM_CLIPS)[:, None, None]
+    boxes[1] = -1.0
+    features = Features(
+        {
+            "video_id": Value("string"),
+            "video_path": Value("string"),
+            "caption": Value("string"),
+            "fps": Value("float32"),
+            "frame_indices": Sequence(Value("int32")),
+            "frames": Array4D((T, S, S, 3), "uint8"),
+            "vae_latents": Array4D((T, 4, LATENT, LATENT), "float32"),
+            "moving_boxes": Array3D((T, 4, 4), "float32"),
+        }
+    )
+    columns = {
+        "video_id": [f"clip{i}" for i in range(NUM_CLIPS)],
+        "video_path": [f"clip{i}.mp4" for i in range(NUM_CLIPS)],
+        "caption": [""] * NUM_CLIPS,
+        "fps": [8.0] * NUM_CLIPS,
+        "frame_indices": [list(range(T))] * NUM_CLIPS,
+        "frames": rng.integers(0, 256, (NUM_CLIPS, T, S, S, 3), dtype=np.uint8),
+        "vae_latents": rng.standard_normal((NUM_CLIPS, T, 4, LATENT, LATENT)).astype(np.float32),
+        "moving_boxes": boxes,
+    }
+    Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+
+
+def make_run(run_dir, data: dict, with_eval: bool = True, model=None):
+    """A finished run folder: final model, trainer_state.json, data_paths.json naming the eval split and the VAE."""
+    torch.manual_seed(0)
+    (model or FoveatedVLMModel(tiny_config())).save_pretrained(str(run_dir))
+    (run_dir / "trainer_state.json").write_text(json.dumps(trainer_state(with_eval)))
+    (run_dir / DATA_PATHS_FILE).write_text(json.dumps(data))
+    return run_dir
