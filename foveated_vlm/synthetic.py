@@ -130,32 +130,20 @@ class FoveatedVLMSceneSpec:
                 )
 
 
+# The cued scenes' objects: K = 7 still look-alikes, more candidates than one static token can report the cues of.
+_CUED_OBJECTS = dict(num_moving=0, num_static=7, side_range=(1 / 8, 1 / 6), flicker=0.0)
+
 DIFFICULTIES = {
     "easy": FoveatedVLMSceneSpec(num_moving=1, num_static=1, side_range=(1 / 8, 1 / 6), flicker=0.0),
     "medium": FoveatedVLMSceneSpec(num_moving=1, num_static=3, side_range=(1 / 8, 1 / 6), flicker=0.0),
     # Smaller objects still span 1.3-1.6 latent cells at 8x downsampling.
     "hard": FoveatedVLMSceneSpec(num_moving=2, num_static=4, side_range=(1 / 10, 1 / 8), flicker=0.05),
-    # K = 7 look-alikes: more candidates than one static token can report the cues of.
-    "cued": FoveatedVLMSceneSpec(
-        num_moving=0, num_static=7, side_range=(1 / 8, 1 / 6), flicker=0.0, cue=FoveatedVLMCueSpec()
-    ),
+    "cued": FoveatedVLMSceneSpec(**_CUED_OBJECTS, cue=FoveatedVLMCueSpec()),
     # The ladder's second rung: the same rule, the target known only by its motion (the cue rides on it).
-    "cued_motion": FoveatedVLMSceneSpec(
-        num_moving=0,
-        num_static=7,
-        side_range=(1 / 8, 1 / 6),
-        flicker=0.0,
-        cue=FoveatedVLMCueSpec(target_marked_by="motion"),
-    ),
+    "cued_motion": FoveatedVLMSceneSpec(**_CUED_OBJECTS, cue=FoveatedVLMCueSpec(target_marked_by="motion")),
     # The third rung: the same rule, nothing moves, the target known by its body colour, which a legend in frame 0
     # shows.
-    "cued_appearance": FoveatedVLMSceneSpec(
-        num_moving=0,
-        num_static=7,
-        side_range=(1 / 8, 1 / 6),
-        flicker=0.0,
-        cue=FoveatedVLMCueSpec(target_marked_by="appearance"),
-    ),
+    "cued_appearance": FoveatedVLMSceneSpec(**_CUED_OBJECTS, cue=FoveatedVLMCueSpec(target_marked_by="appearance")),
 }
 
 

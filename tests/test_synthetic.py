@@ -260,16 +260,21 @@ def test_cued_scene_structure():
     assert set(cues.ravel()) == set(range(len(CUE.cue_colours)))
 
 
+def _assert_the_cue_rule(background: np.ndarray, ground_truth: dict) -> None:
+    """For every t: frame t+1's background grey level (F,) is the level the target's cue colour in frame t maps to;
+    frame 0's is the one its sidecar records."""
+    target = ground_truth["target"]
+    target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
+    expected = [CUE.levels[CUE.level_of_cue[c]] for c in target_cues[:-1]]
+    np.testing.assert_allclose(background[1:], expected, atol=LEVEL_TOLERANCE)
+    np.testing.assert_allclose(background[0], CUE.levels[ground_truth["frames"][0]["level"]], atol=LEVEL_TOLERANCE)
+
+
 def test_cued_rule_holds_in_the_decoded_pixels(cued_split):
     _, _, videos = cued_split
     for frames, ground_truth in videos:
         background = frames[:, _background_mask(ground_truth, CUED_SIZE)].mean(axis=(1, 2))  # (F,) grey level
-        target = ground_truth["target"]
-        target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
-        # For every t: frame t+1's background is the level the target's cue colour in frame t maps to.
-        expected = [CUE.levels[CUE.level_of_cue[c]] for c in target_cues[:-1]]
-        np.testing.assert_allclose(background[1:], expected, atol=LEVEL_TOLERANCE)
-        np.testing.assert_allclose(background[0], CUE.levels[ground_truth["frames"][0]["level"]], atol=LEVEL_TOLERANCE)
+        _assert_the_cue_rule(background, ground_truth)
 
 
 def test_cued_ground_truth_matches_the_pixels(cued_split):
@@ -437,12 +442,7 @@ def test_cued_appearance_rule_holds_in_the_decoded_pixels(appearance_split):
         mask = _background_mask(ground_truth, CUED_SIZE)
         mask[:LEGEND_KEEP_OUT, :LEGEND_KEEP_OUT] = False  # the legend, in frame 0
         background = frames[:, mask].mean(axis=(1, 2))  # (F,) grey level
-        target = ground_truth["target"]
-        target_cues = [frame["objects"][target]["cue"] for frame in ground_truth["frames"]]
-        # For every t: frame t+1's background is the level the target's cue colour in frame t maps to.
-        expected = [CUE.levels[CUE.level_of_cue[c]] for c in target_cues[:-1]]
-        np.testing.assert_allclose(background[1:], expected, atol=LEVEL_TOLERANCE)
-        np.testing.assert_allclose(background[0], CUE.levels[ground_truth["frames"][0]["level"]], atol=LEVEL_TOLERANCE)
+        _assert_the_cue_rule(background, ground_truth)
 
 
 def test_cued_appearance_ground_truth_matches_the_pixels(appearance_split):
