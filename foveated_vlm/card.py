@@ -3,6 +3,7 @@ training hyperparameters, Table 1 from the Trainer's log history and links to th
 
 import math
 import os
+from functools import cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -300,8 +301,10 @@ def report_figure_links(folder) -> list[tuple[str, str]]:
     return links
 
 
+@cache
 def hub_namespace() -> str:
-    """The account a push would go to, from the saved token, without a network call where there is no token."""
+    """The account a push would go to, from the saved token, without a network call where there is no token; asked
+    once per process (a run writes a card at every save)."""
     from huggingface_hub import get_token, whoami
 
     if get_token() is None:

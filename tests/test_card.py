@@ -5,7 +5,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import TrainerState, TrainingArguments
 
-from foveated_vlm.card import FoveatedVLMModelCardInfo, loss_formula, write_model_card
+from foveated_vlm.card import FoveatedVLMModelCardInfo, hub_namespace, loss_formula, write_model_card
 from tiny import LOGGED_EVAL, tiny_config, trainer_state
 
 
@@ -51,6 +51,7 @@ def test_model_card_names_the_licences_the_vae_and_the_hub_id(tmp_path, monkeypa
     # Random backbones, no hub_model_id, no token: the package's licence and the Trainer's default id as a placeholder.
     monkeypatch.setenv("HF_TOKEN", "")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    hub_namespace.cache_clear()
     card = card_for(tmp_path / "random", tiny_config(), [])
     assert card.data.license == "apache-2.0" and '"<namespace>/card", trust_remote_code=True' in card.text
 
