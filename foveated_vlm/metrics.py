@@ -117,7 +117,7 @@ def changed_cell_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     """Mean entropy in nats of distributions over the last dim; `log(P)` for uniform attention. The definition of
     `modeling_foveated.attention_entropy` (the model's entropy price), repeated here so that the metrics, and the
-    card, figures and tiny VAE above them, do not load the model; tests/test_trainer.py checks they agree."""
+    card, figures and tiny VAE above them, do not load the model; tests/test_metrics.py checks they agree."""
     return -(attention * attention.clamp_min(1e-12).log()).sum(-1).mean()
 
 

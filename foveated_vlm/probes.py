@@ -22,7 +22,6 @@ __all__ = [
     "FoveatedVLMProbedModel",
     "from_pretrained_with_probes",
     "moving_box_centres",
-    "probe_inputs",
 ]
 
 PROBES_FILE = "probes.json"
@@ -264,9 +263,3 @@ def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:
     centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # 2 * mid - 1
     present = (box >= 0).all(-1, keepdim=True)  # (B, T, 1): absent rows are filled with -1
     return torch.where(present, centre, torch.zeros_like(centre))
-
-
-def probe_inputs(model, batch: dict) -> dict:
-    """The probed forward's extra arguments from a collated batch (`FoveatedVLMProbedModel.probe_inputs`); nothing
-    for a model without probes."""
-    return model.probe_inputs(batch) if isinstance(model, FoveatedVLMProbedModel) else {}

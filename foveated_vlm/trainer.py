@@ -2,7 +2,7 @@
 
 `FoveatedVLMTrainer` adds the metrics of foveated_vlm/metrics.py to the Trainer's logs, averaged correctly over
 gradient-accumulation micro-batches and processes. Callbacks write what a run shows besides scalars: attention maps
-and decoded predictions of a few fixed eval clips to TensorBoard (foveated_vlm/figures.py), and a model card
+and decoded predictions of a few fixed eval clips to TensorBoard and wandb (foveated_vlm/figures.py), and a model card
 (foveated_vlm/card.py) into every checkpoint so that each saved folder is Hub-ready.
 """
 
@@ -232,7 +232,7 @@ class FoveatedVLMFinalEvaluationCallback(TrainerCallback):
 
 
 class FoveatedVLMFigureCallback(TrainerCallback):
-    """At each evaluation, for the same few eval clips every time: static vs dynamic attention maps over time
+    """At each evaluation, for the same few eval clips every time: Pass 1 vs Pass 2 attention maps over time
     (`attention/clip_i`), and frame t, actual and predicted t+1 decoded by the VAE (`predictions`). They go where the
     Trainer's scalars go, through its integrations (`report_to`): TensorBoard's writer and wandb's run; with neither,
     nothing is drawn.

@@ -12,7 +12,6 @@ from foveated_vlm.probes import (
     FoveatedVLMProbedModel,
     FoveatedVLMProbes,
     from_pretrained_with_probes,
-    probe_inputs,
 )
 
 
@@ -574,7 +573,7 @@ def oracle_batch(config, batch_size=2) -> dict:
 def test_probe_shapes_and_gradients(name):
     model = make_probed(PROBES[name], aux_current_weight=0.5).train()
     pixel_values, vae_latents = make_batch(model.config)
-    output = model(pixel_values, vae_latents, **probe_inputs(model, oracle_batch(model.config)))
+    output = model(pixel_values, vae_latents, **model.probe_inputs(oracle_batch(model.config)))
     B, T, P = 2, 4, model.config.num_patches
     assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
     assert output.attn_coarse.shape == output.attn_fine.shape == (B, T, P)
@@ -594,7 +593,7 @@ def test_probed_model_without_probes_is_the_model():
         probed = FoveatedVLMProbedModel.from_model(model, FoveatedVLMProbes())(pixel_values, vae_latents)
     for name in ("loss", "loss_aux", "pred_fine", "queries", "attn_fine"):
         assert torch.equal(probed[name], expected[name]), name
-    assert model.parameters_outside_loss() == [] and probe_inputs(model, {}) == {}
+    assert model.parameters_outside_loss() == [] and model.probe_inputs({}) == {}
 
 
 def test_mean_pool_coarse_reader_averages_the_patches():
@@ -638,7 +637,7 @@ def test_pass2_query_probes_cut_the_llm_out_of_the_glimpse(name):
 def test_oracle_fixations_steer_pass2_only():
     model = make_probed(PROBES["oracle"])
     pixel_values, vae_latents = make_batch(model.config)
-    inputs = probe_inputs(model, oracle_batch(model.config))
+    inputs = model.probe_inputs(oracle_batch(model.config))
     with torch.no_grad():
         output = model(pixel_values, vae_latents, **inputs)
     coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
@@ -648,7 +647,7 @@ def test_oracle_fixations_steer_pass2_only():
     with pytest.raises(ValueError, match="oracle_fixations"):
         model(pixel_values, vae_latents)
     with pytest.raises(ValueError, match="moving_boxes"):
-        probe_inputs(model, {})
+        model.probe_inputs({})
     with pytest.raises(TypeError, match="vae_latent"):
         model(pixel_values, vae_latent=vae_latents, **inputs)
     with pytest.raises(TypeError, match="oracle_fixations"):
@@ -665,7 +664,7 @@ def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
     model = make_probed(probes, fixation_bias=True, glimpse_position=True)
     plain = make_model(fixation_bias=True, glimpse_position=True)
     pixel_values, vae_latents = make_batch(model.config)
-    inputs = probe_inputs(model, oracle_batch(model.config))
+    inputs = model.probe_inputs(oracle_batch(model.config))
     with torch.no_grad():
         output, design = model(pixel_values, vae_latents, **inputs), plain(pixel_values, vae_latents)
     coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
@@ -680,7 +679,7 @@ def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
     with pytest.raises(ValueError, match="stream"):  # a stream has no ground truth to read frame 1 with
         next(model.stream(pixel_values.unbind(1)))
     with pytest.raises(ValueError, match="fixation_bias"):
-        make_probed(probes)(pixel_values, vae_latents, **probe_inputs(make_probed(probes), oracle_batch(model.config)))
+        make_probed(probes)(pixel_values, vae_latents, **make_probed(probes).probe_inputs(oracle_batch(model.config)))
 
 
 def test_coarse_only_trains_pass1_and_still_reports_loss_fine():
