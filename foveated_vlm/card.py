@@ -53,13 +53,14 @@ MODEL_CARD_TEMPLATE = next(
 
 # The licences of what a card can name, as their Hub pages give them (Hub id prefix -> licence). Weights a model
 # starts from carry their licence into it; DINOv3's is Meta's own.
+DINOV3_PREFIX = "facebook/dinov3-"
 DINOV3_LICENSE = dict(
     license="other",
     license_name="dinov3-license",
     license_link="https://ai.meta.com/resources/models-and-libraries/dinov3-license/",
 )
 KNOWN_LICENSES = {
-    "facebook/dinov3-": "DINOv3 License (dinov3-license)",
+    DINOV3_PREFIX: "DINOv3 License (dinov3-license)",
     "HuggingFaceTB/SmolLM2-": "apache-2.0",
     "lmms-lab/LLaVA-Video-178K": "apache-2.0; its card allows academic research and education use only",
     "stabilityai/sd-vae-ft-": "mit",
@@ -78,7 +79,7 @@ def license_of(hub_id: str) -> str:
 
 def card_license(base_models: list[str]) -> dict:
     """The card's licence metadata: DINOv3's where its weights are in the model, else the package's."""
-    if any(name.startswith("facebook/dinov3-") for name in base_models):
+    if any(name.startswith(DINOV3_PREFIX) for name in base_models):
         return dict(DINOV3_LICENSE)
     return dict(license=PACKAGE_LICENSE)
 
@@ -260,7 +261,7 @@ def architecture_rows(config, probes: Optional[dict] = None, teacher: Optional[d
         f"width {config.query_dim}; one visual token per frame",
         "Clip": f"T = {config.num_frames} frames of {config.image_size}×{config.image_size} px",
         "Target": (f"next-frame VAE latent {latent}" if config.text_loss_weight == 0 else objective_name(config))
-        + (f"; latents of `{config.target_vae}`" if getattr(config, "target_vae", None) else ""),
+        + (f"; latents of `{config.target_vae}`" if config.target_vae else ""),
         "Fine passes": f"{config.fine_passes}" + (" (the design)" if config.fine_passes == 1 else
                                                  ": each reads with the queries of the pass before it"),
         "Prediction head": head,
@@ -338,9 +339,8 @@ def write_model_card(
     # pushing account's namespace (written as a placeholder when no token says which account that is).
     repo_id = args.hub_model_id or f"{hub_namespace()}/{card_kwargs.get('model_name') or Path(folder).name}"
     licenses = [(name, license_of(name)) for name in [*info.base_models, *info.datasets]]
-    vae = getattr(config, "target_vae", None)
-    if vae and not os.path.isdir(vae):
-        licenses.append((vae, license_of(vae)))
+    if config.target_vae and not os.path.isdir(config.target_vae):  # a Hub id: its licence too
+        licenses.append((config.target_vae, license_of(config.target_vae)))
     if evaluation:
         card_data.model_name = Path(repo_id).name
         card_data.eval_results = eval_results(evaluation, info)
