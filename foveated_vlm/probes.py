@@ -77,11 +77,24 @@ class FoveatedVLMProbes:
             "the true target centre (ground truth: a calibration of the policy's first link)."
         },
     )
+    supervise_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of clips, drawn afresh at every training step, whose supervised place (both terms above) is "
+            "a wrong one: the centre of a random cell of a 4x4 grid, held in every frame. It asks whether a target "
+            "that is right in most clips only, as a search teacher's is, still teaches the policy."
+        },
+    )
 
     def __post_init__(self):
         for name in ("supervise_fixations", "supervise_first_glance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.supervise_noise <= 1:
+            raise ValueError(f"supervise_noise={self.supervise_noise} must lie in [0, 1]")
+        if self.supervise_noise and not (self.supervise_fixations or self.supervise_first_glance):
+            raise ValueError("supervise_noise corrupts the places of supervise_fixations / supervise_first_glance: "
+                             "set one of them")
         if self.coarse_reader not in COARSE_READERS:
             raise ValueError(f"coarse_reader={self.coarse_reader!r} must be one of {COARSE_READERS}")
         if self.fine_queries not in FINE_QUERIES:
@@ -161,8 +174,21 @@ class FoveatedVLMProbedModel(FoveatedVLMModel):
         finally:
             self._oracle_fixations = None
         if output.loss is not None and (self.probes.supervise_fixations or self.probes.supervise_first_glance):
-            output.loss = output.loss + self._glimpse_supervision(output, oracle_fixations.float())
+            centres = oracle_fixations.float()
+            if self.training and self.probes.supervise_noise:
+                centres = self._corrupted(centres)
+            output.loss = output.loss + self._glimpse_supervision(output, centres)
         return output
+
+    def _corrupted(self, centres: torch.Tensor) -> torch.Tensor:
+        """centres (B, T, 2) with those of a random `supervise_noise` share of clips replaced by the centre of a random
+        cell of a 4x4 grid, the same in every frame (a wrong place, as a search teacher's miss would be)."""
+        B = centres.shape[0]
+        grid = 4
+        cell = torch.randint(grid * grid, (B,), device=centres.device)
+        wrong = torch.stack([cell // grid, cell % grid], dim=-1).float() * 2 / grid + 1 / grid - 1  # (B, 2)
+        missed = torch.rand(B, device=centres.device) < self.probes.supervise_noise  # (B,)
+        return torch.where(missed[:, None, None], wrong[:, None].expand_as(centres), centres)
 
     def _glimpse_supervision(self, output, centres: torch.Tensor) -> torch.Tensor:
         """The calibration terms: squared distances of glimpse positions from the true centres (B, T, 2)."""
