@@ -216,7 +216,9 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
     if config.dynamic_entropy_weight > 0:
         terms.append(f"{config.dynamic_entropy_weight:g} · entropy_fine")
-    for name in ("wta", "distill", "static"):
+    # The Gumbel ablation has no search to distil: its one term is the drawn glimpse's loss.
+    gumbel = (teacher or {}).get("teacher_search") == "gumbel"
+    for name in ("wta",) if gumbel else ("wta", "distill", "static"):
         weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
         if weight > 0:
             terms.append(f"{weight:g} · teacher/{name}")
@@ -238,6 +240,12 @@ def policy_training(teacher: Optional[dict]) -> str:
     if not teacher:
         return "backpropagation through the glimpses only"
     grid = teacher["teacher_grid"]
+    if teacher.get("teacher_search") == "gumbel":
+        return (
+            f"straight-through Gumbel-softmax over {grid}×{grid} cells of Pass 2's own glimpse (foveated_vlm/teacher.py, "
+            f"the ablation without a search), temperature {teacher['teacher_temperature_start']:g} → "
+            f"{teacher['teacher_temperature_end']:g}; no ground truth"
+        )
     # Settings saved before the option existed were distilled by mass.
     matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
         teacher.get("teacher_distill_target", "mass")]

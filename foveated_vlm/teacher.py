@@ -24,6 +24,10 @@ policies do (Harvey et al. 2019; Saccader's location pretraining; annealed multi
 4. **The first glance.** Pass 1's static glimpse of frame t-1 (`stay`: of frame 1) is pulled towards the posterior:
    what the teacher finds worth reading is what the static read before it must have seen for the LLM to aim there.
 
+The ablation `teacher_search="gumbel"` replaces the search: a straight-through Gumbel-softmax draw of one cell from
+Pass 2's own glimpse mass per cell is read narrowly in place of Pass 2's token, and its next-latent loss trains the
+policy through the draw (Jang et al. 2017); it has no posterior to distil.
+
 `loss_fine` stays Pass 2 reading with the policy's own queries; evaluation and streaming use the policy alone.
 """
 
@@ -45,7 +49,7 @@ __all__ = [
 ]
 
 WTA_SAMPLING = ("uniform", "posterior", "held_out")
-TEACHER_SEARCHES = ("frame", "stay")
+TEACHER_SEARCHES = ("frame", "stay", "gumbel")
 TEACHER_SCORES = ("relative", "standardized")
 DISTILL_TARGETS = ("mass", "position")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
@@ -78,7 +82,10 @@ class FoveatedVLMTeacherArguments:
         metadata={
             "help": "What a candidate is: frame (a glimpse of one frame, branched off Pass 2's own earlier tokens; a "
             "posterior per frame) or stay (a place held in every frame, Pass 2 re-run there: the saccades' zero move; "
-            "one posterior per clip from its mean loss, and the first-glance term on Pass 1's glimpse of frame 1).",
+            "one posterior per clip from its mean loss, and the first-glance term on Pass 1's glimpse of frame 1), or "
+            "gumbel (the ablation without a teacher: a straight-through Gumbel-softmax draw of one cell from Pass 2's "
+            "own glimpse mass per cell, read narrowly in place of Pass 2's token, its next-latent loss weighted by "
+            "teacher_wta_weight at the annealed temperature; no search, so no distillation or first-glance term).",
             "choices": TEACHER_SEARCHES,
         },
     )
@@ -238,6 +245,8 @@ class FoveatedVLMSearchTeacher:
         temperature = self.temperature(progress)
         stay = args.teacher_search == "stay"
         inputs = (model, outputs, vae_latents, input_ids, attention_mask)
+        if args.teacher_search == "gumbel":
+            return self._gumbel(inputs, cells, temperature)
 
         # Search: every candidate, without a graph. losses (B, F, K): candidate k's loss on the target after frame t.
         with torch.no_grad():
@@ -251,15 +260,10 @@ class FoveatedVLMSearchTeacher:
                 losses = self.candidate_losses(*inputs, frames, cells.expand(B, frames.shape[1], K, 3))
                 posterior = self.posterior(losses, temperature)  # (B, F, K)
 
-        # The policy's own loss on the same targets: Pass 2's prediction of latent t+1.
-        policy_errors = _at_frames(outputs.pred_fine, frames + 1).float() - _at_frames(vae_latents, frames + 1).float()
-        policy_losses = policy_errors.pow(2).flatten(2).mean(-1)  # (B, F)
         metrics = {
-            "teacher/temperature": torch.full((B,), temperature, device=losses.device),
+            **_policy_metrics(outputs, vae_latents, frames, posterior, temperature),
             "teacher/loss_best": (losses.mean(1).min(-1).values if stay else losses.min(-1).values.mean(1)),
             "teacher/loss_mean": losses.mean((1, 2)),
-            "teacher/loss_policy": policy_losses.mean(1),
-            "teacher/posterior_entropy": -(posterior * posterior.clamp_min(1e-12).log()).sum(-1).mean(1),
         }
         loss = None
         if model.training:
@@ -286,6 +290,22 @@ class FoveatedVLMSearchTeacher:
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
+
+    def _gumbel(self, inputs, cells, temperature) -> FoveatedVLMTeacherOutput:
+        """The ablation without a search (`teacher_search="gumbel"`). Its "posterior" is the policy's own glimpse mass
+        per cell, so `teacher/on_target` reads where the policy looks; there is nothing to distil."""
+        model, outputs, vae_latents = inputs[:3]
+        B, T = vae_latents.shape[:2]
+        frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
+        with torch.no_grad():
+            mass = cell_mass(_at_frames(outputs.attn_fine, frames), self.args.teacher_grid).float()  # (B, F, K)
+            metrics = _policy_metrics(outputs, vae_latents, frames, mass, temperature)
+        loss = None
+        if model.training and self.args.teacher_wta_weight > 0:
+            per_clip = self.gumbel_losses(inputs, cells, frames, temperature).mean(1)  # (B,)
+            loss = self.args.teacher_wta_weight * per_clip.mean()
+            metrics["teacher/wta"] = per_clip.detach()
+        return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=mass, metrics=metrics)
 
     def _glimpse_match(self, model, cells: torch.Tensor):
         """The distillation's distance, (posterior (..., K), glimpse attention (..., P)) -> (...), by
@@ -376,8 +396,13 @@ class FoveatedVLMSearchTeacher:
         frames (B, F) frame indices t <= T - 2; fixations (B, F, M, 3) -> losses (B, F, M) of predicting latent t+1
         from latent t and the state after the candidate's token, the Pass-2 tokens of frames < t before it.
         """
-        B, T = vae_latents.shape[:2]
-        F_, M = fixations.shape[1:3]
+        candidates = self.candidate_tokens(model, outputs, frames, fixations)
+        return self.branch_losses(model, outputs, vae_latents, input_ids, attention_mask, frames, candidates)
+
+    def candidate_tokens(self, model, outputs, frames: torch.Tensor, fixations: torch.Tensor) -> torch.Tensor:
+        """frames (B, F), fixations (B, F, M, 3) -> (B, F, M, E): the LLM inputs of q_init's glimpse of frame t with
+        each fixation, made as Pass 2's own tokens are."""
+        (B, F_, M), T = fixations.shape[:3], outputs.attn_fine.shape[1]
         cache = outputs.patch_cache
         rows = (torch.arange(B, device=frames.device)[:, None] * T + frames).flatten()  # (B*F,) rows of the cache
         frame_cache = type(cache)(
@@ -389,16 +414,37 @@ class FoveatedVLMSearchTeacher:
         queries = model.q_init.expand(B * F_, M, -1)  # (B*F, M, Q)
         tokens, attention = model.encoder.query(queries, frame_cache, fixations.reshape(B * F_, M, 3))
         D = tokens.shape[-1]
-        # (B*F, M, D) -> (B, F*M, E): the LLM inputs of the candidates, as Pass 2's own tokens are made.
         candidates, _ = model._tokens_to_llm(tokens.reshape(-1, D), attention.reshape(B * F_ * M, -1), B, F_ * M)
-        states = branch_states(model, outputs.tokens_fine.detach(), candidates.view(B, F_, M, -1), frames,
+        return candidates.view(B, F_, M, -1)
+
+    def branch_losses(
+        self, model, outputs, vae_latents, input_ids, attention_mask, frames: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """candidates (B, F, M, E), each read in place of Pass 2's token of frame t -> losses (B, F, M) of predicting
+        latent t+1 from latent t and the state after it."""
+        M = candidates.shape[2]
+        states = branch_states(model, outputs.tokens_fine.detach(), candidates, frames,
                                input_ids, attention_mask)  # (B, F, M, E)
         prev = _at_frames(vae_latents, frames)  # (B, F, C, h, w)
         target = _at_frames(vae_latents, frames + 1).float()
+        B, F_ = frames.shape
         # The head takes k blocks of B clips: (B, F, M, E) -> (M * B, F, E).
         predictions = model.predict_latents(states.permute(2, 0, 1, 3).flatten(0, 1), prev).float()
         predictions = predictions.view(M, B, F_, *predictions.shape[2:])  # (M, B, F, C, h, w)
         return (predictions - target[None]).pow(2).flatten(3).mean(-1).permute(1, 2, 0)  # (B, F, M)
+
+    def gumbel_losses(self, inputs, cells, frames, temperature) -> torch.Tensor:
+        """`teacher_search="gumbel"`: Pass 2's own glimpse of frame t, as attention mass per cell, gives the logits of a
+        straight-through Gumbel-softmax draw of one cell; the drawn cell's narrow glimpse is read in place of Pass 2's
+        token, and its next-latent loss (B, F) trains the LLM and head, and the policy through the draw."""
+        model, outputs = inputs[:2]
+        B, F_ = frames.shape
+        K = cells.shape[0]
+        logits = cell_mass(_at_frames(outputs.attn_fine, frames), self.args.teacher_grid).float().clamp_min(1e-8).log()
+        draw = torch.nn.functional.gumbel_softmax(logits, tau=temperature, hard=True)  # (B, F, K): one-hot forward
+        candidates = self.candidate_tokens(model, outputs, frames, cells.expand(B, F_, K, 3))  # (B, F, K, E)
+        chosen = (draw[..., None].to(candidates.dtype) * candidates).sum(2, keepdim=True)  # (B, F, 1, E)
+        return self.branch_losses(*inputs[:5], frames, chosen)[..., 0]
 
 
 def branch_states(model, prefix_tokens, candidates, frames, input_ids=None, attention_mask=None) -> torch.Tensor:
@@ -445,6 +491,17 @@ def branch_states(model, prefix_tokens, candidates, frames, input_ids=None, atte
         inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return hidden[:, length:].view(B, F_, M, E)
+
+
+def _policy_metrics(outputs, vae_latents, frames, posterior, temperature: float) -> dict:
+    """Per clip (B,): the temperature, the posterior's entropy and the policy's own loss on the scored targets (Pass
+    2's prediction of latent t+1)."""
+    errors = _at_frames(outputs.pred_fine, frames + 1).float() - _at_frames(vae_latents, frames + 1).float()
+    return {
+        "teacher/temperature": torch.full((frames.shape[0],), temperature, device=frames.device),
+        "teacher/loss_policy": errors.pow(2).flatten(2).mean(-1).mean(1),
+        "teacher/posterior_entropy": -(posterior * posterior.clamp_min(1e-12).log()).sum(-1).mean(1),
+    }
 
 
 def _at_frames(values: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

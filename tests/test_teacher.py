@@ -215,6 +215,32 @@ def test_gradients_reach_the_query_head_through_the_distillation():
     assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
 
 
+def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
+    """`teacher_search="gumbel"`: the term's value is the scored loss of the one cell drawn, and its gradient reaches
+    the query head (straight through the draw) and the head."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    gumbel = teacher(teacher_search="gumbel")
+    cells = gumbel.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")
+    frames = torch.tensor([[0, 2], [1, 2]])
+    inputs = (model, outputs, vae_latents, None, None)
+    torch.manual_seed(5)
+    drawn = gumbel.gumbel_losses(inputs, cells, frames, temperature=1.0)  # (B, F)
+    with torch.no_grad():
+        every = gumbel.candidate_losses(*inputs, frames, cells.expand(2, 2, 4, 3))  # (B, F, K)
+    # Each drawn loss is one of the four candidates' (the forward draw is one-hot).
+    assert ((every - drawn.detach()[..., None]).abs().min(-1).values < 1e-5).all()
+    drawn.sum().backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    assert model.prediction_head.film[0].weight.grad.abs().sum() > 0
+
+    model.zero_grad()
+    taught = gumbel(model, model(pixel_values, vae_latents, output_patch_cache=True), vae_latents, progress=0.5)
+    assert set(taught.metrics) >= {"teacher/wta", "teacher/loss_policy"} and "teacher/distill" not in taught.metrics
+    torch.testing.assert_close(taught.posterior.sum(-1), torch.ones_like(taught.posterior[..., 0]))  # the policy's mass
+
+
 @pytest.mark.parametrize("search", ["frame", "stay"])
 def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(search):
     model = make_model(**SACCADE).train()
@@ -312,6 +338,9 @@ def test_the_written_out_loss_names_the_teacher_terms():
     rows = architecture_rows(config, teacher=settings)
     assert rows["Fixations"].startswith("saccades") and rows["Policy training"].startswith("search teacher")
     assert architecture_rows(config)["Policy training"] == "backpropagation through the glimpses only"
+    gumbel = FoveatedVLMTeacherArguments(teacher=True, teacher_search="gumbel").to_dict()
+    assert loss_formula(config, teacher=gumbel).endswith("loss_coarse + 1 · teacher/wta")
+    assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
 
 
 # ---- The calibration probes (ground truth, never a recipe) ----
