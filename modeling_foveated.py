@@ -528,6 +528,26 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
                     bias[2] = math.log(self.config.fixation_init_spread)
 
 
+class FoveatedVLMCoarseReader(nn.Module):
+    """How Pass 1 reads a frame in the design: the learned `q_static` reads every cached frame. Without parameters (the
+    model holds them), so that a research probe can replace it (`FoveatedVLMModel` docstring)."""
+
+    def forward(self, model, cache: FoveatedVLMPatchCache, B: int, T: int, **reader_kwargs):
+        return model._read_frames(model.q_static.expand(B, T, -1), cache, B, T)  # (B, T, E), (B, T, P)
+
+
+class FoveatedVLMFineReader(nn.Module):
+    """How Pass 2 reads a frame in the design: with the query predicted for it, and its fixation (the saccades' running
+    sum worked out here unless given). `loss_weight` is how much `loss_fine` weighs. Without parameters."""
+
+    loss_weight = 1.0
+
+    def forward(self, model, queries, cache: FoveatedVLMPatchCache, B: int, T: int, fixations=None, **reader_kwargs):
+        if fixations is None and model.config.fixation_mode == "saccade":
+            fixations, _ = model.encoder.saccade_fixations(queries)
+        return model._read_frames(queries, cache, B, T, fixations)  # (B, T, E), (B, T, P)
+
+
 class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     """
     The two-pass foveated next-frame predictor (docs/DESIGN.md).
@@ -538,8 +558,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     passes the shared head predicts latent t from the state at the position just before frame t and latent t-1
     (`z_vae_init` for t = 1), so each prediction sees frames < t only (the index rule).
 
-    `read_coarse`, `read_fine` and `fine_loss_weight` are the design's choices of how Pass 1 reads a frame, which
-    queries Pass 2 reads with and how much `loss_fine` weighs; `foveated_vlm.probes.FoveatedVLMProbedModel` overrides them.
+    `coarse_reader` and `fine_reader` are the design's choices of how Pass 1 reads a frame, which queries Pass 2 reads
+    with and how much `loss_fine` weighs. They hold no parameters, so a research probe swaps them without changing the
+    class or the checkpoint (`foveated_vlm.probes.apply_probes`, as PEFT swaps layers); `forward(reader_kwargs=...)`
+    passes a swapped reader its own inputs.
     """
 
     # The loss is a mean over latent cells, not a sum over tokens: the Trainer must not pass `num_items_in_batch`.
@@ -558,6 +580,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         if config.glimpse_position:
             self.glimpse_to_llm = nn.Linear(3, text_width)  # (mean y, mean x, spread) of the attention
         self.prediction_head = FoveatedVLMPredictionHead(config)
+        self.coarse_reader = FoveatedVLMCoarseReader()
+        self.fine_reader = FoveatedVLMFineReader()
 
         self.q_static = nn.Parameter(torch.empty(config.query_dim))
         self.q_init = nn.Parameter(torch.empty(config.query_dim))
@@ -702,30 +726,20 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             tokens = tokens + self.glimpse_to_llm(self.glimpse_summary(attention).to(tokens.dtype))
         return tokens.view(B, T, -1), attention.view(B, T, -1)  # (B*T, E) -> (B, T, E), (B*T, P) -> (B, T, P)
 
-    def read_coarse(self, cache: FoveatedVLMPatchCache, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 1 reads every cached frame with `q_static`: tokens (B, T, E), attention (B, T, P)."""
-        return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T)
+    def read_coarse(self, cache: FoveatedVLMPatchCache, B: int, T: int, **reader_kwargs):
+        """Pass 1 reads every cached frame: tokens (B, T, E), attention (B, T, P), by `coarse_reader`."""
+        return self.coarse_reader(self, cache, B, T, **reader_kwargs)
 
-    def read_fine(
-        self,
-        queries: torch.Tensor,
-        cache: FoveatedVLMPatchCache,
-        B: int,
-        T: int,
-        fixations: Optional[torch.Tensor] = None,
-    ):
+    def read_fine(self, queries, cache: FoveatedVLMPatchCache, B: int, T: int, fixations=None, **reader_kwargs):
         """Pass 2 reads frame t with the query predicted for it, queries (B, T, Q): tokens (B, T, E), attention
-        (B, T, P). `fixations` (B, T, 3), *optional*, are the queries' own, worked out already (the stream carries
-        the saccades' running sum from frame to frame); by default they follow from `queries` alone."""
-        if fixations is None and self.config.fixation_mode == "saccade":
-            fixations, _ = self.encoder.saccade_fixations(queries)
-        return self._read_frames(queries, cache, B, T, fixations)
+        (B, T, P), by `fine_reader`. `fixations` (B, T, 3), *optional*, are the queries' own, worked out already (the
+        stream carries the saccades' running sum from frame to frame); by default they follow from `queries` alone."""
+        return self.fine_reader(self, queries, cache, B, T, fixations, **reader_kwargs)
 
     @property
     def fine_loss_weight(self) -> float:
-        """Weight of `loss_fine` in the loss: 1 in the design. Like `read_coarse` and `read_fine`, a point where
-        foveated_vlm/probes.py (not part of a checkpoint) changes one link of the design; at 0, Pass 2 builds no graph."""
-        return 1.0
+        """Weight of `loss_fine` in the loss, the fine reader's: 1 in the design; at 0, Pass 2 builds no graph."""
+        return self.fine_reader.loss_weight
 
     def glimpse_summary(self, attention: torch.Tensor) -> torch.Tensor:
         """Where a glimpse landed: attention (N, P) -> (N, 3) = attention-weighted mean (y, x) and spread."""
@@ -744,6 +758,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         target_ids: Optional[torch.Tensor] = None,
         target_labels: Optional[torch.Tensor] = None,
         output_patch_cache: bool = False,
+        reader_kwargs: Optional[dict] = None,
         return_dict: bool = True,
     ) -> FoveatedVLMOutput:
         r"""
@@ -759,7 +774,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 where a token is not scored (the question, padding); default: every token is.
             output_patch_cache (`bool`, *optional*): also return the frames' encoder cache and Pass 2's LLM inputs,
                 which a training-time search over other glimpses of the same frames reuses (foveated_vlm/teacher.py).
+            reader_kwargs (`dict`, *optional*): inputs of swapped readers (a research probe's, e.g. ground-truth
+                fixations), passed to both readers; the design's readers take none.
         """
+        reader_kwargs = reader_kwargs or {}
         self._check_inputs(pixel_values, vae_latents, input_ids, attention_mask, target_ids, target_labels)
         B, T, C, H, W = pixel_values.shape
         cache = self.encoder.encode_patches(pixel_values.reshape(B * T, C, H, W))  # frames encoded once
@@ -768,7 +786,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         suffix = None if target_ids is None else self.target_embeddings(target_ids)  # (B, L, E)
 
         # Pass 1: the static query reads every frame; the LLM emits q_t after frame t.
-        coarse_tokens, attn_coarse = self.read_coarse(cache, B, T)  # (B, T, E), (B, T, P)
+        coarse_tokens, attn_coarse = self.read_coarse(cache, B, T, **reader_kwargs)  # (B, T, E), (B, T, P)
         hidden = self.run_language_model(self.coarse_token, coarse_tokens, text_embeds, attention_mask, suffix)
         hidden_coarse, text_states_coarse = hidden[:, : T + 1], hidden[:, T + 1 :]  # (B, T + 1, E), (B, L, E)
         queries = self.query_head(hidden_coarse[:, 1:])  # (B, T, Q)
@@ -781,7 +799,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
             for _ in range(self.config.fine_passes):
                 first = self.q_init.expand(B, 1, -1).to(pass_queries.dtype)
                 shifted_queries = torch.cat([first, pass_queries[:, :-1]], dim=1)  # (B, T, Q)
-                fine_tokens, attn_fine = self.read_fine(shifted_queries, cache, B, T)  # (B, T, E), (B, T, P)
+                # (B, T, E), (B, T, P)
+                fine_tokens, attn_fine = self.read_fine(shifted_queries, cache, B, T, **reader_kwargs)
                 hidden = self.run_language_model(self.fine_token, fine_tokens, text_embeds, attention_mask, suffix)
                 fine_passes.append((hidden[:, : T + 1], hidden[:, T + 1 :]))
                 pass_queries = self.query_head(hidden[:, 1 : T + 1])

@@ -636,12 +636,17 @@ MODEL_INPUT_NAMES = ("pixel_values", "vae_latents", "input_ids", "attention_mask
 def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
     """The model's forward arguments from a collated batch: its model columns, uint8 `frames` normalised into
     `pixel_values` where the collator left them (`FoveatedVLMDataCollator(normalize_frames=False)`) on whatever device
-    they are, and a probed model's extra inputs (`FoveatedVLMProbedModel.probe_inputs`)."""
+    they are, and what the model's readers take from the batch (`reader_kwargs`: a probed reader's ground truth,
+    foveated_vlm/probes.py; the design's readers take nothing)."""
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     if "pixel_values" not in inputs and "frames" in batch:
         inputs["pixel_values"] = frames_to_pixel_values(batch["frames"])
-    probe_inputs = getattr(model, "probe_inputs", None)  # a probed model's; asked of the model, not imported
-    return {**inputs, **(probe_inputs(batch) if probe_inputs is not None else {})}
+    reader_kwargs = {}
+    for reader in (getattr(model, "coarse_reader", None), getattr(model, "fine_reader", None)):
+        batch_inputs = getattr(reader, "batch_inputs", None)  # asked of the reader, not imported
+        if batch_inputs is not None:
+            reader_kwargs.update(batch_inputs(batch))
+    return {**inputs, "reader_kwargs": reader_kwargs} if reader_kwargs else inputs
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Research probes of the foveated model: what Pass 1 and Pass 2 read with, and whether Pass 2 is trained.
 
-Each probe cuts one link of the design in docs/DESIGN.md to measure what it is worth (docs/RESULTS.md). They are
-not part of the model a checkpoint records: `FoveatedVLMProbedModel.save_pretrained` writes a plain
-`FoveatedVLMModel` checkpoint and the probes in `probes.json` beside it. This module is not remote code.
+Each probe cuts one link of the design in docs/DESIGN.md to measure what it is worth (docs/RESULTS.md). A probe is
+applied by composition: `apply_probes` swaps the model's parameter-free readers (`coarse_reader`, `fine_reader`) for
+the ones below, as PEFT swaps layers; the model's class and weights stay what they are. What a probe reads of the
+ground truth travels with the inputs (`forward(reader_kwargs={"oracle_fixations": ...})`, made by
+`foveated_vlm.data.model_inputs` from the readers' `batch_inputs`), never as module state. A checkpoint stays a plain
+`FoveatedVLMModel`; the trainer writes the probes beside it in `probes.json`. This module is not remote code.
 
     python train_hf.py configs/tiny.yaml --fine_queries oracle      # HfArgumentParser reads FoveatedVLMProbes
 """
@@ -13,20 +16,25 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
+from torch import nn
 
-from modeling_foveated import FoveatedVLMModel
+from modeling_foveated import FoveatedVLMCoarseReader, FoveatedVLMFineReader, FoveatedVLMModel
 
 __all__ = [
     "PROBES_FILE",
     "FoveatedVLMProbes",
-    "FoveatedVLMProbedModel",
+    "apply_probes",
     "from_pretrained_with_probes",
+    "glimpse_supervision",
     "moving_box_centres",
+    "parameters_outside_loss",
+    "probes_of",
 ]
 
 PROBES_FILE = "probes.json"
 COARSE_READERS = ("query", "mean_pool", "oracle_first")
 FINE_QUERIES = ("predicted", "fixed", "random", "oracle")
+SUPERVISE_DISTANCES = ("squared", "absolute")
 # Spread of an oracle fixation, log sigma in [-1, 1] frame units: sigma ~ 0.14, about the half-side of a synthetic
 # object.
 ORACLE_LOG_SIGMA = -2.0
@@ -86,7 +94,19 @@ class FoveatedVLMProbes:
         },
     )
 
+    supervise_distance: str = field(
+        default="squared",
+        metadata={
+            "help": "The distance both terms above take: squared (the squared distance, whose minimiser over mixed "
+            "targets is their mean) or absolute (|dy| + |dx|, whose minimiser is their per-coordinate median: a "
+            "minority of wrong places does not move it).",
+            "choices": SUPERVISE_DISTANCES,
+        },
+    )
+
     def __post_init__(self):
+        if self.supervise_distance not in SUPERVISE_DISTANCES:
+            raise ValueError(f"supervise_distance={self.supervise_distance!r} must be one of {SUPERVISE_DISTANCES}")
         for name in ("supervise_fixations", "supervise_first_glance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -103,13 +123,17 @@ class FoveatedVLMProbes:
             raise ValueError(f"fine_loss_weight={self.fine_loss_weight} must be >= 0")
 
     @property
+    def supervises(self) -> bool:
+        """True when the calibration terms (`glimpse_supervision`) join the training loss."""
+        return self.supervise_fixations > 0 or self.supervise_first_glance > 0
+
+    @property
     def needs_oracle(self) -> bool:
         """True when the forward reads ground-truth fixations (`oracle_fixations`)."""
         return (
             self.fine_queries == "oracle"
             or self.coarse_reader == "oracle_first"
-            or self.supervise_fixations > 0
-            or self.supervise_first_glance > 0
+            or self.supervises
         )
 
     @property
@@ -121,157 +145,139 @@ class FoveatedVLMProbes:
         return asdict(self)
 
 
-class FoveatedVLMProbedModel(FoveatedVLMModel):
-    """
-    A `FoveatedVLMModel` with probes: the same parameters, with Pass 1's reader, Pass 2's queries or the weight of
-    `loss_fine` changed. With `fine_queries="oracle"` or `coarse_reader="oracle_first"`, `forward` takes
-    `oracle_fixations` (B, T, 2).
-    """
+class _ProbedReader(nn.Module):
+    """What both probed readers share: the probes, and the ground truth they read from the batch."""
 
-    def __init__(self, config, probes: Optional[FoveatedVLMProbes] = None):
-        super().__init__(config)
-        self.probes = probes or FoveatedVLMProbes()
-        self._oracle_fixations = None
+    def __init__(self, probes: FoveatedVLMProbes):
+        super().__init__()
+        self.probes = probes
 
-    @classmethod
-    def from_model(cls, model: FoveatedVLMModel, probes: FoveatedVLMProbes) -> "FoveatedVLMProbedModel":
-        """Turn `model` into a probed model in place and return it: the same parameters, nothing copied."""
-        model.__class__ = cls
-        model.probes = probes
-        model._oracle_fixations = None
-        return model
-
-    def probe_inputs(self, batch: dict) -> dict:
-        """The probed forward's extra arguments from a collated batch: `oracle_fixations` where a probe reads the
-        ground truth (`FoveatedVLMProbes.needs_oracle`: the centre of each frame's first moving box), else nothing."""
+    def batch_inputs(self, batch: dict) -> dict:
+        """The reader's inputs from a collated batch: `oracle_fixations` (B, T, 2) where a probe reads the ground
+        truth (the centre of each frame's first moving box), else nothing."""
         if not self.probes.needs_oracle:
             return {}
         if "moving_boxes" not in batch:
             raise ValueError("oracle probes need the batch's moving_boxes (synthetic clips carry them)")
         return {"oracle_fixations": moving_box_centres(batch["moving_boxes"])}
 
-    def forward(self, pixel_values: torch.Tensor, *args, oracle_fixations: Optional[torch.Tensor] = None, **kwargs):
-        r"""
-        `FoveatedVLMModel.forward` (which refuses any other argument), and:
-            oracle_fixations (`torch.FloatTensor` of shape `(B, T, 2)`, *optional*): with `fine_queries="oracle"` or
-                `coarse_reader="oracle_first"` only: (y, x) in [-1, 1] of what matters in each frame, e.g. the moving
-                object's true centre.
-        """
-        B, T = pixel_values.shape[:2]
-        oracle = self.probes.needs_oracle
-        if oracle != (oracle_fixations is not None):
-            raise ValueError(
-                "oracle_fixations (B, T, 2) are needed with the probes that read the ground truth "
-                "(fine_queries='oracle', coarse_reader='oracle_first', supervise_fixations, supervise_first_glance), "
-                "and only then"
-            )
-        if oracle and tuple(oracle_fixations.shape) != (B, T, 2):
-            raise ValueError(f"oracle_fixations must have shape ({B}, {T}, 2); got {tuple(oracle_fixations.shape)}")
-        # `read_fine` is called from inside the base forward: it finds this call's fixations here.
-        self._oracle_fixations = oracle_fixations
-        try:
-            output = super().forward(pixel_values, *args, **kwargs)
-        finally:
-            self._oracle_fixations = None
-        if output.loss is not None and (self.probes.supervise_fixations or self.probes.supervise_first_glance):
-            centres = oracle_fixations.float()
-            if self.training and self.probes.supervise_noise:
-                centres = self._corrupted(centres)
-            output.loss = output.loss + self._glimpse_supervision(output, centres)
-        return output
 
-    def _corrupted(self, centres: torch.Tensor) -> torch.Tensor:
-        """centres (B, T, 2) with those of a random `supervise_noise` share of clips replaced by the centre of a random
-        cell of a 4x4 grid, the same in every frame (a wrong place, as a search teacher's miss would be)."""
-        B = centres.shape[0]
-        grid = 4
-        cell = torch.randint(grid * grid, (B,), device=centres.device)
-        wrong = torch.stack([cell // grid, cell % grid], dim=-1).float() * 2 / grid + 1 / grid - 1  # (B, 2)
-        missed = torch.rand(B, device=centres.device) < self.probes.supervise_noise  # (B,)
-        return torch.where(missed[:, None, None], wrong[:, None].expand_as(centres), centres)
+class ProbedCoarseReader(_ProbedReader, FoveatedVLMCoarseReader):
+    """Pass 1 reading by `coarse_reader`: query (the design), mean_pool or oracle_first."""
 
-    def _glimpse_supervision(self, output, centres: torch.Tensor) -> torch.Tensor:
-        """The calibration terms: squared distances of glimpse positions from the true centres (B, T, 2)."""
-        B, T, P = output.attn_fine.shape
-        loss = 0.0
-        if self.probes.supervise_fixations:
-            where = self.glimpse_summary(output.attn_fine[:, 1:].reshape(-1, P))[:, :2].view(B, T - 1, 2)
-            loss = loss + self.probes.supervise_fixations * (where - centres[:, 1:]).pow(2).sum(-1).mean()
-        if self.probes.supervise_first_glance:
-            where = self.glimpse_summary(output.attn_coarse[:, 0])[:, :2]  # (B, 2)
-            loss = loss + self.probes.supervise_first_glance * (where - centres[:, 0]).pow(2).sum(-1).mean()
-        return loss
-
-    def _oracle_fixations_or_fail(self, probe: str) -> torch.Tensor:
-        """The call's (B, T, 3) ground-truth fixations: its (y, x) and the oracle's spread."""
-        if self._oracle_fixations is None:
-            raise ValueError(f"{probe} reads where forward(oracle_fixations=...) says; stream() has none")
-        centres = self._oracle_fixations.float()  # (B, T, 2)
-        return torch.cat([centres, torch.full_like(centres[..., :1], ORACLE_LOG_SIGMA)], dim=-1)  # (B, T, 3)
-
-    def read_coarse(self, cache, B, T):
+    def forward(self, model, cache, B, T, oracle_fixations=None, **reader_kwargs):
         if self.probes.coarse_reader == "oracle_first":
-            if not self.config.fixation_bias:
+            if not model.config.fixation_bias:
                 raise ValueError("coarse_reader='oracle_first' steers q_static's fixation: it needs fixation_bias")
             # q_static's own fixation in every frame but the first, which looks at its target.
-            fixations = self.encoder.fixation(self.q_static[None]).expand(B, T, 3)  # (B, T, 3)
-            oracle = self._oracle_fixations_or_fail("coarse_reader='oracle_first'")  # (B, T, 3)
+            fixations = model.encoder.fixation(model.q_static[None]).expand(B, T, 3)  # (B, T, 3)
+            oracle = _with_oracle_spread(oracle_fixations, "coarse_reader='oracle_first'", B, T)  # (B, T, 3)
             fixations = torch.cat([oracle[:, :1], fixations[:, 1:]], dim=1)
-            return self._read_frames(self.q_static.expand(B, T, -1), cache, B, T, fixations)
+            return model._read_frames(model.q_static.expand(B, T, -1), cache, B, T, fixations)
         if self.probes.coarse_reader == "mean_pool":
             tokens = cache.patch_features.mean(dim=1)  # (B*T, P, D) -> (B*T, D)
             num_patches = cache.patch_features.shape[1]
             attention = torch.full((B * T, num_patches), 1.0 / num_patches, device=tokens.device)
-            return self._tokens_to_llm(tokens, attention, B, T)
-        return super().read_coarse(cache, B, T)
+            return model._tokens_to_llm(tokens, attention, B, T)
+        return super().forward(model, cache, B, T)
 
-    def read_fine(self, queries, cache, B, T, fixations=None):
+
+class ProbedFineReader(_ProbedReader, FoveatedVLMFineReader):
+    """Pass 2 reading by `fine_queries` (predicted: the design; fixed, random, oracle), its loss weighed by
+    `fine_loss_weight`."""
+
+    def __init__(self, probes: FoveatedVLMProbes):
+        super().__init__(probes)
+        self.loss_weight = probes.fine_loss_weight
+
+    def forward(self, model, queries, cache, B, T, fixations=None, oracle_fixations=None, **reader_kwargs):
         mode = self.probes.fine_queries
         if mode == "oracle":
-            fixations = self._oracle_fixations_or_fail("fine_queries='oracle'")
-            return self._read_frames(self.q_init.to(queries.dtype).expand_as(queries), cache, B, T, fixations)
+            oracle = _with_oracle_spread(oracle_fixations, "fine_queries='oracle'", B, T)
+            return model._read_frames(model.q_init.to(queries.dtype).expand_as(queries), cache, B, T, oracle)
         if mode == "fixed":
-            queries = self.q_init.to(queries.dtype).expand_as(queries)
+            queries = model.q_init.to(queries.dtype).expand_as(queries)
         elif mode == "random":
             rms = queries.detach().float().pow(2).mean().sqrt()
             queries = (torch.randn_like(queries, dtype=torch.float32) * rms).to(queries.dtype)
         if mode != "predicted":
             fixations = None  # the replaced queries' own, not those the stream worked out from the predicted ones
-        return super().read_fine(queries, cache, B, T, fixations)
+        return super().forward(model, queries, cache, B, T, fixations)
 
-    @property
-    def fine_loss_weight(self) -> float:
-        return self.probes.fine_loss_weight
 
-    def parameters_outside_loss(self) -> list[str]:
-        """Names of the parameters the probes leave without a gradient (to freeze: DDP rejects them)."""
-        probes, unused = self.probes, []
-        if probes.coarse_reader == "mean_pool":
-            unused.append("q_static")
-        if probes.fine_queries != "predicted" or probes.fine_loss_weight == 0:
-            unused += ["query_head.weight", "query_head.bias"]  # Pass 2 alone reads the predicted queries
-        if probes.fine_queries == "random" or probes.fine_loss_weight == 0:
-            unused.append("q_init")
-        if probes.fine_loss_weight == 0:
-            unused.append("fine_token")
-        return unused
+def _with_oracle_spread(oracle_fixations, probe: str, B: int, T: int) -> torch.Tensor:
+    """The call's ground-truth centres (B, T, 2) -> fixations (B, T, 3) with the oracle's spread."""
+    if oracle_fixations is None:
+        raise ValueError(f"{probe} reads where forward(reader_kwargs={{'oracle_fixations': ...}}) says; stream() has none")
+    if tuple(oracle_fixations.shape) != (B, T, 2):
+        raise ValueError(f"oracle_fixations must have shape ({B}, {T}, 2); got {tuple(oracle_fixations.shape)}")
+    centres = oracle_fixations.float()
+    return torch.cat([centres, torch.full_like(centres[..., :1], ORACLE_LOG_SIGMA)], dim=-1)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """A plain `FoveatedVLMModel` checkpoint (what `AutoModel` loads) and `probes.json` beside it."""
-        # The probes add no weights: saved as the plain class, the checkpoint's auto_map and architectures name the
-        # model's remote code, not this module.
-        self.__class__ = FoveatedVLMModel
-        try:
-            FoveatedVLMModel.save_pretrained(self, save_directory, **kwargs)
-        finally:
-            self.__class__ = FoveatedVLMProbedModel
-        if kwargs.get("is_main_process", True):
-            with open(os.path.join(save_directory, PROBES_FILE), "w") as file:
-                json.dump(self.probes.to_dict(), file, indent=1)
+
+def apply_probes(model: FoveatedVLMModel, probes: FoveatedVLMProbes) -> FoveatedVLMModel:
+    """Swap `model`'s readers for probed ones in place and return it: the same class and parameters, nothing copied.
+    The design's probes (`FoveatedVLMProbes()`) leave the design's readers."""
+    if probes.active:
+        model.coarse_reader = ProbedCoarseReader(probes)
+        model.fine_reader = ProbedFineReader(probes)
+    return model
+
+
+def probes_of(model: FoveatedVLMModel) -> Optional[FoveatedVLMProbes]:
+    """The probes `apply_probes` gave `model`, or None for the design."""
+    return getattr(model.fine_reader, "probes", None)
+
+
+def parameters_outside_loss(probes: FoveatedVLMProbes) -> list[str]:
+    """Names of the parameters the probes leave without a gradient (to freeze: DDP rejects them)."""
+    unused = []
+    if probes.coarse_reader == "mean_pool":
+        unused.append("q_static")
+    if probes.fine_queries != "predicted" or probes.fine_loss_weight == 0:
+        unused += ["query_head.weight", "query_head.bias"]  # Pass 2 alone reads the predicted queries
+    if probes.fine_queries == "random" or probes.fine_loss_weight == 0:
+        unused.append("q_init")
+    if probes.fine_loss_weight == 0:
+        unused.append("fine_token")
+    return unused
+
+
+def glimpse_supervision(model, outputs, oracle_fixations: torch.Tensor, probes: FoveatedVLMProbes) -> torch.Tensor:
+    """The calibration terms the trainer adds to the loss: distances (`supervise_distance`) of glimpse positions from
+    the true centres (B, T, 2), of Pass 2's glimpses of frames 2..T and of Pass 1's glimpse of frame 1. In training with
+    `supervise_noise`, a share of the clips is supervised towards a wrong place instead (`corrupted_centres`)."""
+    centres = oracle_fixations.float()
+    if model.training and probes.supervise_noise:
+        centres = corrupted_centres(centres, probes.supervise_noise)
+    B, T, P = outputs.attn_fine.shape
+
+    def distance(where, target):  # (..., 2) -> mean over the glimpses
+        difference = where - target
+        return (difference.abs() if probes.supervise_distance == "absolute" else difference.pow(2)).sum(-1).mean()
+
+    loss = outputs.attn_fine.new_zeros((), dtype=torch.float32)
+    if probes.supervise_fixations:
+        where = model.glimpse_summary(outputs.attn_fine[:, 1:].reshape(-1, P))[:, :2].view(B, T - 1, 2)
+        loss = loss + probes.supervise_fixations * distance(where, centres[:, 1:])
+    if probes.supervise_first_glance:
+        where = model.glimpse_summary(outputs.attn_coarse[:, 0])[:, :2]  # (B, 2)
+        loss = loss + probes.supervise_first_glance * distance(where, centres[:, 0])
+    return loss
+
+
+def corrupted_centres(centres: torch.Tensor, share: float, grid: int = 4) -> torch.Tensor:
+    """centres (B, T, 2) with those of a random `share` of clips replaced by the centre of a random cell of a
+    grid x grid split, the same in every frame (a wrong place, as a search teacher's miss would be)."""
+    B = centres.shape[0]
+    cell = torch.randint(grid * grid, (B,), device=centres.device)
+    wrong = torch.stack([cell // grid, cell % grid], dim=-1).float() * 2 / grid + 1 / grid - 1  # (B, 2)
+    missed = torch.rand(B, device=centres.device) < share  # (B,)
+    return torch.where(missed[:, None, None], wrong[:, None].expand_as(centres), centres)
 
 
 def from_pretrained_with_probes(folder: str, **kwargs) -> FoveatedVLMModel:
-    """Load a saved model, with its probes when `probes.json` lies beside it."""
+    """Load a saved model, with its probes applied when `probes.json` lies beside it."""
     model = FoveatedVLMModel.from_pretrained(folder, **kwargs)
     probes_path = os.path.join(folder, PROBES_FILE)
     if not os.path.isfile(probes_path):
@@ -279,7 +285,7 @@ def from_pretrained_with_probes(folder: str, **kwargs) -> FoveatedVLMModel:
     with open(probes_path) as file:
         probes = json.load(file)
     known = {f.name for f in fields(FoveatedVLMProbes)}
-    return FoveatedVLMProbedModel.from_model(model, FoveatedVLMProbes(**{k: v for k, v in probes.items() if k in known}))
+    return apply_probes(model, FoveatedVLMProbes(**{k: v for k, v in probes.items() if k in known}))
 
 
 def moving_box_centres(moving_boxes: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,13 @@ from foveated_vlm.data import (
     run_dir_of,
     split_train_eval,
 )
-from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes, from_pretrained_with_probes
+from foveated_vlm.probes import (
+    FoveatedVLMProbes,
+    apply_probes,
+    from_pretrained_with_probes,
+    parameters_outside_loss,
+    probes_of,
+)
 from foveated_vlm.synthetic import DIFFICULTIES, describe_clip, generate_split
 from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 from foveated_vlm.tiny_vae import make_tiny_vae
@@ -297,8 +303,9 @@ def freeze_for_training(model: FoveatedVLMModel, freeze_vision: bool = False, fr
         model.encoder.backbone.requires_grad_(False)
     if freeze_text:
         model.language_model.requires_grad_(False)
-    if isinstance(model, FoveatedVLMProbedModel):
-        for name in model.parameters_outside_loss():
+    probes = probes_of(model)
+    if probes is not None:
+        for name in parameters_outside_loss(probes):
             model.get_parameter(name).requires_grad_(False)
 
 
@@ -310,10 +317,10 @@ def build_model(
     probes: Optional[FoveatedVLMProbes] = None,
 ) -> FoveatedVLMModel:
     """From the checkpoint being resumed, from `init_from`, from pretrained backbones, or random from
-    `vision_config` / `text_config`; wrapped with the probes when any is set, then frozen by the training policy."""
+    `vision_config` / `text_config`; with the probes' readers when any is set, then frozen by the training policy."""
     model = _build_plain_model(model_args, data_args, latent_shape, checkpoint)
-    if probes is not None and probes.active:
-        model = FoveatedVLMProbedModel.from_model(model, probes)
+    if probes is not None:
+        model = apply_probes(model, probes)
     freeze_for_training(model, model_args.freeze_vision, model_args.freeze_text)
     return model
 
@@ -444,7 +451,7 @@ def build_trainer(
         base_models=base_model_ids(model_args),
         eval_dataset_name=f"{len(data.eval)} held-out {data_args.data_source} clips",
         frozen=[name for name in ("vision", "text") if getattr(model_args, f"freeze_{name}")],
-        probes=model.probes.to_dict() if isinstance(model, FoveatedVLMProbedModel) else {},
+        probes=probes_of(model).to_dict() if probes_of(model) is not None else {},
         teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
     )
     trainer = FoveatedVLMTrainer(

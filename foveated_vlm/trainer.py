@@ -34,6 +34,7 @@ from foveated_vlm.metrics import (
     teacher_metrics,
     totals,
 )
+from foveated_vlm.probes import PROBES_FILE, glimpse_supervision, probes_of
 from foveated_vlm.teacher import TEACHER_FILE, FoveatedVLMSearchTeacher
 
 __all__ = [
@@ -111,12 +112,18 @@ class FoveatedVLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` is ignored: the loss is a per-batch mean (see `loss_is_scaled_for_ga`).
         unwrapped = self.accelerator.unwrap_model(model)
-        outputs = model(**model_inputs(inputs, unwrapped), output_patch_cache=self.teacher is not None)
+        forward_inputs = model_inputs(inputs, unwrapped)
+        outputs = model(**forward_inputs, output_patch_cache=self.teacher is not None)
         mode = "train" if model.training else "eval"
         # The state contribution costs two head passes: in training, only on the micro-batches of a step that logs.
         state_contribution = mode == "eval" or self._step_logs()
         metrics = clip_metrics(unwrapped, outputs, inputs, state_contribution)
         loss = outputs.loss
+        probes = probes_of(unwrapped)
+        if probes is not None and probes.supervises and model.training:
+            # The calibration probes (ground truth, never a recipe) train on the boxes' centres the readers got.
+            centres = forward_inputs["reader_kwargs"]["oracle_fixations"]
+            loss = loss + glimpse_supervision(unwrapped, outputs, centres, probes)
         if self.teacher is not None:
             progress = self.state.global_step / max(self.state.max_steps, 1)
             taught = self.teacher(unwrapped, outputs, progress=progress, **teacher_inputs(inputs))
@@ -173,15 +180,21 @@ class FoveatedVLMTrainer(Trainer):
         return {name: value for name, value in measured.items() if name.endswith("_se")}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """The Trainer's save (weights, config, remote code, processor), with the training arguments as JSON instead
-        of the Trainer's pickle, which the Hub would flag and which loads only with this exact transformers."""
+        """The Trainer's save (weights, config, remote code, processor), the teacher's and probes' settings beside it,
+        and the training arguments as JSON instead of the Trainer's pickle, which the Hub would flag and which loads
+        only with this exact transformers."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             output_dir = output_dir or self.args.output_dir
             Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
             Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+            # What trained the model besides its own loss, for the report and the card; the weights stay the plain
+            # model's (from_pretrained_with_probes applies the probes again).
             if self.teacher is not None:
                 Path(output_dir, TEACHER_FILE).write_text(json.dumps(self.teacher.args.to_dict(), indent=1))
+            probes = probes_of(self.accelerator.unwrap_model(self.model))
+            if probes is not None:
+                Path(output_dir, PROBES_FILE).write_text(json.dumps(probes.to_dict(), indent=1))
 
     def create_model_card(self, **kwargs) -> None:
         """Write the package's model card (not the Trainer's generic one) into `output_dir`; `push_to_hub` calls it."""

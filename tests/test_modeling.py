@@ -7,12 +7,6 @@ from tiny import TINY_TEXT, TINY_VISION, tiny_config
 
 from foveated_vlm import train as train_hf
 from modeling_foveated import FoveatedVLMModel
-from foveated_vlm.probes import (
-    PROBES_FILE,
-    FoveatedVLMProbedModel,
-    FoveatedVLMProbes,
-    from_pretrained_with_probes,
-)
 
 
 def make_model(seed=0, **overrides) -> FoveatedVLMModel:
@@ -277,12 +271,9 @@ def test_spatial_residual_head():
         (tiny_config, dict(lambda_coarse=-1.0), "lambda_coarse"),
         (tiny_config, dict(token_dim=0), "token_dim"),
         (tiny_config, dict(aux_current_weight=-1.0), "aux_current_weight"),
-        (FoveatedVLMProbes, dict(coarse_reader="max_pool"), "coarse_reader"),
-        (FoveatedVLMProbes, dict(fine_queries="learned"), "fine_queries"),
-        (FoveatedVLMProbes, dict(fine_loss_weight=-1.0), "fine_loss_weight"),
     ],
 )
-def test_bad_config_or_probes_name_the_field(build, overrides, field):
+def test_bad_config_names_the_field(build, overrides, field):
     with pytest.raises(ValueError, match=field):
         build(**overrides)
 
@@ -300,25 +291,6 @@ def test_bad_config_or_probes_name_the_field(build, overrides, field):
 def test_model_config_keys_outside_the_design_are_refused_by_name(model_config, message):
     with pytest.raises(ValueError, match=message):
         train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", json.dumps(model_config)])
-
-
-def test_probes_are_command_line_flags_and_build_a_probed_frozen_model():
-    _, _, _, probes, _ = train_hf.parse_arguments(["configs/tiny.yaml", "--fine_queries", "oracle", "--fine_loss_weight", "0.5"])
-    assert probes == FoveatedVLMProbes(fine_queries="oracle", fine_loss_weight=0.5) and probes.active
-    model_args, data_args, _, default, _ = train_hf.parse_arguments(["configs/tiny.yaml"])
-    assert not default.active and default.to_dict() == {
-        "coarse_reader": "query", "fine_queries": "predicted", "fine_loss_weight": 1.0, "supervise_fixations": 0.0,
-        "supervise_first_glance": 0.0,
-    }
-    assert type(train_hf.build_model(model_args, data_args, (4, 16, 16), probes=default)) is FoveatedVLMModel
-    model_args, data_args, _, probes, _ = train_hf.parse_arguments(
-        ["configs/tiny.yaml", "--fine_queries", "fixed", "--freeze_vision", "true"]
-    )
-    model = train_hf.build_model(model_args, data_args, (4, 16, 16), probes=probes)
-    assert isinstance(model, FoveatedVLMProbedModel) and model.probes == probes
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    assert {"query_head.weight", "query_head.bias", *NO_GRADIENT} <= frozen
-    assert not any(p.requires_grad for p in model.encoder.backbone.parameters())
 
 
 def test_bad_shapes_say_the_expected_shape():
@@ -547,168 +519,6 @@ def test_token_bottleneck_narrows_every_visual_token():
     torch.testing.assert_close(output.state_fine[0], output.state_fine[1])
 
 
-# ---- Probes (foveated_vlm/probes.py): each trains what it uses, and leaves the parameters it cuts out without gradient ----
-
-PROBES = {
-    "mean_pool": FoveatedVLMProbes(coarse_reader="mean_pool"),
-    "fixed": FoveatedVLMProbes(fine_queries="fixed"),
-    "random": FoveatedVLMProbes(fine_queries="random"),
-    "oracle": FoveatedVLMProbes(fine_queries="oracle"),
-    "coarse_only": FoveatedVLMProbes(fine_loss_weight=0.0),
-}
-
-
-def make_probed(probes: FoveatedVLMProbes, seed=0, **overrides) -> FoveatedVLMProbedModel:
-    return FoveatedVLMProbedModel.from_model(make_model(seed, **overrides), probes)
-
-
-def oracle_batch(config, batch_size=2) -> dict:
-    """A box in the bottom-left quarter of every frame, as the collator gives `moving_boxes` (B, T, K, 4)."""
-    boxes = -torch.ones(batch_size, config.num_frames, 4, 4)
-    boxes[:, :, 0] = torch.tensor([0.0, 0.75, 0.25, 1.0])  # x0, y0, x1, y1: centre (y, x) = (0.75, -0.75)
-    return {"moving_boxes": boxes}
-
-
-@pytest.mark.parametrize("name", PROBES)
-def test_probe_shapes_and_gradients(name):
-    model = make_probed(PROBES[name], aux_current_weight=0.5).train()
-    pixel_values, vae_latents = make_batch(model.config)
-    output = model(pixel_values, vae_latents, **model.probe_inputs(oracle_batch(model.config)))
-    B, T, P = 2, 4, model.config.num_patches
-    assert output.pred_fine.shape == output.pred_coarse.shape == vae_latents.shape
-    assert output.attn_coarse.shape == output.attn_fine.shape == (B, T, P)
-    output.loss.backward()
-    outside = model.parameters_outside_loss()
-    assert outside and all(model.get_parameter(n).grad is None for n in outside)
-    assert without_gradient(model) == sorted(NO_GRADIENT + outside, key=list(dict(model.named_parameters())).index)
-    train_hf.freeze_for_training(model)
-    assert without_gradient(model) == []
-
-
-def test_probed_model_without_probes_is_the_model():
-    model = make_model(aux_current_weight=0.5)
-    pixel_values, vae_latents = make_batch(model.config)
-    with torch.no_grad():
-        expected = model(pixel_values, vae_latents)
-        probed = FoveatedVLMProbedModel.from_model(model, FoveatedVLMProbes())(pixel_values, vae_latents)
-    for name in ("loss", "loss_aux", "pred_fine", "queries", "attn_fine"):
-        assert torch.equal(probed[name], expected[name]), name
-    assert model.parameters_outside_loss() == [] and model.probe_inputs({}) == {}
-
-
-def test_mean_pool_coarse_reader_averages_the_patches():
-    model = make_probed(PROBES["mean_pool"])
-    pixel_values, vae_latents = make_batch(model.config)
-    with torch.no_grad():
-        base = model(pixel_values, vae_latents)
-        torch.testing.assert_close(base.attn_coarse, torch.full_like(base.attn_coarse, 1 / 16))
-        model.q_static.normal_()  # Pass 1 no longer reads with it
-        assert torch.equal(model(pixel_values, vae_latents).pred_coarse, base.pred_coarse)
-        cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
-        tokens, _ = model.read_coarse(cache, 2, 4)
-    torch.testing.assert_close(tokens, model.dino_to_llm(cache.patch_features.mean(1)).view(2, 4, -1))
-
-
-@pytest.mark.parametrize("name", ["fixed", "random"])
-def test_pass2_query_probes_cut_the_llm_out_of_the_glimpse(name):
-    model = make_probed(PROBES[name])
-    pixel_values, vae_latents = make_batch(model.config)
-    read_with = []  # what the encoder's query path reads with: Pass 1's queries, then Pass 2's
-    model.encoder.query_in_proj.register_forward_pre_hook(lambda module, args: read_with.append(args[0]))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        base = model(pixel_values, vae_latents)
-        model.query_head.weight.normal_()  # changes the predicted queries, not what Pass 2 reads with
-        torch.manual_seed(3)
-        changed = model(pixel_values, vae_latents)
-        again = model(pixel_values, vae_latents)  # fresh random queries, or the same fixed ones
-    assert not torch.allclose(changed.queries, base.queries)
-    pass2 = read_with[3]  # (B*T, Q) of the second call
-    if name == "fixed":  # every frame read with q_init
-        torch.testing.assert_close(pass2, model.q_init.expand_as(pass2))
-        assert torch.equal(again.attn_fine, changed.attn_fine)
-        torch.testing.assert_close(changed.attn_fine, base.attn_fine)
-    else:  # fresh Gaussian queries each call, as large as the predicted ones
-        assert not torch.allclose(again.attn_fine, changed.attn_fine)
-        rms = changed.queries.pow(2).mean().sqrt()
-        torch.testing.assert_close(pass2.pow(2).mean().sqrt(), rms, rtol=0.3, atol=0)
-
-
-def test_oracle_fixations_steer_pass2_only():
-    model = make_probed(PROBES["oracle"])
-    pixel_values, vae_latents = make_batch(model.config)
-    inputs = model.probe_inputs(oracle_batch(model.config))
-    with torch.no_grad():
-        output = model(pixel_values, vae_latents, **inputs)
-    coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
-    dynamic_centre, static_centre = output.attn_fine @ coords, output.attn_coarse @ coords  # (B, T, 2)
-    assert (dynamic_centre[..., 0] > 0.4).all() and (dynamic_centre[..., 1] < -0.4).all(), dynamic_centre
-    assert static_centre.abs().max() < 0.4  # Pass 1 is untouched
-    with pytest.raises(ValueError, match="oracle_fixations"):
-        model(pixel_values, vae_latents)
-    with pytest.raises(ValueError, match="moving_boxes"):
-        model.probe_inputs({})
-    with pytest.raises(TypeError, match="vae_latent"):
-        model(pixel_values, vae_latent=vae_latents, **inputs)
-    with pytest.raises(TypeError, match="oracle_fixations"):
-        make_model()(pixel_values, vae_latents, **inputs)
-    with pytest.raises(ValueError, match="oracle_fixations"):
-        make_probed(PROBES["fixed"])(pixel_values, vae_latents, **inputs)
-    with pytest.raises(ValueError, match="stream"):
-        next(model.stream(pixel_values.unbind(1)))
-
-
-def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
-    probes = FoveatedVLMProbes(coarse_reader="oracle_first")
-    assert probes.needs_oracle and not FoveatedVLMProbes().needs_oracle
-    model = make_probed(probes, fixation_bias=True, glimpse_position=True)
-    plain = make_model(fixation_bias=True, glimpse_position=True)
-    pixel_values, vae_latents = make_batch(model.config)
-    inputs = model.probe_inputs(oracle_batch(model.config))
-    with torch.no_grad():
-        output, design = model(pixel_values, vae_latents, **inputs), plain(pixel_values, vae_latents)
-    coords = model.encoder.patch_coordinates(16, "cpu")  # (P, 2) as (y, x)
-    first_centre = output.attn_coarse[:, 0] @ coords  # (B, 2)
-    assert (first_centre[:, 0] > 0.4).all() and (first_centre[:, 1] < -0.4).all(), first_centre
-    # Frames 2..T are read as the design reads them, and Pass 2 keeps its predicted queries.
-    torch.testing.assert_close(output.attn_coarse[:, 1:], design.attn_coarse[:, 1:])
-    assert not torch.allclose(output.queries, design.queries)  # the LLM read where frame 1's glimpse landed
-    model.train()
-    model(pixel_values, vae_latents, **inputs).loss.backward()
-    assert model.query_head.weight.grad.abs().sum() > 0 and model.q_static.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="stream"):  # a stream has no ground truth to read frame 1 with
-        next(model.stream(pixel_values.unbind(1)))
-    with pytest.raises(ValueError, match="fixation_bias"):
-        make_probed(probes)(pixel_values, vae_latents, **make_probed(probes).probe_inputs(oracle_batch(model.config)))
-
-
-def test_coarse_only_trains_pass1_and_still_reports_loss_fine():
-    model = make_probed(PROBES["coarse_only"], aux_current_weight=0.5).train()
-    pixel_values, vae_latents = make_batch(model.config)
-    output = model(pixel_values, vae_latents)
-    assert not output.state_fine.requires_grad and output.loss_fine > 0
-    torch.testing.assert_close(output.loss, output.loss_coarse + 0.5 * output.loss_aux)
-
-
-def test_probed_save_is_a_plain_checkpoint_with_probes_json(tmp_path):
-    model = make_probed(PROBES["oracle"])
-    model.save_pretrained(tmp_path)
-    assert type(model) is FoveatedVLMProbedModel  # saving leaves the model probed
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architectures"] == ["FoveatedVLMModel"]
-    assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
-    assert not (tmp_path / "foveated_vlm/probes.py").exists()
-    assert json.loads((tmp_path / PROBES_FILE).read_text()) == PROBES["oracle"].to_dict()
-    plain = FoveatedVLMModel.from_pretrained(tmp_path)
-    assert type(plain) is FoveatedVLMModel
-    for name, value in model.state_dict().items():
-        assert torch.equal(plain.state_dict()[name], value), name
-    reloaded = from_pretrained_with_probes(tmp_path)
-    assert isinstance(reloaded, FoveatedVLMProbedModel) and reloaded.probes == PROBES["oracle"]
-    (tmp_path / PROBES_FILE).unlink()
-    assert type(from_pretrained_with_probes(tmp_path)) is FoveatedVLMModel
-
-
 # ---- Streaming ----
 
 
@@ -733,11 +543,9 @@ def test_streaming_equals_the_parallel_forward(with_text):
     assert_stream_equals_forward(make_model(fixation_bias=True, glimpse_position=True), **text)
 
 
-@pytest.mark.parametrize("name", ["token_dim", "query_logit_scale", "mean_pool", "fixed", "coarse_only"])
-def test_streaming_follows_the_options_and_probes(name):
-    options = {"token_dim": dict(token_dim=4), "query_logit_scale": dict(query_logit_scale=8.0, fixation_bias=True)}
-    model = make_model(**options[name]) if name in options else make_probed(PROBES[name])
-    assert_stream_equals_forward(model)
+@pytest.mark.parametrize("options", [dict(token_dim=4), dict(query_logit_scale=8.0, fixation_bias=True)])
+def test_streaming_follows_the_options(options):
+    assert_stream_equals_forward(make_model(**options))
 
 
 def test_autoregressive_streaming_takes_queries_from_the_focused_stream():

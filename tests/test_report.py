@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
 from modeling_foveated import FoveatedVLMModel
-from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbedModel, FoveatedVLMProbes
+from foveated_vlm.probes import PROBES_FILE, FoveatedVLMProbes, apply_probes
 from foveated_vlm.analyses import compare_runs
 from foveated_vlm.report import main, write_report
 from runs import NUM_CLIPS, make_run
@@ -173,9 +173,7 @@ def test_probed_run_is_reported_with_its_probes(tmp_path, data):
     out = write_report(run_dir, num_videos=1, batch_size=8)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clips"]["loss_fine_streamed"] is None
-    model = FoveatedVLMProbedModel.from_model(
-        FoveatedVLMModel.from_pretrained(str(run_dir)), FoveatedVLMProbes(fine_queries="oracle")
-    ).eval()
+    model = apply_probes(FoveatedVLMModel.from_pretrained(str(run_dir)), FoveatedVLMProbes(fine_queries="oracle")).eval()
     dataset = load_precomputed(data["eval_dataset"])
     batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():

@@ -343,50 +343,6 @@ def test_the_written_out_loss_names_the_teacher_terms():
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
 
 
-# ---- The calibration probes (ground truth, never a recipe) ----
-
-
-@pytest.mark.parametrize("name", ["supervise_fixations", "supervise_first_glance"])
-def test_glimpse_supervision_probes_add_the_squared_distance_to_the_target(name):
-    from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes
-
-    torch.manual_seed(0)
-    model = FoveatedVLMProbedModel(make_model(**SACCADE).config, FoveatedVLMProbes(**{name: 2.0})).train()
-    plain = FoveatedVLMProbedModel(model.config).train()
-    plain.load_state_dict(model.state_dict())
-    pixel_values, vae_latents = make_batch(model.config)
-    centres = torch.rand(2, 4, 2) * 2 - 1
-    torch.manual_seed(1)
-    supervised = model(pixel_values, vae_latents, oracle_fixations=centres)
-    torch.manual_seed(1)
-    reference = plain(pixel_values, vae_latents)
-    attention = supervised.attn_coarse[:, :1] if name == "supervise_first_glance" else supervised.attn_fine[:, 1:]
-    target = centres[:, :1] if name == "supervise_first_glance" else centres[:, 1:]
-    coords = model.encoder.patch_coordinates(attention.shape[-1], "cpu")
-    expected = 2.0 * ((attention @ coords) - target).pow(2).sum(-1).mean()
-    torch.testing.assert_close(supervised.loss - reference.loss, expected)
-    torch.testing.assert_close(supervised.loss_fine, reference.loss_fine)
-    with pytest.raises(ValueError, match="oracle_fixations"):
-        model(pixel_values, vae_latents)
-
-
-def test_supervise_noise_moves_the_place_of_that_share_of_clips_to_a_cell_centre():
-    from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes
-
-    centres = torch.rand(400, 4, 2) * 2 - 1
-    model = FoveatedVLMProbedModel(make_model().config, FoveatedVLMProbes(supervise_fixations=1, supervise_noise=0.25))
-    torch.manual_seed(0)
-    corrupted = model._corrupted(centres)
-    moved = (corrupted != centres).any(-1).any(-1)  # (B,)
-    assert 0.15 < moved.float().mean() < 0.35
-    torch.testing.assert_close(corrupted[~moved], centres[~moved])
-    wrong = corrupted[moved]
-    assert (wrong == wrong[:, :1]).all()  # held in every frame
-    assert set(wrong[:, 0].flatten().tolist()) <= {-0.75, -0.25, 0.25, 0.75}
-    with pytest.raises(ValueError, match="supervise_noise"):
-        FoveatedVLMProbes(supervise_noise=0.5)  # nothing supervised to corrupt
-
-
 def test_stay_candidates_equal_pass2_rerun_with_the_fixation_held():
     """`teacher_search="stay"`: a candidate's losses equal Pass 2 re-run with q_init and that fixation held in every
     frame."""

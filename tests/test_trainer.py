@@ -36,7 +36,7 @@ from foveated_vlm.metrics import (
     mean_metrics,
 )
 from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
-from foveated_vlm.probes import FoveatedVLMProbedModel, FoveatedVLMProbes, moving_box_centres
+from foveated_vlm.probes import FoveatedVLMProbes, apply_probes
 from tiny import TINY_TEXT, TINY_VISION, tiny_config
 from foveated_vlm.tiny_vae import make_tiny_vae
 from foveated_vlm.trainer import HOST_SYNC_OPERATORS, FoveatedVLMFigureCallback, FoveatedVLMTrainer
@@ -212,7 +212,7 @@ def test_train_step_never_syncs_the_host_in_package_code(tmp_path, fine_queries)
         token_dim=8,
     )
     torch.manual_seed(0)
-    model = FoveatedVLMProbedModel(config, FoveatedVLMProbes(fine_queries=fine_queries))
+    model = apply_probes(FoveatedVLMModel(config), FoveatedVLMProbes(fine_queries=fine_queries))
     args = training_arguments(tmp_path, logging_steps=1)  # the step logs: the state contribution runs too
     trainer = FoveatedVLMTrainer(model=model, args=args, data_collator=FoveatedVLMDataCollator(normalize_frames=False))
     batch = trainer.data_collator([tiny_arrow_dataset(2)[i] for i in range(2)])
@@ -828,16 +828,6 @@ def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsy
     head_weight = trainer.model.prediction_head.latent_decoder[-1].weight
     assert head_weight.is_contiguous(memory_format=torch.channels_last) and not head_weight.is_contiguous()
     assert trainer.optimizer.state[head_weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
-
-
-def test_oracle_fixations_are_the_moving_box_centres():
-    boxes = torch.full((1, 2, 4, 4), -1.0)
-    boxes[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 1.0])  # x0, y0, x1, y1: centre x 0.25, y 0.75
-    centres = moving_box_centres(boxes)
-    torch.testing.assert_close(centres, torch.tensor([[[0.5, -0.5], [0.0, 0.0]]]))  # (y, x); no box -> centre
-    model = FoveatedVLMProbedModel(tiny_config(), FoveatedVLMProbes(fine_queries="oracle"))
-    inputs = model_inputs({"frames": torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), "moving_boxes": boxes}, model)
-    assert set(inputs) == {"pixel_values", "oracle_fixations"}
 
 
 def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
