@@ -113,6 +113,7 @@ SOURCE_OPTIONS = {
     "download_llava": (("llava_video",), None),  # a bool: only True is an option given
     "llava_num_video_tars": (("llava_video",), 1),
     "precomputed_dir": (("precomputed",), None),
+    "curriculum": (("synthetic",), None),
 }
 
 
@@ -176,6 +177,17 @@ class DataArguments:
     )
     num_video_frames: Optional[int] = field(
         default=None, metadata={"help": _only_for("num_video_frames", "Frames per generated video")}
+    )
+    curriculum: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": _only_for(
+                "curriculum",
+                "Train first on easier scenes, then on `difficulty`: 'cued_1:120,cued_3:120' trains the first 120 "
+                "optimizer steps on clips of cued_1, the next 120 on cued_3 and the rest on difficulty's (the same "
+                "generator settings otherwise). Evaluation is always on difficulty's held-out clips",
+            )
+        },
     )
     num_frames: int = field(
         default=DEFAULT_NUM_FRAMES, metadata={"help": "T: frames sampled per clip."}
@@ -247,10 +259,26 @@ def check_data_arguments(data_args: DataArguments) -> None:
             "--use_captions prepends each clip's caption to the frames, and --text_target caption asks the model to "
             "write it after them: choose one"
         )
+    if data_args.curriculum:
+        curriculum_stages(data_args.curriculum)  # names its own errors
     if source == "precomputed" and not data_args.precomputed_dir:
         raise ValueError("--data_source precomputed needs --precomputed_dir, the output_dir of foveated_vlm/precompute.py")
     if source == "video_dir" and not data_args.video_dir:
         raise ValueError("--data_source video_dir needs --video_dir, a folder of videos")
+
+
+def curriculum_stages(curriculum: str) -> list[tuple[str, int]]:
+    """'cued_1:120,cued_3:120' -> [("cued_1", 120), ("cued_3", 120)]: (difficulty, optimizer steps) per stage."""
+    stages = []
+    for stage in curriculum.split(","):
+        name, _, steps = stage.strip().partition(":")
+        if name not in DIFFICULTIES or not steps.strip().isdigit() or int(steps) < 1:
+            raise ValueError(
+                f"--curriculum {curriculum!r}: each stage is DIFFICULTY:STEPS with a difficulty of "
+                f"{sorted(DIFFICULTIES)} and STEPS >= 1; got {stage.strip()!r}"
+            )
+        stages.append((name, int(steps)))
+    return stages
 
 
 @dataclass

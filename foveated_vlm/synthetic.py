@@ -144,6 +144,12 @@ DIFFICULTIES = {
     # The third rung: the same rule, nothing moves, the target known by its body colour, which a legend in frame 0
     # shows.
     "cued_appearance": FoveatedVLMSceneSpec(**_CUED_OBJECTS, cue=FoveatedVLMCueSpec(target_marked_by="appearance")),
+    # `cued` with fewer look-alikes, for a curriculum (`--curriculum`): with one, any glimpse on an object reads the
+    # target's cue, so the head can learn the cue rule before it must also tell the target from the others.
+    **{
+        f"cued_{count}": FoveatedVLMSceneSpec(**{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec())
+        for count in (1, 3)
+    },
 }
 
 

@@ -12,6 +12,7 @@ evaluate on the held-out videos (Table 1), save a Hub-ready folder to `output_di
 """
 
 import importlib.util
+import dataclasses
 import json
 import logging
 import os
@@ -21,13 +22,13 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -76,6 +77,7 @@ from foveated_vlm.arguments import (
     SMOLLM2_GGUF,
     SMOLLM2_GGUF_FILE,
     SMOLLM2_HUB_ID,
+    curriculum_stages,
     parse_arguments,
 )
 
@@ -174,6 +176,30 @@ class PreparedData:
     vae: str
     description: str
     use_captions: bool  # whether the collator hands the captions to the model
+    curriculum: list = field(default_factory=list)  # (optimizer steps, training Dataset) of each earlier stage
+
+    def training_order(self, training_args) -> Dataset:
+        """The training clips in the order the Trainer reads them: with a curriculum, each stage's clips for its steps
+        (shuffled by the seed, epoch after epoch), then `train`'s for the remaining steps, read sequentially
+        (`train_sampling_strategy="sequential"`); without one, `train` as it is, for the Trainer to shuffle."""
+        if not self.curriculum:
+            return self.train
+        clips_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                          * training_args.world_size)  # fmt: skip
+        final_steps = training_args.max_steps - sum(steps for steps, _ in self.curriculum)
+        if training_args.max_steps <= 0 or final_steps < 1:
+            raise ValueError(
+                f"--curriculum's stages take {sum(steps for steps, _ in self.curriculum)} steps: --max_steps "
+                f"({training_args.max_steps}) must be larger, so that the last stage trains on difficulty's clips"
+            )
+        rng = np.random.default_rng(training_args.seed)
+        parts = []
+        for steps, dataset in [*self.curriculum, (final_steps, self.train)]:
+            needed = steps * clips_per_step
+            epochs = -(-needed // len(dataset))
+            order = np.concatenate([rng.permutation(len(dataset)) for _ in range(epochs)])[:needed]
+            parts.append(dataset.select(order))
+        return concatenate_datasets(parts)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -214,14 +240,10 @@ def build_datasets(
         if vae == "tiny":
             tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")
             vae = make_tiny_vae(tiny_vae_dir, data_args.image_size)
-    splits = {}
-    for split, paths in videos.items():
-        if split not in splits_wanted:
-            continue
-        if not paths:
-            raise ValueError(f"no {split} videos: raise num_{split}_videos (synthetic) or eval_fraction (video folders)")
+
+    def precompute(paths, split, captions_by_id):
         # precompute_dataset's run id is the one cache key: each set of videos and settings gets its own run.
-        splits[split] = precompute_dataset(
+        return precompute_dataset(
             paths,
             os.path.join(data_args.cache_dir, "arrow", split),
             num_frames=data_args.num_frames,
@@ -229,17 +251,36 @@ def build_datasets(
             vae=vae,
             resize_mode=data_args.resize_mode,
             sample_fps=data_args.sample_fps,
-            captions=captions[split],
+            captions=captions_by_id,
             num_proc=data_args.precompute_num_proc,
             batch_size=data_args.precompute_batch_size,
         )
+
+    splits = {}
+    for split, paths in videos.items():
+        if split not in splits_wanted:
+            continue
+        if not paths:
+            raise ValueError(f"no {split} videos: raise num_{split}_videos (synthetic) or eval_fraction (video folders)")
+        splits[split] = precompute(paths, split, captions[split])
+    # A curriculum's earlier stages: the training clips of easier scenes, made with the same settings.
+    curriculum = []
+    if data_args.curriculum and "train" in splits_wanted:
+        for difficulty, steps in curriculum_stages(data_args.curriculum):
+            with training_args.main_process_first(desc=f"curriculum videos ({difficulty})"):
+                stage_args = dataclasses.replace(data_args, difficulty=difficulty, curriculum=None)
+                stage_videos, stage_captions, _ = split_videos(stage_args, data_args.split_seed)
+            curriculum.append((steps, precompute(stage_videos["train"], "train", stage_captions["train"])))
     training = f"{len(splits['train'])} training and " if "train" in splits else ""
     description += (
         f"; {training}{len(splits['eval'])} held-out clips of T = {data_args.num_frames} frames at "
         f"{data_args.image_size} px, target latents from the VAE `{vae}`."
     )
+    if curriculum:
+        description += f" Curriculum: {data_args.curriculum} (scene:steps), then {data_args.difficulty} clips."
     eval_dir = str(run_dir_of(splits["eval"]).resolve())
-    return PreparedData(splits.get("train"), splits["eval"], eval_dir, vae, description, data_args.use_captions)
+    return PreparedData(splits.get("train"), splits["eval"], eval_dir, vae, description, data_args.use_captions,
+                        curriculum)
 
 
 def load_precomputed_splits(data_args: DataArguments, splits_wanted=("train", "eval")) -> PreparedData:
@@ -454,10 +495,14 @@ def build_trainer(
         probes=probes_of(model).to_dict() if probes_of(model) is not None else {},
         teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
     )
+    train_dataset = data.train
+    if data.curriculum and train_dataset is not None:
+        train_dataset = data.training_order(training_args)
+        training_args.train_sampling_strategy = "sequential"  # the curriculum's order is the order of the clips
     trainer = FoveatedVLMTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
+        train_dataset=train_dataset,
         eval_dataset=data.eval,
         data_collator=collator,
         processing_class=processor,
