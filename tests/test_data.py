@@ -1,5 +1,5 @@
 """Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation,
-the tiny VAE, and train_hf's data arguments and data building.
+and train_hf's data arguments and data building.
 
 One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
 random VAE feeds most tests; tests that rerun it copy its output folder first.
@@ -428,27 +428,6 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
 def test_load_precomputed_names_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no precomputed dataset"):
         load_precomputed(tmp_path)
-
-
-def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog, capsys):
-    caplog.set_level("INFO", logger="foveated_vlm.tiny_vae")
-    torch.manual_seed(7)
-    expected_draw = torch.rand(3)
-    torch.manual_seed(7)
-    path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
-    assert "held-out PSNR" in caplog.text
-    assert "fitting the tiny VAE: 100%" in capsys.readouterr().err  # a progress bar: fitting takes a minute
-    # Fitting drew from its own seeded generator: the caller's random state is where it was.
-    assert torch.equal(torch.rand(3), expected_draw)
-    caplog.clear()
-    vae = AutoencoderKL.from_pretrained(path)
-    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x downsampling
-    weights = Path(path) / "diffusion_pytorch_model.safetensors"
-    written = weights.stat().st_mtime_ns
-    assert make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2) == path
-    assert weights.stat().st_mtime_ns == written and "held-out PSNR" not in caplog.text
-    make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=3)
-    assert weights.stat().st_mtime_ns != written
 
 
 # --------------------------------------------------------------------------------------------------------------------
