@@ -462,36 +462,6 @@ def test_a_changed_video_gets_a_new_shard(precomputed, video_dir, tiny_vae, tmp_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "argv, flag, source",
-    [
-        (["configs/tiny.yaml", "--video_dir", "/nonexistent/folder"], "--video_dir", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--eval_fraction", "0.1"], "--eval_fraction", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--download_llava"], "--download_llava", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--sample_fps", "4"], "--sample_fps", "--data_source synthetic"),
-        (["--video_dir", "/videos"], "--video_dir", "--data_source llava_video"),
-        (["--data_source", "video_dir", "--video_dir", "/videos", "--llava_dir", "x"], "--llava_dir",
-         "--data_source video_dir"),
-        (["--data_source", "video_dir", "--video_dir", "/v", "--num_train_videos", "8"], "--num_train_videos",
-         "--data_source video_dir"),
-    ],
-)  # fmt: skip
-def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
-    with pytest.raises(ValueError) as error:
-        train_hf.parse_arguments(argv)
-    assert flag in str(error.value) and source in str(error.value)
-
-
-def test_source_specific_defaults_apply_to_their_source():
-    _, data_args, _, _, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
-    assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
-    dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
-    assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
-                                                            data_foveated.DEFAULT_IMAGE_SIZE)  # fmt: skip
-    with pytest.raises(ValueError, match="--data_source video_dir needs --video_dir"):
-        train_hf.parse_arguments(["--data_source", "video_dir"])
-
-
 def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
     argv = [
         "--data_source", "video_dir", "--video_dir", str(folder), "--eval_fraction", "0.5", "--cache_dir",
@@ -562,21 +532,6 @@ def test_cold_and_warm_cache_train_the_same_model(tmp_path):
             trainer = train_hf.main([str(config), "--output_dir", str(tmp_path / name)])
             losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
-
-
-def test_a_recipe_runs_on_a_video_folder_with_its_synthetic_keys_set_aside(caplog):
-    """configs/cued.yaml keeps its model and training choices under --data_source video_dir; its synthetic-only keys
-    are set aside with a notice each, while such a key given on the command line is still refused."""
-    argv = ["configs/cued.yaml", "--data_source", "video_dir", "--video_dir", "/videos"]
-    with caplog.at_level("WARNING", logger="foveated_vlm.train"):
-        model_args, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
-    recipe = yaml.safe_load(Path("configs/cued.yaml").read_text())
-    assert model_args.model_config == recipe["model_config"] and training_args.max_steps == recipe["max_steps"]
-    assert (data_args.data_source, data_args.video_dir, data_args.num_train_videos) == ("video_dir", "/videos", None)
-    for key in ("num_train_videos", "num_eval_videos", "difficulty", "synthetic_size", "num_video_frames"):
-        assert any(key in record.getMessage() and "set aside" in record.getMessage() for record in caplog.records)
-    with pytest.raises(ValueError, match="--num_train_videos has no effect with --data_source video_dir"):
-        train_hf.parse_arguments(argv + ["--num_train_videos", "8"])
 
 
 def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_path):

@@ -234,13 +234,6 @@ def test_targets_are_captions_and_end_of_text_right_padded():
         FoveatedVLMDataCollator(caption_as_target=True)
 
 
-def test_text_target_settings_are_checked_where_they_are_set():
-    with pytest.raises(ValueError, match="--use_captions .* --text_target caption"):
-        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "caption", "--use_captions", "true"])
-    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
-        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "answer"])
-
-
 @pytest.fixture(scope="module")
 def captioned_videos(tmp_path_factory) -> Path:
     """Cued clips in a plain folder, each with its description beside it as clip.txt (no sidecars)."""

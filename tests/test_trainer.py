@@ -1,5 +1,5 @@
 """FoveatedVLMTrainer, foveated_vlm/metrics.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
-SIGKILL, two processes, and the configs.
+SIGKILL and two processes.
 
 The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
 first run. The in-process tests use small Arrow datasets built directly.
@@ -526,22 +526,6 @@ def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
 
 
-def test_help_lists_every_argument(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_hf.main(["configs/phase1.yaml", "--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for name in ("--vision_model", "--model_config", "--data_source", "--vae", "--profile_memory", "--max_steps"):
-        assert name in text
-
-
-def test_unknown_config_key_names_the_file(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['learning_rat'\]"):
-        train_hf.parse_arguments([str(config)])
-
-
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(train_hf, "cpu_has_native_bf16", lambda: False)
     for bf16, warns in ((True, True), (False, False)):
@@ -855,21 +839,6 @@ def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
     assert reading["diag/state_contribution_fine"].abs().min() > 1e-6
 
 
-def test_cued_config_is_tiny_on_the_cued_scene():
-    tiny, cued = (yaml.safe_load(Path(f"configs/{name}.yaml").read_text()) for name in ("tiny", "cued"))
-    changed = {"difficulty", "num_video_frames", "num_train_videos", "num_eval_videos", "cache_dir", "max_steps",
-               "eval_steps", "save_steps", "model_config"}  # fmt: skip
-    assert {key: value for key, value in cued.items() if key not in changed} == {
-        key: value for key, value in tiny.items() if key not in changed
-    }
-    # The model: the full-width token and a 32-channel head (docs/RESULTS.md says why), the rest as in tiny.
-    cued_model = {"token_dim": None, "head_channels": 32, "head_mlp_dim": 128}
-    assert cued["model_config"] == {**tiny["model_config"], **cued_model}
-    _, data_args, training_args, _, _ = train_hf.parse_arguments(["configs/cued.yaml"])
-    assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
-    assert training_args.max_steps == training_args.save_steps  # the one checkpoint is the final model
-
-
 @pytest.mark.parametrize("difficulty, marked", [("cued", "marked in frame 0"), ("cued_motion", "the only one that moves"),
                                                  ("medium", None)])
 def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, marked):
@@ -881,16 +850,3 @@ def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, 
     assert description.startswith("Synthetic clips") and f"({difficulty}: " in description
     assert ("positive control" in description) == (marked is not None)
     assert marked is None or marked in description
-
-
-def test_command_line_model_config_updates_the_yaml_one():
-    model_args, data_args, _, _, _ = train_hf.parse_arguments(
-        ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
-    )
-    tiny_yaml = yaml.safe_load(Path("configs/tiny.yaml").read_text())["model_config"]
-    assert model_args.model_config == {**tiny_yaml, "lambda_coarse": 3, "token_dim": None}
-    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
-    assert model.config.lambda_coarse == 3 and model.config.token_dim is None and model.config.query_dim == 64
-    assert not any(p.requires_grad for p in model.encoder.backbone.parameters())
-    with pytest.raises(ValueError, match="model_config must be a JSON object"):
-        train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", "[1, 2]"])
