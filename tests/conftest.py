@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runs import S, eval_dataset, video_folder
-from tiny import save_tiny_vae
+from tiny import save_tiny_vae, tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,11 @@ def video_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> str:
     return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), S)
+
+
+# ---- Shared by the processing and train tests ----
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()

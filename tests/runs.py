@@ -1,6 +1,7 @@
-"""Tiny folders shared by the tests, built in seconds: real mp4 files (synthetic videos with sidecars, and broken
-files) for the data, precompute and train tests; for the report and analyses tests a held-out split with the
-precomputed columns, a VAE, and a finished run (final model, trainer_state.json, data_paths.json)."""
+"""Tiny data and run folders shared by the tests, built in seconds: real mp4 files (synthetic videos with sidecars,
+and broken files) for the data, precompute and train tests; clips with the precomputed columns, in memory for the
+trainer and train tests; for the report and analyses tests a held-out split with those columns, a VAE, and a finished
+run (final model, trainer_state.json, data_paths.json)."""
 
 import json
 from pathlib import Path
@@ -65,6 +66,28 @@ def eval_dataset(path, seed: int = 0, spread: float = 0.0) -> None:
         "moving_boxes": boxes,
     }
     Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+
+
+def tiny_arrow_dataset(num_clips: int, seed: int = 0, boxes: bool = True) -> Dataset:
+    """Random clips with the precomputed columns the collator reads; `boxes=False`: every box row absent (-1), as
+    the collator emits for data without boxes."""
+    rng = np.random.default_rng(seed)
+    boxes_column = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
+    if boxes:
+        boxes_column[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
+    features = Features(
+        {
+            "frames": Array4D((T, S, S, 3), "uint8"),
+            "vae_latents": Array4D((T, 4, LATENT, LATENT), "float32"),
+            "moving_boxes": Array3D((T, 4, 4), "float32"),
+        }
+    )
+    columns = {
+        "frames": rng.integers(0, 256, (num_clips, T, S, S, 3), dtype=np.uint8),
+        "vae_latents": rng.standard_normal((num_clips, T, 4, LATENT, LATENT)).astype(np.float32),
+        "moving_boxes": boxes_column,
+    }
+    return Dataset.from_dict(columns, features=features)
 
 
 def make_run(run_dir, data: dict, with_eval: bool = True, model=None):

@@ -1,11 +1,10 @@
-"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation,
-and train_hf's data arguments and data building.
+"""Data pipeline (foveated_vlm/data.py): discovery, LLaVA captions, precompute (failures, caching, resume, scale-out),
+loading and collation.
 
 One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
 random VAE feeds most tests; tests that rerun it copy its output folder first.
 """
 
-import dataclasses
 import io
 import json
 import os
@@ -19,7 +18,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL
 from runs import BROKEN, NUM_GOOD
 from tiny import save_tiny_tokenizer
@@ -45,7 +43,6 @@ from foveated_vlm.data import (
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from foveated_vlm.synthetic import generate_split
 from foveated_vlm.metrics import level_headroom
-from foveated_vlm.tiny_vae import make_tiny_vae
 
 
 T, S = 4, 64  # latents (4, 4, 8, 8)
@@ -462,78 +459,6 @@ def test_a_changed_video_gets_a_new_shard(precomputed, video_dir, tiny_vae, tmp_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
-    argv = [
-        "--data_source", "video_dir", "--video_dir", str(folder), "--eval_fraction", "0.5", "--cache_dir",
-        str(cache_dir), "--vae", vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2",
-        "--output_dir", str(tmp_path / "unused"),
-    ]  # fmt: skip
-    _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
-    return train_hf.build_datasets(data_args, training_args)
-
-
-def test_two_video_folders_get_separate_caches(video_dir, tiny_vae, tmp_path):
-    """Two folders with the same file names and other videos, in one cache_dir: each run reads its own videos, and
-    building the second leaves the first's data as it was."""
-    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(video_dir / "train", folder_a)
-    folder_b.mkdir()
-    for path in sorted(folder_a.glob("*.mp4")):  # the same names, each holding another video (no sidecars)
-        shutil.copy(folder_a / f"video_{(int(path.stem[-1]) + 1) % NUM_GOOD:06d}.mp4", folder_b / path.name)
-    train, held_out = split_train_eval(find_videos(folder_a), 0.5)
-    assert train and held_out
-
-    cache_dir = tmp_path / "cache"
-    data_a = build_from_folder(folder_a, cache_dir, tiny_vae, tmp_path)
-    a_files = {path: path.stat().st_mtime_ns for path in (cache_dir / "arrow").rglob("*") if path.is_file()}
-    data_b = build_from_folder(folder_b, cache_dir, tiny_vae, tmp_path)
-    assert data_a.eval_dir != data_b.eval_dir
-    for data, folder in ((data_a, folder_a), (data_b, folder_b)):
-        for split in (data.train, data.eval):
-            assert {Path(p).parent for p in split["video_path"]} == {folder.resolve()}
-    # Nothing of a's run was rewritten, and a's held-out split still reads a's videos.
-    assert all(path.stat().st_mtime_ns == mtime for path, mtime in a_files.items() if path.name != "precompute.json")
-    assert not torch.equal(data_a.eval[:]["frames"], data_b.eval[:]["frames"])
-    reloaded = load_precomputed(data_a.eval_dir)
-    assert reloaded["video_path"] == data_a.eval["video_path"]
-    assert torch.equal(reloaded[:]["vae_latents"], data_a.eval[:]["vae_latents"])
-
-
-def tiny_training_config(folder: Path) -> Path:
-    from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer
-
-    config = {
-        "vision_model": "", "text_model": "", "vision_config": dict(TINY_VISION), "text_config": dict(TINY_TEXT),
-        "tokenizer": save_tiny_tokenizer(folder / "tokenizer"),
-        "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
-        "data_source": "synthetic", "num_train_videos": 4, "num_eval_videos": 2, "synthetic_size": S,
-        "num_video_frames": 8, "num_frames": T, "image_size": S, "vae": "tiny", "cache_dir": str(folder / "cache"),
-        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "max_steps": 3, "logging_steps": 1,
-        "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "num_attention_figures": 0,
-        "write_report": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False, "seed": 0,
-    }  # fmt: skip
-    path = folder / "tiny_data_test.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.mark.slow
-def test_cold_and_warm_cache_train_the_same_model(tmp_path):
-    """The first run builds the data (videos, a tiny VAE fit, latents); the second finds it all cached. Building draws
-    nothing from the global random state, so both runs log the same losses."""
-    config = tiny_training_config(tmp_path)
-
-    def quick_tiny_vae(output_dir, image_size):  # a short fit: it still draws random numbers, which is what counts
-        return make_tiny_vae(output_dir, image_size, num_train_frames=8, steps=2)
-
-    losses = []
-    with mock.patch.object(train_hf, "make_tiny_vae", quick_tiny_vae):
-        for name in ("cold", "warm"):
-            trainer = train_hf.main([str(config), "--output_dir", str(tmp_path / name)])
-            losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
-
-
 def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_path):
     """`train_hf.py configs/cued.yaml --data_source video_dir --video_dir <folder>` trains, with saccades and the search
     teacher: the teacher reads no sidecar, so plain videos serve."""
@@ -557,44 +482,3 @@ def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_pat
     assert "eval_teacher/loss_best" in final and "eval_teacher/on_target" not in final  # no boxes: absent, not 0
     assert json.loads((output_dir / "teacher.json").read_text())["teacher"] is True
     assert "search teacher" in (output_dir / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, tiny_vae, tmp_path):
-    """`--evaluate_model RUN` trains nothing: on the run's own held-out clips it reproduces the run's final Table 1;
-    on another source it prepares the held-out split only. `--do_train false` is refused, not ignored."""
-    common = [
-        "--cache_dir", str(tmp_path / "cache"), "--vae", tiny_vae, "--num_frames", str(T), "--image_size", str(S),
-        "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--num_attention_figures", "0",
-        "--report_to", "none", "--logging_steps", "1",
-    ]  # fmt: skip
-    folder = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train"), "--eval_fraction", "0.5"]
-    run = tmp_path / "run"
-    train_hf.main(["configs/cued.yaml", *folder, *common, "--max_steps", "2", "--write_report", "false",
-                   "--output_dir", str(run)])  # fmt: skip
-    trained = json.loads((run / "eval_results.json").read_text())
-    evaluated = tmp_path / "evaluated"
-    trainer = train_hf.main(["configs/cued.yaml", *folder, *common, "--evaluate_model", str(run),
-                             "--output_dir", str(evaluated)])  # fmt: skip
-    assert trainer.state.global_step == 0
-    measured = json.loads((evaluated / "eval_results.json").read_text())
-    for name in ("eval_loss/fine", "eval_loss/coarse", "eval_improvement", "eval_improvement_se"):
-        assert measured[name] == pytest.approx(trained[name], rel=1e-5, nan_ok=True), name
-    assert (evaluated / "report" / "report.md").is_file() and "improvement" in (evaluated / "README.md").read_text()
-    # Another source: synthetic clips, of which only the held-out split is made.
-    synthetic = ["--data_source", "synthetic", "--difficulty", "medium", "--synthetic_size", str(S),
-                 "--num_video_frames", str(T), "--num_train_videos", "3", "--num_eval_videos", "2"]  # fmt: skip
-    train_hf.main(["configs/cued.yaml", *synthetic, *common, "--evaluate_model", str(run), "--write_report", "false",
-                   "--output_dir", str(tmp_path / "on_synthetic")])  # fmt: skip
-    assert json.loads((tmp_path / "on_synthetic" / "eval_results.json").read_text())["eval_loss/fine"] > 0
-    assert len(list((tmp_path / "cache" / "arrow" / "train" / "runs").iterdir())) == 1  # the training run's alone
-    # A folder without --eval_fraction: every one of its videos is evaluated (with it: its held-out share, above).
-    other = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train")]
-    trainer = train_hf.main(["configs/cued.yaml", *other, *common, "--evaluate_model", str(run), "--write_report",
-                             "false", "--output_dir", str(tmp_path / "on_other_videos")])  # fmt: skip
-    assert len(trainer.eval_dataset) == len(find_videos(video_dir / "train")) == NUM_GOOD
-    with pytest.raises(ValueError, match="--do_train is a TrainingArguments field .* --evaluate_model"):
-        train_hf.parse_arguments(["configs/cued.yaml", "--do_train", "false"])
-    data_args = dataclasses.replace(train_hf.parse_arguments(["configs/cued.yaml"])[1], image_size=128)
-    with pytest.raises(ValueError, match=r"image_size 64 \(model\) vs 128 \(data\)"):
-        train_hf.load_for_evaluation(str(run), data_args, (4, 16, 16))

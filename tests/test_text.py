@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_modeling import make_batch, make_model
-from test_trainer import tiny_arrow_dataset
-from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+from tiny import save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
 
 from foveated_vlm import captioning as captioning_foveated
 from foveated_vlm import train as train_hf
@@ -277,31 +275,6 @@ def test_text_target_training_runs_end_to_end_with_report_and_captioning(caption
     # Without --text_target the data cannot feed a text objective: refused before training, naming the flag.
     with pytest.raises(ValueError, match="add --text_target caption"):
         train_hf.main([arg for arg in argv if arg not in ("--text_target", "caption")])
-
-
-def test_the_phase2_text_recipe_builds_offline_on_tiny_backbones(tmp_path):
-    vision_dir, text_dir = tmp_path / "dinov3", tmp_path / "llama"
-    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(vision_dir)
-    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
-    tiny_tokenizer().save_pretrained(text_dir)
-    model_args, data_args, training_args, _, _ = train_hf.parse_arguments(
-        ["configs/phase2_text.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir),
-         "--bf16", "false", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
-    assert data_args.text_target == "caption" and not data_args.use_captions
-    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
-    assert (model.config.text_loss_weight, model.config.latent_loss_weight) == (1.0, 0.5)
-    text_model = LlamaForCausalLM.from_pretrained(text_dir)
-    # The LM head is the pretrained one (tied to the embeddings, as SmolLM2's is).
-    torch.testing.assert_close(model.language_model.get_input_embeddings().weight, text_model.lm_head.weight)
-    assert model.video_end_token.requires_grad and model.language_model.get_input_embeddings().weight.requires_grad
-    processor = train_hf.build_processor(model_args, data_args, model.config.text_config.vocab_size)
-    clips = tiny_arrow_dataset(2).add_column("caption", ["the square", "where does the square move ?"])
-    data = train_hf.PreparedData(clips, clips, "", "", "", use_captions=False)
-    training_args.num_attention_figures = 0
-    trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
-    batch = trainer.data_collator([clips[0], clips[1]])
-    assert batch["target_ids"].shape[0] == 2 and "input_ids" not in batch
 
 
 def test_text_headroom_is_the_cross_entropy_of_a_writer_that_sees_no_frame():

@@ -60,6 +60,18 @@ def save_tiny_tokenizer(folder) -> str:
     return str(folder)
 
 
+def numbered_tokenizer(vocab_size: int):
+    """A word-level tokenizer that covers a tiny LLM's whole vocabulary, built offline: <unk> 0, <pad> 1, then the
+    words w2 .. w{vocab_size - 1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
 # ---- A run's log history, as the trainer writes it ----
 
 # A final evaluation as the trainer logs it (values chosen to be recognisable in the text, not measured).
