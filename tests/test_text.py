@@ -1,25 +1,17 @@
-"""Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captioning."""
+"""Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captions."""
 
-import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_modeling import make_batch, make_model
-from tiny import save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
+from tiny import TEXT_ONLY, tiny_tokenizer
 
-from foveated_vlm import captioning as captioning_foveated
-from foveated_vlm import train as train_hf
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, target_tokens
+from foveated_vlm.data import FoveatedVLMDataCollator, target_tokens
 from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
-from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_split, generate_video
-
-TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
-
+from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_video
 
 def make_targets(B=2, L=5, vocabulary=128, seed=2):
     """Right-padded targets: the second clip's last two tokens are padding, not scored."""
@@ -200,7 +192,7 @@ def test_captions_stop_at_the_end_of_text_and_pad_after_it():
         model.generate_text(pixel_values, mode="both")
 
 
-# ---- Data, the training script, the report and the captioning command ----
+# ---- The captions: synthetic descriptions, target tokens, the headroom of reading ----
 
 
 def test_synthetic_captions_name_what_the_glimpse_must_read():
@@ -230,51 +222,6 @@ def test_targets_are_captions_and_end_of_text_right_padded():
     assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
     with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
         FoveatedVLMDataCollator(caption_as_target=True)
-
-
-@pytest.fixture(scope="module")
-def captioned_videos(tmp_path_factory) -> Path:
-    """Cued clips in a plain folder, each with its description beside it as clip.txt (no sidecars)."""
-    root = tmp_path_factory.mktemp("captioned")
-    generated = generate_split(root / "generated", num_train=6, num_eval=0, difficulty="cued", size=64,
-                               num_video_frames=4, num_frames=4)
-    folder = root / "videos"
-    folder.mkdir()
-    for path in map(Path, generated["train"]):
-        shutil.copy(path, folder / path.name)
-        (folder / path.with_suffix(".txt").name).write_text(describe_clip(json.loads(path.with_suffix(".json").read_text())))
-    return folder
-
-
-@pytest.mark.slow
-def test_text_target_training_runs_end_to_end_with_report_and_captioning(captioned_videos, tmp_path):
-    """`train_hf.py` with text as a target on a folder of videos with caption files: text losses in the logs and
-    Table 1, the objective on the card, the three modes in the report, and the captioning command's gap."""
-    output_dir = tmp_path / "run"
-    argv = [
-        "configs/cued.yaml", "--data_source", "video_dir", "--video_dir", str(captioned_videos), "--eval_fraction", "0.5",
-        "--cache_dir", str(tmp_path / "cache"), "--vae", save_tiny_vae(tmp_path / "vae", 64), "--num_frames", "4",
-        "--image_size", "64", "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--max_steps", "2",
-        "--logging_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--output_dir", str(output_dir),
-        "--text_target", "caption", "--model_config", json.dumps({**TEXT_ONLY, "fine_passes": 2}),
-    ]  # fmt: skip
-    trainer = train_hf.main(argv)
-    logged = trainer.state.log_history
-    assert any("loss/text_fine_pass1" in entry and "loss/text_fine_pass2" in entry for entry in logged)
-    final = json.loads((output_dir / "eval_results.json").read_text())
-    assert {"eval_loss/text_fine", "eval_loss/text_coarse", "eval_improvement_text", "eval_improvement_text_se"} <= set(final)
-    card = (output_dir / "README.md").read_text()
-    assert "improvement_text" in card and "loss_text_fine_pass1 + loss_text_fine" in card
-    report = (output_dir / "report" / "report.md").read_text()
-    assert "improvement_text" in report and "| autoregressive |" in report
-    captioning = captioning_foveated.main([str(output_dir), "--max_new_tokens", "4", "--output", str(tmp_path / "c.json")])
-    eval_dataset = json.loads((output_dir / "data_paths.json").read_text())["eval_dataset"]
-    assert set(captioning.text_loss) == set(TEXT_MODES) and captioning.num_clips == len(load_precomputed(eval_dataset))
-    assert json.loads((tmp_path / "c.json").read_text())["autoregressive_gap"] == pytest.approx(
-        captioning.text_loss["autoregressive"] / captioning.text_loss["fine"] - 1)
-    # Without --text_target the data cannot feed a text objective: refused before training, naming the flag.
-    with pytest.raises(ValueError, match="add --text_target caption"):
-        train_hf.main([arg for arg in argv if arg not in ("--text_target", "caption")])
 
 
 def test_text_headroom_is_the_cross_entropy_of_a_writer_that_sees_no_frame():

@@ -22,6 +22,10 @@ def tiny_config(**overrides) -> FoveatedVLMConfig:
     return FoveatedVLMConfig(**settings)
 
 
+# A model trained on text alone (`--text_target caption`, docs/TRAINING.md): the latent loss weighs 0.
+TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
+
+
 def save_tiny_vae(path, sample_size: int) -> str:
     """A random AutoencoderKL with the SD VAE's geometry (8x downsampling, 4 latent channels), 8 channels wide."""
     import torch
