@@ -1,7 +1,5 @@
 """Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captions."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,6 @@ from test_modeling import make_batch, make_model
 from tiny import TEXT_ONLY, tiny_tokenizer
 
 from foveated_vlm.data import FoveatedVLMDataCollator, target_tokens
-from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
 from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_video
 
@@ -192,7 +189,7 @@ def test_captions_stop_at_the_end_of_text_and_pad_after_it():
         model.generate_text(pixel_values, mode="both")
 
 
-# ---- The captions: synthetic descriptions, target tokens, the headroom of reading ----
+# ---- The captions: synthetic descriptions and target tokens ----
 
 
 def test_synthetic_captions_name_what_the_glimpse_must_read():
@@ -222,15 +219,3 @@ def test_targets_are_captions_and_end_of_text_right_padded():
     assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
     with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
         FoveatedVLMDataCollator(caption_as_target=True)
-
-
-def test_text_headroom_is_the_cross_entropy_of_a_writer_that_sees_no_frame():
-    # Template token 5, then one of four colour tokens uniformly, then the end of text 9.
-    train = [[5, colour, 9] for colour in (1, 2, 3, 4) * 25]
-    measured = text_headroom(train, [[5, 3, 9], [5, 1, 9]])
-    smoothed_template = -math.log(101 / 102)  # seen 100 times in 100, add-one over {seen, unseen}
-    colour = -math.log(26 / 105)  # 25 of 100, add-one over 4 seen + 1 unseen
-    assert measured["without_reading"] == pytest.approx((2 * smoothed_template + colour) / 3)
-    assert measured["headroom"] == measured["without_reading"] and measured["with_reading"] == 0
-    unseen = text_headroom(train, [[5, 7, 9]])["without_reading"]
-    assert unseen == pytest.approx((2 * smoothed_template - math.log(1 / 105)) / 3)
