@@ -20,7 +20,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from runs import BROKEN, NUM_GOOD
-from tiny import save_tiny_tokenizer
+from tiny import save_tiny_tokenizer, tiny_tokenizer
 
 from foveated_vlm import data as data_foveated
 from foveated_vlm import analyses
@@ -39,6 +39,7 @@ from foveated_vlm.data import (
     precompute_dataset,
     run_dir_of,
     split_train_eval,
+    target_tokens,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from foveated_vlm.synthetic import generate_split
@@ -359,7 +360,7 @@ def test_changing_num_frames_or_the_vae_invalidates(precomputed, video_dir, tiny
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer():
+def caption_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -372,7 +373,7 @@ def tiny_tokenizer():
 def test_collator_in_a_dataloader_with_two_workers(precomputed):
     output_dir, _, _ = precomputed
     dataset = load_precomputed(output_dir)
-    collator = FoveatedVLMDataCollator(tokenizer=tiny_tokenizer(), max_text_length=16)
+    collator = FoveatedVLMDataCollator(tokenizer=caption_tokenizer(), max_text_length=16)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collator)
     batches = list(loader)
     assert len(batches) == NUM_GOOD // 2
@@ -395,6 +396,21 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
     inputs = model_inputs(raw)
     assert set(inputs) == {"pixel_values", "vae_latents"}
     assert torch.equal(inputs["pixel_values"], without_text["pixel_values"])
+
+
+def test_targets_are_captions_and_end_of_text_right_padded():
+    tokenizer = tiny_tokenizer()
+    target_ids, target_labels = target_tokens(tokenizer, ["where does the square move ?", "the square"], 16)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert target_ids.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, pad, pad, pad, pad]]
+    assert target_labels.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, -100, -100, -100, -100]]
+    assert target_tokens(tokenizer, ["where does the square move ?"], 3)[0].tolist() == [[2, 3, eos]]  # truncated
+    rows = [{"frames": np.zeros((4, 64, 64, 3), np.uint8), "vae_latents": np.zeros((4, 4, 8, 8), np.float32),
+             "moving_boxes": np.full((4, 4, 4), -1.0, np.float32), "caption": "the square"}]
+    batch = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)(rows)
+    assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
+    with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
+        FoveatedVLMDataCollator(caption_as_target=True)
 
 
 def test_load_precomputed_names_a_missing_folder(tmp_path):

@@ -1,14 +1,12 @@
-"""Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captions."""
+"""Text as a target in the model (modeling_foveated.py): the text losses of both passes, multi-fine passes, text
+through the streams, greedy and sampled captions."""
 
-import numpy as np
 import pytest
 import torch
 from test_modeling import make_batch, make_model
-from tiny import TEXT_ONLY, tiny_tokenizer
+from tiny import TEXT_ONLY
 
-from foveated_vlm.data import FoveatedVLMDataCollator, target_tokens
 from modeling_foveated import TEXT_MODES
-from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_video
 
 def make_targets(B=2, L=5, vocabulary=128, seed=2):
     """Right-padded targets: the second clip's last two tokens are padding, not scored."""
@@ -187,35 +185,3 @@ def test_captions_stop_at_the_end_of_text_and_pad_after_it():
     assert written.shape[1] == 4 or (written == stop).any(1).all()  # it stops early only when every clip is done
     with pytest.raises(ValueError, match="mode='both' must be one of"):
         model.generate_text(pixel_values, mode="both")
-
-
-# ---- The captions: synthetic descriptions and target tokens ----
-
-
-def test_synthetic_captions_name_what_the_glimpse_must_read():
-    _, cued = generate_video(0, "cued", size=64, num_video_frames=4, num_frames=4)
-    last_cue = cued["frames"][-1]["objects"][cued["target"]]["cue"]
-    assert describe_clip(cued) == f"the marked object's last cue is {CUE_COLOUR_NAMES[last_cue]}."
-    _, motion = generate_video(0, "cued_motion", size=64, num_video_frames=4, num_frames=4)
-    assert describe_clip(motion).startswith("the moving object's last cue is ")
-    _, medium = generate_video(0, "medium", size=64, num_video_frames=16, num_frames=8)
-    mover = [k for k, o in enumerate(medium["frames"][0]["objects"]) if o["moving"]]
-    (box0, box1) = (medium["frames"][t]["objects"][mover[0]]["box"] for t in (0, 2))  # sampled frames 0 and 1 of 8
-    heading = describe_clip(medium).removeprefix("1 of 4 objects moves ").removesuffix(".")
-    dx, dy = box1[0] - box0[0], box1[1] - box0[1]
-    assert ("right" in heading) == (dx > abs(dy) / 2.5) and ("down" in heading) == (dy > abs(dx) / 2.5)
-
-
-def test_targets_are_captions_and_end_of_text_right_padded():
-    tokenizer = tiny_tokenizer()
-    target_ids, target_labels = target_tokens(tokenizer, ["where does the square move ?", "the square"], 16)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    assert target_ids.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, pad, pad, pad, pad]]
-    assert target_labels.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, -100, -100, -100, -100]]
-    assert target_tokens(tokenizer, ["where does the square move ?"], 3)[0].tolist() == [[2, 3, eos]]  # truncated
-    rows = [{"frames": np.zeros((4, 64, 64, 3), np.uint8), "vae_latents": np.zeros((4, 4, 8, 8), np.float32),
-             "moving_boxes": np.full((4, 4, 4), -1.0, np.float32), "caption": "the square"}]
-    batch = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)(rows)
-    assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
-    with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
-        FoveatedVLMDataCollator(caption_as_target=True)
