@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import S, eval_dataset
-from tiny import save_tiny_vae
+from runs import S, eval_dataset, video_folder
+from tiny import save_tiny_vae, tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +86,26 @@ def data(tmp_path_factory):
     save_tiny_vae(root / "vae", S)
     description = "Synthetic clips of the positive control (docs/RESULTS.md) (cued: look-alike objects)"
     return {"eval_dataset": str(root / "eval"), "vae": str(root / "vae"), "description": description}
+
+
+# ---- Shared by the data, precompute and train tests ----
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    """Real mp4 files (runs.video_folder): NUM_GOOD synthetic videos with sidecars in train/, the BROKEN ones in
+    broken/."""
+    return video_folder(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> str:
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), S)
+
+
+# ---- Shared by the processing and train tests ----
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()

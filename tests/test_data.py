@@ -1,17 +1,14 @@
-"""Data pipeline: discovery, LLaVA captions, precompute (failures, caching, resume, scale-out), loading, collation,
-the tiny VAE, and train_hf's data arguments and data building.
+"""Data pipeline (foveated_vlm/data.py): discovery, LLaVA captions, precompute (failures, caching, resume, scale-out),
+loading and collation.
 
 One module-scoped precompute over real mp4 files (6 synthetic videos with sidecars + 4 broken files) with a tiny
 random VAE feeds most tests; tests that rerun it copy its output folder first.
 """
 
-import dataclasses
 import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +18,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL
-from tiny import save_tiny_tokenizer, save_tiny_vae
+from runs import BROKEN, NUM_GOOD
+from tiny import save_tiny_tokenizer, tiny_tokenizer
 
 from foveated_vlm import data as data_foveated
-from foveated_vlm import precompute as precompute_latents
 from foveated_vlm import analyses
 from foveated_vlm import train as train_hf
 from foveated_vlm.data import (
@@ -43,18 +39,15 @@ from foveated_vlm.data import (
     precompute_dataset,
     run_dir_of,
     split_train_eval,
+    target_tokens,
 )
 from processing_foveated import frames_to_vae_pixel_values, load_video, transform_box
 from foveated_vlm.synthetic import generate_split
 from foveated_vlm.metrics import level_headroom
-from foveated_vlm.tiny_vae import make_tiny_vae
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 T, S = 4, 64  # latents (4, 4, 8, 8)
 SHARD_SIZE = 4  # 10 files -> shards of 4, 4, 2
-NUM_GOOD = 6
-BROKEN = ("empty.mp4", "random_bytes.mp4", "truncated.mp4", "text_renamed.mp4")
 CAPTIONS = {"video_000001": "a square moves to the left"}
 
 
@@ -89,26 +82,6 @@ def precompute_counting_vae_frames(*args, **kwargs) -> tuple[datasets.Dataset, i
     with counting_vae_frames() as count:
         dataset = precompute(*args, **kwargs)
     return dataset, count[0]
-
-
-@pytest.fixture(scope="module")
-def video_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    # "hard" scenes have 2 movers: the boxes test sees filled and absent rows.
-    generate_split(root, num_train=NUM_GOOD, num_eval=0, difficulty="hard", size=S, num_video_frames=12, fps=8.0)
-    good_bytes = (root / "train" / "video_000000.mp4").read_bytes()
-    broken_dir = root / "broken"
-    broken_dir.mkdir()
-    (broken_dir / "empty.mp4").write_bytes(b"")
-    (broken_dir / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
-    (broken_dir / "truncated.mp4").write_bytes(good_bytes[: len(good_bytes) // 2])
-    (broken_dir / "text_renamed.mp4").write_text("not a video, just text\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> str:
-    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"), S)
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +360,7 @@ def test_changing_num_frames_or_the_vae_invalidates(precomputed, video_dir, tiny
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer():
+def caption_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -400,7 +373,7 @@ def tiny_tokenizer():
 def test_collator_in_a_dataloader_with_two_workers(precomputed):
     output_dir, _, _ = precomputed
     dataset = load_precomputed(output_dir)
-    collator = FoveatedVLMDataCollator(tokenizer=tiny_tokenizer(), max_text_length=16)
+    collator = FoveatedVLMDataCollator(tokenizer=caption_tokenizer(), max_text_length=16)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collator)
     batches = list(loader)
     assert len(batches) == NUM_GOOD // 2
@@ -425,76 +398,24 @@ def test_collator_in_a_dataloader_with_two_workers(precomputed):
     assert torch.equal(inputs["pixel_values"], without_text["pixel_values"])
 
 
+def test_targets_are_captions_and_end_of_text_right_padded():
+    tokenizer = tiny_tokenizer()
+    target_ids, target_labels = target_tokens(tokenizer, ["where does the square move ?", "the square"], 16)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert target_ids.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, pad, pad, pad, pad]]
+    assert target_labels.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, -100, -100, -100, -100]]
+    assert target_tokens(tokenizer, ["where does the square move ?"], 3)[0].tolist() == [[2, 3, eos]]  # truncated
+    rows = [{"frames": np.zeros((4, 64, 64, 3), np.uint8), "vae_latents": np.zeros((4, 4, 8, 8), np.float32),
+             "moving_boxes": np.full((4, 4, 4), -1.0, np.float32), "caption": "the square"}]
+    batch = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)(rows)
+    assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
+    with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
+        FoveatedVLMDataCollator(caption_as_target=True)
+
+
 def test_load_precomputed_names_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no precomputed dataset"):
         load_precomputed(tmp_path)
-
-
-def test_make_tiny_vae_reuses_a_folder_with_the_same_settings(tmp_path, caplog, capsys):
-    caplog.set_level("INFO", logger="foveated_vlm.tiny_vae")
-    torch.manual_seed(7)
-    expected_draw = torch.rand(3)
-    torch.manual_seed(7)
-    path = make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2)
-    assert "held-out PSNR" in caplog.text
-    assert "fitting the tiny VAE: 100%" in capsys.readouterr().err  # a progress bar: fitting takes a minute
-    # Fitting drew from its own seeded generator: the caller's random state is where it was.
-    assert torch.equal(torch.rand(3), expected_draw)
-    caplog.clear()
-    vae = AutoencoderKL.from_pretrained(path)
-    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # 8x downsampling
-    weights = Path(path) / "diffusion_pytorch_model.safetensors"
-    written = weights.stat().st_mtime_ns
-    assert make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=2) == path
-    assert weights.stat().st_mtime_ns == written and "held-out PSNR" not in caplog.text
-    make_tiny_vae(tmp_path / "vae", image_size=32, num_train_frames=8, steps=3)
-    assert weights.stat().st_mtime_ns != written
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line, alone and under accelerate launch
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def cli_arguments(video_dir: Path, output_dir: Path, vae: str) -> list[str]:
-    return [
-        "--video_dir", str(video_dir), "--output_dir", str(output_dir), "--vae", vae, "--num_frames", str(T),
-        "--image_size", str(S), "--batch_size", "2", "--shard_size", "2",
-    ]  # fmt: skip
-
-
-def run_cli(command: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_cli_exit_code_is_nonzero_only_when_nothing_succeeded(video_dir, tiny_vae, tmp_path, caplog):
-    ok = run_cli([sys.executable, "-m", "foveated_vlm.precompute", *cli_arguments(video_dir, tmp_path / "all", tiny_vae)])
-    assert ok.returncode == 0, ok.stderr
-    assert f"{NUM_GOOD + len(BROKEN)} in = {NUM_GOOD} ok + {len(BROKEN)} failed" in ok.stderr
-    assert len(load_precomputed(tmp_path / "all")) == NUM_GOOD
-
-    # In this process: a second interpreter start would only repeat what the run above showed.
-    caplog.set_level("INFO", logger="foveated_vlm.data")
-    assert precompute_latents.main(cli_arguments(video_dir / "broken", tmp_path / "none", tiny_vae)) == 1
-    assert f"{len(BROKEN)} in = 0 ok + {len(BROKEN)} failed" in caplog.text
-
-
-@pytest.mark.slow
-def test_accelerate_launch_two_processes_write_one_dataset(video_dir, tiny_vae, tmp_path):
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    arguments = cli_arguments(video_dir / "train", tmp_path / "out", tiny_vae)
-    result = run_cli([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                      "-m", "foveated_vlm.precompute", *arguments])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    dataset = load_precomputed(tmp_path / "out")
-    assert sorted(dataset["video_path"]) == sorted(str(p) for p in (video_dir / "train").glob("*.mp4"))
-    assert len(set(dataset["video_path"])) == len(dataset) == NUM_GOOD
-    # 6 videos in shards of 2: both processes wrote shards, each exactly once.
-    (settings_dir,) = (tmp_path / "out" / "shards").iterdir()
-    assert all((shard / "latents.arrow").is_file() for shard in settings_dir.iterdir())
-    assert len(list(settings_dir.iterdir())) == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -554,123 +475,6 @@ def test_a_changed_video_gets_a_new_shard(precomputed, video_dir, tiny_vae, tmp_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "argv, flag, source",
-    [
-        (["configs/tiny.yaml", "--video_dir", "/nonexistent/folder"], "--video_dir", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--eval_fraction", "0.1"], "--eval_fraction", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--download_llava"], "--download_llava", "--data_source synthetic"),
-        (["configs/tiny.yaml", "--sample_fps", "4"], "--sample_fps", "--data_source synthetic"),
-        (["--video_dir", "/videos"], "--video_dir", "--data_source llava_video"),
-        (["--data_source", "video_dir", "--video_dir", "/videos", "--llava_dir", "x"], "--llava_dir",
-         "--data_source video_dir"),
-        (["--data_source", "video_dir", "--video_dir", "/v", "--num_train_videos", "8"], "--num_train_videos",
-         "--data_source video_dir"),
-    ],
-)  # fmt: skip
-def test_a_data_flag_without_effect_is_refused_naming_both(argv, flag, source):
-    with pytest.raises(ValueError) as error:
-        train_hf.parse_arguments(argv)
-    assert flag in str(error.value) and source in str(error.value)
-
-
-def test_source_specific_defaults_apply_to_their_source():
-    _, data_args, _, _, _ = train_hf.parse_arguments(["--data_source", "video_dir", "--video_dir", "/videos"])
-    assert (data_args.eval_fraction, data_args.llava_dir, data_args.num_train_videos) == (0.05, None, None)
-    dataclasses.replace(data_args, eval_fraction=0.1)  # checked again, still valid
-    assert (data_args.num_frames, data_args.image_size) == (data_foveated.DEFAULT_NUM_FRAMES,
-                                                            data_foveated.DEFAULT_IMAGE_SIZE)  # fmt: skip
-    with pytest.raises(ValueError, match="--data_source video_dir needs --video_dir"):
-        train_hf.parse_arguments(["--data_source", "video_dir"])
-
-
-def build_from_folder(folder: Path, cache_dir: Path, vae: str, tmp_path: Path):
-    argv = [
-        "--data_source", "video_dir", "--video_dir", str(folder), "--eval_fraction", "0.5", "--cache_dir",
-        str(cache_dir), "--vae", vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2",
-        "--output_dir", str(tmp_path / "unused"),
-    ]  # fmt: skip
-    _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
-    return train_hf.build_datasets(data_args, training_args)
-
-
-def test_two_video_folders_get_separate_caches(video_dir, tiny_vae, tmp_path):
-    """Two folders with the same file names and other videos, in one cache_dir: each run reads its own videos, and
-    building the second leaves the first's data as it was."""
-    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(video_dir / "train", folder_a)
-    folder_b.mkdir()
-    for path in sorted(folder_a.glob("*.mp4")):  # the same names, each holding another video (no sidecars)
-        shutil.copy(folder_a / f"video_{(int(path.stem[-1]) + 1) % NUM_GOOD:06d}.mp4", folder_b / path.name)
-    train, held_out = split_train_eval(find_videos(folder_a), 0.5)
-    assert train and held_out
-
-    cache_dir = tmp_path / "cache"
-    data_a = build_from_folder(folder_a, cache_dir, tiny_vae, tmp_path)
-    a_files = {path: path.stat().st_mtime_ns for path in (cache_dir / "arrow").rglob("*") if path.is_file()}
-    data_b = build_from_folder(folder_b, cache_dir, tiny_vae, tmp_path)
-    assert data_a.eval_dir != data_b.eval_dir
-    for data, folder in ((data_a, folder_a), (data_b, folder_b)):
-        for split in (data.train, data.eval):
-            assert {Path(p).parent for p in split["video_path"]} == {folder.resolve()}
-    # Nothing of a's run was rewritten, and a's held-out split still reads a's videos.
-    assert all(path.stat().st_mtime_ns == mtime for path, mtime in a_files.items() if path.name != "precompute.json")
-    assert not torch.equal(data_a.eval[:]["frames"], data_b.eval[:]["frames"])
-    reloaded = load_precomputed(data_a.eval_dir)
-    assert reloaded["video_path"] == data_a.eval["video_path"]
-    assert torch.equal(reloaded[:]["vae_latents"], data_a.eval[:]["vae_latents"])
-
-
-def tiny_training_config(folder: Path) -> Path:
-    from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer
-
-    config = {
-        "vision_model": "", "text_model": "", "vision_config": dict(TINY_VISION), "text_config": dict(TINY_TEXT),
-        "tokenizer": save_tiny_tokenizer(folder / "tokenizer"),
-        "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
-        "data_source": "synthetic", "num_train_videos": 4, "num_eval_videos": 2, "synthetic_size": S,
-        "num_video_frames": 8, "num_frames": T, "image_size": S, "vae": "tiny", "cache_dir": str(folder / "cache"),
-        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "max_steps": 3, "logging_steps": 1,
-        "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "num_attention_figures": 0,
-        "write_report": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False, "seed": 0,
-    }  # fmt: skip
-    path = folder / "tiny_data_test.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.mark.slow
-def test_cold_and_warm_cache_train_the_same_model(tmp_path):
-    """The first run builds the data (videos, a tiny VAE fit, latents); the second finds it all cached. Building draws
-    nothing from the global random state, so both runs log the same losses."""
-    config = tiny_training_config(tmp_path)
-
-    def quick_tiny_vae(output_dir, image_size):  # a short fit: it still draws random numbers, which is what counts
-        return make_tiny_vae(output_dir, image_size, num_train_frames=8, steps=2)
-
-    losses = []
-    with mock.patch.object(train_hf, "make_tiny_vae", quick_tiny_vae):
-        for name in ("cold", "warm"):
-            trainer = train_hf.main([str(config), "--output_dir", str(tmp_path / name)])
-            losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
-
-
-def test_a_recipe_runs_on_a_video_folder_with_its_synthetic_keys_set_aside(caplog):
-    """configs/cued.yaml keeps its model and training choices under --data_source video_dir; its synthetic-only keys
-    are set aside with a notice each, while such a key given on the command line is still refused."""
-    argv = ["configs/cued.yaml", "--data_source", "video_dir", "--video_dir", "/videos"]
-    with caplog.at_level("WARNING", logger="foveated_vlm.train"):
-        model_args, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
-    recipe = yaml.safe_load(Path("configs/cued.yaml").read_text())
-    assert model_args.model_config == recipe["model_config"] and training_args.max_steps == recipe["max_steps"]
-    assert (data_args.data_source, data_args.video_dir, data_args.num_train_videos) == ("video_dir", "/videos", None)
-    for key in ("num_train_videos", "num_eval_videos", "difficulty", "synthetic_size", "num_video_frames"):
-        assert any(key in record.getMessage() and "set aside" in record.getMessage() for record in caplog.records)
-    with pytest.raises(ValueError, match="--num_train_videos has no effect with --data_source video_dir"):
-        train_hf.parse_arguments(argv + ["--num_train_videos", "8"])
-
-
 def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_path):
     """`train_hf.py configs/cued.yaml --data_source video_dir --video_dir <folder>` trains, with saccades and the search
     teacher: the teacher reads no sidecar, so plain videos serve."""
@@ -694,70 +498,3 @@ def test_the_search_recipe_trains_on_a_video_folder(video_dir, tiny_vae, tmp_pat
     assert "eval_teacher/loss_best" in final and "eval_teacher/on_target" not in final  # no boxes: absent, not 0
     assert json.loads((output_dir / "teacher.json").read_text())["teacher"] is True
     assert "search teacher" in (output_dir / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, tiny_vae, tmp_path):
-    """`--evaluate_model RUN` trains nothing: on the run's own held-out clips it reproduces the run's final Table 1;
-    on another source it prepares the held-out split only. `--do_train false` is refused, not ignored."""
-    common = [
-        "--cache_dir", str(tmp_path / "cache"), "--vae", tiny_vae, "--num_frames", str(T), "--image_size", str(S),
-        "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--num_attention_figures", "0",
-        "--report_to", "none", "--logging_steps", "1",
-    ]  # fmt: skip
-    folder = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train"), "--eval_fraction", "0.5"]
-    run = tmp_path / "run"
-    train_hf.main(["configs/cued.yaml", *folder, *common, "--max_steps", "2", "--write_report", "false",
-                   "--output_dir", str(run)])  # fmt: skip
-    trained = json.loads((run / "eval_results.json").read_text())
-    evaluated = tmp_path / "evaluated"
-    trainer = train_hf.main(["configs/cued.yaml", *folder, *common, "--evaluate_model", str(run),
-                             "--output_dir", str(evaluated)])  # fmt: skip
-    assert trainer.state.global_step == 0
-    measured = json.loads((evaluated / "eval_results.json").read_text())
-    for name in ("eval_loss/fine", "eval_loss/coarse", "eval_improvement", "eval_improvement_se"):
-        assert measured[name] == pytest.approx(trained[name], rel=1e-5, nan_ok=True), name
-    assert (evaluated / "report" / "report.md").is_file() and "improvement" in (evaluated / "README.md").read_text()
-    # Another source: synthetic clips, of which only the held-out split is made.
-    synthetic = ["--data_source", "synthetic", "--difficulty", "medium", "--synthetic_size", str(S),
-                 "--num_video_frames", str(T), "--num_train_videos", "3", "--num_eval_videos", "2"]  # fmt: skip
-    train_hf.main(["configs/cued.yaml", *synthetic, *common, "--evaluate_model", str(run), "--write_report", "false",
-                   "--output_dir", str(tmp_path / "on_synthetic")])  # fmt: skip
-    assert json.loads((tmp_path / "on_synthetic" / "eval_results.json").read_text())["eval_loss/fine"] > 0
-    assert len(list((tmp_path / "cache" / "arrow" / "train" / "runs").iterdir())) == 1  # the training run's alone
-    # A folder without --eval_fraction: every one of its videos is evaluated (with it: its held-out share, above).
-    other = ["--data_source", "video_dir", "--video_dir", str(video_dir / "train")]
-    trainer = train_hf.main(["configs/cued.yaml", *other, *common, "--evaluate_model", str(run), "--write_report",
-                             "false", "--output_dir", str(tmp_path / "on_other_videos")])  # fmt: skip
-    assert len(trainer.eval_dataset) == len(find_videos(video_dir / "train")) == NUM_GOOD
-    with pytest.raises(ValueError, match="--do_train is a TrainingArguments field .* --evaluate_model"):
-        train_hf.parse_arguments(["configs/cued.yaml", "--do_train", "false"])
-    data_args = dataclasses.replace(train_hf.parse_arguments(["configs/cued.yaml"])[1], image_size=128)
-    with pytest.raises(ValueError, match=r"image_size 64 \(model\) vs 128 \(data\)"):
-        train_hf.load_for_evaluation(str(run), data_args, (4, 16, 16))
-
-
-def test_precomputed_train_and_eval_folders_feed_training(video_dir, tiny_vae, tmp_path):
-    """`foveated_vlm/precompute.py --eval_fraction` writes train/ and eval/, split as train_hf.py splits a folder; then
-    `train_hf.py --data_source precomputed` trains on them without decoding a video."""
-    output = tmp_path / "precomputed"
-    arguments = cli_arguments(video_dir / "train", output, tiny_vae) + ["--eval_fraction", "0.5"]
-    assert precompute_latents.main(arguments) == 0
-    train, evaluation = split_train_eval(find_videos(video_dir / "train"), 0.5)
-    for split, paths in (("train", train), ("eval", evaluation)):
-        assert sorted(load_precomputed(output / split)["video_path"]) == sorted(map(str, paths))
-    common = [
-        "configs/cued.yaml", "--data_source", "precomputed", "--precomputed_dir", str(output),
-        "--num_frames", str(T), "--image_size", str(S), "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"),
-        "--max_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--write_report", "false",
-        "--output_dir", str(tmp_path / "run"),
-    ]  # fmt: skip
-    with mock.patch.object(train_hf, "precompute_dataset", side_effect=AssertionError("decoded videos")):
-        trainer = train_hf.main(common)
-    assert trainer.state.global_step == 1 and len(trainer.train_dataset) == len(train)
-    recorded = json.loads((tmp_path / "run" / "data_paths.json").read_text())
-    assert recorded["vae"] == os.path.abspath(tiny_vae)  # the VAE the latents were made with
-    with pytest.raises(ValueError, match=f"--num_frames 8 differs from {T}, the num_frames .*precompute.json"):
-        train_hf.main([arg if arg != str(T) else "8" for arg in common])
-    with pytest.raises(ValueError, match="--data_source precomputed needs --precomputed_dir"):
-        train_hf.parse_arguments(["configs/cued.yaml", "--data_source", "precomputed"])

