@@ -19,9 +19,9 @@ import torch
 from transformers.utils.logging import tqdm
 
 from foveated_vlm import metrics
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
+from foveated_vlm.data import FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs
 from foveated_vlm.probes import from_pretrained_with_probes
-from foveated_vlm.report import DATA_PATHS_FILE, batch_to_device, load_log_history, resolve_data_paths, saved_model_dir
+from foveated_vlm.report import DATA_PATHS_FILE, load_log_history, resolve_data_paths, saved_model_dir
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs, target_tokens
+from foveated_vlm.data import FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs, target_tokens
 from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
 from processing_foveated import FoveatedVLMProcessor
@@ -79,7 +79,7 @@ def evaluate_captioning(
     examples = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="captioning: held-out clips", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {name: value.to(device) for name, value in collator(rows).items()}
+        batch = batch_to_device(collator(rows), device)
         inputs = model_inputs(batch, model)
         references = [row["caption"].strip() for row in rows]
         captions = {}

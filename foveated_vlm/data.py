@@ -63,6 +63,7 @@ __all__ = [
     "target_tokens",
     "load_llava_captions",
     "load_precomputed",
+    "batch_to_device",
     "model_inputs",
     "precompute_dataset",
     "run_dir_of",
@@ -647,6 +648,11 @@ def model_inputs(batch: dict, model=None) -> dict[str, torch.Tensor]:
         if batch_inputs is not None:
             reader_kwargs.update(batch_inputs(batch))
     return {**inputs, "reader_kwargs": reader_kwargs} if reader_kwargs else inputs
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (its other values, e.g. caption strings, as they are)."""
+    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
 @dataclass

@@ -34,7 +34,7 @@ from transformers.utils.logging import tqdm
 from foveated_vlm import metrics
 from foveated_vlm.card import REPORT_DIR, REPORT_FIGURES, latest_eval_metrics
 from foveated_vlm.captioning import captioning_markdown, evaluate_captioning
-from foveated_vlm.data import MODEL_INPUT_NAMES, FoveatedVLMDataCollator, load_precomputed, model_inputs
+from foveated_vlm.data import MODEL_INPUT_NAMES, FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs
 from foveated_vlm.figures import (
     evenly_spaced_clips,
     plot_attention_maps,
@@ -104,10 +104,6 @@ class FoveatedVLMClipMetrics:
     def means(self) -> dict[str, float]:
         """The means the trainer logs for these clips (`metrics.mean_metrics`), derived metrics included."""
         return metrics.mean_metrics({name: torch.from_numpy(value) for name, value in self.metrics.items()})
-
-
-def batch_to_device(batch: dict, device) -> dict:
-    return {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
 
 
 def _streamed_losses(model, inputs: dict, target: torch.Tensor) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from foveated_vlm.card import FoveatedVLMModelCardInfo, write_model_card
-from foveated_vlm.data import model_inputs
+from foveated_vlm.data import batch_to_device, model_inputs
 from foveated_vlm.figures import evenly_spaced_clips, plot_attention_maps, plot_prediction_figure, stack_frames
 from foveated_vlm.metrics import (
     TABLE1_LOSSES,
@@ -282,7 +282,7 @@ class FoveatedVLMFigureCallback(TrainerCallback):
         if not any(name in ("tensorboard", "wandb") for name in args.report_to):
             return
         device = next(model.parameters()).device
-        inputs = {name: value.to(device) for name, value in model_inputs(self.batch, model).items()}
+        inputs = model_inputs(batch_to_device(self.batch, device), model)
         was_training = model.training
         model.eval()
         with torch.no_grad():

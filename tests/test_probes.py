@@ -331,3 +331,22 @@ def test_the_trainer_adds_the_calibration_terms_and_writes_probes_json(tmp_path)
     trainer.save_model(str(tmp_path / "saved"))
     assert json.loads((tmp_path / "saved" / PROBES_FILE).read_text()) == probes.to_dict()
     assert probes_of(from_pretrained_with_probes(str(tmp_path / "saved"))) == probes
+
+
+def test_a_probed_run_draws_its_figures(tmp_path):
+    """The figure callback moves the batch, then asks the readers for their inputs: an oracle run draws as any."""
+    from runs import tiny_arrow_dataset
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_trainer import training_arguments
+
+    from foveated_vlm.data import FoveatedVLMDataCollator
+    from foveated_vlm.trainer import FoveatedVLMFigureCallback, FoveatedVLMTrainer
+
+    clips, collator = tiny_arrow_dataset(2), FoveatedVLMDataCollator()
+    model = apply_probes(FoveatedVLMModel(tiny_config()), PROBES["oracle"])
+    trainer = FoveatedVLMTrainer(model=model, args=training_arguments(tmp_path, report_to="tensorboard"),
+                                 eval_dataset=clips, data_collator=collator)  # fmt: skip
+    trainer.add_callback(FoveatedVLMFigureCallback(clips, collator, None, 2, trainer.callback_handler))
+    trainer.evaluate()
+    (run,) = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    assert "attention/clip_0" in EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Tags()["images"]
