@@ -112,6 +112,7 @@ SOURCE_OPTIONS = {
     "llava_dir": (("llava_video",), "data/llava_video"),
     "download_llava": (("llava_video",), None),  # a bool: only True is an option given
     "llava_num_video_tars": (("llava_video",), 1),
+    "llava_by_archive": (("llava_video",), None),  # a bool: only True is an option given
     "precomputed_dir": (("precomputed",), None),
     "curriculum": (("synthetic",), None),
 }
@@ -156,6 +157,18 @@ class DataArguments:
     llava_num_video_tars: Optional[int] = field(
         default=None,
         metadata={"help": _only_for("llava_num_video_tars", "Video archives (~5 GB each) of the 0-30 s subset")},
+    )
+    llava_by_archive: bool = field(
+        default=False,
+        metadata={
+            "help": _only_for(
+                "llava_by_archive",
+                "Download and precompute the archives one at a time: fetch archive k, extract it, precompute its "
+                "clips, then delete the archive and its videos before the next, so that the disk holds one archive "
+                "(~5 GB and its videos) and the Arrow caches. A finished archive is recorded and skipped on a rerun. "
+                "The held-out clips are archive 1's held-out share",
+            )
+        },
     )
     split_seed: int = field(
         default=0,

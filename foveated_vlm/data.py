@@ -58,6 +58,7 @@ __all__ = [
     "SD_VAE_ID",
     "FoveatedVLMDataCollator",
     "download_llava_video_slice",
+    "fetch_llava_archive",
     "find_videos",
     "load_caption_files",
     "target_tokens",
@@ -156,6 +157,27 @@ def download_llava_video_slice(local_dir: str | os.PathLike, num_video_tars: int
     for tar_name in tar_names:
         _extract_tar(local_dir / tar_name, local_dir / LLAVA_VIDEO_DIR)
     return local_dir
+
+
+def fetch_llava_archive(local_dir: str | os.PathLike, index: int) -> Path:
+    """Download the caption file and video archive `index` (1-based, ~5 GB) of LLaVA-Video-178K's 0-30 s academic
+    subset, extract the archive into `LLAVA_VIDEO_DIR/archive-<index>/` and delete it: the folder of its videos.
+    What is already there (the captions, an extracted archive) is not fetched again."""
+    from huggingface_hub import hf_hub_download
+
+    if index < 1:
+        raise ValueError(f"LLaVA-Video archives are numbered from 1, got {index}")
+    local_dir = Path(local_dir)
+    folder = local_dir / LLAVA_VIDEO_DIR / f"archive-{index}"
+    tar_name = f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{index}.tar.gz"
+    for filename in (LLAVA_CAPTIONS_FILE, tar_name):
+        if filename == tar_name and (folder / f".extracted-{Path(tar_name).name}").exists():
+            continue
+        if not (local_dir / filename).is_file():
+            hf_hub_download(LLAVA_VIDEO_DATASET, filename, repo_type="dataset", local_dir=local_dir)
+    _extract_tar(local_dir / tar_name, folder)
+    (local_dir / tar_name).unlink(missing_ok=True)
+    return folder
 
 
 def _extract_tar(tar_path: Path, destination: Path) -> None:

@@ -13,6 +13,7 @@ evaluate on the held-out videos (Table 1), save a Hub-ready folder to `output_di
 
 import importlib.util
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -50,6 +52,7 @@ from foveated_vlm.data import (
     LLAVA_VIDEO_DATASET,
     LLAVA_VIDEO_DIR,
     download_llava_video_slice,
+    fetch_llava_archive,
     find_videos,
     load_caption_files,
     load_llava_captions,
@@ -235,7 +238,13 @@ def build_datasets(
     with training_args.main_process_first(desc="videos and VAE"):
         # Evaluating a trained model: every video of a folder, unless --eval_fraction asks for its held-out share.
         whole_folder = "train" not in splits_wanted and not data_args.eval_fraction_given
-        videos, captions, description = split_videos(data_args, data_args.split_seed, whole_folder)
+        by_archive = data_args.data_source == "llava_video" and data_args.llava_by_archive
+        if by_archive:  # the videos arrive archive by archive, below
+            videos, captions = {}, {}
+            description = (f"A slice of [LLaVA-Video-178K](https://huggingface.co/datasets/{LLAVA_VIDEO_DATASET}), "
+                           f"{data_args.llava_num_video_tars} archive(s) precomputed one at a time")  # fmt: skip
+        else:
+            videos, captions, description = split_videos(data_args, data_args.split_seed, whole_folder)
         vae = data_args.vae
         if vae == "tiny":
             tiny_vae_dir = os.path.join(data_args.cache_dir, "vae", f"tiny-{data_args.image_size}px")
@@ -256,7 +265,7 @@ def build_datasets(
             batch_size=data_args.precompute_batch_size,
         )
 
-    splits = {}
+    splits = llava_splits_by_archive(data_args, training_args, precompute, splits_wanted) if by_archive else {}
     for split, paths in videos.items():
         if split not in splits_wanted:
             continue
@@ -281,6 +290,46 @@ def build_datasets(
     eval_dir = str(run_dir_of(splits["eval"]).resolve())
     return PreparedData(splits.get("train"), splits["eval"], eval_dir, vae, description, data_args.use_captions,
                         curriculum)
+
+
+def llava_splits_by_archive(data_args, training_args, precompute, splits_wanted) -> dict[str, Dataset]:
+    """`--llava_by_archive`: LLaVA-Video's archives fetched, precomputed and deleted one at a time, so that the disk
+    holds one archive's videos at most. Archive 1 is split into training and held-out clips (`eval_fraction`);
+    the others train. Each archive's Arrow runs are recorded in `cache_dir/arrow/llava-archives/`, keyed by the
+    precompute settings, and a recorded archive is neither fetched nor decoded again."""
+    settings = dict(num_frames=data_args.num_frames, image_size=data_args.image_size, vae=data_args.vae,
+                    resize_mode=data_args.resize_mode, sample_fps=data_args.sample_fps,
+                    eval_fraction=data_args.eval_fraction, split_seed=data_args.split_seed)  # fmt: skip
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    records = Path(data_args.cache_dir, "arrow", "llava-archives")
+    parts = {"train": [], "eval": []}
+    # Evaluating a model needs archive 1's held-out clips only.
+    last = data_args.llava_num_video_tars if "train" in splits_wanted else 1
+    for index in range(1, last + 1):
+        record = records / f"archive-{index}-{key}.json"
+        if not record.is_file():
+            with training_args.main_process_first(desc=f"LLaVA-Video archive {index}"):
+                folder = fetch_llava_archive(data_args.llava_dir, index)
+            captions = load_llava_captions(Path(data_args.llava_dir) / LLAVA_CAPTIONS_FILE)
+            paths = find_videos(folder)
+            if index == 1:
+                train, held_out = split_train_eval(paths, data_args.eval_fraction, seed=data_args.split_seed)
+            else:
+                train, held_out = paths, []
+            runs = {split: str(run_dir_of(precompute(videos, split, captions)))
+                    for split, videos in (("train", train), ("eval", held_out)) if videos}  # fmt: skip
+            PartialState().wait_for_everyone()  # every process is done with the videos before they go
+            if training_args.should_save:
+                records.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
+                shutil.rmtree(folder)
+            PartialState().wait_for_everyone()
+        for split, run_dir in json.loads(record.read_text())["runs"].items():
+            parts[split].append(load_precomputed(run_dir))
+    if not parts["eval"]:
+        raise ValueError(f"archive 1 of {data_args.llava_dir} gave no held-out videos: raise --eval_fraction")
+    return {split: concatenate_datasets(parts[split]) if len(parts[split]) > 1 else parts[split][0]
+            for split in splits_wanted}  # fmt: skip
 
 
 def load_precomputed_splits(data_args: DataArguments, splits_wanted=("train", "eval")) -> PreparedData:

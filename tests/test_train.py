@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from unittest import mock
@@ -616,3 +617,58 @@ def test_the_curriculum_orders_the_clips_by_stage_and_the_trainer_reads_them_in_
     args.max_steps = 3
     with pytest.raises(ValueError, match="--max_steps"):
         data.training_order(args)
+
+
+# ---- LLaVA-Video one archive at a time (--llava_by_archive) ----
+
+
+def test_llava_archives_are_fetched_precomputed_and_deleted_one_at_a_time(video_dir, tiny_vae, tmp_path, monkeypatch):
+    """Two archives of real mp4s behind a fake Hub: each is downloaded, precomputed and deleted before the next (the
+    disk never holds both), archive 1 gives the held-out clips, and a rerun fetches nothing."""
+    import huggingface_hub
+
+    from foveated_vlm.data import LLAVA_CAPTIONS_FILE, LLAVA_VIDEO_DIR
+
+    videos = sorted(video_dir.glob("train/*.mp4"))
+    train, held_out = split_train_eval(videos, 0.5)  # by file name, wherever the archive puts them
+    archives = {1: [held_out[0], *train[:2]], 2: [*held_out[1:], *train[2:]]}
+    records = [{"video": f"academic/{path.name}", "conversations": [{"from": "human", "value": "Describe."},
+               {"from": "gpt", "value": f"caption of {path.stem}"}]} for path in videos]  # fmt: skip
+    llava_dir, fetched, videos_on_disk = tmp_path / "llava", [], []
+
+    def fake_hf_hub_download(repo_id, filename, repo_type, local_dir):
+        assert (repo_id, repo_type) == ("lmms-lab/LLaVA-Video-178K", "dataset")
+        fetched.append(filename)
+        videos_on_disk.append(len(list((Path(local_dir) / LLAVA_VIDEO_DIR).rglob("*.mp4"))))
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if filename == LLAVA_CAPTIONS_FILE:
+            target.write_text(json.dumps(records))
+        else:
+            index = int(filename.removesuffix(".tar.gz").rsplit("_", 1)[1])
+            with tarfile.open(target, "w:gz") as archive:
+                for path in archives[index]:
+                    archive.add(path, arcname=f"academic/{path.name}")
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    argv = [
+        "--data_source", "llava_video", "--llava_dir", str(llava_dir), "--llava_by_archive", "true",
+        "--llava_num_video_tars", "2", "--eval_fraction", "0.5", "--cache_dir", str(tmp_path / "cache"), "--vae",
+        tiny_vae, "--num_frames", str(T), "--image_size", str(S), "--precompute_batch_size", "2", "--output_dir",
+        str(tmp_path / "unused"),
+    ]  # fmt: skip
+    _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
+    data = train_hf.build_datasets(data_args, training_args)
+    assert [Path(name).name for name in fetched if name.endswith(".tar.gz")] == [
+        "0_30_s_academic_v0_1_videos_1.tar.gz", "0_30_s_academic_v0_1_videos_2.tar.gz"]
+    assert videos_on_disk[fetched.index(next(n for n in fetched if n.endswith("_2.tar.gz")))] == 0  # 1 is gone
+    assert not list(llava_dir.rglob("*.mp4")) and not list(llava_dir.rglob("*.tar.gz"))
+    names = lambda split: sorted(Path(p).name for p in split["video_path"])  # noqa: E731
+    assert sorted(names(data.train) + names(data.eval)) == sorted(path.name for path in videos)
+    assert names(data.eval) == [held_out[0].name]  # archive 2's held-out share trains
+    assert data.train["caption"][0].startswith("caption of ")
+
+    fetched.clear()
+    again = train_hf.build_datasets(data_args, training_args)
+    assert fetched == [] and names(again.train) == names(data.train)
