@@ -95,8 +95,9 @@ class ModelArguments:
             raise ValueError(f"model_config.{key} is not a FoveatedVLMConfig field; the fields are {sorted(design)}")
 
 
-# What `--text_target` may name: no text after the frames, or each clip's caption.
-TEXT_TARGETS = ("none", "caption")
+# What `--text_target` may name: no text after the frames, each clip's caption, or (LLaVA-Video) a question about it
+# and its answer, open-ended or multiple-choice.
+TEXT_TARGETS = ("none", "caption", "qa_open", "qa_choice")
 
 # Options that act under one data_source only (eval_fraction: under the two of real videos): (sources, default). Their
 # fields default to None, meaning "not given", so that one given under another source is refused; the default here
@@ -235,7 +236,9 @@ class DataArguments:
         metadata={
             "help": "Text as a target: 'caption' has every pass read each clip's caption after its frames and "
             "<video_end>, and logs loss/text_fine, loss/text_coarse and improvement_text; model_config's "
-            "text_loss_weight sets how much it trains (docs/TRAINING.md). 'none': no text after the frames.",
+            "text_loss_weight sets how much it trains (docs/TRAINING.md). 'qa_open' / 'qa_choice' (data_source "
+            "llava_video): LLaVA-Video's first open-ended / multiple-choice question about the clip and its answer, "
+            "scored on the answer's tokens only. 'none': no text after the frames.",
             "choices": TEXT_TARGETS,
         },
     )
@@ -267,10 +270,15 @@ def check_data_arguments(data_args: DataArguments) -> None:
         )
     if data_args.text_target not in TEXT_TARGETS:
         raise ValueError(f"--text_target {data_args.text_target!r} must be one of {TEXT_TARGETS}")
-    if data_args.text_target == "caption" and data_args.use_captions:
+    if data_args.text_target != "none" and data_args.use_captions:
         raise ValueError(
-            "--use_captions prepends each clip's caption to the frames, and --text_target caption asks the model to "
-            "write it after them: choose one"
+            f"--use_captions prepends each clip's caption to the frames, and --text_target {data_args.text_target} "
+            "asks the model to write text after them: choose one"
+        )
+    if data_args.text_target.startswith("qa_") and source != "llava_video":
+        raise ValueError(
+            f"--text_target {data_args.text_target} reads LLaVA-Video's question files: it needs --data_source "
+            f"llava_video, not {source}"
         )
     if data_args.curriculum:
         curriculum_stages(data_args.curriculum)  # names its own errors

@@ -46,12 +46,14 @@ from processing_foveated import (
 
 
 __all__ = [
+    "ANSWER_MARK",
     "COLUMNS",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_NUM_FRAMES",
     "DEFAULT_SHARD_SIZE",
     "LLAVA_CAPTIONS_FILE",
     "LLAVA_VIDEO_DATASET",
+    "LLAVA_QA_FILES",
     "LLAVA_VIDEO_DIR",
     "MAX_MOVING_BOXES",
     "MODEL_INPUT_NAMES",
@@ -93,6 +95,13 @@ LLAVA_VIDEO_DATASET = "lmms-lab/LLaVA-Video-178K"
 LLAVA_SUBSET = "0_30_s_academic_v0_1"
 LLAVA_CAPTIONS_FILE = f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_cap_processed.json"  # relative to the slice folder
 LLAVA_VIDEO_DIR = "videos"  # relative to the slice folder
+# Question files of the subset, by `--text_target` (relative to the slice folder).
+LLAVA_QA_FILES = {
+    "qa_open": f"{LLAVA_SUBSET}/0_30_s_academic_oe_v0_1_qa_processed.json",
+    "qa_choice": f"{LLAVA_SUBSET}/0_30_s_academic_mc_v0_1_qa_processed.json",
+}
+# Between a question and its answer in a text target: what comes before it is read, not scored (`target_tokens`).
+ANSWER_MARK = "\nAnswer: "
 RUN_FILES = ("dataset.json", "captions.arrow", "failures.jsonl", "precompute.json")
 
 COLUMNS = ("video_id", "video_path", "caption", "fps", "frame_indices", "frames", "vae_latents", "moving_boxes")
@@ -152,7 +161,7 @@ def download_llava_video_slice(local_dir: str | os.PathLike, num_video_tars: int
         repo_id=LLAVA_VIDEO_DATASET,
         repo_type="dataset",
         local_dir=local_dir,
-        allow_patterns=[LLAVA_CAPTIONS_FILE, *tar_names],
+        allow_patterns=[LLAVA_CAPTIONS_FILE, *LLAVA_QA_FILES.values(), *tar_names],
     )
     for tar_name in tar_names:
         _extract_tar(local_dir / tar_name, local_dir / LLAVA_VIDEO_DIR)
@@ -170,7 +179,7 @@ def fetch_llava_archive(local_dir: str | os.PathLike, index: int) -> Path:
     local_dir = Path(local_dir)
     folder = local_dir / LLAVA_VIDEO_DIR / f"archive-{index}"
     tar_name = f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{index}.tar.gz"
-    for filename in (LLAVA_CAPTIONS_FILE, tar_name):
+    for filename in (LLAVA_CAPTIONS_FILE, *LLAVA_QA_FILES.values(), tar_name):
         if filename == tar_name and (folder / f".extracted-{Path(tar_name).name}").exists():
             continue
         if not (local_dir / filename).is_file():
@@ -204,11 +213,13 @@ def load_caption_files(video_paths: list) -> dict[str, str]:
     return captions
 
 
-def load_llava_captions(json_path: str | os.PathLike) -> dict[str, str]:
+def load_llava_captions(json_path: str | os.PathLike, with_question: bool = False) -> dict[str, str]:
     """Captions of a LLaVA-Video caption file, keyed by video file stem (the `video_id` column).
 
     The file is a list of {"id", "video": "relative/path.mp4", "conversations": [{"from": "human", "value": prompt},
     {"from": "gpt", "value": caption}]}; the caption is the first "gpt" turn. A stem seen twice keeps its first caption.
+    `with_question` (the question files, `LLAVA_QA_FILES`): the text is the first question, without its `<image>`
+    placeholder, `ANSWER_MARK` and its answer, so that only the answer is scored.
     """
     json_path = Path(json_path)
     try:
@@ -223,10 +234,17 @@ def load_llava_captions(json_path: str | os.PathLike) -> dict[str, str]:
             raise ValueError(
                 f"{json_path}: record {i} needs the fields 'video' and 'conversations', got {record!r:.200}"
             )
-        answers = [turn.get("value") for turn in record["conversations"] if turn.get("from") == "gpt"]
-        if not answers or not isinstance(answers[0], str):
+        turns = record["conversations"]
+        answers = [k for k, turn in enumerate(turns) if turn.get("from") == "gpt"]
+        if not answers or not isinstance(turns[answers[0]].get("value"), str):
             raise ValueError(f"{json_path}: record {i} ({record['video']}) has no 'gpt' turn with a caption")
-        captions.setdefault(Path(record["video"]).stem, answers[0].strip())
+        text = turns[answers[0]]["value"].strip()
+        if with_question:
+            asked = [turn.get("value") for turn in turns[: answers[0]] if turn.get("from") == "human"]
+            if not asked or not isinstance(asked[-1], str):
+                raise ValueError(f"{json_path}: record {i} ({record['video']}) has no 'human' turn before its answer")
+            text = asked[-1].replace("<image>", "").strip() + ANSWER_MARK + text
+        captions.setdefault(Path(record["video"]).stem, text)
     return captions
 
 
@@ -731,16 +749,23 @@ class FoveatedVLMDataCollator:
 
 def target_tokens(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts as targets: (target_ids, target_labels), int64 (B, L). Each text's tokens (at most `max_length` - 1)
-    and the end-of-text token, so that a model learns where to stop; right-padded, with labels -100 there."""
+    and the end-of-text token, so that a model learns where to stop; right-padded, with labels -100 there. A text
+    with a question (`question ANSWER_MARK answer`) is read whole and scored on the answer and end-of-text only."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: text as a target needs one")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
-    sequences = [ids + [eos] for ids in encoded]
-    length = max(map(len, sequences))
+    sequences = []  # (ids, how many leading ones are read, not scored)
+    for text in texts:
+        question, marked, answer = text.partition(ANSWER_MARK)
+        read = tokenizer(question + ANSWER_MARK, add_special_tokens=False)["input_ids"] if marked else []
+        scored = tokenizer(answer if marked else text, add_special_tokens=False)["input_ids"]
+        ids = (read + scored)[: max_length - 1] + [eos]
+        sequences.append((ids, min(len(read), len(ids) - 1)))
+    length = max(len(ids) for ids, _ in sequences)
     target_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
     target_labels = torch.full((len(sequences), length), -100, dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        target_ids[i, : len(ids)] = target_labels[i, : len(ids)] = torch.tensor(ids)
+    for i, (ids, num_read) in enumerate(sequences):
+        target_ids[i, : len(ids)] = torch.tensor(ids)
+        target_labels[i, num_read : len(ids)] = torch.tensor(ids[num_read:])
     return target_ids, target_labels

@@ -49,6 +49,7 @@ from foveated_vlm.card import (
 from foveated_vlm.data import (
     FoveatedVLMDataCollator,
     LLAVA_CAPTIONS_FILE,
+    LLAVA_QA_FILES,
     LLAVA_VIDEO_DATASET,
     LLAVA_VIDEO_DIR,
     download_llava_video_slice,
@@ -154,7 +155,7 @@ def split_videos(
             download_llava_video_slice(data_args.llava_dir, data_args.llava_num_video_tars)
         llava_dir = Path(data_args.llava_dir)
         folder = llava_dir / LLAVA_VIDEO_DIR
-        captions = load_llava_captions(llava_dir / LLAVA_CAPTIONS_FILE)
+        captions = load_llava_texts(data_args)
         description = f"A slice of [LLaVA-Video-178K](https://huggingface.co/datasets/{LLAVA_VIDEO_DATASET})"
     if whole_folder_as_eval:
         videos = {"train": [], "eval": find_videos(folder)}
@@ -292,6 +293,14 @@ def build_datasets(
                         curriculum)
 
 
+def load_llava_texts(data_args: DataArguments) -> dict[str, str]:
+    """LLaVA-Video's text for each clip, by video stem: its caption, or with `--text_target qa_open | qa_choice` its
+    first question of that kind and the answer."""
+    if data_args.text_target in LLAVA_QA_FILES:
+        return load_llava_captions(Path(data_args.llava_dir) / LLAVA_QA_FILES[data_args.text_target], with_question=True)
+    return load_llava_captions(Path(data_args.llava_dir) / LLAVA_CAPTIONS_FILE)
+
+
 def llava_splits_by_archive(data_args, training_args, precompute, splits_wanted) -> dict[str, Dataset]:
     """`--llava_by_archive`: LLaVA-Video's archives fetched, precomputed and deleted one at a time, so that the disk
     holds one archive's videos at most. Archive 1 is split into training and held-out clips (`eval_fraction`);
@@ -310,7 +319,7 @@ def llava_splits_by_archive(data_args, training_args, precompute, splits_wanted)
         if not record.is_file():
             with training_args.main_process_first(desc=f"LLaVA-Video archive {index}"):
                 folder = fetch_llava_archive(data_args.llava_dir, index)
-            captions = load_llava_captions(Path(data_args.llava_dir) / LLAVA_CAPTIONS_FILE)
+            captions = load_llava_texts(data_args)
             paths = find_videos(folder)
             if index == 1:
                 train, held_out = split_train_eval(paths, data_args.eval_fraction, seed=data_args.split_seed)
@@ -525,11 +534,11 @@ def build_trainer(
 ) -> FoveatedVLMTrainer:
     # uint8 frames, normalised on the accelerator: a loader worker does half the work and moves a quarter of the bytes.
     # Captions reach the LLM only in runs that ask for them (Phase 2); the processor carries the tokenizer always.
-    caption_as_target = data_args.text_target == "caption"
+    caption_as_target = data_args.text_target != "none"
     if model.config.text_loss_weight > 0 and not caption_as_target:
         raise ValueError(
             f"the model's text_loss_weight={model.config.text_loss_weight} trains on text as a target, which the data "
-            "must give: add --text_target caption"
+            "must give: add --text_target caption (or qa_open / qa_choice with LLaVA-Video)"
         )
     tokenizer = processor.tokenizer if data_args.use_captions or caption_as_target else None
     collator = FoveatedVLMDataCollator(

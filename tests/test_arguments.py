@@ -105,3 +105,9 @@ def test_text_target_settings_are_checked_where_they_are_set():
         train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "caption", "--use_captions", "true"])
     with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
         train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "answer"])
+    with pytest.raises(ValueError, match="--text_target qa_choice reads LLaVA-Video's question files.*not synthetic"):
+        train_hf.parse_arguments(["configs/cued.yaml", "--text_target", "qa_choice"])
+    _, data_args, _, _, _ = train_hf.parse_arguments(
+        ["configs/phase2_text.yaml", "--text_target", "qa_open", "--use_cpu", "true", "--bf16", "false"]
+    )
+    assert data_args.text_target == "qa_open"

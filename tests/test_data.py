@@ -26,6 +26,7 @@ from foveated_vlm import data as data_foveated
 from foveated_vlm import analyses
 from foveated_vlm import train as train_hf
 from foveated_vlm.data import (
+    ANSWER_MARK,
     COLUMNS,
     LLAVA_CAPTIONS_FILE,
     LLAVA_VIDEO_DIR,
@@ -166,6 +167,26 @@ def test_load_llava_captions_keys_by_video_stem(tmp_path):
         load_llava_captions(path)
 
 
+def test_llava_questions_are_read_with_their_answers_and_only_the_answer_is_scored(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(LLAVA_RECORDS))
+    texts = load_llava_captions(path, with_question=True)
+    assert texts["ABC12"] == "Describe this video in detail." + ANSWER_MARK + "A man opens a fridge."
+    path.write_text(json.dumps([{"video": "x.mp4", "conversations": [{"from": "gpt", "value": "B."}]}]))
+    with pytest.raises(ValueError, match=r"record 0 \(x.mp4\) has no 'human' turn"):
+        load_llava_captions(path, with_question=True)
+
+    tokenizer = tiny_tokenizer()
+    question, answer = "where does the square move ?", "the square"
+    target_ids, target_labels = target_tokens(tokenizer, [question + ANSWER_MARK + answer, answer], 32)
+    eos = tokenizer.eos_token_id
+    read = tokenizer(question + ANSWER_MARK, add_special_tokens=False)["input_ids"]
+    scored = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert target_ids[0, : len(read) + len(scored) + 1].tolist() == read + scored + [eos]
+    assert target_labels[0].tolist() == [-100] * len(read) + scored + [eos]  # the question is read, not scored
+    assert target_labels[1, : len(scored) + 1].tolist() == scored + [eos]  # a caption is scored whole
+
+
 def _tar_gz(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
@@ -194,6 +215,8 @@ def test_download_llava_video_slice_extracts_once_and_safely(tmp_path, monkeypat
     root = download_llava_video_slice(tmp_path / "llava", num_video_tars=2)
     assert requests[0][:2] == ("lmms-lab/LLaVA-Video-178K", "dataset")
     assert requests[0][2][1:] == [
+        "0_30_s_academic_v0_1/0_30_s_academic_oe_v0_1_qa_processed.json",
+        "0_30_s_academic_v0_1/0_30_s_academic_mc_v0_1_qa_processed.json",
         "0_30_s_academic_v0_1/0_30_s_academic_v0_1_videos_1.tar.gz",
         "0_30_s_academic_v0_1/0_30_s_academic_v0_1_videos_2.tar.gz",
     ]
