@@ -999,13 +999,17 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         top_p: float = 1.0,
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
+        prompt_ids: Optional[torch.Tensor] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Video captioning: text written after the frames and `<video_end>`, token by token with the KV cache of the
         stream `mode` names (`TEXT_MODES`): "coarse" (Pass 1 alone), "fine" (coarse + fine: the last fine stream,
         reading with the queries of the stream before it) or "autoregressive" (one stream that reads with its own
         queries). Greedy, or sampled with transformers' temperature and top-p warpers. Returns the new tokens
         (B, n <= max_new_tokens); after a clip's `eos_token_id` (default the text config's) its row holds
-        `pad_token_id` (default: the eos token). The processor's `batch_decode` turns them into strings."""
+        `pad_token_id` (default: the eos token). The processor's `batch_decode` turns them into strings.
+        `prompt_ids` (B, L), *optional*, left-padded with `prompt_mask` (B, L): text read after `<video_end>` before
+        writing, e.g. a question and `\nAnswer: `, so that what is written is its answer."""
         if mode not in TEXT_MODES:
             raise ValueError(f"mode={mode!r} must be one of {TEXT_MODES}")
         if max_new_tokens < 1:
@@ -1021,6 +1025,10 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         streams = self.read_clip(pixel_values, input_ids, attention_mask, autoregressive=mode == "autoregressive")
         index = _stream_index(mode)
         B = pixel_values.shape[0]
+        if prompt_ids is not None:
+            if prompt_mask is not None and not prompt_mask[:, -1].all():
+                raise ValueError("prompt_ids must be left-padded: the last column of prompt_mask must be 1 in every row")
+            streams.step_one(index, self._embed_text(prompt_ids, B), prompt_mask)
         written = torch.zeros(B, 0, dtype=torch.long, device=pixel_values.device)
         done = torch.zeros(B, dtype=torch.bool, device=pixel_values.device)
         for _ in range(max_new_tokens):
@@ -1090,9 +1098,12 @@ class FoveatedVLMStreams:
         sources = self.states[1:] if self.autoregressive else self.states[:-1]
         self.queries = [query_head(state) for state in sources]  # (B, Q) each
 
-    def step_one(self, index: int, inputs: torch.Tensor):
-        """Append inputs (B, n, E) to one stream only (text being written); the others stop here."""
-        positions = self._extend_mask(inputs.shape[1])
+    def step_one(self, index: int, inputs: torch.Tensor, new_mask: Optional[torch.Tensor] = None):
+        """Append inputs (B, n, E) to one stream only (text being read or written; `new_mask` (B, n) marks a
+        prompt's left padding); the others stop here."""
+        if new_mask is not None and self.mask is None:  # every earlier input was real
+            self.mask = new_mask.new_ones(self.B, self.caches[index].get_seq_length())
+        positions = self._extend_mask(inputs.shape[1], new_mask)
         self.hidden[index] = self._run(inputs, index, positions)
         self.states[index] = self.hidden[index][:, -1]
 

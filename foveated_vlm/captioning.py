@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from transformers.utils.logging import tqdm
 
-from foveated_vlm.data import FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs, target_tokens
+from foveated_vlm.data import (
+    ANSWER_MARK,
+    FoveatedVLMDataCollator,
+    batch_to_device,
+    load_precomputed,
+    model_inputs,
+    target_tokens,
+)
 from foveated_vlm.metrics import text_headroom
 from modeling_foveated import TEXT_MODES
 from processing_foveated import FoveatedVLMProcessor
@@ -82,13 +89,25 @@ def evaluate_captioning(
         batch = batch_to_device(collator(rows), device)
         inputs = model_inputs(batch, model)
         references = [row["caption"].strip() for row in rows]
+        # A question's text (`question ANSWER_MARK answer`): the model reads the question, then writes the answer,
+        # which is what is matched.
+        asked = [ANSWER_MARK in reference for reference in references]
+        prompt = {}
+        if any(asked):
+            if not all(asked):
+                raise ValueError("a batch mixes questions and captions: score them as separate datasets")
+            questions = [reference.partition(ANSWER_MARK)[0] + ANSWER_MARK for reference in references]
+            references = [reference.partition(ANSWER_MARK)[2].strip() for reference in references]
+            encoded = tokenizer(questions, add_special_tokens=False, padding=True, padding_side="left",
+                                return_tensors="pt")  # fmt: skip
+            prompt = {"prompt_ids": encoded["input_ids"].to(device), "prompt_mask": encoded["attention_mask"].to(device)}
         captions = {}
         for mode in TEXT_MODES:
             nll = model.score_text(inputs["pixel_values"], inputs["target_ids"], inputs["target_labels"], mode=mode)
             losses[mode].append(nll.float().cpu().numpy())
             written = model.generate_text(
                 inputs["pixel_values"], mode=mode, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **prompt,
             )
             captions[mode] = [text.strip() for text in processor.batch_decode(written, skip_special_tokens=True)]
             matches[mode] += [caption == reference for caption, reference in zip(captions[mode], references)]

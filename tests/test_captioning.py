@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import concatenate_datasets
 from runs import tiny_arrow_dataset
 from tiny import TEXT_ONLY, save_tiny_tokenizer, save_tiny_vae, tiny_config, tiny_tokenizer
 
 from foveated_vlm import captioning as captioning_foveated
 from foveated_vlm import train as train_hf
 from foveated_vlm.captioning import captioning_markdown, evaluate_captioning
-from foveated_vlm.data import FoveatedVLMDataCollator, load_precomputed, model_inputs
+from foveated_vlm.data import ANSWER_MARK, FoveatedVLMDataCollator, load_precomputed, model_inputs
 from foveated_vlm.synthetic import describe_clip, generate_split
 from modeling_foveated import TEXT_MODES, FoveatedVLMModel
 from processing_foveated import FoveatedVLMProcessor, FoveatedVLMVideoProcessor
@@ -52,6 +53,36 @@ def test_each_mode_is_scored_over_the_clips_and_its_greedy_captions_matched():
     markdown = captioning_markdown(captioning)
     for mode in TEXT_MODES:
         assert f"| {mode} | {captioning.text_loss[mode]:.4f} |" in markdown, mode
+
+
+def test_a_question_is_read_and_only_its_answer_is_matched():
+    """References `question ANSWER_MARK answer`: the model reads the question after the frames and writes the answer,
+    and the match compares answers alone."""
+    tokenizer = tiny_tokenizer(words=("Answer", ":", *(f"w{i}" for i in range(4, 127))))  # the mark is words
+    processor = FoveatedVLMProcessor(FoveatedVLMVideoProcessor(num_frames=4, image_size=64), tokenizer)
+    clips = tiny_arrow_dataset(2)
+    question = "w5 w6 w7" + ANSWER_MARK
+    collator = FoveatedVLMDataCollator(tokenizer, caption_as_target=True)
+    prompt = tokenizer([question], add_special_tokens=False, return_tensors="pt")
+    for seed in range(10):  # a random model whose answer has words, so that a match means something
+        torch.manual_seed(seed)
+        model = FoveatedVLMModel(tiny_config(**TEXT_ONLY)).eval()
+        with torch.no_grad():
+            first = model_inputs(collator([{**clips[0], "caption": ""}]), model)
+            written = model.generate_text(first["pixel_values"], mode="fine", max_new_tokens=4,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                          prompt_ids=prompt["input_ids"], prompt_mask=prompt["attention_mask"])  # fmt: skip
+        own_answer = processor.batch_decode(written, skip_special_tokens=True)[0].strip()
+        if own_answer:
+            break
+    assert own_answer
+    clips = clips.add_column("caption", [question + own_answer, "w2 w3" + ANSWER_MARK + "w9"])
+    captioning = evaluate_captioning(model, processor, clips, batch_size=2, max_new_tokens=4, num_examples=2)
+    assert captioning.exact_match["fine"] == pytest.approx(1 / 2)
+    assert [example["reference"] for example in captioning.examples] == [own_answer, "w9"]
+    mixed = clips.select([0]).map(lambda row: {"caption": "w3 w4"})
+    with pytest.raises(ValueError, match="mixes questions and captions"):
+        evaluate_captioning(model, processor, concatenate_datasets([clips.select([0]), mixed]), batch_size=2)
 
 
 @pytest.fixture(scope="module")

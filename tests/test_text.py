@@ -185,3 +185,28 @@ def test_captions_stop_at_the_end_of_text_and_pad_after_it():
     assert written.shape[1] == 4 or (written == stop).any(1).all()  # it stops early only when every clip is done
     with pytest.raises(ValueError, match="mode='both' must be one of"):
         model.generate_text(pixel_values, mode="both")
+
+
+@pytest.mark.parametrize("mode", TEXT_MODES)
+def test_an_answer_is_written_after_its_left_padded_question(mode):
+    """With a prompt (a question), each clip's answer is what the model writes after reading that clip's question
+    alone: left padding changes nothing, and the written tokens are the argmax after question + answer so far."""
+    model = make_model(fine_passes=2)
+    pixel_values, _ = make_batch(model.config)
+    questions = [[11, 12, 13], [21, 22]]  # clip 1's question is shorter: one pad on its left
+    prompt_ids = torch.tensor([[11, 12, 13], [0, 21, 22]])
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    never = -1
+    with torch.no_grad():
+        batched = model.generate_text(pixel_values, mode=mode, max_new_tokens=4, eos_token_id=never,
+                                      prompt_ids=prompt_ids, prompt_mask=prompt_mask)  # fmt: skip
+        for b, question in enumerate(questions):
+            alone = model.generate_text(pixel_values[b : b + 1], mode=mode, max_new_tokens=4, eos_token_id=never,
+                                        prompt_ids=torch.tensor([question]))  # fmt: skip
+            assert torch.equal(batched[b], alone[0])
+            (states,) = text_states(model, model.score_text, pixel_values[b : b + 1],
+                                    torch.tensor([question + batched[b].tolist()]), mode=mode)  # fmt: skip
+            assert torch.equal(model.text_logits(states[:, len(question) :]).argmax(-1), batched[b : b + 1])
+        assert not torch.equal(batched, model.generate_text(pixel_values, mode=mode, max_new_tokens=4, eos_token_id=never))
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate_text(pixel_values, prompt_ids=prompt_ids, prompt_mask=prompt_mask.flip(1))
