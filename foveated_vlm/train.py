@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -528,6 +529,18 @@ def base_model_ids(model_args: ModelArguments) -> list[str]:
 # ---- Train, evaluate, save ----
 
 
+def head_channels_last(training_args: FoveatedTrainingArguments) -> bool:
+    """Whether the head's convolution weights go channels-last (`channels_last_head`): not under DeepSpeed, which
+    broadcasts each parameter as raw bytes and so needs its last stride to be 1. `accelerate launch` with a DeepSpeed
+    config says so in the environment, before any accelerator state exists."""
+    if not training_args.channels_last_head:
+        return False
+    if training_args.deepspeed or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        logger.warning("channels_last_head is set aside under DeepSpeed, which needs contiguous parameters")
+        return False
+    return True
+
+
 def build_trainer(
     model, processor, data: PreparedData, model_args, data_args, training_args,
     teacher_args: Optional[FoveatedVLMTeacherArguments] = None,
@@ -693,7 +706,7 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     else:
         model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
         model.config.target_vae = vae_record(data.vae)  # the checkpoint says what its latents mean
-    if training_args.channels_last_head:
+    if head_channels_last(training_args):
         # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.
         model.prediction_head.to(memory_format=torch.channels_last)

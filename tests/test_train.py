@@ -672,3 +672,12 @@ def test_llava_archives_are_fetched_precomputed_and_deleted_one_at_a_time(video_
     fetched.clear()
     again = train_hf.build_datasets(data_args, training_args)
     assert fetched == [] and names(again.train) == names(data.train)
+
+
+def test_the_head_stays_contiguous_under_deepspeed(monkeypatch, tmp_path):
+    """DeepSpeed broadcasts parameters as raw bytes (a channels-last weight fails there), so under an accelerate
+    DeepSpeed launch the head keeps its ordinary layout."""
+    _, _, training_args, _, _ = train_hf.parse_arguments(["configs/cued.yaml", "--output_dir", str(tmp_path)])
+    assert train_hf.head_channels_last(training_args)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not train_hf.head_channels_last(training_args)
