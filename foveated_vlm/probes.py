@@ -93,7 +93,6 @@ class FoveatedVLMProbes:
             "that is right in most clips only, as a search teacher's is, still teaches the policy."
         },
     )
-
     supervise_distance: str = field(
         default="squared",
         metadata={
