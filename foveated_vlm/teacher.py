@@ -52,6 +52,7 @@ WTA_SAMPLING = ("uniform", "posterior", "held_out")
 TEACHER_SEARCHES = ("frame", "stay", "gumbel")
 TEACHER_SCORES = ("relative", "standardized")
 DISTILL_TARGETS = ("mass", "position")
+DISTILL_DISTANCES = ("squared", "absolute")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
 TEACHER_FILE = "teacher.json"
 
@@ -134,7 +135,20 @@ class FoveatedVLMTeacherArguments:
         },
     )
 
+    teacher_distill_distance: str = field(
+        default="squared",
+        metadata={
+            "help": "With teacher_distill_target position, the distance: squared, or absolute (|dy| + |dx|, whose "
+            "minimiser over the teacher's places is their median: the clips it misses do not pull the policy off "
+            "the others; docs/RESULTS.md).",
+            "choices": DISTILL_DISTANCES,
+        },
+    )
+
     def __post_init__(self):
+        if self.teacher_distill_distance not in DISTILL_DISTANCES:
+            raise ValueError(f"teacher_distill_distance={self.teacher_distill_distance!r} must be one of "
+                             f"{DISTILL_DISTANCES}")
         for name in ("teacher_grid", "teacher_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -314,10 +328,13 @@ class FoveatedVLMSearchTeacher:
         if self.args.teacher_distill_target == "mass":
             return lambda posterior, attention: _cross_entropy(posterior, cell_mass(attention, grid))
 
+        absolute = self.args.teacher_distill_distance == "absolute"
+
         def position_distance(posterior, attention):
             place = posterior @ cells[:, :2]  # (..., 2): the posterior's mean cell centre
             where = model.glimpse_summary(attention.reshape(-1, attention.shape[-1]))[:, :2]
-            return (where.view(place.shape) - place).pow(2).sum(-1)
+            difference = where.view(place.shape) - place
+            return (difference.abs() if absolute else difference.pow(2)).sum(-1)
 
         return position_distance
 

@@ -261,6 +261,12 @@ def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(se
     posterior = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0.5, 0.5]])
     torch.testing.assert_close(match(posterior, attention), torch.zeros(2), atol=1e-6, rtol=0)
     assert match(posterior.flip(0), attention).min() > 0.2
+    # The absolute distance: |dy| + |dx| from the same place.
+    absolute = teacher(teacher_distill_target="position", teacher_distill_distance="absolute")
+    where = model.glimpse_summary(attention)[:, :2]
+    place = posterior.flip(0) @ cells[:, :2]
+    torch.testing.assert_close(absolute._glimpse_match(model, cells)(posterior.flip(0), attention),
+                               (where - place).abs().sum(-1))  # fmt: skip
     with pytest.raises(ValueError, match="teacher_distill_target"):
         teacher(teacher_distill_target="box")
 
@@ -314,7 +320,8 @@ def test_teacher_frames_draws_a_subset_of_frames_in_order():
     assert (frames[:, 1] > frames[:, 0]).all() and (frames <= 4).all()
 
 
-@pytest.mark.parametrize("field,value", [("teacher_grid", 0), ("teacher_frames", -1), ("teacher_temperature_end", 0.0)])
+@pytest.mark.parametrize("field,value", [("teacher_grid", 0), ("teacher_frames", -1), ("teacher_temperature_end", 0.0),
+                                         ("teacher_distill_distance", "huber")])
 def test_bad_teacher_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         FoveatedVLMTeacherArguments(**{field: value})
