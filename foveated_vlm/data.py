@@ -156,7 +156,7 @@ def download_llava_video_slice(local_dir: str | os.PathLike, num_video_tars: int
     if num_video_tars < 1:
         raise ValueError(f"num_video_tars must be >= 1, got {num_video_tars}")
     local_dir = Path(local_dir)
-    tar_names = [f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{k}.tar.gz" for k in range(1, num_video_tars + 1)]
+    tar_names = [_llava_tar_name(k) for k in range(1, num_video_tars + 1)]
     snapshot_download(
         repo_id=LLAVA_VIDEO_DATASET,
         repo_type="dataset",
@@ -166,6 +166,11 @@ def download_llava_video_slice(local_dir: str | os.PathLike, num_video_tars: int
     for tar_name in tar_names:
         _extract_tar(local_dir / tar_name, local_dir / LLAVA_VIDEO_DIR)
     return local_dir
+
+
+def _llava_tar_name(index: int) -> str:
+    """Video archive `index` (1-based) of the subset, relative to the slice folder."""
+    return f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{index}.tar.gz"
 
 
 def fetch_llava_archive(local_dir: str | os.PathLike, index: int) -> Path:
@@ -178,10 +183,11 @@ def fetch_llava_archive(local_dir: str | os.PathLike, index: int) -> Path:
         raise ValueError(f"LLaVA-Video archives are numbered from 1, got {index}")
     local_dir = Path(local_dir)
     folder = local_dir / LLAVA_VIDEO_DIR / f"archive-{index}"
-    tar_name = f"{LLAVA_SUBSET}/{LLAVA_SUBSET}_videos_{index}.tar.gz"
-    for filename in (LLAVA_CAPTIONS_FILE, *LLAVA_QA_FILES.values(), tar_name):
-        if filename == tar_name and (folder / f".extracted-{Path(tar_name).name}").exists():
-            continue
+    tar_name = _llava_tar_name(index)
+    wanted = [LLAVA_CAPTIONS_FILE, *LLAVA_QA_FILES.values()]
+    if not (folder / f".extracted-{Path(tar_name).name}").exists():
+        wanted.append(tar_name)
+    for filename in wanted:
         if not (local_dir / filename).is_file():
             hf_hub_download(LLAVA_VIDEO_DATASET, filename, repo_type="dataset", local_dir=local_dir)
     _extract_tar(local_dir / tar_name, folder)
@@ -755,13 +761,13 @@ def target_tokens(tokenizer, texts: list[str], max_length: int) -> tuple[torch.T
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: text as a target needs one")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    parts = [text.partition(ANSWER_MARK) for text in texts]  # (question, mark, answer); a caption is all answer
+    read = tokenizer([question + mark if mark else "" for question, mark, _ in parts], add_special_tokens=False)
+    scored = tokenizer([answer if mark else question for question, mark, answer in parts], add_special_tokens=False)
     sequences = []  # (ids, how many leading ones are read, not scored)
-    for text in texts:
-        question, marked, answer = text.partition(ANSWER_MARK)
-        read = tokenizer(question + ANSWER_MARK, add_special_tokens=False)["input_ids"] if marked else []
-        scored = tokenizer(answer if marked else text, add_special_tokens=False)["input_ids"]
-        ids = (read + scored)[: max_length - 1] + [eos]
-        sequences.append((ids, min(len(read), len(ids) - 1)))
+    for read_ids, scored_ids in zip(read["input_ids"], scored["input_ids"]):
+        ids = (read_ids + scored_ids)[: max_length - 1] + [eos]
+        sequences.append((ids, min(len(read_ids), len(ids) - 1)))
     length = max(len(ids) for ids, _ in sequences)
     target_ids = torch.full((len(sequences), length), pad, dtype=torch.long)
     target_labels = torch.full((len(sequences), length), -100, dtype=torch.long)
