@@ -35,6 +35,10 @@ PROBES_FILE = "probes.json"
 COARSE_READERS = ("query", "mean_pool", "oracle_first")
 FINE_QUERIES = ("predicted", "fixed", "random", "oracle")
 SUPERVISE_DISTANCES = ("squared", "absolute")
+SUPERVISE_PLACES = ("exact", "cell")
+SUPERVISE_MISSES = ("step", "clip")
+# The grid of a search teacher's candidate cells (foveated_vlm/teacher.py's default), for the probes that mimic it.
+TEACHER_LIKE_GRID = 4
 # Spread of an oracle fixation, log sigma in [-1, 1] frame units: sigma ~ 0.14, about the half-side of a synthetic
 # object.
 ORACLE_LOG_SIGMA = -2.0
@@ -102,10 +106,29 @@ class FoveatedVLMProbes:
             "choices": SUPERVISE_DISTANCES,
         },
     )
+    supervise_place: str = field(
+        default="exact",
+        metadata={
+            "help": "The right place both terms above take: exact (the target's centre) or cell (the centre of the "
+            "4x4 grid cell the target's centre lies in, as a search teacher's best cell would give it).",
+            "choices": SUPERVISE_PLACES,
+        },
+    )
+    supervise_misses: str = field(
+        default="step",
+        metadata={
+            "help": "How supervise_noise picks its wrong clips and places: step (drawn afresh at every step) or clip "
+            "(fixed per clip, from its true centre, so the same clips are missed, at the same wrong place, in every "
+            "epoch, as a teacher's hard clips would be).",
+            "choices": SUPERVISE_MISSES,
+        },
+    )
 
     def __post_init__(self):
-        if self.supervise_distance not in SUPERVISE_DISTANCES:
-            raise ValueError(f"supervise_distance={self.supervise_distance!r} must be one of {SUPERVISE_DISTANCES}")
+        for name, choices in (("supervise_distance", SUPERVISE_DISTANCES), ("supervise_place", SUPERVISE_PLACES),
+                              ("supervise_misses", SUPERVISE_MISSES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
         for name in ("supervise_fixations", "supervise_first_glance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -245,10 +268,13 @@ def parameters_outside_loss(probes: FoveatedVLMProbes) -> list[str]:
 def glimpse_supervision(model, outputs, oracle_fixations: torch.Tensor, probes: FoveatedVLMProbes) -> torch.Tensor:
     """The calibration terms the trainer adds to the loss: distances (`supervise_distance`) of glimpse positions from
     the true centres (B, T, 2), of Pass 2's glimpses of frames 2..T and of Pass 1's glimpse of frame 1. In training with
-    `supervise_noise`, a share of the clips is supervised towards a wrong place instead (`corrupted_centres`)."""
+    `supervise_noise`, a share of the clips is supervised towards a wrong place instead (`corrupted_centres`); with
+    `supervise_place="cell"` the right places are their grid cells' centres."""
     centres = oracle_fixations.float()
     if model.training and probes.supervise_noise:
-        centres = corrupted_centres(centres, probes.supervise_noise)
+        centres = corrupted_centres(centres, probes.supervise_noise, per_clip=probes.supervise_misses == "clip")
+    if probes.supervise_place == "cell":
+        centres = cell_centres(centres)  # a wrong place is a cell centre already
     B, T, P = outputs.attn_fine.shape
 
     def distance(where, target):  # (..., 2) -> mean over the glimpses
@@ -265,13 +291,32 @@ def glimpse_supervision(model, outputs, oracle_fixations: torch.Tensor, probes: 
     return loss
 
 
-def corrupted_centres(centres: torch.Tensor, share: float, grid: int = 4) -> torch.Tensor:
+def cell_centres(centres: torch.Tensor, grid: int = TEACHER_LIKE_GRID) -> torch.Tensor:
+    """Places (..., 2) in [-1, 1] -> the centre of the grid x grid cell each lies in."""
+    cell = ((centres + 1) * grid / 2).floor().clamp(0, grid - 1)
+    return (cell * 2 + 1) / grid - 1
+
+
+def corrupted_centres(
+    centres: torch.Tensor, share: float, grid: int = TEACHER_LIKE_GRID, per_clip: bool = False
+) -> torch.Tensor:
     """centres (B, T, 2) with those of a random `share` of clips replaced by the centre of a random cell of a
-    grid x grid split, the same in every frame (a wrong place, as a search teacher's miss would be)."""
+    grid x grid split, the same in every frame (a wrong place, as a search teacher's miss would be).
+
+    per_clip: draw which clips miss, and where, from each clip's own frame-0 centre instead of afresh, so that a clip
+    is missed (or not) at the same place every time it is read."""
     B = centres.shape[0]
-    cell = torch.randint(grid * grid, (B,), device=centres.device)
+    if per_clip:
+        # Two uniforms per clip, a fixed hash of its place: the classic fract(sin(.) * 43758.5453) shader hash.
+        first = centres[:, 0].double()  # (B, 2); float64 keeps the hash's low digits
+        draw = torch.frac((torch.sin(first[:, 0] * 12.9898 + first[:, 1] * 78.233) * 43758.5453).abs())  # (B,)
+        where = torch.frac(draw * 9973.0)  # (B,): a second uniform from the first
+        missed = draw < share
+        cell = (where * grid * grid).long().clamp(max=grid * grid - 1)
+    else:
+        cell = torch.randint(grid * grid, (B,), device=centres.device)
+        missed = torch.rand(B, device=centres.device) < share  # (B,)
     wrong = torch.stack([cell // grid, cell % grid], dim=-1).float() * 2 / grid + 1 / grid - 1  # (B, 2)
-    missed = torch.rand(B, device=centres.device) < share  # (B,)
     return torch.where(missed[:, None, None], wrong[:, None].expand_as(centres), centres)
 
 

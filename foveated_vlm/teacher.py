@@ -53,6 +53,7 @@ TEACHER_SEARCHES = ("frame", "stay", "gumbel")
 TEACHER_SCORES = ("relative", "standardized")
 DISTILL_TARGETS = ("mass", "position")
 DISTILL_DISTANCES = ("squared", "absolute")
+DISTILL_PLACES = ("mean", "best")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
 TEACHER_FILE = "teacher.json"
 
@@ -144,11 +145,20 @@ class FoveatedVLMTeacherArguments:
             "choices": DISTILL_DISTANCES,
         },
     )
+    teacher_distill_place: str = field(
+        default="mean",
+        metadata={
+            "help": "With teacher_distill_target position, the teacher's place: mean (the posterior's mean cell centre, "
+            "drawn towards the other cells by the posterior's spread) or best (the centre of its most probable cell).",
+            "choices": DISTILL_PLACES,
+        },
+    )
 
     def __post_init__(self):
-        if self.teacher_distill_distance not in DISTILL_DISTANCES:
-            raise ValueError(f"teacher_distill_distance={self.teacher_distill_distance!r} must be one of "
-                             f"{DISTILL_DISTANCES}")
+        for name, choices in (("teacher_distill_distance", DISTILL_DISTANCES),
+                              ("teacher_distill_place", DISTILL_PLACES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
         for name in ("teacher_grid", "teacher_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -329,9 +339,10 @@ class FoveatedVLMSearchTeacher:
             return lambda posterior, attention: _cross_entropy(posterior, cell_mass(attention, grid))
 
         absolute = self.args.teacher_distill_distance == "absolute"
+        best = self.args.teacher_distill_place == "best"
 
         def position_distance(posterior, attention):
-            place = posterior @ cells[:, :2]  # (..., 2): the posterior's mean cell centre
+            place = cells[posterior.argmax(-1), :2] if best else posterior @ cells[:, :2]  # (..., 2)
             where = model.glimpse_summary(attention.reshape(-1, attention.shape[-1]))[:, :2]
             difference = where.view(place.shape) - place
             return (difference.abs() if absolute else difference.pow(2)).sum(-1)

@@ -13,6 +13,7 @@ from foveated_vlm.probes import (
     PROBES_FILE,
     FoveatedVLMProbes,
     apply_probes,
+    cell_centres,
     corrupted_centres,
     from_pretrained_with_probes,
     glimpse_supervision,
@@ -305,6 +306,34 @@ def test_supervise_noise_moves_the_place_of_that_share_of_clips_to_a_cell_centre
     assert set(wrong[:, 0].flatten().tolist()) <= {-0.75, -0.25, 0.25, 0.75}
     with pytest.raises(ValueError, match="supervise_noise"):
         FoveatedVLMProbes(supervise_noise=0.5)  # nothing supervised to corrupt
+
+
+def test_supervise_misses_clip_misses_the_same_clips_at_the_same_place_every_time():
+    centres = torch.rand(400, 4, 2) * 2 - 1
+    torch.manual_seed(0)
+    first = corrupted_centres(centres, 0.25, per_clip=True)
+    torch.manual_seed(1)
+    again = corrupted_centres(centres, 0.25, per_clip=True)
+    torch.testing.assert_close(first, again)
+    moved = (first != centres).any(-1).any(-1)
+    assert 0.15 < moved.float().mean() < 0.35
+    assert len(set(first[moved][:, 0].flatten().tolist())) == 4  # the wrong places spread over the grid's centres
+    torch.testing.assert_close(corrupted_centres(centres[:200], 0.25, per_clip=True), first[:200])  # per clip
+
+
+def test_supervise_place_cell_takes_the_centre_of_the_targets_grid_cell():
+    centres = torch.tensor([[-0.9, 0.1], [0.49, 0.51], [1.0, -1.0]])
+    torch.testing.assert_close(cell_centres(centres), torch.tensor([[-0.75, 0.25], [0.25, 0.75], [0.75, -0.75]]))
+    probes = FoveatedVLMProbes(supervise_fixations=1.0, supervise_place="cell")
+    model = apply_probes(make_model(**SACCADE), probes).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    exact = torch.rand(2, 4, 2) * 2 - 1
+    outputs = model(pixel_values, vae_latents, reader_kwargs={"oracle_fixations": exact})
+    exact_probes = FoveatedVLMProbes(supervise_fixations=1.0)
+    torch.testing.assert_close(glimpse_supervision(model, outputs, exact, probes),
+                               glimpse_supervision(model, outputs, cell_centres(exact), exact_probes))
+    with pytest.raises(ValueError, match="supervise_place"):
+        FoveatedVLMProbes(supervise_place="box")
 
 
 def test_the_trainer_adds_the_calibration_terms_and_writes_probes_json(tmp_path):

@@ -267,6 +267,14 @@ def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(se
     place = posterior.flip(0) @ cells[:, :2]
     torch.testing.assert_close(absolute._glimpse_match(model, cells)(posterior.flip(0), attention),
                                (where - place).abs().sum(-1))  # fmt: skip
+    # The best place: the most probable cell's centre, not the mean (cell 2 for the second clip's tie, argmax's first).
+    best = teacher(teacher_distill_target="position", teacher_distill_place="best")
+    torch.testing.assert_close(best._glimpse_match(model, cells)(posterior, attention)[0], torch.tensor(0.0))
+    assert best._glimpse_match(model, cells)(posterior, attention)[1] > 0.2  # the glimpse spans cells 2 and 3
+    on_cell_2 = torch.zeros(side, side)
+    on_cell_2[side // 2:, :side // 2] = 1
+    torch.testing.assert_close(best._glimpse_match(model, cells)(posterior[1:], on_cell_2.flatten()[None] / on_cell_2.sum()),
+                               torch.zeros(1), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="teacher_distill_target"):
         teacher(teacher_distill_target="box")
 
@@ -321,7 +329,7 @@ def test_teacher_frames_draws_a_subset_of_frames_in_order():
 
 
 @pytest.mark.parametrize("field,value", [("teacher_grid", 0), ("teacher_frames", -1), ("teacher_temperature_end", 0.0),
-                                         ("teacher_distill_distance", "huber")])
+                                         ("teacher_distill_distance", "huber"), ("teacher_distill_place", "mode")])
 def test_bad_teacher_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         FoveatedVLMTeacherArguments(**{field: value})
