@@ -1,5 +1,6 @@
 """Configuration of the foveated video model (remote code: flat, self-contained, only transformers at top level)."""
 
+import warnings
 from typing import Optional
 
 from transformers import AutoConfig, PretrainedConfig
@@ -68,7 +69,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         lambda_coarse (`float`, *optional*, defaults to 1.0):
             Weight of Pass 1's losses against Pass 2's: `loss = latent_loss_weight * (loss_fine + lambda_coarse *
             loss_coarse) + text_loss_weight * (loss_text_fine + lambda_coarse * loss_text_coarse) (+
-            aux_current_weight * loss_aux + dynamic_entropy_weight * entropy_fine)`; with `fine_passes > 1` every
+            aux_current_weight * loss_aux + fine_entropy_weight * entropy_fine)`; with `fine_passes > 1` every
             fine pass's losses join their Pass-2 term.
         latent_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the next-frame latent objective (the design's).
@@ -115,7 +116,7 @@ class FoveatedVLMConfig(PretrainedConfig):
             read frame t and latent t-1, reconstructs latent t. It asks the state to carry what changed in the frame
             it saw, which the next-frame loss alone does not get started (the head ignores a state that carries
             nothing). Predictions and `loss_fine`/`loss_coarse` still obey the index rule.
-        dynamic_entropy_weight (`float`, *optional*, defaults to 0.0):
+        fine_entropy_weight (`float`, *optional*, defaults to 0.0):
             Weight of the mean entropy (nats) of Pass 2's attention, added to the loss: a price on diffuse glimpses,
             the remedy the founding guide gives for queries that stay uniform. It pushes every Pass-2 query towards
             one place; which place still comes from the next-frame loss alone.
@@ -165,7 +166,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         fixation_init_spread: float = 1.0,
         glimpse_position: bool = False,
         aux_current_weight: float = 0.0,
-        dynamic_entropy_weight: float = 0.0,
+        fine_entropy_weight: float = 0.0,
         query_logit_scale=None,
         token_dim=None,
         query_init_std: float = 1.0,
@@ -174,6 +175,10 @@ class FoveatedVLMConfig(PretrainedConfig):
         target_vae: Optional[str] = None,
         **kwargs,
     ):
+        if "dynamic_entropy_weight" in kwargs:  # its name before this release; config.json files saved then still load
+            warnings.warn("dynamic_entropy_weight is renamed fine_entropy_weight; the old name goes in the next release",
+                          FutureWarning, stacklevel=2)
+            fine_entropy_weight = kwargs.pop("dynamic_entropy_weight")
         if vision_config is None:
             vision_config = DINOv3ViTConfig(num_register_tokens=DINOV3_VITS16_REGISTER_TOKENS, image_size=image_size)
         elif isinstance(vision_config, dict):
@@ -209,7 +214,7 @@ class FoveatedVLMConfig(PretrainedConfig):
         self.fixation_init_spread = fixation_init_spread
         self.glimpse_position = glimpse_position
         self.aux_current_weight = aux_current_weight
-        self.dynamic_entropy_weight = dynamic_entropy_weight
+        self.fine_entropy_weight = fine_entropy_weight
         if query_logit_scale is not None and query_logit_scale <= 0:
             raise ValueError(f"query_logit_scale must be > 0 (a factor on the logits) or None, got {query_logit_scale}")
         self.query_logit_scale = query_logit_scale

@@ -105,8 +105,8 @@ class FoveatedVLMOutput(_RenamedFields, ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): the trained loss (`FoveatedVLMConfig.lambda_coarse`
             writes it out): with the default weights `loss_fine + lambda_coarse * loss_coarse`, plus
-            `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and `dynamic_entropy_weight *
-            entropy_fine` when `config.dynamic_entropy_weight > 0`.
+            `aux_current_weight * loss_aux` when `config.aux_current_weight > 0` and `fine_entropy_weight *
+            entropy_fine` when `config.fine_entropy_weight > 0`.
         loss_fine (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 2 (predicted queries, fine tokens).
         loss_coarse (`torch.FloatTensor` of shape `()`, *optional*): MSE of Pass 1 (static query, coarse tokens).
         loss_aux (`torch.FloatTensor` of shape `()`, *optional*): the auxiliary current-frame reconstruction loss
@@ -115,7 +115,7 @@ class FoveatedVLMOutput(_RenamedFields, ModelOutput):
         pred_coarse (`torch.FloatTensor` of shape `(B, T, C, h, w)`, *optional*): Pass-1 prediction of latents 1..T.
         queries (`torch.FloatTensor` of shape `(B, T, Q)`): `q_t` emitted after frame t (Pass 1); frame t+1 is
             read with it in Pass 2.
-        attn_coarse (`torch.FloatTensor` of shape `(B, T, P)`): `q_static`'s attention over each frame's patches.
+        attn_coarse (`torch.FloatTensor` of shape `(B, T, P)`): `q_coarse`'s attention over each frame's patches.
         attn_fine (`torch.FloatTensor` of shape `(B, T, P)`): the attention of the query that read frame t in
             Pass 2 (`q_init` for t = 1, else `q_{t-1}`).
         entropy_coarse (`torch.FloatTensor` of shape `()`): mean entropy (nats) of `attn_coarse`.
@@ -175,7 +175,7 @@ class FoveatedVLMStreamOutput(_RenamedFields, ModelOutput):
             t-1 was not given.
         pred_coarse (`torch.FloatTensor` of shape `(B, C, h, w)`, *optional*): the Pass-1 stream's prediction.
         query (`torch.FloatTensor` of shape `(B, Q)`): the query emitted after frame t (reads frame t+1).
-        attn_coarse (`torch.FloatTensor` of shape `(B, P)`): `q_static`'s attention over frame t.
+        attn_coarse (`torch.FloatTensor` of shape `(B, P)`): `q_coarse`'s attention over frame t.
         attn_fine (`torch.FloatTensor` of shape `(B, P)`): the Pass-2 query's attention over frame t.
     """
 
@@ -509,11 +509,24 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    # Checkpoints saved before Pass 1's query was renamed `q_coarse` (it was `q_static`) still load.
+    _RENAMED_WEIGHTS = {r"^q_static$": "q_coarse"}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs["key_mapping"] = {**cls._RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
+        model = super().from_pretrained(*args, **kwargs)
+        # transformers reverts load-time renamings on save; this one must not be, so that saves carry the new name.
+        conversions = getattr(model, "_weight_conversions", None) or []
+        old_names = list(cls._RENAMED_WEIGHTS)
+        model._weight_conversions = [c for c in conversions if getattr(c, "source_patterns", None) != old_names]
+        return model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FoveatedVLMModel):
             # transformers' init functions skip parameters already loaded from a checkpoint.
-            init.normal_(module.q_static, std=self.config.query_init_std)
+            init.normal_(module.q_coarse, std=self.config.query_init_std)
             init.normal_(module.q_init, std=self.config.query_init_std)
             for parameter in (module.coarse_token, module.fine_token, module.video_end_token, module.z_vae_init):
                 init.normal_(parameter, std=self.config.mode_token_init_std)
@@ -529,11 +542,11 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
 
 
 class FoveatedVLMCoarseReader(nn.Module):
-    """How Pass 1 reads a frame in the design: the learned `q_static` reads every cached frame. Without parameters (the
+    """How Pass 1 reads a frame in the design: the learned `q_coarse` reads every cached frame. Without parameters (the
     model holds them), so that a research probe can replace it (`FoveatedVLMModel` docstring)."""
 
     def forward(self, model, cache: FoveatedVLMPatchCache, B: int, T: int, **reader_kwargs):
-        return model._read_frames(model.q_static.expand(B, T, -1), cache, B, T)  # (B, T, E), (B, T, P)
+        return model._read_frames(model.q_coarse.expand(B, T, -1), cache, B, T)  # (B, T, E), (B, T, P)
 
 
 class FoveatedVLMFineReader(nn.Module):
@@ -552,7 +565,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
     """
     The two-pass foveated next-frame predictor (docs/DESIGN.md).
 
-    Pass 1 reads every frame with the learned `q_static` (coarse tokens), runs the LLM over
+    Pass 1 reads every frame with the learned `q_coarse` (coarse tokens), runs the LLM over
     `[text, <coarse>, z°_1..z°_T]` and emits a query `q_t` after each frame. Pass 2 reads frame t with `q_{t-1}`
     (`q_init` for the first frame; fine tokens) and runs the same LLM over `[text, <fine>, z_1..z_T]`. In both
     passes the shared head predicts latent t from the state at the position just before frame t and latent t-1
@@ -583,7 +596,7 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         self.coarse_reader = FoveatedVLMCoarseReader()
         self.fine_reader = FoveatedVLMFineReader()
 
-        self.q_static = nn.Parameter(torch.empty(config.query_dim))
+        self.q_coarse = nn.Parameter(torch.empty(config.query_dim))  # Pass 1's static query
         self.q_init = nn.Parameter(torch.empty(config.query_dim))
         self.coarse_token = nn.Parameter(torch.empty(text_width))
         self.fine_token = nn.Parameter(torch.empty(text_width))
@@ -595,6 +608,12 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         self.z_vae_init = nn.Parameter(torch.empty(latent_shape))
 
         self.post_init()
+
+    @property
+    def q_static(self) -> nn.Parameter:
+        """Deprecated name of `q_coarse`, kept for one release."""
+        warnings.warn("q_static is renamed q_coarse; the old name goes in the next release", FutureWarning, stacklevel=2)
+        return self.q_coarse
 
     @classmethod
     def from_backbones(
@@ -846,8 +865,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
                 losses.append(config.text_loss_weight * (
                     self.fine_loss_weight * loss_text_fine_passes.sum() + lambda_coarse * nll_coarse.mean()))
         if losses:
-            if config.dynamic_entropy_weight > 0:
-                losses.append(config.dynamic_entropy_weight * entropy_fine)
+            if config.fine_entropy_weight > 0:
+                losses.append(config.fine_entropy_weight * entropy_fine)
             values["loss"] = sum(losses)
         output = FoveatedVLMOutput(**values)
         return output if return_dict else output.to_tuple()
@@ -901,8 +920,8 @@ class FoveatedVLMModel(FoveatedVLMPreTrainedModel):
         Streaming inference: frames arrive one at a time, each is encoded once, and the LLM streams step one token
         per frame with their own KV caches, so the cost per frame stays constant as the clip grows.
 
-        The Pass-1 stream reads frame t with `q_static` and emits `q_t`; each fine stream reads frame t with the query
-        the stream before it emitted after frame t-1 (`fine_passes` of them; the last, "focused", one predicts). With
+        The Pass-1 stream reads frame t with `q_coarse` and emits `q_t`; each fine stream reads frame t with the query
+        the stream before it emitted after frame t-1 (`fine_passes` of them; the last one predicts). With
         `autoregressive=True` one fine stream reads with the queries it emits itself instead (what a deployed model
         would do; training uses the parallel passes). Without it, stacking the outputs over t reproduces the
         parallel `forward`.

@@ -40,12 +40,12 @@ COMPARE_COLUMNS = (
     ("coarse t≥2", "loss_coarse_t2"),
     ("fine t≥2", "loss_fine_t2"),
     ("state contribution fine", "state_contribution_fine"),
-    ("entropy static", "entropy_static"),
-    ("entropy dynamic", "entropy_dynamic"),
-    ("on mover dynamic", "tracking_dynamic"),
-    ("on mover static", "tracking_static"),
+    ("entropy Pass 1", "entropy_coarse"),
+    ("entropy Pass 2", "entropy_fine"),
+    ("Pass 2 on box", "tracking_fine"),
+    ("Pass 1 on box", "tracking_coarse"),
     ("chance", "tracking_chance"),
-    ("static on frame-1 box", "tracking_static_first"),
+    ("Pass 1 on frame-1 box", "tracking_coarse_first"),
 )
 PERCENT_COLUMNS = ("improvement", "improvement t≥2")
 

@@ -4,7 +4,7 @@ A model trained with text as a target (`--text_target caption`, docs/TRAINING.md
 `<video_end>`. It can read them three ways (`modeling_foveated.TEXT_MODES`):
     coarse          Pass 1 alone: the static query's tokens
     fine            coarse + fine: the last fine pass, reading with the queries of the pass before it (training's form)
-    autoregressive  one focused stream that reads each frame with the query it wrote itself (the deployed form)
+    autoregressive  one fine stream that reads each frame with the query it wrote itself (the deployed form)
 
 For each mode this scores every held-out clip's reference text (cross-entropy, nats per scored token, teacher-forced
 through the mode's stream), writes a greedy caption and counts exact matches with the reference. "fine" against

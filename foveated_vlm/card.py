@@ -128,10 +128,23 @@ TABLE1_METRICS = {
 TABLE1_TASKS = {"text": "Video captioning (text after the frames)", "": "Next-frame VAE latent prediction"}
 
 
+# Logged metrics renamed when Pass 1 / Pass 2 became `coarse` / `fine` everywhere in code (they were `static` /
+# `dynamic` too): logs written before still read, under the new names.
+RENAMED_METRICS = {
+    "attention/entropy_static": "attention/entropy_coarse",
+    "attention/entropy_dynamic": "attention/entropy_fine",
+    "tracking/static": "tracking/coarse",
+    "tracking/dynamic": "tracking/fine",
+    "tracking/static_first": "tracking/coarse_first",
+    "teacher/static": "teacher/first_glance",
+}
+
+
 def logged_means(metrics: dict, prefix: str = "eval_") -> dict[str, float]:
-    """Metric name -> value of a log entry or eval_results.json, without `prefix`; the derived metrics (improvements)
-    computed from its losses where the log lacks them."""
-    means = {name[len(prefix):]: value for name, value in metrics.items() if name.startswith(prefix)}
+    """Metric name -> value of a log entry or eval_results.json, without `prefix` and under today's names
+    (`RENAMED_METRICS`); the derived metrics (improvements) computed from its losses where the log lacks them."""
+    means = {RENAMED_METRICS.get(name[len(prefix):], name[len(prefix):]): value
+             for name, value in metrics.items() if name.startswith(prefix)}  # fmt: skip
     return {**derived_metrics(means), **means}
 
 
@@ -214,11 +227,11 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
         terms += objective(text_weight, "loss_text_fine", "loss_text_coarse")
     if config.aux_current_weight > 0:
         terms.append(f"{config.aux_current_weight:g} · loss_aux")
-    if config.dynamic_entropy_weight > 0:
-        terms.append(f"{config.dynamic_entropy_weight:g} · entropy_fine")
+    if config.fine_entropy_weight > 0:
+        terms.append(f"{config.fine_entropy_weight:g} · entropy_fine")
     # The Gumbel ablation has no search to distil: its one term is the drawn glimpse's loss.
     gumbel = (teacher or {}).get("teacher_search") == "gumbel"
-    for name in ("wta",) if gumbel else ("wta", "distill", "static"):
+    for name in ("wta",) if gumbel else ("wta", "distill", "first_glance"):
         weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
         if weight > 0:
             terms.append(f"{weight:g} · teacher/{name}")

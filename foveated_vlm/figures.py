@@ -33,7 +33,7 @@ def stack_frames(rows: list[dict]) -> np.ndarray:
 
 
 def plot_attention_maps(frames, attn_coarse, attn_fine, boxes=None) -> Figure:
-    """Static vs dynamic attention of one clip over time.
+    """Pass 1's and Pass 2's attention of one clip over time.
 
     Args:
         frames: uint8 (T, S, S, 3).
@@ -42,7 +42,7 @@ def plot_attention_maps(frames, attn_coarse, attn_fine, boxes=None) -> Figure:
             value are absent boxes.
 
     Returns:
-        A figure, rows static / dynamic, one column per frame, the heatmap over the frame. Both rows share one colour
+        A figure, rows Pass 1 / Pass 2, one column per frame, the heatmap over the frame. Both rows share one colour
         scale from 0, so a flat (uniform) map looks flat instead of being stretched into noise.
     """
     frames = np.asarray(frames)
@@ -55,7 +55,7 @@ def plot_attention_maps(frames, attn_coarse, attn_fine, boxes=None) -> Figure:
     vmax = float(max(attn_coarse.max(), attn_fine.max()))
     figure = Figure(figsize=(1.8 * T, 4.0), layout="constrained")
     axes = figure.subplots(2, T, squeeze=False)
-    for row, (name, attention) in enumerate((("static", attn_coarse), ("dynamic", attn_fine))):
+    for row, (name, attention) in enumerate((("Pass 1", attn_coarse), ("Pass 2", attn_fine))):
         for t in range(T):
             ax = axes[row, t]
             ax.imshow(frames[t])

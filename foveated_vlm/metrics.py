@@ -122,12 +122,12 @@ def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_metrics(outputs) -> dict[str, torch.Tensor]:
-    """Per clip: the mean entropy (nats) of the static and the dynamic attention over the clip's frames, the model's
+    """Per clip: the mean entropy (nats) of Pass 1's and Pass 2's attention over the clip's frames, the model's
     `attention_entropy` of one clip; log(P) is uniform attention."""
     per_clip = torch.vmap(attention_entropy)
     return {
-        "attention/entropy_static": per_clip(outputs.attn_coarse.float()),
-        "attention/entropy_dynamic": per_clip(outputs.attn_fine.float()),
+        "attention/entropy_coarse": per_clip(outputs.attn_coarse.float()),
+        "attention/entropy_fine": per_clip(outputs.attn_fine.float()),
     }
 
 
@@ -176,16 +176,16 @@ def box_coverage(boxes: torch.Tensor, grid: int, subdivisions: int = BOX_COVERAG
 
 def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
     """Per clip: the attention mass inside the moving boxes, averaged over frames 2..T that have a box, for the
-    dynamic (`tracking/dynamic`) and the static (`tracking/static`) query, and the same for uniform attention, the
-    boxes' mean coverage (`tracking/chance`); and the static query's mass inside frame 1's boxes
-    (`tracking/static_first`), where the cued scene marks its target. NaN for a clip with no box on those frames;
+    Pass 2 (`tracking/fine`) and Pass 1 (`tracking/coarse`), and the same for uniform attention, the
+    boxes' mean coverage (`tracking/chance`); and Pass 1's mass inside frame 1's boxes
+    (`tracking/coarse_first`), where the cued scene marks its target. NaN for a clip with no box on those frames;
     no keys for a batch without `moving_boxes`.
 
     This is the one definition of "attention on the mover", chosen for faithfulness:
     - Fractional coverage: a patch half inside the box counts half, so uniform attention scores exactly the box's
       share of the frame; counting patch centres would make chance jump with where a box's edge falls.
-    - Frames 2..T: the dynamic query of frame 1 is the learned initial query, emitted before any frame was seen, so
-      it cannot track; including it would dilute the dynamic score with a constant.
+    - Frames 2..T: Pass 2's query of frame 1 is the learned initial query, emitted before any frame was seen, so
+      it cannot track; including it would dilute Pass 2's score with a constant.
     - Frames without a box are left out, not counted as 0: there is nothing to track there, and data without boxes
       (LLaVA-Video) would otherwise log a tracking of 0 that means nothing.
     """
@@ -200,11 +200,11 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
 
     first = box_coverage(batch["moving_boxes"][:, :1], math.isqrt(outputs.attn_coarse.shape[-1]))[:, 0]  # (B, P)
     return {
-        "tracking/dynamic": over_frames((outputs.attn_fine[:, 1:].float() * coverage).sum(-1)),
-        "tracking/static": over_frames((outputs.attn_coarse[:, 1:].float() * coverage).sum(-1)),
+        "tracking/fine": over_frames((outputs.attn_fine[:, 1:].float() * coverage).sum(-1)),
+        "tracking/coarse": over_frames((outputs.attn_coarse[:, 1:].float() * coverage).sum(-1)),
         "tracking/chance": over_frames(coverage.mean(-1)),
         # Frame 1 apart: where the cued target is marked, so Pass 1 can see there where to look later.
-        "tracking/static_first": torch.where(
+        "tracking/coarse_first": torch.where(
             first.sum(-1) > 0, (outputs.attn_coarse[:, 0].float() * first).sum(-1), math.nan
         ),
     }

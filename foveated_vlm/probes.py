@@ -49,8 +49,8 @@ class FoveatedVLMProbes:
     coarse_reader: str = field(
         default="query",
         metadata={
-            "help": "How Pass 1 reads a frame: query (the design: the learned q_static), mean_pool (the plain "
-            "average of the final patch features) or oracle_first (q_static, but frame 1 with a fixation on the true "
+            "help": "How Pass 1 reads a frame: query (the design: the learned q_coarse), mean_pool (the plain "
+            "average of the final patch features) or oracle_first (q_coarse, but frame 1 with a fixation on the true "
             "centre of its moving box or cued target: Pass 1 is told where the target is, and must still learn to "
             "aim Pass 2 there).",
             "choices": COARSE_READERS,
@@ -190,12 +190,12 @@ class ProbedCoarseReader(_ProbedReader, FoveatedVLMCoarseReader):
     def forward(self, model, cache, B, T, oracle_fixations=None, **reader_kwargs):
         if self.probes.coarse_reader == "oracle_first":
             if not model.config.fixation_bias:
-                raise ValueError("coarse_reader='oracle_first' steers q_static's fixation: it needs fixation_bias")
-            # q_static's own fixation in every frame but the first, which looks at its target.
-            fixations = model.encoder.fixation(model.q_static[None]).expand(B, T, 3)  # (B, T, 3)
+                raise ValueError("coarse_reader='oracle_first' steers q_coarse's fixation: it needs fixation_bias")
+            # q_coarse's own fixation in every frame but the first, which looks at its target.
+            fixations = model.encoder.fixation(model.q_coarse[None]).expand(B, T, 3)  # (B, T, 3)
             oracle = _with_oracle_spread(oracle_fixations, "coarse_reader='oracle_first'", B, T)  # (B, T, 3)
             fixations = torch.cat([oracle[:, :1], fixations[:, 1:]], dim=1)
-            return model._read_frames(model.q_static.expand(B, T, -1), cache, B, T, fixations)
+            return model._read_frames(model.q_coarse.expand(B, T, -1), cache, B, T, fixations)
         if self.probes.coarse_reader == "mean_pool":
             tokens = cache.patch_features.mean(dim=1)  # (B*T, P, D) -> (B*T, D)
             num_patches = cache.patch_features.shape[1]
@@ -255,7 +255,7 @@ def parameters_outside_loss(probes: FoveatedVLMProbes) -> list[str]:
     """Names of the parameters the probes leave without a gradient (to freeze: DDP rejects them)."""
     unused = []
     if probes.coarse_reader == "mean_pool":
-        unused.append("q_static")
+        unused.append("q_coarse")
     if probes.fine_queries != "predicted" or probes.fine_loss_weight == 0:
         unused += ["query_head.weight", "query_head.bias"]  # Pass 2 alone reads the predicted queries
     if probes.fine_queries == "random" or probes.fine_loss_weight == 0:

@@ -60,7 +60,7 @@ from foveated_vlm.report_text import (
     _table1,
     markdown_to_html,
 )
-from foveated_vlm.teacher import TEACHER_FILE
+from foveated_vlm.teacher import TEACHER_FILE, load_teacher_settings
 from processing_foveated import FoveatedVLMProcessor
 
 
@@ -295,7 +295,7 @@ def _clip_figures(model, dataset, collator, clips: FoveatedVLMClipMetrics, vae, 
     with torch.no_grad():
         outputs = model(**model_inputs(batch, model))
     frames, boxes = stack_frames(rows), batch["moving_boxes"].cpu().numpy()
-    tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("dynamic", "static", "chance")}
+    tracking = {name: clips.metrics.get(f"tracking/{name}") for name in ("fine", "coarse", "chance")}
     figures = []
     for k, i in enumerate(indices):
         has_box = metrics.box_present(boxes[k]).any()
@@ -428,7 +428,7 @@ def write_report(
     if config is not None:
         num_clips = clips.num_clips if clips else None
         teacher_path = run_dir / TEACHER_FILE
-        teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+        teacher = load_teacher_settings(teacher_path) if teacher_path.is_file() else None
         text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips, teacher)]
     text.append("## 3. Results")
     if held_out is not None:

@@ -35,7 +35,7 @@ __all__ = [
 
 # Attention whose entropy is at least this share of log(P) is called (almost) uniform.
 UNIFORM_ENTROPY_SHARE = 0.99
-# Dynamic attention counts as selective below this share of Pass 1's (static) entropy ...
+# Pass 2's attention counts as selective below this share of Pass 1's entropy ...
 SELECTIVE_ENTROPY_SHARE = 0.95
 # ... and as following the mover above this many times chance (uniform attention's mass in the box).
 FOLLOWS_MOVER_TIMES_CHANCE = 1.5
@@ -68,14 +68,14 @@ class FoveatedVLMHeldOut:
     improvement_se: Optional[float] = _logged("improvement_se")  # clip-level standard error (FoveatedVLMImprovement)
     improvement_t2_se: Optional[float] = _logged("improvement_t2_se")
     loss_copy_t2: Optional[float] = _logged("loss/copy_t2")
-    entropy_static: Optional[float] = _logged("attention/entropy_static")
-    entropy_dynamic: Optional[float] = _logged("attention/entropy_dynamic")
+    entropy_coarse: Optional[float] = _logged("attention/entropy_coarse")
+    entropy_fine: Optional[float] = _logged("attention/entropy_fine")
     state_contribution_fine: Optional[float] = _logged("diag/state_contribution_fine")
     state_contribution_coarse: Optional[float] = _logged("diag/state_contribution_coarse")
-    tracking_dynamic: Optional[float] = _logged("tracking/dynamic")
-    tracking_static: Optional[float] = _logged("tracking/static")
+    tracking_fine: Optional[float] = _logged("tracking/fine")
+    tracking_coarse: Optional[float] = _logged("tracking/coarse")
     tracking_chance: Optional[float] = _logged("tracking/chance")
-    tracking_static_first: Optional[float] = _logged("tracking/static_first")
+    tracking_coarse_first: Optional[float] = _logged("tracking/coarse_first")
     loss_text_fine: Optional[float] = _logged("loss/text_fine")  # text as a target (nats per scored token)
     loss_text_coarse: Optional[float] = _logged("loss/text_coarse")
     improvement_text: Optional[float] = _logged("improvement_text")
@@ -201,10 +201,10 @@ def _executive_summary(summary: FoveatedVLMReportSummary) -> list[str]:
         distinct = "distinguishable" if abs(full) > 2 * stderr else "not distinguishable"
         text.append(f"The clip-level standard error of the full-loss improvement is ±{stderr * 100:.2g}%: the "
                     f"measured effect is {distinct} from zero at two standard errors.")
-    if clips is not None and held_out.entropy_static is not None:
-        static, dynamic, uniform = held_out.entropy_static, held_out.entropy_dynamic, clips.entropy_uniform
-        if min(static, dynamic) >= UNIFORM_ENTROPY_SHARE * uniform:
-            text.append(f"Both passes attend almost uniformly (entropy {static:.3f} static and {dynamic:.3f} dynamic "
+    if clips is not None and held_out.entropy_coarse is not None:
+        coarse, fine, uniform = held_out.entropy_coarse, held_out.entropy_fine, clips.entropy_uniform
+        if min(coarse, fine) >= UNIFORM_ENTROPY_SHARE * uniform:
+            text.append(f"Both passes attend almost uniformly (entropy {coarse:.3f} in Pass 1 and {fine:.3f} in Pass 2 "
                         f"against log P = {uniform:.3f} nats), so whatever separates the two losses does not come "
                         "from where the queries look.")
     return text
@@ -238,7 +238,7 @@ def _method(config, probes: Optional[dict], state, log_history, eval_path, num_c
         "where to look buys. docs/DESIGN.md describes the design.",
         "```\n"
         f"frames [T={T}, 3, {S}, {S}] ──encoder, once per frame──► keys/values of {P} patches per frame\n"
-        "Pass 1: q_static ──read──► z°_1..z°_T ──LLM──► q_1..q_T, states ──head(previous latent)──► loss_coarse\n"
+        "Pass 1: q_coarse ──read──► z°_1..z°_T ──LLM──► q_1..q_T, states ──head(previous latent)──► loss_coarse\n"
         "Pass 2: q_init, q_1..q_(T-1) ──read──► z_1..z_T ──LLM──► states ──head(previous latent)──► loss_fine\n"
         f"targets: VAE latents v_1..v_T ({latent}); the prediction of v_t sees frames < t and v_(t-1) only\n"
         "```",
@@ -274,8 +274,8 @@ def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary
         markdown_table(["Metric", "Full loss", "Targets t ≥ 2"], rows),
     ]
     secondary = [
-        ["Attention entropy, static (nats)", _num(h.entropy_static, 3)],
-        ["Attention entropy, dynamic (nats)", _num(h.entropy_dynamic, 3)],
+        ["Attention entropy, Pass 1 (nats)", _num(h.entropy_coarse, 3)],
+        ["Attention entropy, Pass 2 (nats)", _num(h.entropy_fine, 3)],
         ["State contribution, Pass 2 (loss with another clip's LLM state − loss)", _num(h.state_contribution_fine)],
         ["State contribution, Pass 1", _num(h.state_contribution_coarse)],
     ]
@@ -289,8 +289,8 @@ def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary
         ]
     if h.has_tracking:
         secondary += [
-            ["Attention mass on the moving box, dynamic (`tracking/dynamic`)", _num(h.tracking_dynamic, 3)],
-            ["Attention mass on the moving box, static (`tracking/static`)", _num(h.tracking_static, 3)],
+            ["Attention mass on the moving box, Pass 2 (`tracking/fine`)", _num(h.tracking_fine, 3)],
+            ["Attention mass on the moving box, Pass 1 (`tracking/coarse`)", _num(h.tracking_coarse, 3)],
             ["Chance: uniform attention's mass on the box (`tracking/chance`)", _num(h.tracking_chance, 3)],
         ]
     text += [
@@ -349,15 +349,15 @@ def _limits(summary: FoveatedVLMReportSummary, train: dict) -> list[str]:
         else:
             items.append(f"On t ≥ 2 loss_fine is {1 - fine / copy:.0%} below the copy-previous baseline ({fine:.4f} "
                          f"vs {copy:.4f}).")
-    if h.entropy_static is not None and clips is not None:
-        static, dynamic, uniform = h.entropy_static, h.entropy_dynamic, clips.entropy_uniform
-        items.append(f"Attention entropy: dynamic {dynamic:.3f}, static {static:.3f}, uniform {uniform:.3f} nats: "
-                     f"dynamic is at {dynamic / uniform:.0%} and static at {static / uniform:.0%} of uniform.")
+    if h.entropy_coarse is not None and clips is not None:
+        coarse, fine, uniform = h.entropy_coarse, h.entropy_fine, clips.entropy_uniform
+        items.append(f"Attention entropy: Pass 2 {fine:.3f}, Pass 1 {coarse:.3f}, uniform {uniform:.3f} nats: "
+                     f"Pass 2 is at {fine / uniform:.0%} and Pass 1 at {coarse / uniform:.0%} of uniform.")
     if h.has_tracking:
         chance = h.tracking_chance
-        items.append(f"Tracking: dynamic attention puts {h.tracking_dynamic:.3f} of its mass on the moving box, "
-                     f"static {h.tracking_static:.3f}, chance {chance:.3f} ({h.tracking_dynamic / chance:.2f}× and "
-                     f"{h.tracking_static / chance:.2f}× chance).")
+        items.append(f"Tracking: Pass 2's attention puts {h.tracking_fine:.3f} of its mass on the moving box, "
+                     f"Pass 1's {h.tracking_coarse:.3f}, chance {chance:.3f} ({h.tracking_fine / chance:.2f}× and "
+                     f"{h.tracking_coarse / chance:.2f}× chance).")
     else:
         items.append("Tracking: the eval split has no moving-object boxes, so whether attention follows what moves "
                      "is not measured.")
@@ -385,9 +385,9 @@ def _next_steps(summary: FoveatedVLMReportSummary, state: Optional[dict], log_hi
         if h.loss_fine_t2 is not None and h.loss_copy_t2 is not None and h.loss_fine_t2 >= h.loss_copy_t2:
             items.append("Get the head to the copy baseline first: train longer, or try `head_residual: true` (the "
                          "head then predicts the change from the previous latent).")
-        selective = h.entropy_dynamic is not None and h.entropy_dynamic < SELECTIVE_ENTROPY_SHARE * h.entropy_static
-        follows = h.has_tracking and h.tracking_dynamic > FOLLOWS_MOVER_TIMES_CHANCE * h.tracking_chance
-        if h.entropy_dynamic is not None and (not selective or (h.has_tracking and not follows)):
+        selective = h.entropy_fine is not None and h.entropy_fine < SELECTIVE_ENTROPY_SHARE * h.entropy_coarse
+        follows = h.has_tracking and h.tracking_fine > FOLLOWS_MOVER_TIMES_CHANCE * h.tracking_chance
+        if h.entropy_fine is not None and (not selective or (h.has_tracking and not follows)):
             state_contribution = (f" (measured: {h.state_contribution_fine:.4g})"
                                   if h.state_contribution_fine is not None else "")
             items.append("The queries are not yet selective. They get a gradient only through the LLM state, so the "

@@ -31,8 +31,10 @@ policy through the draw (Jang et al. 2017); it has no posterior to distil.
 `loss_fine` stays Pass 2 reading with the policy's own queries; evaluation and streaming use the policy alone.
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,6 +46,7 @@ __all__ = [
     "FoveatedVLMSearchTeacher",
     "FoveatedVLMTeacherArguments",
     "FoveatedVLMTeacherOutput",
+    "load_teacher_settings",
     "branch_states",
     "cell_mass",
 ]
@@ -56,6 +59,8 @@ DISTILL_DISTANCES = ("squared", "absolute")
 DISTILL_PLACES = ("mean", "best")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
 TEACHER_FILE = "teacher.json"
+# Settings renamed in a release, as teacher.json files written before it name them.
+RENAMED_SETTINGS = {"teacher_static_weight": "teacher_first_glance_weight"}
 
 
 @dataclass
@@ -120,7 +125,7 @@ class FoveatedVLMTeacherArguments:
     teacher_distill_weight: float = field(
         default=1.0, metadata={"help": "Weight of distilling the posterior into Pass 2's glimpse (0: off)."}
     )
-    teacher_static_weight: float = field(
+    teacher_first_glance_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of pulling Pass 1's static glimpse of frame t-1 towards the posterior of frame t "
         "(the first-glance signal; 0: off)."},
@@ -175,12 +180,18 @@ class FoveatedVLMTeacherArguments:
             raise ValueError(f"teacher_distill_target={self.teacher_distill_target!r} must be one of {DISTILL_TARGETS}")
         if self.teacher_wta_sampling not in WTA_SAMPLING:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
-        for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_static_weight"):
+        for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_first_glance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def load_teacher_settings(path) -> dict:
+    """A run's teacher.json, its settings under today's names (`RENAMED_SETTINGS`)."""
+    settings = json.loads(Path(path).read_text())
+    return {RENAMED_SETTINGS.get(name, name): value for name, value in settings.items()}
 
 
 @dataclass
@@ -298,18 +309,18 @@ class FoveatedVLMSearchTeacher:
             match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
                 terms["distill"] = match(target_cells, _at_frames(outputs.attn_fine, frames)).mean(1)
-            if args.teacher_static_weight > 0:
+            if args.teacher_first_glance_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
-                    terms["static"] = match(target_cells[:, 0], outputs.attn_coarse[:, 0])
+                    terms["first_glance"] = match(target_cells[:, 0], outputs.attn_coarse[:, 0])
                 else:
                     # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
                     earlier = (frames - 1).clamp_min(0)
                     has_earlier = (frames >= 1).float()
                     per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier)) * has_earlier
-                    terms["static"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
+                    terms["first_glance"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
-                       "static": args.teacher_static_weight}
+                       "first_glance": args.teacher_first_glance_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})

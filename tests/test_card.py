@@ -5,7 +5,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import TrainerState, TrainingArguments
 
-from foveated_vlm.card import FoveatedVLMModelCardInfo, hub_namespace, loss_formula, write_model_card
+from foveated_vlm.card import FoveatedVLMModelCardInfo, hub_namespace, logged_means, loss_formula, write_model_card
 from tiny import LOGGED_EVAL, tiny_config, trainer_state
 
 
@@ -70,3 +70,8 @@ def test_card_states_every_trained_loss_term(tmp_path, aux):
     assert formula in card.text
     # A probe that reweights loss_fine (probes.json) is part of what was trained.
     assert loss_formula(config, {"fine_loss_weight": 0.0}).startswith("0 · loss_fine + 0.25 · loss_coarse")
+
+
+def test_logs_written_before_the_rename_read_under_todays_metric_names():
+    old = {"eval_tracking/dynamic": 0.3, "eval_tracking/static_first": 0.2, "eval_attention/entropy_static": 2.5}
+    assert logged_means(old) == {"tracking/fine": 0.3, "tracking/coarse_first": 0.2, "attention/entropy_coarse": 2.5}

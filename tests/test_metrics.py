@@ -137,12 +137,12 @@ def test_each_metric_matches_a_hand_computation():
         "loss/copy_t2": [1 / 4, (CHANGED_CELL_THRESHOLD / 2) ** 2],
         "loss/fine_changed": [4.0, math.nan],  # clip 1 has no changed cell
         "loss/fine_unchanged": [1 / 3, 0.0],
-        "attention/entropy_static": [math.log(4)] * 2,
-        "attention/entropy_dynamic": [math.log(4) / 2] * 2,  # frame 1 uniform, frame 2 one-hot
-        "tracking/dynamic": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
-        "tracking/static": [0.25, math.nan],
+        "attention/entropy_coarse": [math.log(4)] * 2,
+        "attention/entropy_fine": [math.log(4) / 2] * 2,  # frame 1 uniform, frame 2 one-hot
+        "tracking/fine": [1.0, math.nan],  # clip 0, frame 2: all mass on the box's patch
+        "tracking/coarse": [0.25, math.nan],
         "tracking/chance": [0.25, math.nan],
-        "tracking/static_first": [0.25, 1.0],  # frame 1 counts here: clip 1's box covers the whole frame
+        "tracking/coarse_first": [0.25, 1.0],  # frame 1 counts here: clip 1's box covers the whole frame
     }
     # State contribution at t = 2, coarse: clip 0 swapped predicts 3 against targets {1, 0, 0, 0} -> (4 + 27) / 4,
     # unswapped 1 -> 1; clip 1 swapped predicts 0 against 0.05 everywhere -> 0.0025, unswapped 1.
@@ -154,7 +154,7 @@ def test_each_metric_matches_a_hand_computation():
     for name, values in expected.items():
         torch.testing.assert_close(metrics[name], torch.tensor(values), equal_nan=True, msg=name)
     means = mean_metrics(metrics)
-    assert means["loss/fine_changed"] == 4.0 and means["tracking/dynamic"] == 1.0  # NaN clips are left out
+    assert means["loss/fine_changed"] == 4.0 and means["tracking/fine"] == 1.0  # NaN clips are left out
     assert means["improvement"] == pytest.approx((1.0 - 9 / 16) / 1.0)
     assert means["loss/ratio"] == pytest.approx(16 / 9)
     assert means["improvement_t2"] == pytest.approx(1.0 - 5 / 8)

@@ -146,7 +146,7 @@ def test_every_parameter_gets_a_gradient_but_the_mask_token_and_the_text_parts()
     assert without_gradient(model) == NO_GRADIENT
     train_hf.freeze_for_training(model)
     assert without_gradient(model) == []
-    for name in ("q_static", "q_init", "coarse_token", "fine_token", "z_vae_init"):
+    for name in ("q_coarse", "q_init", "coarse_token", "fine_token", "z_vae_init"):
         assert getattr(model, name).grad.abs().sum() > 0
     assert model.encoder.backbone.model.layer[0].attention.q_proj.weight.grad.abs().sum() > 0
     assert model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
@@ -160,7 +160,7 @@ def test_frozen_parts_get_no_gradient():
     for p in list(model.encoder.backbone.parameters()) + list(model.language_model.parameters()):
         assert not p.requires_grad and p.grad is None
     # The query path still trains through the frozen encoder.
-    assert model.q_static.grad.abs().sum() > 0 and model.encoder.query_in_proj.weight.grad.abs().sum() > 0
+    assert model.q_coarse.grad.abs().sum() > 0 and model.encoder.query_in_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("freeze_vision", [False, True])
@@ -439,11 +439,11 @@ def test_fixation_bias_moves_the_attention():
     assert (mean_position > 0.5).all(), mean_position
 
 
-def test_dynamic_entropy_weight_prices_diffuse_pass2_glimpses():
+def test_fine_entropy_weight_prices_diffuse_pass2_glimpses():
     pixel_values, vae_latents = make_batch(tiny_config())
     grads = {}
     for weight in (0.0, 0.5):
-        model = make_model(fixation_bias=True, dynamic_entropy_weight=weight).train()
+        model = make_model(fixation_bias=True, fine_entropy_weight=weight).train()
         output = model(pixel_values, vae_latents)
         expected = output.loss_fine + output.loss_coarse + weight * output.entropy_fine
         torch.testing.assert_close(output.loss, expected)
@@ -493,7 +493,7 @@ def test_fixation_init_spread_sets_every_fixation_before_training(tmp_path):
 
 def test_a_glimpse_on_one_patch_has_finite_gradients():
     # The narrowest fixation puts all of a query's patch attention on one patch: zero spread in the glimpse summary.
-    model = make_model(fixation_bias=True, glimpse_position=True, dynamic_entropy_weight=0.1).train()
+    model = make_model(fixation_bias=True, glimpse_position=True, fine_entropy_weight=0.1).train()
     with torch.no_grad():
         model.encoder.fixation_proj.weight.zero_()
         model.encoder.fixation_proj.bias.copy_(torch.tensor([0.2554, -0.2554, -10.0]))  # tanh -> a patch centre
@@ -548,7 +548,7 @@ def test_streaming_follows_the_options(options):
     assert_stream_equals_forward(make_model(**options))
 
 
-def test_autoregressive_streaming_takes_queries_from_the_focused_stream():
+def test_autoregressive_streaming_takes_queries_from_its_own_fine_stream():
     model = make_model()
     pixel_values, vae_latents = make_batch(model.config)
     two_pass = list(model.stream(pixel_values.unbind(1), vae_latents.unbind(1)))
@@ -577,3 +577,29 @@ def test_renamed_output_fields_still_read_with_a_warning():
     assert not set(renamed) & set(output.keys())
     with pytest.raises(AttributeError):
         output.attn_nowhere
+
+
+def test_a_checkpoint_saved_with_q_static_loads_into_q_coarse_and_saves_the_new_name(tmp_path):
+    """Pass 1's query was `q_static`, and the entropy price `dynamic_entropy_weight`: checkpoints saved then load, and
+    are saved again under the new names; the old attribute reads the new one for one release, with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(fine_entropy_weight=0.1)
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    weights["q_static"] = weights.pop("q_coarse")  # the checkpoint as the previous release wrote it
+    save_file(weights, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["dynamic_entropy_weight"] = config.pop("fine_entropy_weight")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+
+    with pytest.warns(FutureWarning, match="dynamic_entropy_weight is renamed fine_entropy_weight"):
+        loaded = FoveatedVLMModel.from_pretrained(tmp_path / "old")
+    torch.testing.assert_close(loaded.q_coarse.data, model.q_coarse.data)
+    assert loaded.config.fine_entropy_weight == 0.1
+    with pytest.warns(FutureWarning, match="q_static is renamed q_coarse"):
+        assert loaded.q_static is loaded.q_coarse
+    loaded.save_pretrained(tmp_path / "new")
+    saved = load_file(tmp_path / "new" / "model.safetensors")
+    assert "q_coarse" in saved and not any("q_static" in name for name in saved)
+    torch.testing.assert_close(FoveatedVLMModel.from_pretrained(tmp_path / "new").q_coarse.data, model.q_coarse.data)

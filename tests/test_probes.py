@@ -152,7 +152,7 @@ def test_mean_pool_coarse_reader_averages_the_patches():
     with torch.no_grad():
         base = model(pixel_values, vae_latents)
         torch.testing.assert_close(base.attn_coarse, torch.full_like(base.attn_coarse, 1 / 16))
-        model.q_static.normal_()  # Pass 1 no longer reads with it
+        model.q_coarse.normal_()  # Pass 1 no longer reads with it
         assert torch.equal(model(pixel_values, vae_latents).pred_coarse, base.pred_coarse)
         cache = model.encoder.encode_patches(pixel_values.flatten(0, 1))
         tokens, _ = model.read_coarse(cache, 2, 4)
@@ -239,7 +239,7 @@ def test_oracle_first_tells_pass1_where_the_target_is_in_frame_1_only():
     assert not torch.allclose(output.queries, design.queries)  # the LLM read where frame 1's glimpse landed
     model.train()
     model(pixel_values, vae_latents, **inputs).loss.backward()
-    assert model.query_head.weight.grad.abs().sum() > 0 and model.q_static.grad.abs().sum() > 0
+    assert model.query_head.weight.grad.abs().sum() > 0 and model.q_coarse.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="stream"):  # a stream has no ground truth to read frame 1 with
         next(model.stream(pixel_values.unbind(1)))
     with pytest.raises(ValueError, match="fixation_bias"):
@@ -290,7 +290,7 @@ def test_glimpse_supervision_is_the_distance_to_the_target(name, distance):
     expected = 2.0 * (difference.pow(2) if distance == "squared" else difference.abs()).sum(-1).mean()
     torch.testing.assert_close(glimpse_supervision(model, outputs, centres, probes), expected)
     glimpse_supervision(model, outputs, centres, probes).backward()
-    trained = model.q_static if name == "supervise_first_glance" else model.query_head.weight  # what aims the glimpse
+    trained = model.q_coarse if name == "supervise_first_glance" else model.query_head.weight  # what aims the glimpse
     assert trained.grad.abs().sum() > 0
 
 

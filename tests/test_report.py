@@ -72,7 +72,7 @@ def test_table1_is_the_logged_evaluation(tiny_run):
     held_out = json.loads((out / "metrics.json").read_text())["held_out"]
     assert held_out["source"] == "from the evaluation logged at step 4"
     for name, logged in (("loss_fine", "eval_loss/fine"), ("loss_coarse_t2", "eval_loss/coarse_t2"),
-                         ("loss_copy_t2", "eval_loss/copy_t2"), ("tracking_dynamic", "eval_tracking/dynamic")):
+                         ("loss_copy_t2", "eval_loss/copy_t2"), ("tracking_fine", "eval_tracking/fine")):
         assert held_out[name] == LOGGED_EVAL[logged], name
     coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
     assert held_out["improvement"] == pytest.approx((coarse - fine) / coarse)
@@ -93,7 +93,7 @@ def test_unlogged_table1_is_measured_with_the_metrics_module(unlogged_run):
     fine_t2 = F.mse_loss(outputs.pred_fine[:, 1:], target[:, 1:]).item()
     assert held_out["loss_fine_t2"] == pytest.approx(fine_t2, rel=1e-5)
     assert held_out["loss_copy_t2"] == pytest.approx(F.mse_loss(target[:, :-1], target[:, 1:]).item(), rel=1e-5)
-    assert held_out["entropy_dynamic"] == pytest.approx(outputs.entropy_fine.item(), rel=1e-5)
+    assert held_out["entropy_fine"] == pytest.approx(outputs.entropy_fine.item(), rel=1e-5)
     assert held_out["tracking_chance"] is not None  # 4 of 5 clips have boxes
     # The streamed loss and the clip-level standard error come from the per-clip pass too.
     assert clips["loss_fine_streamed"] == pytest.approx(F.mse_loss(streamed, target).item(), rel=1e-5)
@@ -161,7 +161,7 @@ def test_compare_and_table2_show_the_same_tracking(tiny_run):
     (run_dir / "eval_results.json").write_text(json.dumps(LOGGED_EVAL))
     row = compare_runs([run_dir]).splitlines()[-1]
     markdown = (out / "report.md").read_text()
-    for name in ("dynamic", "static", "chance"):
+    for name in ("fine", "coarse", "chance"):
         value = LOGGED_EVAL[f"eval_tracking/{name}"]
         assert f"{value:.4f}" in row and f"{value:.3f}" in markdown, name
 

@@ -16,8 +16,8 @@ def test_held_out_record_reads_the_logged_evaluation_and_derives_the_improvement
     assert (held_out.source, held_out.step) == ("the logged evaluation", 4)
     assert held_out.loss_fine == LOGGED_EVAL["eval_loss/fine"] and held_out.loss_coarse == LOGGED_EVAL["eval_loss/coarse"]
     assert held_out.loss_copy_t2 == LOGGED_EVAL["eval_loss/copy_t2"]
-    assert held_out.entropy_static == LOGGED_EVAL["eval_attention/entropy_static"]
-    assert held_out.tracking_dynamic == LOGGED_EVAL["eval_tracking/dynamic"] and held_out.has_tracking
+    assert held_out.entropy_coarse == LOGGED_EVAL["eval_attention/entropy_coarse"]
+    assert held_out.tracking_fine == LOGGED_EVAL["eval_tracking/fine"] and held_out.has_tracking
     # The log holds the losses, not the improvements: (coarse - fine) / coarse, on all targets and on t >= 2.
     coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
     assert held_out.improvement == pytest.approx((coarse - fine) / coarse)

@@ -1,5 +1,6 @@
 """Saccade fixations and the search teacher (foveated_vlm/teacher.py): causal, stream = forward, branches = re-runs."""
 
+import json
 import math
 
 import pytest
@@ -207,11 +208,11 @@ def test_gradients_reach_the_query_head_through_the_distillation():
     model = make_model(**SACCADE).train()
     pixel_values, vae_latents = make_batch(model.config)
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
-    taught = teacher(teacher_wta_weight=0.0, teacher_static_weight=0.0)(model, outputs, vae_latents, progress=1.0)
+    taught = teacher(teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)(model, outputs, vae_latents, progress=1.0)
     assert set(taught.metrics) >= {"teacher/distill", "teacher/loss_best"}
     taught.loss.backward()
     assert model.query_head.weight.grad.abs().sum() > 0
-    assert model.q_static.grad.abs().sum() > 0  # through the Pass-1 LLM that emits the queries
+    assert model.q_coarse.grad.abs().sum() > 0  # through the Pass-1 LLM that emits the queries
     assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
 
 
@@ -279,17 +280,17 @@ def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(se
         teacher(teacher_distill_target="box")
 
 
-def test_the_wta_term_trains_the_head_and_the_static_term_q_static():
+def test_the_wta_term_trains_the_head_and_the_first_glance_term_q_coarse():
     model = make_model(**SACCADE).train()
     pixel_values, vae_latents = make_batch(model.config)
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
-    teacher(teacher_distill_weight=0.0, teacher_static_weight=0.0)(model, outputs, vae_latents).loss.backward()
+    teacher(teacher_distill_weight=0.0, teacher_first_glance_weight=0.0)(model, outputs, vae_latents).loss.backward()
     assert model.prediction_head.film[0].weight.grad.abs().sum() > 0
     assert model.query_head.weight.grad is None  # the candidates read with q_init, not the policy's queries
     model.zero_grad()
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
     teacher(teacher_wta_weight=0.0, teacher_distill_weight=0.0)(model, outputs, vae_latents).loss.backward()
-    assert model.q_static.grad.abs().sum() > 0
+    assert model.q_coarse.grad.abs().sum() > 0
 
 
 def test_temperature_anneals_from_start_to_end_and_sharpens_the_posterior():
@@ -348,7 +349,7 @@ def test_the_written_out_loss_names_the_teacher_terms():
     from foveated_vlm.card import architecture_rows, loss_formula
 
     config = make_model(**SACCADE).config
-    settings = FoveatedVLMTeacherArguments(teacher=True, teacher_static_weight=0.0).to_dict()
+    settings = FoveatedVLMTeacherArguments(teacher=True, teacher_first_glance_weight=0.0).to_dict()
     assert loss_formula(config, teacher=settings).endswith("+ 1 · teacher/wta + 1 · teacher/distill")
     rows = architecture_rows(config, teacher=settings)
     assert rows["Fixations"].startswith("saccades") and rows["Policy training"].startswith("search teacher")
@@ -356,6 +357,18 @@ def test_the_written_out_loss_names_the_teacher_terms():
     gumbel = FoveatedVLMTeacherArguments(teacher=True, teacher_search="gumbel").to_dict()
     assert loss_formula(config, teacher=gumbel).endswith("loss_coarse + 1 · teacher/wta")
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
+
+
+def test_a_teacher_json_written_before_the_rename_names_its_terms_today(tmp_path):
+    from foveated_vlm.card import loss_formula
+    from foveated_vlm.teacher import load_teacher_settings
+
+    old = {**FoveatedVLMTeacherArguments(teacher=True).to_dict(), "teacher_static_weight": 0.5}
+    del old["teacher_first_glance_weight"]
+    (tmp_path / "teacher.json").write_text(json.dumps(old))
+    settings = load_teacher_settings(tmp_path / "teacher.json")
+    assert settings["teacher_first_glance_weight"] == 0.5 and "teacher_static_weight" not in settings
+    assert loss_formula(make_model(**SACCADE).config, teacher=settings).endswith("+ 0.5 · teacher/first_glance")
 
 
 def test_stay_candidates_equal_pass2_rerun_with_the_fixation_held():
@@ -389,9 +402,9 @@ def test_stay_search_trains_every_term_with_one_posterior_per_clip():
     taught = teacher(teacher_search="stay")(model, outputs, vae_latents, progress=0.5)
     assert taught.posterior.shape == (2, 3, 4)
     torch.testing.assert_close(taught.posterior[:, 1:], taught.posterior[:, :1].expand(-1, 2, -1))
-    assert {"teacher/wta", "teacher/distill", "teacher/static"} <= set(taught.metrics)
+    assert {"teacher/wta", "teacher/distill", "teacher/first_glance"} <= set(taught.metrics)
     taught.loss.backward()
-    for parameter in (model.query_head.weight, model.q_static, model.prediction_head.film[0].weight):
+    for parameter in (model.query_head.weight, model.q_coarse, model.prediction_head.film[0].weight):
         assert parameter.grad.abs().sum() > 0
 
 
@@ -402,7 +415,7 @@ def test_every_candidate_sampling_trains_the_head(search, sampling):
     pixel_values, vae_latents = make_batch(model.config)
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
     search_teacher = teacher(teacher_search=search, teacher_wta_sampling=sampling, teacher_samples=3,
-                             teacher_distill_weight=0.0, teacher_static_weight=0.0)
+                             teacher_distill_weight=0.0, teacher_first_glance_weight=0.0)
     taught = search_teacher(model, outputs, vae_latents, progress=0.5)
     assert torch.isfinite(taught.loss)
     taught.loss.backward()

@@ -91,7 +91,7 @@ def test_text_trains_the_embeddings_the_video_end_token_and_the_queries():
     target_ids, target_labels = make_targets()
     model(pixel_values, vae_latents, target_ids=target_ids, target_labels=target_labels).loss.backward()
     for parameter in (model.video_end_token, model.language_model.get_input_embeddings().weight,
-                      model.query_head.weight, model.q_static):
+                      model.query_head.weight, model.q_coarse):
         assert parameter.grad.abs().sum() > 0
     assert model.prediction_head.film[0].weight.grad.abs().sum() == 0  # the latent head is weighed 0
 

@@ -65,8 +65,8 @@ def test_metrics_are_means_over_accumulated_micro_batches(tmp_path):
     expected = {
         "loss/fine": np.mean([o.loss_fine.item() for o in outputs]),
         "loss/coarse": np.mean([o.loss_coarse.item() for o in outputs]),
-        "attention/entropy_static": np.mean([o.entropy_coarse.item() for o in outputs]),
-        "attention/entropy_dynamic": np.mean([o.entropy_fine.item() for o in outputs]),
+        "attention/entropy_coarse": np.mean([o.entropy_coarse.item() for o in outputs]),
+        "attention/entropy_fine": np.mean([o.entropy_fine.item() for o in outputs]),
         "loss": np.mean([o.loss.item() for o in outputs]),
     }
     expected["loss/ratio"] = expected["loss/coarse"] / expected["loss/fine"]
@@ -207,7 +207,7 @@ def test_logged_eval_metrics_are_the_metrics_module_means(tmp_path):
     per_clip = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
     expected = mean_metrics(per_clip)
     expected.update(improvement_with_se({name: values.numpy() for name, values in per_clip.items()}))
-    assert {"tracking/dynamic", "diag/state_contribution_fine", "loss/fine_changed", "improvement_t2_se"} <= set(expected)
+    assert {"tracking/fine", "diag/state_contribution_fine", "loss/fine_changed", "improvement_t2_se"} <= set(expected)
     for name, value in expected.items():
         # An improvement is a difference of two losses summed in float32 (each good to ~1e-7 relative) over one.
         absolute = 1e-6 if name.startswith("improvement") else 1e-7
@@ -236,7 +236,7 @@ def test_tracking_is_absent_without_boxes(tmp_path):
     with torch.no_grad():
         outputs = model(**model_inputs(batch, model))
         per_clip = clip_metrics(model, outputs, batch)
-        assert per_clip["tracking/dynamic"].isnan().all()  # per clip: undefined
+        assert per_clip["tracking/fine"].isnan().all()  # per clip: undefined
         assert not any(name.startswith("tracking/") for name in mean_metrics(per_clip))  # means: absent
         del batch["moving_boxes"]
         assert not any(name.startswith("tracking/") for name in clip_metrics(model, outputs, batch))

@@ -87,11 +87,11 @@ LOGGED_EVAL = {
     "eval_loss/coarse_t2": 0.9634,
     "eval_loss/copy_t2": 1.8765,
     "eval_improvement_se": 0.0031,
-    "eval_attention/entropy_static": 2.701,
-    "eval_attention/entropy_dynamic": 2.689,
+    "eval_attention/entropy_coarse": 2.701,
+    "eval_attention/entropy_fine": 2.689,
     "eval_diag/state_contribution_fine": 0.0123,
-    "eval_tracking/dynamic": 0.2346,
-    "eval_tracking/static": 0.1876,
+    "eval_tracking/fine": 0.2346,
+    "eval_tracking/coarse": 0.1876,
     "eval_tracking/chance": 0.1567,
 }
 
