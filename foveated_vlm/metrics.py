@@ -214,8 +214,10 @@ def tracking_metrics(outputs, batch: dict) -> dict[str, torch.Tensor]:
 def teacher_metrics(taught, batch: dict, grid: int) -> dict[str, torch.Tensor]:
     """Per clip: the search teacher's own metrics (foveated_vlm/teacher.py), and how often its best cell overlaps the
     target's box (`teacher/on_target`, over the scored frames with a box) against the share of cells that do
-    (`teacher/on_target_chance`). The boxes are read here, for evaluation, never by the teacher. No box keys for a
-    batch without `moving_boxes`."""
+    (`teacher/on_target_chance`), and how far the best cell's centre lies from the box's centre (`teacher/place_error`,
+    |dy| + |dx| in [-1, 1] frame units: the error of the place a position distillation towards the best cell
+    teaches). The first box is the target's (the cued scenes). The boxes are read here, for evaluation, never by the
+    teacher. No box keys for a batch without `moving_boxes`."""
     metrics = dict(taught.metrics)
     if "moving_boxes" not in batch:
         return metrics
@@ -228,6 +230,12 @@ def teacher_metrics(taught, batch: dict, grid: int) -> dict[str, torch.Tensor]:
     metrics["teacher/on_target"] = torch.where(counted > 0, (best * has_box).sum(1) / counted.clamp_min(1), math.nan)
     chance = (overlaps.mean(-1) * has_box).sum(1) / counted.clamp_min(1)
     metrics["teacher/on_target_chance"] = torch.where(counted > 0, chance, math.nan)
+    cell = taught.posterior.argmax(-1)  # (B, F)
+    best_centre = torch.stack([cell // grid, cell % grid], dim=-1).float() * 2 / grid + 1 / grid - 1  # (B, F, 2)
+    box = batch["moving_boxes"][:, :, 0].float().gather(1, frames[:, :, None].expand(-1, -1, 4))  # (B, F, 4)
+    box_centre = torch.stack([box[..., 1] + box[..., 3], box[..., 0] + box[..., 2]], dim=-1) - 1  # (y, x)
+    error = (best_centre - box_centre).abs().sum(-1)  # (B, F)
+    metrics["teacher/place_error"] = torch.where(counted > 0, (error * has_box).sum(1) / counted.clamp_min(1), math.nan)
     return metrics
 
 

@@ -202,6 +202,12 @@ def test_the_teacher_reads_no_ground_truth():
     assert first_metrics["teacher/on_target"].tolist() == [1.0, 1.0]
     assert first_metrics["teacher/on_target_chance"].tolist() == [1.0, 1.0]
     assert second_metrics["teacher/on_target_chance"].tolist() == [0.25, 0.25]
+    # The best cell's centre against the box's, |dy| + |dx|: every 2x2 cell centre is 1.0 from the frame's centre.
+    torch.testing.assert_close(first_metrics["teacher/place_error"], torch.ones(2))
+    centres = torch.tensor([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    best = centres[second.posterior.argmax(-1)]  # (B, F, 2)
+    expected = (best - torch.tensor([-0.8, -0.8])).abs().sum(-1).mean(1)
+    torch.testing.assert_close(second_metrics["teacher/place_error"], expected)
 
 
 def test_gradients_reach_the_query_head_through_the_distillation():
