@@ -233,8 +233,10 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
     gumbel = (teacher or {}).get("teacher_search") == "gumbel"
     for name in ("wta",) if gumbel else ("wta", "distill", "first_glance"):
         weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
-        if weight > 0:
-            terms.append(f"{weight:g} · teacher/{name}")
+        until = (teacher or {}).get("teacher_wta_until", 1) if name == "wta" and not gumbel else 1
+        if weight > 0 and until > 0:
+            when = f" (the first {until:.0%} of the steps)" if until < 1 else ""
+            terms.append(f"{weight:g} · teacher/{name}{when}")
     return " + ".join(terms)
 
 

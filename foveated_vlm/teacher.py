@@ -122,6 +122,12 @@ class FoveatedVLMTeacherArguments:
         default=0.3, metadata={"help": "Posterior temperature at the last step (annealed geometrically)."}
     )
     teacher_wta_weight: float = field(default=1.0, metadata={"help": "Weight of the soft winner-takes-all term."})
+    teacher_wta_until: float = field(
+        default=1.0,
+        metadata={"help": "Share of training after which the search's winner-takes-all term stops (1: throughout). It "
+        "trains the scorer; kept on, it slows the policy's second link (docs/RESULTS.md), and it is half the teacher's "
+        "cost. The gumbel ablation's one term is not affected."},
+    )
     teacher_distill_weight: float = field(
         default=1.0, metadata={"help": "Weight of distilling the posterior into Pass 2's glimpse (0: off)."}
     )
@@ -153,8 +159,9 @@ class FoveatedVLMTeacherArguments:
     teacher_distill_place: str = field(
         default="mean",
         metadata={
-            "help": "With teacher_distill_target position, the teacher's place: mean (the posterior's mean cell centre, "
-            "drawn towards the other cells by the posterior's spread) or best (the centre of its most probable cell).",
+            "help": "With teacher_distill_target position, the teacher's place: mean (the posterior's mean cell "
+            "centre, drawn towards the other cells by the posterior's spread) or best (the centre of its most probable "
+            "cell).",
             "choices": DISTILL_PLACES,
         },
     )
@@ -180,6 +187,8 @@ class FoveatedVLMTeacherArguments:
             raise ValueError(f"teacher_distill_target={self.teacher_distill_target!r} must be one of {DISTILL_TARGETS}")
         if self.teacher_wta_sampling not in WTA_SAMPLING:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
+        if not 0 <= self.teacher_wta_until <= 1:
+            raise ValueError(f"teacher_wta_until={self.teacher_wta_until} must lie in [0, 1] (a share of training)")
         for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_first_glance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -267,7 +276,7 @@ class FoveatedVLMSearchTeacher:
             model: the unwrapped model that made `outputs`.
             outputs: its output with `output_patch_cache=True` on these inputs.
             vae_latents, input_ids, attention_mask: the same model inputs; the teacher reads nothing else.
-            progress: the share of training done, for the temperature.
+            progress: the share of training done, for the temperature and `teacher_wta_until`.
 
         In training mode (`model.training`) it returns the loss terms; otherwise only the search and its metrics.
         """
@@ -303,7 +312,7 @@ class FoveatedVLMSearchTeacher:
         loss = None
         if model.training:
             terms = {}
-            if args.teacher_wta_weight > 0:
+            if args.teacher_wta_weight > 0 and progress < args.teacher_wta_until:
                 terms["wta"] = self._candidate_training(inputs, cells, frames, losses, posterior, temperature)
             target_cells = posterior.detach()
             match = self._glimpse_match(model, cells)

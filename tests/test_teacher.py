@@ -280,8 +280,8 @@ def test_position_distillation_pulls_the_glimpse_towards_the_posteriors_place(se
     assert best._glimpse_match(model, cells)(posterior, attention)[1] > 0.2  # the glimpse spans cells 2 and 3
     on_cell_2 = torch.zeros(side, side)
     on_cell_2[side // 2:, :side // 2] = 1
-    torch.testing.assert_close(best._glimpse_match(model, cells)(posterior[1:], on_cell_2.flatten()[None] / on_cell_2.sum()),
-                               torch.zeros(1), atol=1e-6, rtol=0)
+    on_cell_2 = on_cell_2.flatten()[None] / on_cell_2.sum()
+    torch.testing.assert_close(best._glimpse_match(model, cells)(posterior[1:], on_cell_2), torch.zeros(1), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="teacher_distill_target"):
         teacher(teacher_distill_target="box")
 
@@ -297,6 +297,21 @@ def test_the_wta_term_trains_the_head_and_the_first_glance_term_q_coarse():
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
     teacher(teacher_wta_weight=0.0, teacher_distill_weight=0.0)(model, outputs, vae_latents).loss.backward()
     assert model.q_coarse.grad.abs().sum() > 0
+
+
+def test_teacher_wta_until_stops_the_candidate_training_after_that_share_of_training():
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    search = teacher(teacher_wta_until=0.5)
+    torch.manual_seed(0)
+    before = search(model, outputs, vae_latents, progress=0.4)
+    after = search(model, outputs, vae_latents, progress=0.5)
+    assert "teacher/wta" in before.metrics and "teacher/wta" not in after.metrics
+    without = teacher(teacher_wta_weight=0.0)(model, outputs, vae_latents, progress=0.5)
+    torch.testing.assert_close(after.loss, without.loss)  # what is left: distillation and first glance
+    with pytest.raises(ValueError, match="teacher_wta_until"):
+        teacher(teacher_wta_until=1.5)
 
 
 def test_temperature_anneals_from_start_to_end_and_sharpens_the_posterior():
@@ -362,6 +377,8 @@ def test_the_written_out_loss_names_the_teacher_terms():
     assert architecture_rows(config)["Policy training"] == "backpropagation through the glimpses only"
     gumbel = FoveatedVLMTeacherArguments(teacher=True, teacher_search="gumbel").to_dict()
     assert loss_formula(config, teacher=gumbel).endswith("loss_coarse + 1 · teacher/wta")
+    early = FoveatedVLMTeacherArguments(teacher=True, teacher_wta_until=0.5).to_dict()
+    assert "1 · teacher/wta (the first 50% of the steps) + 1 · teacher/distill" in loss_formula(config, teacher=early)
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
 
 
