@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # a type only: the report's text does not load the text infer
     from foveated_vlm.captioning import FoveatedVLMCaptioning
 
 
-
 __all__ = [
     "FoveatedVLMClipSummary",
     "FoveatedVLMHardClip",
