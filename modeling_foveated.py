@@ -515,12 +515,13 @@ class FoveatedVLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         kwargs["key_mapping"] = {**cls._RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
         # transformers reverts load-time renamings on save; this one must not be, so that saves carry the new name.
         conversions = getattr(model, "_weight_conversions", None) or []
         old_names = list(cls._RENAMED_WEIGHTS)
         model._weight_conversions = [c for c in conversions if getattr(c, "source_patterns", None) != old_names]
-        return model
+        return loaded
 
     def _init_weights(self, module):
         super()._init_weights(module)

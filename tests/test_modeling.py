@@ -602,4 +602,6 @@ def test_a_checkpoint_saved_with_q_static_loads_into_q_coarse_and_saves_the_new_
     loaded.save_pretrained(tmp_path / "new")
     saved = load_file(tmp_path / "new" / "model.safetensors")
     assert "q_coarse" in saved and not any("q_static" in name for name in saved)
-    torch.testing.assert_close(FoveatedVLMModel.from_pretrained(tmp_path / "new").q_coarse.data, model.q_coarse.data)
+    reloaded, info = FoveatedVLMModel.from_pretrained(tmp_path / "new", output_loading_info=True)
+    torch.testing.assert_close(reloaded.q_coarse.data, model.q_coarse.data)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
