@@ -166,6 +166,13 @@ class FoveatedVLMTeacherArguments:
         },
     )
 
+    teacher_distill_from_frame: int = field(
+        default=0,
+        metadata={"help": "The first frame whose Pass-2 glimpse is distilled. 0: every scored frame, including frame 0, "
+        "which Pass 2 reads with q_init before anything is seen, so no policy can aim it; 1: only the glimpses the "
+        "policy writes, as the calibration probes supervise them (stay: frames 1..T-1 towards the clip's place)."},
+    )
+
     def __post_init__(self):
         for name, choices in (("teacher_distill_distance", DISTILL_DISTANCES),
                               ("teacher_distill_place", DISTILL_PLACES)):
@@ -174,6 +181,8 @@ class FoveatedVLMTeacherArguments:
         for name in ("teacher_grid", "teacher_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.teacher_distill_from_frame not in (0, 1):
+            raise ValueError(f"teacher_distill_from_frame={self.teacher_distill_from_frame} must be 0 or 1")
         if self.teacher_frames < 0:
             raise ValueError(f"teacher_frames={self.teacher_frames} must be >= 0 (0: every frame)")
         for name in ("teacher_temperature_start", "teacher_temperature_end"):
@@ -317,7 +326,7 @@ class FoveatedVLMSearchTeacher:
             target_cells = posterior.detach()
             match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
-                terms["distill"] = match(target_cells, _at_frames(outputs.attn_fine, frames)).mean(1)
+                terms["distill"] = self._distillation(match, target_cells, outputs.attn_fine, frames, stay)
             if args.teacher_first_glance_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
@@ -334,6 +343,17 @@ class FoveatedVLMSearchTeacher:
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
+
+    def _distillation(self, match, target_cells, attn_fine, frames, stay: bool) -> torch.Tensor:
+        """Per clip (B,): the distance of Pass 2's glimpses from the teacher's, mean over the distilled frames
+        (`teacher_distill_from_frame`)."""
+        if not self.args.teacher_distill_from_frame:
+            return match(target_cells, _at_frames(attn_fine, frames)).mean(1)
+        if stay:  # one place per clip: Pass 2's glimpses of frames 1..T-1, each written by the policy
+            return match(target_cells, attn_fine[:, 1:]).mean(1)
+        written = (frames >= 1).float()  # (B, F): a frame search's frame 0 is q_init's read
+        per_frame = match(target_cells, _at_frames(attn_fine, frames)) * written
+        return per_frame.sum(1) / written.sum(1).clamp_min(1)
 
     def _gumbel(self, inputs, cells, temperature) -> FoveatedVLMTeacherOutput:
         """The ablation without a search (`teacher_search="gumbel"`). Its "posterior" is the policy's own glimpse mass

@@ -222,6 +222,33 @@ def test_gradients_reach_the_query_head_through_the_distillation():
     assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
 
 
+@pytest.mark.parametrize("search", ["stay", "frame"])
+def test_distill_from_frame_1_leaves_q_inits_read_of_frame_0_out(search):
+    """Pass 2 reads frame 0 with q_init, before anything is seen: with `teacher_distill_from_frame=1` its glimpse does
+    not enter the distillation, and every glimpse the policy wrote still does."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    terms = dict(teacher_search=search, teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)
+
+    def distill(attn_fine, **overrides):
+        outputs.attn_fine = attn_fine
+        torch.manual_seed(0)  # the same scored frames for a frame search
+        return teacher(**terms, **overrides)(model, outputs, vae_latents).metrics["teacher/distill"]
+
+    base = outputs.attn_fine.detach()
+    frame_0_moved, frame_1_moved = base.clone(), base.clone()
+    frame_0_moved[:, 0] = base[:, 0].flip(-1)
+    frame_1_moved[:, 1] = base[:, 1].flip(-1)
+    torch.testing.assert_close(distill(frame_0_moved, teacher_distill_from_frame=1),
+                               distill(base, teacher_distill_from_frame=1))  # fmt: skip
+    assert not torch.allclose(distill(frame_1_moved, teacher_distill_from_frame=1),
+                              distill(base, teacher_distill_from_frame=1))  # fmt: skip
+    assert not torch.allclose(distill(frame_0_moved), distill(base))  # the default distils frame 0 too
+    with pytest.raises(ValueError, match="teacher_distill_from_frame"):
+        teacher(teacher_distill_from_frame=2)
+
+
 def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
     """`teacher_search="gumbel"`: the term's value is the scored loss of the one cell drawn, and its gradient reaches
     the query head (straight through the draw) and the head."""
