@@ -262,7 +262,7 @@ def policy_training(teacher: Optional[dict]) -> str:
             f"{teacher['teacher_temperature_end']:g}; no ground truth"
         )
     # Settings saved before the option existed were distilled by mass.
-    matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
+    matched = {"mass": "attention mass per cell", "position": "glimpse position", "fixation": "fixation"}[
         teacher.get("teacher_distill_target", "mass")]
     return (
         f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "

@@ -249,6 +249,31 @@ def test_distill_from_frame_1_leaves_q_inits_read_of_frame_0_out(search):
         teacher(teacher_distill_from_frame=2)
 
 
+def test_fixation_distillation_pulls_pass_2s_fixations_towards_the_teachers_candidate():
+    """`teacher_distill_target="fixation"`: |fixation - best candidate| over (y, x, log sigma) of the fixations the
+    policy wrote (frames 1..T-1 of a stay search), with a gradient on the query head's moves."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    fixation = teacher(teacher_distill_target="fixation", teacher_distill_distance="absolute",
+                       teacher_distill_place="best", teacher_distill_from_frame=1,
+                       teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)  # fmt: skip
+    taught = fixation(model, outputs, vae_latents)
+    B, T = vae_latents.shape[:2]
+    shifted = torch.cat([model.q_init.expand(B, 1, -1), outputs.queries[:, :-1]], dim=1)
+    fixations, _ = model.encoder.saccade_fixations(shifted)  # (B, T, 3)
+    cells = fixation.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")
+    place = cells[taught.posterior.argmax(-1)]  # (B, T - 1, 3)
+    expected = (fixations[:, 1:] - place).abs().sum(-1).mean(1)
+    torch.testing.assert_close(taught.metrics["teacher/distill"], expected.detach())
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fixation_bias"):
+        no_bias = make_model()
+        teacher(teacher_distill_target="fixation", teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)(
+            no_bias.train(), no_bias(pixel_values, vae_latents, output_patch_cache=True), vae_latents)
+
+
 def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
     """`teacher_search="gumbel"`: the term's value is the scored loss of the one cell drawn, and its gradient reaches
     the query head (straight through the draw) and the head."""
