@@ -205,6 +205,9 @@ class FoveatedVLMModelCardInfo:
     teacher: dict = field(
         default_factory=dict, metadata={"help": "The search teacher's settings the run trained with, if any."}
     )
+    init_from: Optional[str] = field(
+        default=None, metadata={"help": "The saved model the run started from (`--init_from`), if any."}
+    )
 
 
 def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] = None) -> str:
@@ -310,6 +313,7 @@ def _hyperparameter_rows(args, state, info: "FoveatedVLMModelCardInfo") -> dict[
         "Weight decay": f"{args.weight_decay:g}",
         "Precision": precision,
         "Seed": str(args.seed),
+        **({"Started from": f"`{info.init_from}`"} if info.init_from else {}),
         **({"Frozen in training": ", ".join(info.frozen) or "nothing"} if info.frozen is not None else {}),
     }
 

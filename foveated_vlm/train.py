@@ -565,6 +565,7 @@ def build_trainer(
         frozen=[name for name in ("vision", "text") if getattr(model_args, f"freeze_{name}")],
         probes=probes_of(model).to_dict() if probes_of(model) is not None else {},
         teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
+        init_from=model_args.init_from,
     )
     train_dataset = data.train
     if data.curriculum and train_dataset is not None:

@@ -20,7 +20,7 @@ def card_for(tmp_path, config, log_history, info=None, **training_args) -> Model
 
 def test_model_card_model_index_carries_the_logged_results(tmp_path):
     info = FoveatedVLMModelCardInfo(data_description="Synthetic clips.", eval_dataset_name="5 held-out clips",
-                                    frozen=["vision"])
+                                    frozen=["vision"], init_from="outputs/stage-1")
     card = card_for(tmp_path, tiny_config(), trainer_state()["log_history"], info)
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     coarse, fine = LOGGED_EVAL["eval_loss/coarse"], LOGGED_EVAL["eval_loss/fine"]
@@ -31,6 +31,7 @@ def test_model_card_model_index_carries_the_logged_results(tmp_path):
     assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
     assert "0.9871" in card.text  # Table 1 in the text as well
     assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
+    assert "| Started from | `outputs/stage-1` |" in card.text  # a run continued from another names it
 
 
 def test_model_card_names_the_licences_the_vae_and_the_hub_id(tmp_path, monkeypatch):
