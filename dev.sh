@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for the README's commands: `bash dev.sh main` runs the positive control end to end,
-# `bash dev.sh test` runs the test suite. Both install into .venv/ first (quick when already installed).
+# `bash dev.sh search` the search teacher's recipe on it, `bash dev.sh test` runs the test suite. Both install into .venv/ first (quick when already installed).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,6 +36,23 @@ case "$cmd" in
         echo "The two runs: learned queries (cued) and Pass 2 sent to the target (cued-oracle):"
         .venv/bin/python -m foveated_vlm.analyses compare outputs/cued outputs/cued-oracle
         ;;
+    search)
+        # The search teacher's recipe on the positive control (docs/RESULTS.md, "Saccades and the search teacher"):
+        # no ground truth. Stage 1 learns the scorer (a curriculum over the look-alikes), stage 2 starts from it with a
+        # fresh schedule and forms the policy's link; then stage 2 beside the oracle of `main` if that has run.
+        setup_venv
+        recipe=(--model_config '{"fixation_mode": "saccade"}' --teacher true --max_steps 960
+                --teacher_distill_target position --teacher_distill_distance absolute --teacher_distill_place best
+                --teacher_distill_from_frame 1)
+        .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" --curriculum cued_1:360,cued_3:120 \
+            --output_dir outputs/cued-search-stage1 "$@"
+        .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" --init_from outputs/cued-search-stage1 \
+            --output_dir outputs/cued-search "$@"
+        runs=(outputs/cued-search-stage1 outputs/cued-search)
+        [ -d outputs/cued-oracle ] && runs+=(outputs/cued-oracle)
+        echo "The search recipe's two stages${runs[2]:+ and the oracle}:"
+        .venv/bin/python -m foveated_vlm.analyses compare "${runs[@]}"
+        ;;
     test)
         setup_venv
         exec .venv/bin/python -m pytest -q tests "$@"
@@ -44,7 +61,7 @@ case "$cmd" in
         setup_venv
         ;;
     *)
-        echo "usage: bash dev.sh {main|test|setup} [extra args]" >&2
+        echo "usage: bash dev.sh {main|search|test|setup} [extra args]" >&2
         exit 2
         ;;
 esac
