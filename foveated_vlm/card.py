@@ -267,9 +267,11 @@ def policy_training(teacher: Optional[dict]) -> str:
     # Settings saved before the option existed were distilled by mass.
     matched = {"mass": "attention mass per cell", "position": "glimpse position", "fixation": "fixation"}[
         teacher.get("teacher_distill_target", "mass")]
+    scorer = teacher.get("teacher_scorer")
+    scored_by = f" of the frozen model `{scorer}`" if scorer else ""
     return (
         f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
-        f"loss, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
+        f"loss{scored_by}, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
         f"{teacher['teacher_temperature_end']:g}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
         "of the frame before; no ground truth"
     )

@@ -176,6 +176,13 @@ class FoveatedVLMTeacherArguments:
         "policy writes, as the calibration probes supervise them (stay: frames 1..T-1 towards the clip's place)."},
     )
 
+    teacher_scorer: Optional[str] = field(
+        default=None,
+        metadata={"help": "A saved FoveatedVLM folder (e.g. an earlier run with the teacher) that scores the candidates, "
+        "frozen, instead of the model in training: its posterior then stays as right as it was while the policy "
+        "learns to follow it (docs/RESULTS.md). None: the model in training scores them."},
+    )
+
     def __post_init__(self):
         for name, choices in (("teacher_distill_distance", DISTILL_DISTANCES),
                               ("teacher_distill_place", DISTILL_PLACES)):
@@ -245,6 +252,22 @@ class FoveatedVLMSearchTeacher:
 
     def __init__(self, args: FoveatedVLMTeacherArguments):
         self.args = args
+        self.scorer = None
+        if args.teacher_scorer:
+            # Frozen: no gradient, no dropout, never saved with the model it teaches.
+            self.scorer = FoveatedVLMModel.from_pretrained(args.teacher_scorer).eval().requires_grad_(False)
+
+    def scorer_outputs_for(self, forward_inputs: dict) -> Optional[FoveatedVLMOutput]:
+        """The frozen scorer's output on the model inputs the trained model got (None without `teacher_scorer`)."""
+        if self.scorer is None:
+            return None
+        device = forward_inputs["pixel_values"].device
+        if self.scorer.device != device:
+            self.scorer.to(device)
+        # A probed reader's ground truth (`reader_kwargs`) is the trained model's; the scorer reads the design's way.
+        inputs = {name: value for name, value in forward_inputs.items() if name != "reader_kwargs"}
+        with torch.no_grad():
+            return self.scorer(**inputs, output_patch_cache=True)
 
     def temperature(self, progress: float) -> float:
         """Geometric annealing from `teacher_temperature_start` (progress 0) to `teacher_temperature_end` (1)."""
@@ -282,6 +305,7 @@ class FoveatedVLMSearchTeacher:
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         progress: float = 0.0,
+        scorer_outputs: Optional[FoveatedVLMOutput] = None,
     ) -> FoveatedVLMTeacherOutput:
         """
         Args:
@@ -289,6 +313,8 @@ class FoveatedVLMSearchTeacher:
             outputs: its output with `output_patch_cache=True` on these inputs.
             vae_latents, input_ids, attention_mask: the same model inputs; the teacher reads nothing else.
             progress: the share of training done, for the temperature and `teacher_wta_until`.
+            scorer_outputs: with `teacher_scorer`, the frozen scorer's output on the same model inputs
+                (`scorer_outputs_for`), with `output_patch_cache=True`.
 
         In training mode (`model.training`) it returns the loss terms; otherwise only the search and its metrics.
         """
@@ -303,17 +329,21 @@ class FoveatedVLMSearchTeacher:
         inputs = (model, outputs, vae_latents, input_ids, attention_mask)
         if args.teacher_search == "gumbel":
             return self._gumbel(inputs, cells, temperature)
+        if self.scorer is not None and scorer_outputs is None:
+            raise ValueError("teacher_scorer is set: pass the scorer's outputs (scorer_outputs_for) to the teacher")
+        # The search's model: the frozen scorer, or the model in training; the candidate training is the latter's.
+        search = inputs if self.scorer is None else (self.scorer, scorer_outputs, *inputs[2:])
 
         # Search: every candidate, without a graph. losses (B, F, K): candidate k's loss on the target after frame t.
         with torch.no_grad():
             if stay:
                 frames = torch.arange(T - 1, device=vae_latents.device).expand(B, T - 1)  # (B, F = T - 1)
-                losses = self.stay_losses(*inputs, cells.expand(B, K, 3)).transpose(1, 2)
+                losses = self.stay_losses(*search, cells.expand(B, K, 3)).transpose(1, 2)
                 # One place per clip: the posterior of the mean loss over the clip's targets, the same at every frame.
                 posterior = self.posterior(losses.mean(1), temperature)[:, None].expand(-1, T - 1, -1)
             else:
                 frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
-                losses = self.candidate_losses(*inputs, frames, cells.expand(B, frames.shape[1], K, 3))
+                losses = self.candidate_losses(*search, frames, cells.expand(B, frames.shape[1], K, 3))
                 posterior = self.posterior(losses, temperature)  # (B, F, K)
 
         metrics = {

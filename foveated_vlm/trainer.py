@@ -126,7 +126,9 @@ class FoveatedVLMTrainer(Trainer):
             loss = loss + glimpse_supervision(unwrapped, outputs, centres, probes)
         if self.teacher is not None:
             progress = self.state.global_step / max(self.state.max_steps, 1)
-            taught = self.teacher(unwrapped, outputs, progress=progress, **teacher_inputs(inputs))
+            scorer_outputs = self.teacher.scorer_outputs_for(forward_inputs)
+            taught = self.teacher(unwrapped, outputs, progress=progress, scorer_outputs=scorer_outputs,
+                                  **teacher_inputs(inputs))
             metrics.update(teacher_metrics(taught, inputs, self.teacher.args.teacher_grid))
             if taught.loss is not None:
                 loss = loss + taught.loss

@@ -274,6 +274,32 @@ def test_fixation_distillation_pulls_pass_2s_fixations_towards_the_teachers_cand
             no_bias.train(), no_bias(pixel_values, vae_latents, output_patch_cache=True), vae_latents)
 
 
+def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
+    """`teacher_scorer`: the posterior is the saved scorer's own (as if it taught itself), it stays frozen, and the
+    distillation trains the model in training."""
+    torch.manual_seed(0)
+    scorer_model = make_model(**SACCADE)
+    scorer_model.save_pretrained(tmp_path / "scorer")
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    settings = dict(teacher_wta_weight=0.0, teacher_distill_target="position", teacher_distill_place="best")
+    frozen = teacher(teacher_scorer=str(tmp_path / "scorer"), **settings)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    with pytest.raises(ValueError, match="scorer_outputs"):
+        frozen(model, outputs, vae_latents)
+    scorer_outputs = frozen.scorer_outputs_for({"pixel_values": pixel_values, "vae_latents": vae_latents})
+    taught = frozen(model, outputs, vae_latents, scorer_outputs=scorer_outputs)
+    with torch.no_grad():
+        own = teacher(**settings)(scorer_model.eval(), scorer_model(pixel_values, vae_latents, output_patch_cache=True),
+                                  vae_latents)  # fmt: skip
+    torch.testing.assert_close(taught.posterior, own.posterior)
+    assert not torch.allclose(taught.posterior, teacher(**settings)(model, outputs, vae_latents).posterior)
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    assert all(not parameter.requires_grad for parameter in frozen.scorer.parameters())
+    assert not frozen.scorer.training
+
+
 def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
     """`teacher_search="gumbel"`: the term's value is the scored loss of the one cell drawn, and its gradient reaches
     the query head (straight through the draw) and the head."""
@@ -432,6 +458,10 @@ def test_the_written_out_loss_names_the_teacher_terms():
     early = FoveatedVLMTeacherArguments(teacher=True, teacher_wta_until=0.5).to_dict()
     assert "1 · teacher/wta (the first 50% of the steps) + 1 · teacher/distill" in loss_formula(config, teacher=early)
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
+    frozen = {**settings, "teacher_scorer": "outputs/stage-1", "teacher_distill_target": "fixation"}
+    assert "scored by the next-latent loss of the frozen model `outputs/stage-1`" in architecture_rows(
+        config, teacher=frozen)["Policy training"]
+    assert "distilled (fixation)" in architecture_rows(config, teacher=frozen)["Policy training"]
 
 
 def test_a_teacher_json_written_before_the_rename_names_its_terms_today(tmp_path):
