@@ -265,7 +265,7 @@ def policy_training(teacher: Optional[dict]) -> str:
             f"{teacher['teacher_temperature_end']:g}; no ground truth"
         )
     # Settings saved before the option existed were distilled by mass.
-    matched = {"mass": "attention mass per cell", "position": "glimpse position", "fixation": "fixation"}[
+    matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
         teacher.get("teacher_distill_target", "mass")]
     scorer = teacher.get("teacher_scorer")
     scored_by = f" of the frozen model `{scorer}`" if scorer else ""

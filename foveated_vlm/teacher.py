@@ -54,7 +54,7 @@ __all__ = [
 WTA_SAMPLING = ("uniform", "posterior", "held_out")
 TEACHER_SEARCHES = ("frame", "stay", "gumbel")
 TEACHER_SCORES = ("relative", "standardized")
-DISTILL_TARGETS = ("mass", "position", "fixation")
+DISTILL_TARGETS = ("mass", "position")
 DISTILL_DISTANCES = ("squared", "absolute")
 DISTILL_PLACES = ("mean", "best")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
@@ -142,10 +142,7 @@ class FoveatedVLMTeacherArguments:
             "help": "What the distillation and first-glance terms match: 'mass' (cross-entropy of the glimpse's "
             "attention mass per cell against the posterior; selects by content or by place) or 'position' (squared "
             "distance of the glimpse's attention-weighted position from the posterior's mean cell centre; the "
-            "calibration probes' loss, with the teacher's place instead of the box's) or 'fixation' (the distance "
-            "of Pass 2's fixation, y, x and log sigma, from the teacher's candidate's: a gradient on the move itself, "
-            "however broad the glimpse; needs fixation_bias and one fine pass; the first glance, which has no "
-            "fixation of its own, by position).",
+            "calibration probes' loss, with the teacher's place instead of the box's).",
             "choices": DISTILL_TARGETS,
         },
     )
@@ -359,7 +356,7 @@ class FoveatedVLMSearchTeacher:
             target_cells = posterior.detach()
             match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
-                terms["distill"] = self._distillation(model, outputs, cells, target_cells, frames)
+                terms["distill"] = self._distillation(match, target_cells, outputs.attn_fine, frames)
             if args.teacher_first_glance_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
@@ -377,48 +374,16 @@ class FoveatedVLMSearchTeacher:
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=posterior, metrics=metrics)
 
-    def _distillation(self, model, outputs, cells, target_cells, frames) -> torch.Tensor:
-        """Per clip (B,): the distance of Pass 2's glimpses from the teacher's, mean over the distilled frames
+    def _distillation(self, match, target_cells, attn_fine, frames) -> torch.Tensor:
+        """Per clip (B,): the distance (`match`) of Pass 2's glimpses from the teacher's, mean over the distilled frames
         (`teacher_distill_from_frame`)."""
-        stay, attn_fine = self.args.teacher_search == "stay", outputs.attn_fine
-        if self.args.teacher_distill_target == "fixation":
-            return self._fixation_distillation(model, outputs, cells, target_cells, frames)
-        match = self._glimpse_match(model, cells)
+        stay = self.args.teacher_search == "stay"
         if not self.args.teacher_distill_from_frame:
             return match(target_cells, _at_frames(attn_fine, frames)).mean(1)
         if stay:  # one place per clip: Pass 2's glimpses of frames 1..T-1, each written by the policy
             return match(target_cells, attn_fine[:, 1:]).mean(1)
         written = (frames >= 1).float()  # (B, F): a frame search's frame 0 is q_init's read
         per_frame = match(target_cells, _at_frames(attn_fine, frames)) * written
-        return per_frame.sum(1) / written.sum(1).clamp_min(1)
-
-    def _fixation_distillation(self, model, outputs, cells, target_cells, frames) -> torch.Tensor:
-        """Per clip (B,): `teacher_distill_target="fixation"`, the distance of Pass 2's fixations (y, x, log sigma)
-        from the teacher's candidate's (its best cell, or the posterior's mean), mean over the distilled frames."""
-        stay = self.args.teacher_search == "stay"
-        if not model.config.fixation_bias or model.config.fine_passes != 1:
-            raise ValueError("teacher_distill_target='fixation' needs fixation_bias=True and fine_passes=1")
-        B, T = outputs.queries.shape[:2]
-        # Pass 2 reads frame t with q_init (t = 0) or Pass 1's query after frame t-1.
-        shifted = torch.cat([model.q_init.expand(B, 1, -1).to(outputs.queries.dtype), outputs.queries[:, :-1]], dim=1)
-        if model.config.fixation_mode == "saccade":
-            fixations, _ = model.encoder.saccade_fixations(shifted)  # (B, T, 3)
-        else:
-            fixations = model.encoder.fixation(shifted)
-        if self.args.teacher_distill_place == "best":
-            place = cells[target_cells.argmax(-1)]  # (B, F, 3)
-        else:
-            place = target_cells @ cells
-        first = self.args.teacher_distill_from_frame
-        if stay:  # one place per clip, frames first..first+T-2
-            chosen = fixations[:, first : first + T - 1]
-            written = torch.ones(B, T - 1, device=frames.device)
-        else:
-            chosen = _at_frames(fixations, frames)
-            written = (frames >= first).float()
-        difference = chosen - place
-        absolute = self.args.teacher_distill_distance == "absolute"
-        per_frame = (difference.abs() if absolute else difference.pow(2)).sum(-1) * written  # (B, F)
         return per_frame.sum(1) / written.sum(1).clamp_min(1)
 
     def _gumbel(self, inputs, cells, temperature) -> FoveatedVLMTeacherOutput:

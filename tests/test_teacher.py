@@ -249,31 +249,6 @@ def test_distill_from_frame_1_leaves_q_inits_read_of_frame_0_out(search):
         teacher(teacher_distill_from_frame=2)
 
 
-def test_fixation_distillation_pulls_pass_2s_fixations_towards_the_teachers_candidate():
-    """`teacher_distill_target="fixation"`: |fixation - best candidate| over (y, x, log sigma) of the fixations the
-    policy wrote (frames 1..T-1 of a stay search), with a gradient on the query head's moves."""
-    model = make_model(**SACCADE).train()
-    pixel_values, vae_latents = make_batch(model.config)
-    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
-    fixation = teacher(teacher_distill_target="fixation", teacher_distill_distance="absolute",
-                       teacher_distill_place="best", teacher_distill_from_frame=1,
-                       teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)  # fmt: skip
-    taught = fixation(model, outputs, vae_latents)
-    B, T = vae_latents.shape[:2]
-    shifted = torch.cat([model.q_init.expand(B, 1, -1), outputs.queries[:, :-1]], dim=1)
-    fixations, _ = model.encoder.saccade_fixations(shifted)  # (B, T, 3)
-    cells = fixation.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")
-    place = cells[taught.posterior.argmax(-1)]  # (B, T - 1, 3)
-    expected = (fixations[:, 1:] - place).abs().sum(-1).mean(1)
-    torch.testing.assert_close(taught.metrics["teacher/distill"], expected.detach())
-    taught.loss.backward()
-    assert model.query_head.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="fixation_bias"):
-        no_bias = make_model()
-        teacher(teacher_distill_target="fixation", teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)(
-            no_bias.train(), no_bias(pixel_values, vae_latents, output_patch_cache=True), vae_latents)
-
-
 def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
     """`teacher_scorer`: the posterior is the saved scorer's own (as if it taught itself), it stays frozen, and the
     distillation trains the model in training."""
@@ -458,10 +433,9 @@ def test_the_written_out_loss_names_the_teacher_terms():
     early = FoveatedVLMTeacherArguments(teacher=True, teacher_wta_until=0.5).to_dict()
     assert "1 · teacher/wta (the first 50% of the steps) + 1 · teacher/distill" in loss_formula(config, teacher=early)
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
-    frozen = {**settings, "teacher_scorer": "outputs/stage-1", "teacher_distill_target": "fixation"}
+    frozen = {**settings, "teacher_scorer": "outputs/stage-1"}
     assert "scored by the next-latent loss of the frozen model `outputs/stage-1`" in architecture_rows(
         config, teacher=frozen)["Policy training"]
-    assert "distilled (fixation)" in architecture_rows(config, teacher=frozen)["Policy training"]
 
 
 def test_a_teacher_json_written_before_the_rename_names_its_terms_today(tmp_path):
