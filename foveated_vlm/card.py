@@ -269,10 +269,11 @@ def policy_training(teacher: Optional[dict]) -> str:
         teacher.get("teacher_distill_target", "mass")]
     scorer = teacher.get("teacher_scorer")
     scored_by = f" of the frozen model `{scorer}`" if scorer else ""
+    wta = ", candidates trained by soft winner-takes-all" if teacher.get("teacher_wta_weight", 1.0) > 0 else ""
     return (
         f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
-        f"loss{scored_by}, soft winner-takes-all at temperature {teacher['teacher_temperature_start']:g} → "
-        f"{teacher['teacher_temperature_end']:g}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
+        f"loss{scored_by}, a posterior at temperature {teacher['teacher_temperature_start']:g} → "
+        f"{teacher['teacher_temperature_end']:g}{wta}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
         "of the frame before; no ground truth"
     )
 
