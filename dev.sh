@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One entry point for the README's commands: `bash dev.sh main` runs the positive control end to end,
-# `bash dev.sh search` the search teacher's recipe on it, `bash dev.sh test` runs the test suite. Both install into .venv/ first (quick when already installed).
+# One entry point for the README's commands: `bash dev.sh main` runs the positive control end to end, `bash dev.sh
+# search` the search teacher's two stages on it, `bash dev.sh test` the test suite. Each installs into .venv/ first
+# (quick when already installed).
 set -euo pipefail
 cd "$(dirname "$0")"
 
