@@ -168,15 +168,15 @@ class FoveatedVLMTeacherArguments:
 
     teacher_distill_from_frame: int = field(
         default=0,
-        metadata={"help": "The first frame whose Pass-2 glimpse is distilled. 0: every scored frame, including frame 0, "
-        "which Pass 2 reads with q_init before anything is seen, so no policy can aim it; 1: only the glimpses the "
+        metadata={"help": "The first frame whose Pass-2 glimpse is distilled. 0: every scored frame, including "
+        "frame 0, which Pass 2 reads with q_init before anything is seen, so no policy can aim it; 1: only the glimpses the "
         "policy writes, as the calibration probes supervise them (stay: frames 1..T-1 towards the clip's place)."},
     )
 
     teacher_scorer: Optional[str] = field(
         default=None,
-        metadata={"help": "A saved FoveatedVLM folder (e.g. an earlier run with the teacher) that scores the candidates, "
-        "frozen, instead of the model in training: its posterior then stays as right as it was while the policy "
+        metadata={"help": "A saved FoveatedVLM folder (e.g. an earlier run with the teacher) that scores the "
+        "candidates, frozen, instead of the model in training: its posterior then stays as right as it was while the policy "
         "learns to follow it (docs/RESULTS.md). None: the model in training scores them."},
     )
 
@@ -188,6 +188,8 @@ class FoveatedVLMTeacherArguments:
         for name in ("teacher_grid", "teacher_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.teacher_scorer and self.teacher_search == "gumbel":
+            raise ValueError("teacher_scorer scores a search's candidates; teacher_search='gumbel' has no search")
         if self.teacher_distill_from_frame not in (0, 1):
             raise ValueError(f"teacher_distill_from_frame={self.teacher_distill_from_frame} must be 0 or 1")
         if self.teacher_frames < 0:
@@ -251,8 +253,13 @@ class FoveatedVLMSearchTeacher:
         self.args = args
         self.scorer = None
         if args.teacher_scorer:
+            try:
+                self.scorer = FoveatedVLMModel.from_pretrained(args.teacher_scorer)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"teacher_scorer={args.teacher_scorer!r} is not a saved FoveatedVLM model: "
+                                 f"{error}") from error
             # Frozen: no gradient, no dropout, never saved with the model it teaches.
-            self.scorer = FoveatedVLMModel.from_pretrained(args.teacher_scorer).eval().requires_grad_(False)
+            self.scorer.eval().requires_grad_(False)
 
     def scorer_outputs_for(self, forward_inputs: dict) -> Optional[FoveatedVLMOutput]:
         """The frozen scorer's output on the model inputs the trained model got (None without `teacher_scorer`)."""
@@ -364,9 +371,8 @@ class FoveatedVLMSearchTeacher:
                 else:
                     # Pass 1's static glimpse of frame t-1, for the scored frames t >= 1.
                     earlier = (frames - 1).clamp_min(0)
-                    has_earlier = (frames >= 1).float()
-                    per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier)) * has_earlier
-                    terms["first_glance"] = per_frame.sum(1) / has_earlier.sum(1).clamp_min(1)
+                    per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier))
+                    terms["first_glance"] = _mean_where(per_frame, frames >= 1)
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "first_glance": args.teacher_first_glance_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())
@@ -382,9 +388,8 @@ class FoveatedVLMSearchTeacher:
             return match(target_cells, _at_frames(attn_fine, frames)).mean(1)
         if stay:  # one place per clip: Pass 2's glimpses of frames 1..T-1, each written by the policy
             return match(target_cells, attn_fine[:, 1:]).mean(1)
-        written = (frames >= 1).float()  # (B, F): a frame search's frame 0 is q_init's read
-        per_frame = match(target_cells, _at_frames(attn_fine, frames)) * written
-        return per_frame.sum(1) / written.sum(1).clamp_min(1)
+        # A frame search's frame 0 is q_init's read.
+        return _mean_where(match(target_cells, _at_frames(attn_fine, frames)), frames >= 1)
 
     def _gumbel(self, inputs, cells, temperature) -> FoveatedVLMTeacherOutput:
         """The ablation without a search (`teacher_search="gumbel"`). Its "posterior" is the policy's own glimpse mass
@@ -607,6 +612,12 @@ def _at_frames(values: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """values (B, T, ...) at frames (B, F) -> (B, F, ...)."""
     index = frames.view(*frames.shape, *([1] * (values.ndim - 2))).expand(-1, -1, *values.shape[2:])
     return values.gather(1, index)
+
+
+def _mean_where(per_frame: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per clip (B,): the mean of per_frame (B, F) over the frames where keep (B, F) holds (0 where none does)."""
+    keep = keep.to(per_frame.dtype)
+    return (per_frame * keep).sum(1) / keep.sum(1).clamp_min(1)
 
 
 def _cross_entropy(target: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

@@ -273,6 +273,10 @@ def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
     assert model.query_head.weight.grad.abs().sum() > 0
     assert all(not parameter.requires_grad for parameter in frozen.scorer.parameters())
     assert not frozen.scorer.training
+    with pytest.raises(ValueError, match="teacher_scorer='nowhere'"):
+        teacher(teacher_scorer="nowhere")
+    with pytest.raises(ValueError, match="gumbel"):
+        teacher(teacher_scorer=str(tmp_path / "scorer"), teacher_search="gumbel")
 
 
 def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
