@@ -10,7 +10,9 @@ policies do (Harvey et al. 2019; Saccader's location pretraining; annealed multi
    candidate reads one frame t in place of Pass 2's token of frame t, and the state after it predicts latent t+1. A
    candidate at frame t changes only the states from t on, so every candidate branches off the shared Pass-2 prefix
    (tokens of frames < t) in one LLM call with a block mask, instead of re-running the pass. `"stay"`: a candidate is
-   a place held in every frame (the saccades' zero move), Pass 2 re-run there, scored over the clip's targets.
+   a place held in every frame (the saccades' zero move), Pass 2 re-run there, scored over the clip's targets. With
+   `teacher_scorer` a frozen saved model (a first stage) scores them instead, so that the scorer cannot drift while the
+   policy learns to follow it (docs/RESULTS.md, "A second stage").
 2. **Posterior and candidate training.** The candidates' posterior is a softmax of their negative scores (losses
    relative to their mean, or standardised over the candidates), at a temperature annealed from broad to sharp over
    training. The LLM, head and query path also train on a few candidates per frame, so that the head learns what a
