@@ -352,10 +352,16 @@ class FoveatedVLMSearchTeacher:
                 losses = self.candidate_losses(*search, frames, cells.expand(B, frames.shape[1], K, 3))
                 posterior = self.posterior(losses, temperature)  # (B, F, K)
 
+        loss_best = losses.mean(1).min(-1).values if stay else losses.min(-1).values.mean(1)  # (B,)
+        loss_mean = losses.mean((1, 2))  # (B,)
         metrics = {
             **_policy_metrics(outputs, vae_latents, frames, posterior, temperature),
-            "teacher/loss_best": (losses.mean(1).min(-1).values if stay else losses.min(-1).values.mean(1)),
-            "teacher/loss_mean": losses.mean((1, 2)),
+            "teacher/loss_best": loss_best,
+            "teacher/loss_mean": loss_mean,
+            # How much the best place beats an average one, read without ground truth: a scorer that has not learned
+            # what to read finds every place alike. On real video, where no box says whether its pick is right, this
+            # is the readout of the scorer (on `cued` it tracks teacher/on_target, docs/RESULTS.md).
+            "teacher/search_gain": 1 - loss_best / loss_mean.clamp_min(1e-12),
         }
         loss = None
         if model.training:

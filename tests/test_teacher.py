@@ -210,6 +210,21 @@ def test_the_teacher_reads_no_ground_truth():
     torch.testing.assert_close(second_metrics["teacher/place_error"], expected)
 
 
+def test_search_gain_is_zero_where_every_place_scores_alike_and_grows_with_the_best_places_lead():
+    """`teacher/search_gain` = 1 - (best candidate's loss) / (mean candidate's loss), per clip, from the losses alone."""
+    model = make_model(**SACCADE).eval()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    search = teacher()
+    F = model.config.num_frames - 1
+    alike = torch.ones(4, F)  # clip 0: the 4 cells of the 2x2 grid score alike
+    one_better = torch.tensor([0.5, 1.0, 1.0, 1.0])[:, None].expand(4, F)  # clip 1: one cell halves the loss
+    search.stay_losses = lambda *args: torch.stack([alike, one_better])  # (B, K, T - 1)
+    with torch.no_grad():
+        gain = search(model, outputs, vae_latents, progress=1.0).metrics["teacher/search_gain"]
+    torch.testing.assert_close(gain, torch.tensor([0.0, 1 - 0.5 / 0.875]))
+
+
 def test_gradients_reach_the_query_head_through_the_distillation():
     model = make_model(**SACCADE).train()
     pixel_values, vae_latents = make_batch(model.config)
