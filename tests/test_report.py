@@ -108,6 +108,10 @@ def test_unlogged_table1_is_measured_with_the_metrics_module(unlogged_run):
     assert len(hardest) == NUM_VIDEOS and hardest[0]["loss_fine"] == pytest.approx(per_clip(outputs.pred_fine).max())
     markdown = (out / "report.md").read_text()
     assert f"{held_out['loss_fine']:.4f}" in markdown and "measured by this report" in markdown
+    # The deployed stream's improvement, from the two losses checked against direct runs above.
+    deployed = 1 - clips["loss_fine_streamed"] / held_out["loss_coarse"]
+    row = "| Improvement of the deployed stream (coarse − streamed autoregressive) / coarse |"
+    assert f"{row} {deployed * 100:+.3g}% |" in markdown
 
 
 def test_html_embeds_every_image(tiny_run):
