@@ -40,8 +40,8 @@ case "$cmd" in
     search)
         # The search teacher's two stages on the positive control (docs/RESULTS.md, "A second stage"), no ground
         # truth: stage 1 learns the scorer (a curriculum over the look-alikes); stage 2 starts from it with a fresh
-        # learning-rate schedule, the stage-1 model frozen as the scorer. Over 3 seeds stage 2 gave +8.2 % (+10.2 %
-        # on seed 0), still rising at its last step; then both beside the oracle of `main` if that has run.
+        # learning-rate schedule, the stage-1 model frozen as the scorer (its figures over 3 seeds are in RESULTS.md);
+        # then both beside the oracle of `main` if that has run.
         setup_venv
         recipe=(--model_config '{"fixation_mode": "saccade"}' --teacher true --max_steps 960
                 --teacher_distill_target position --teacher_distill_distance absolute --teacher_distill_place best

@@ -171,15 +171,16 @@ class FoveatedVLMTeacherArguments:
     teacher_distill_from_frame: int = field(
         default=0,
         metadata={"help": "The first frame whose Pass-2 glimpse is distilled. 0: every scored frame, including "
-        "frame 0, which Pass 2 reads with q_init before anything is seen, so no policy can aim it; 1: only the glimpses the "
-        "policy writes, as the calibration probes supervise them (stay: frames 1..T-1 towards the clip's place)."},
+        "frame 0, which Pass 2 reads with q_init before anything is seen, so no policy can aim it; 1: only the "
+        "glimpses the policy writes, as the calibration probes supervise them (stay: frames 1..T-1 towards the "
+        "clip's place)."},
     )
 
     teacher_scorer: Optional[str] = field(
         default=None,
         metadata={"help": "A saved FoveatedVLM folder (e.g. an earlier run with the teacher) that scores the "
-        "candidates, frozen, instead of the model in training: its posterior then stays as right as it was while the policy "
-        "learns to follow it (docs/RESULTS.md). None: the model in training scores them."},
+        "candidates, frozen, instead of the model in training: its posterior then stays as right as it was while "
+        "the policy learns to follow it (docs/RESULTS.md). None: the model in training scores them."},
     )
 
     def __post_init__(self):

@@ -211,7 +211,8 @@ def test_the_teacher_reads_no_ground_truth():
 
 
 def test_search_gain_is_zero_where_every_place_scores_alike_and_grows_with_the_best_places_lead():
-    """`teacher/search_gain` = 1 - (best candidate's loss) / (mean candidate's loss), per clip, from the losses alone."""
+    """`teacher/search_gain` = 1 - (best candidate's loss) / (mean candidate's loss), per clip, from the losses
+    alone."""
     model = make_model(**SACCADE).eval()
     pixel_values, vae_latents = make_batch(model.config)
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
