@@ -270,11 +270,13 @@ def policy_training(teacher: Optional[dict]) -> str:
     scorer = teacher.get("teacher_scorer")
     scored_by = f" of the frozen model `{scorer}`" if scorer else ""
     wta = ", candidates trained by soft winner-takes-all" if teacher.get("teacher_wta_weight", 1.0) > 0 else ""
+    share = teacher.get("teacher_confident_share", 1.0)
+    clips = f" on the {share:.0%} of each batch's clips with the highest search gain" if share < 1 else ""
     return (
         f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
         f"loss{scored_by}, a posterior at temperature {teacher['teacher_temperature_start']:g} → "
         f"{teacher['teacher_temperature_end']:g}{wta}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
-        "of the frame before; no ground truth"
+        f"of the frame before{clips}; no ground truth"
     )
 
 

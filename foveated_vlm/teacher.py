@@ -176,6 +176,13 @@ class FoveatedVLMTeacherArguments:
         "clip's place)."},
     )
 
+    teacher_confident_share: float = field(
+        default=1.0,
+        metadata={"help": "Share of each batch's clips that the distillation and first-glance terms train on: those "
+        "whose search gain (teacher/search_gain, read without ground truth) is highest. A scorer right in a part of "
+        "the clips is right more often where its best place beats the others most (docs/RESULTS.md); 1: every clip."},
+    )
+
     teacher_scorer: Optional[str] = field(
         default=None,
         metadata={"help": "A saved FoveatedVLM folder (e.g. an earlier run with the teacher) that scores the "
@@ -210,6 +217,9 @@ class FoveatedVLMTeacherArguments:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
         if not 0 <= self.teacher_wta_until <= 1:
             raise ValueError(f"teacher_wta_until={self.teacher_wta_until} must lie in [0, 1] (a share of training)")
+        if not 0 < self.teacher_confident_share <= 1:
+            raise ValueError(f"teacher_confident_share={self.teacher_confident_share} must lie in (0, 1] (a share of "
+                             "each batch's clips)")
         for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_first_glance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -382,6 +392,11 @@ class FoveatedVLMSearchTeacher:
                     earlier = (frames - 1).clamp_min(0)
                     per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier))
                     terms["first_glance"] = _mean_where(per_frame, frames >= 1)
+            confident = confident_clips(metrics["teacher/search_gain"], args.teacher_confident_share)  # (B,)
+            for name in ("distill", "first_glance"):
+                if name in terms:
+                    # Renormalised so that the term's scale does not depend on the share kept.
+                    terms[name] = terms[name] * confident * (B / confident.sum())
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "first_glance": args.teacher_first_glance_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())
@@ -558,6 +573,14 @@ class FoveatedVLMSearchTeacher:
         candidates = self.candidate_tokens(model, outputs, frames, cells.expand(B, F_, K, 3))  # (B, F, K, E)
         chosen = (draw[..., None].to(candidates.dtype) * candidates).sum(2, keepdim=True)  # (B, F, 1, E)
         return self.branch_losses(*inputs[:5], frames, chosen)[..., 0]
+
+
+def confident_clips(search_gain: torch.Tensor, share: float) -> torch.Tensor:
+    """(B,) search gains -> (B,) 1.0 for the ceil(share * B) clips with the highest gain, 0.0 for the others."""
+    keep = max(1, math.ceil(share * search_gain.shape[0]))
+    confident = torch.zeros_like(search_gain)
+    confident[search_gain.topk(keep).indices] = 1.0
+    return confident
 
 
 def branch_states(model, prefix_tokens, candidates, frames, input_ids=None, attention_mask=None) -> torch.Tensor:

@@ -226,6 +226,27 @@ def test_search_gain_is_zero_where_every_place_scores_alike_and_grows_with_the_b
     torch.testing.assert_close(gain, torch.tensor([0.0, 1 - 0.5 / 0.875]))
 
 
+def test_a_confident_share_distils_only_the_clips_whose_search_gain_is_highest():
+    """`teacher_confident_share=0.5` on two clips: the distillation and first-glance terms keep the clip where one
+    place beats the others (renormalised: twice its weight) and drop the clip where every place scores alike."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    F = model.config.num_frames - 1
+    one_better = torch.tensor([0.5, 1.0, 1.0, 1.0])[:, None].expand(4, F)
+    alike = torch.ones(4, F)
+
+    def terms(share):
+        search = teacher(teacher_wta_weight=0.0, teacher_confident_share=share)
+        search.stay_losses = lambda *args: torch.stack([one_better, alike])  # (B, K, T - 1)
+        return search(model, outputs, vae_latents, progress=1.0).metrics
+
+    every, confident = terms(1.0), terms(0.5)
+    for name in ("teacher/distill", "teacher/first_glance"):
+        assert every[name].min() > 0
+        torch.testing.assert_close(confident[name], every[name] * torch.tensor([2.0, 0.0]))
+
+
 def test_gradients_reach_the_query_head_through_the_distillation():
     model = make_model(**SACCADE).train()
     pixel_values, vae_latents = make_batch(model.config)
@@ -424,7 +445,8 @@ def test_teacher_frames_draws_a_subset_of_frames_in_order():
 
 
 @pytest.mark.parametrize("field,value", [("teacher_grid", 0), ("teacher_frames", -1), ("teacher_temperature_end", 0.0),
-                                         ("teacher_distill_distance", "huber"), ("teacher_distill_place", "mode")])
+                                         ("teacher_distill_distance", "huber"), ("teacher_distill_place", "mode"),
+                                         ("teacher_confident_share", 0.0)])
 def test_bad_teacher_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         FoveatedVLMTeacherArguments(**{field: value})
