@@ -480,6 +480,9 @@ def test_the_written_out_loss_names_the_teacher_terms():
     frozen_row = architecture_rows(config, teacher=frozen)["Policy training"]
     assert "scored by the next-latent loss of the frozen model `outputs/stage-1`" in frozen_row
     assert "winner-takes-all" not in frozen_row  # no candidate term to name
+    assert "search gain" not in frozen_row
+    confident = architecture_rows(config, teacher={**frozen, "teacher_confident_share": 0.5})["Policy training"]
+    assert "on the 50% of each batch's clips with the highest search gain" in confident
 
 
 def test_a_teacher_json_written_before_the_rename_names_its_terms_today(tmp_path):
