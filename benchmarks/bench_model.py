@@ -19,6 +19,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,17 +144,29 @@ def run_step_benchmark(args) -> dict:
     if args.teacher_grid:
         from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 
-        teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(
-            teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames,
-            teacher_search=args.teacher_search,
-        ))
+        settings = dict(teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames,
+                        teacher_search=args.teacher_search)
+        if args.teacher_frozen_scorer:
+            # The recipe's second stage: a saved copy of the model scores the candidates, frozen, and no candidate
+            # trains (docs/RESULTS.md, "A second stage").
+            with tempfile.TemporaryDirectory() as scorer_dir:  # the scorer's weights are read at construction
+                model.save_pretrained(scorer_dir)
+                settings.update(teacher_scorer=scorer_dir, teacher_wta_weight=0.0)
+                teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**settings))
+            if args.channels_last_head:  # as train_hf.py lays out the scorer's head
+                teacher.scorer.prediction_head.to(memory_format=torch.channels_last)
+        else:
+            teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**settings))
 
     def step():
         with autocast:
-            outputs = forward(pixel_values, vae_latents, **text, output_patch_cache=teacher is not None)
+            model_inputs = dict(pixel_values=pixel_values, vae_latents=vae_latents, **text)
+            outputs = forward(**model_inputs, output_patch_cache=teacher is not None)
             loss = outputs.loss
             if teacher is not None:
-                loss = loss + teacher(model, outputs, vae_latents, **text, progress=0.5).loss
+                scorer_outputs = teacher.scorer_outputs_for(model_inputs)
+                loss = loss + teacher(model, outputs, vae_latents, **text, progress=0.5,
+                                      scorer_outputs=scorer_outputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -534,6 +547,7 @@ def main():
     parser.add_argument("--teacher_grid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_search", default="frame", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher_frozen_scorer", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -591,8 +605,11 @@ def print_teacher_table(common, device):
     print(f"\n## The search teacher's cost, configs/cued.yaml's model, B = 16, fp32, on {device}\n")
     print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
     plain = None
-    for search, grid, frames in (("frame", 0, 0), ("frame", 4, 0), ("frame", 4, 2), ("frame", 8, 1), ("stay", 4, 0)):
-        settings = dict(batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames, teacher_search=search)
+    rows = (("frame", 0, 0, 0), ("frame", 4, 0, 0), ("frame", 4, 2, 0), ("frame", 8, 1, 0), ("stay", 4, 0, 0),
+            ("stay", 4, 0, 1))
+    for search, grid, frames, frozen in rows:
+        settings = dict(batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames, teacher_search=search,
+                        teacher_frozen_scorer=frozen)
         result = run_child(mode="step", **common, **settings)
         if "error" in result:
             print(f"| grid {grid} | error: {result['error'][:80]} |", flush=True)
@@ -600,6 +617,7 @@ def print_teacher_table(common, device):
         seconds = result["seconds_per_step"]
         plain = plain or seconds
         name = "off" if not grid else f"{search}: {grid}×{grid} cells, {frames or 'all'} frames"
+        name += ", a frozen scorer, no candidate training (the recipe's stage 2)" if frozen else ""
         # frame: one glimpse per cell and scored frame (7 frames with a next latent); stay: one re-run of Pass 2
         # (8 glimpses) per cell.
         candidates = grid * grid * (8 if search == "stay" else frames or 7)
