@@ -153,8 +153,6 @@ def run_step_benchmark(args) -> dict:
                 model.save_pretrained(scorer_dir)
                 settings.update(teacher_scorer=scorer_dir, teacher_wta_weight=0.0)
                 teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**settings))
-            if args.channels_last_head:  # as train_hf.py lays out the scorer's head
-                teacher.scorer.prediction_head.to(memory_format=torch.channels_last)
         else:
             teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**settings))
 

@@ -273,6 +273,10 @@ class FoveatedVLMSearchTeacher:
                                  f"{error}") from error
             # Frozen: no gradient, no dropout, never saved with the model it teaches.
             self.scorer.eval().requires_grad_(False)
+            # It runs the head once per candidate; channels-last convolutions halve its search on a CPU
+            # (benchmarks/bench_model.py --tables teacher). train_hf.py's `channels_last_head` is about trained
+            # parameters (DeepSpeed needs them contiguous); a frozen copy outside the optimizer can always take it.
+            self.scorer.prediction_head.to(memory_format=torch.channels_last)
 
     def scorer_outputs_for(self, forward_inputs: dict) -> Optional[FoveatedVLMOutput]:
         """The frozen scorer's output on the model inputs the trained model got (None without `teacher_scorer`)."""
@@ -392,11 +396,12 @@ class FoveatedVLMSearchTeacher:
                     earlier = (frames - 1).clamp_min(0)
                     per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier))
                     terms["first_glance"] = _mean_where(per_frame, frames >= 1)
-            confident = confident_clips(metrics["teacher/search_gain"], args.teacher_confident_share)  # (B,)
-            for name in ("distill", "first_glance"):
-                if name in terms:
-                    # Renormalised so that the term's scale does not depend on the share kept.
-                    terms[name] = terms[name] * confident * (B / confident.sum())
+            if args.teacher_confident_share < 1:
+                confident = confident_clips(metrics["teacher/search_gain"], args.teacher_confident_share)  # (B,)
+                for name in ("distill", "first_glance"):
+                    if name in terms:
+                        # Renormalised so that the term's scale does not depend on the share kept.
+                        terms[name] = terms[name] * confident * (B / confident.sum())
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
                        "first_glance": args.teacher_first_glance_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())

@@ -707,8 +707,7 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     else:
         model = build_model(model_args, data_args, data.latent_shape, checkpoint, probes)
         model.config.target_vae = vae_record(data.vae)  # the checkpoint says what its latents mean
-    channels_last = head_channels_last(training_args)
-    if channels_last:
+    if head_channels_last(training_args):
         # Before the Trainer builds the optimizer, whose state then takes the same layout. A loaded model's weights
         # are contiguous again (from_pretrained copies them), so this runs on every start, resumes included.
         model.prediction_head.to(memory_format=torch.channels_last)
@@ -717,10 +716,6 @@ def main(argv: Optional[list[str]] = None) -> FoveatedVLMTrainer:
     else:
         processor = build_processor(model_args, data_args, vocab_size=model.config.text_config.vocab_size)
     trainer = build_trainer(model, processor, data, model_args, data_args, training_args, teacher_args)
-    if channels_last and trainer.teacher is not None and trainer.teacher.scorer is not None:
-        # A frozen scorer runs the head once per candidate: in the trained head's layout its search takes half the
-        # time on a CPU (benchmarks/bench_model.py --tables teacher).
-        trainer.teacher.scorer.prediction_head.to(memory_format=torch.channels_last)
     if training_args.profile_memory:
         report_peak_memory(trainer)
         return trainer

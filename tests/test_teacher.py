@@ -310,6 +310,10 @@ def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
     assert model.query_head.weight.grad.abs().sum() > 0
     assert all(not parameter.requires_grad for parameter in frozen.scorer.parameters())
     assert not frozen.scorer.training
+    # It runs the head once per candidate: channels-last, as train_hf.py lays out the trained head.
+    conv_weights = [weight for weight in frozen.scorer.prediction_head.parameters() if weight.dim() == 4]
+    assert conv_weights and all(weight.is_contiguous(memory_format=torch.channels_last) for weight in conv_weights)
+    assert not all(weight.is_contiguous() for weight in conv_weights)
     with pytest.raises(ValueError, match="teacher_scorer='nowhere'"):
         teacher(teacher_scorer="nowhere")
     with pytest.raises(ValueError, match="gumbel"):

@@ -580,15 +580,6 @@ def test_profile_memory_runs_one_step_and_reports_peak(tiny_run, tmp_path, capsy
     assert trainer.optimizer.state[head_weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.slow
-def test_a_frozen_scorer_takes_the_trained_heads_layout(tiny_run, tmp_path):
-    """`--teacher_scorer`: the scorer runs the head once per candidate, so it takes the channels-last layout too."""
-    trainer = train_hf.main([str(tiny_run["config"]), "--profile_memory", "--teacher", "true",
-                             "--teacher_scorer", str(tiny_run["output_dir"]), "--output_dir", str(tmp_path / "scorer")])
-    head_weight = trainer.teacher.scorer.prediction_head.latent_decoder[-1].weight
-    assert head_weight.is_contiguous(memory_format=torch.channels_last) and not head_weight.is_contiguous()
-
-
 # ---- The curriculum (--curriculum): easier scenes first, then difficulty's ----
 
 
