@@ -2,7 +2,7 @@
 
     python -m foveated_vlm.analyses compare outputs/research/*              # one table row per run, seeds pooled
     python -m foveated_vlm.analyses headroom TRAIN_DATASET EVAL_DATASET     # what knowing a cued scene's level is worth
-    python -m foveated_vlm.analyses readout RUN_DIR TRAIN_DATASET [--eval_dataset EVAL]  # what each pass's state knows
+    python -m foveated_vlm.analyses readout RUN_DIR [TRAIN_DATASET] [--eval_dataset EVAL]  # what each pass's state knows
 
 Each prints its result (a Markdown table, or JSON) and writes nothing.
 """
@@ -21,7 +21,13 @@ from transformers.utils.logging import tqdm
 from foveated_vlm import metrics
 from foveated_vlm.data import FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs
 from foveated_vlm.probes import from_pretrained_with_probes
-from foveated_vlm.report import DATA_PATHS_FILE, load_log_history, resolve_data_paths, saved_model_dir
+from foveated_vlm.report import (
+    DATA_PATHS_FILE,
+    load_log_history,
+    recorded_train_dataset,
+    resolve_data_paths,
+    saved_model_dir,
+)
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
 
@@ -190,7 +196,7 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
     return scores
 
 
-def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
+def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
     """What a linear readout of each pass's LLM state recovers, on held-out clips, of what the next frame needs
     (docs/DESIGN.md's conditions): `metrics.linear_readout` fitted on the training split's states, scored on
     the held-out split's, for Pass 1 (`state_coarse`) and Pass 2 (`state_fine`) apart.
@@ -207,7 +213,8 @@ def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 1
 
     Args:
         run_dir: a train_hf.py output_dir (its final model, else its last checkpoint's).
-        train_dataset, eval_dataset: `load_precomputed` paths; `eval_dataset` defaults to the run's DATA_PATHS_FILE.
+        train_dataset, eval_dataset: `load_precomputed` paths; both default to the splits the run recorded in
+            DATA_PATHS_FILE.
 
     Returns:
         {"quantity": "next level" | "mover centre", "metric": "accuracy" | "r2", "coarse", "fine", "chance"
@@ -221,6 +228,9 @@ def state_readout(run_dir, train_dataset, eval_dataset=None, batch_size: int = 1
     eval_dataset, _, use_captions, _ = resolve_data_paths(run_dir, eval_dataset, None)
     if eval_dataset is None:
         raise ValueError(f"no held-out dataset: pass eval_dataset ({run_dir / DATA_PATHS_FILE} names none)")
+    train_dataset = train_dataset or recorded_train_dataset(run_dir)
+    if train_dataset is None:
+        raise ValueError(f"no training split: pass train_dataset ({run_dir / DATA_PATHS_FILE} names none)")
     model = from_pretrained_with_probes(str(model_dir)).to(device)
     tokenizer = None  # the clips are read as the run read them
     if use_captions:
@@ -259,7 +269,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "readout", help="What a linear readout of each pass's LLM state recovers on held-out clips (state_readout)."
     )
     readout.add_argument("run_dir", help="A finished train_hf.py output_dir.")
-    readout.add_argument("train_dataset", help="The precomputed training split the readouts are fitted on.")
+    readout.add_argument("train_dataset", nargs="?",
+                         help=f"The precomputed training split the readouts are fitted on; default: the run's {DATA_PATHS_FILE}.")
     readout.add_argument("--eval_dataset", help=f"Held-out split; default: the run's {DATA_PATHS_FILE}.")
     readout.add_argument("--batch_size", type=int, default=16, help="Clips per forward.")
     readout.add_argument("--device", default="cpu", help="torch device for the model.")

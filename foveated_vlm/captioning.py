@@ -10,13 +10,14 @@ For each mode this scores every held-out clip's reference text (cross-entropy, n
 through the mode's stream), writes a greedy caption and counts exact matches with the reference. "fine" against
 "autoregressive" is the gap between the parallel training passes and deployment.
 
-`--headroom TRAIN EVAL` measures instead what reading the clip is worth to the text (`foveated_vlm.metrics.text_headroom`),
-with MODEL's tokenizer, on two precomputed splits.
+`--headroom [TRAIN EVAL]` measures instead what reading the clip is worth to the text
+(`foveated_vlm.metrics.text_headroom`), with MODEL's tokenizer, on two precomputed splits (default: the ones the run
+recorded).
 
 Usage:
     python -m foveated_vlm.captioning outputs/text-run                      # the held-out split the run recorded
     python -m foveated_vlm.captioning MODEL --eval_dataset data/cued/arrow/eval/runs/<id> --max_new_tokens 16
-    python -m foveated_vlm.captioning MODEL --headroom data/cued/arrow/train data/cued/arrow/eval
+    python -m foveated_vlm.captioning outputs/text-run --headroom           # its own training and held-out splits
 """
 
 import argparse
@@ -140,9 +141,10 @@ def captioning_markdown(captioning: FoveatedVLMCaptioning) -> str:
     return "\n".join(lines)
 
 
-def _recorded_eval_dataset(model_dir: Path) -> Optional[str]:
+def _recorded_dataset(model_dir: Path, split: str) -> Optional[str]:
+    """The `split` ("train" or "eval") run folder a run recorded; None for a checkpoint or Hub id."""
     recorded = model_dir / "data_paths.json"  # foveated_vlm.report.DATA_PATHS_FILE, written by train_hf.py
-    return json.loads(recorded.read_text()).get("eval_dataset") if recorded.is_file() else None
+    return json.loads(recorded.read_text()).get(f"{split}_dataset") if recorded.is_file() else None
 
 
 def main(argv: Optional[list[str]] = None):
@@ -155,20 +157,26 @@ def main(argv: Optional[list[str]] = None):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help=f"Where to write the results as JSON (default: MODEL/{CAPTIONING_FILE}).")
-    parser.add_argument("--headroom", nargs=2, metavar=("TRAIN", "EVAL"), help="Measure the text headroom instead.")
+    parser.add_argument("--headroom", nargs="*", metavar="SPLIT",
+                        help="Measure the text headroom instead, on TRAIN and EVAL (default: the splits the run recorded).")
     args = parser.parse_args(argv)
-    if args.headroom:
+    model_dir = Path(args.model)
+    if args.headroom is not None:
+        if len(args.headroom) not in (0, 2):
+            parser.error(f"--headroom takes two splits, TRAIN and EVAL, or none; got {args.headroom}")
+        splits = args.headroom or [_recorded_dataset(model_dir, split) for split in ("train", "eval")]
+        if None in splits:
+            parser.error(f"{args.model} records no training split (data_paths.json): pass --headroom TRAIN EVAL")
         tokenizer = FoveatedVLMProcessor.from_pretrained(args.model, trust_remote_code=True).tokenizer
         targets = []  # per split, each caption's target tokens as the collator makes them
-        for split in args.headroom:
+        for split in splits:
             captions = list(load_precomputed(split)["caption"])
             _, labels = target_tokens(tokenizer, captions, max_length=10**6)
             targets.append([row[row != -100].tolist() for row in labels])
         measured = text_headroom(*targets)
         print(json.dumps(measured, indent=1))
         return measured
-    model_dir = Path(args.model)
-    eval_dataset = args.eval_dataset or (_recorded_eval_dataset(model_dir) if model_dir.is_dir() else None)
+    eval_dataset = args.eval_dataset or _recorded_dataset(model_dir, "eval")
     if eval_dataset is None:
         parser.error(f"{args.model} records no held-out split: pass --eval_dataset")
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device)

@@ -69,13 +69,15 @@ __all__ = [
     "FoveatedVLMClipMetrics",
     "evaluate_clips",
     "load_log_history",
+    "recorded_train_dataset",
     "resolve_data_paths",
     "summarize_clips",
     "write_report",
     "main",
 ]
 
-# Written by the training script next to the model: {"eval_dataset": folder, "vae": folder or Hub id}.
+# Written by the training script next to the model: {"eval_dataset": folder, "train_dataset": folder or null,
+# "vae": folder or Hub id, "use_captions", "description"}.
 DATA_PATHS_FILE = "data_paths.json"
 
 
@@ -252,6 +254,12 @@ def resolve_data_paths(
     if vae is None:
         notes.append(f"No VAE: pass --vae (the run has no {DATA_PATHS_FILE} naming it), so Figure 4 is missing.")
     return eval_dataset, vae, use_captions, notes
+
+
+def recorded_train_dataset(run_dir: Path) -> Optional[str]:
+    """The training split's run folder the run recorded in DATA_PATHS_FILE (None for runs before it was recorded)."""
+    recorded_path = Path(run_dir) / DATA_PATHS_FILE
+    return json.loads(recorded_path.read_text()).get("train_dataset") if recorded_path.is_file() else None
 
 
 # ---- Putting it together ----

@@ -207,6 +207,19 @@ class PreparedData:
         return concatenate_datasets(parts)
 
     @property
+    def train_dir(self) -> Optional[str]:
+        """The training split's precompute run folder (difficulty's clips, not a curriculum stage's), for the analyses
+        that fit on the training clips; None where the split spans several runs (LLaVA-Video by archive) or there is
+        none. The split folder itself is no substitute: its `precompute.json` names whichever run was written last,
+        a curriculum stage's included."""
+        if self.train is None:
+            return None
+        try:
+            return str(run_dir_of(self.train).resolve())
+        except ValueError:  # several runs' captions files
+            return None
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.eval[0]["vae_latents"].shape[1:])  # (T, C, h, w) -> (C, h, w)
 
@@ -665,7 +678,8 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
     # After the push: local paths are of no use on the Hub.
     if trainer.is_world_process_zero():
         data_paths = {
-            "eval_dataset": data.eval_dir, "vae": vae_record(data.vae), "use_captions": data.use_captions, "description": data.description
+            "eval_dataset": data.eval_dir, "train_dataset": data.train_dir, "vae": vae_record(data.vae),
+            "use_captions": data.use_captions, "description": data.description,
         }
         Path(trainer.args.output_dir, report.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 

@@ -12,6 +12,7 @@ from foveated_vlm import metrics as metrics_foveated
 from foveated_vlm.analyses import state_readout
 from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
 from foveated_vlm.probes import PROBES_FILE
+from foveated_vlm.report import DATA_PATHS_FILE
 from foveated_vlm.report import main as report_main
 from foveated_vlm.synthetic import generate_split
 from modeling_foveated import FoveatedVLMModel
@@ -123,6 +124,10 @@ def test_state_readout_of_a_cued_oracle_run(tmp_path, data, cued_splits):
         ), name  # a share of the 6 held-out targets
     with pytest.raises(ValueError, match="not the same kind"):
         state_readout(run_dir, train, data["eval_dataset"])
+    # The training split the run recorded is the default.
+    recorded = json.loads((run_dir / DATA_PATHS_FILE).read_text())
+    (run_dir / DATA_PATHS_FILE).write_text(json.dumps({**recorded, "train_dataset": train}))
+    assert state_readout(run_dir) == result
 
 
 def test_state_readout_bad_paths_name_the_file(tmp_path, data):
@@ -131,5 +136,5 @@ def test_state_readout_bad_paths_name_the_file(tmp_path, data):
     run_dir = make_run(tmp_path / "run", data)
     with pytest.raises(FileNotFoundError, match="missing_split"):
         state_readout(run_dir, tmp_path / "missing_split")
-    with pytest.raises(SystemExit):
-        analyses.main(["readout", str(run_dir)])  # the training split is missing
+    with pytest.raises(ValueError, match="no training split"):
+        analyses.main(["readout", str(run_dir)])  # neither named nor recorded

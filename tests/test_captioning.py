@@ -121,10 +121,16 @@ def test_text_target_training_runs_end_to_end_with_report_and_captioning(caption
     report = (output_dir / "report" / "report.md").read_text()
     assert "improvement_text" in report and "| autoregressive |" in report
     captioning = captioning_foveated.main([str(output_dir), "--max_new_tokens", "4", "--output", str(tmp_path / "c.json")])
-    eval_dataset = json.loads((output_dir / "data_paths.json").read_text())["eval_dataset"]
+    recorded = json.loads((output_dir / "data_paths.json").read_text())
+    eval_dataset = recorded["eval_dataset"]
     assert set(captioning.text_loss) == set(TEXT_MODES) and captioning.num_clips == len(load_precomputed(eval_dataset))
     assert json.loads((tmp_path / "c.json").read_text())["autoregressive_gap"] == pytest.approx(
         captioning.text_loss["autoregressive"] / captioning.text_loss["fine"] - 1)
+    # The headroom, on the splits the run recorded unless two are named.
+    assert captioning_foveated.main([str(output_dir), "--headroom"]) == captioning_foveated.main(
+        [str(output_dir), "--headroom", recorded["train_dataset"], eval_dataset])
+    with pytest.raises(SystemExit):
+        captioning_foveated.main([str(output_dir), "--headroom", eval_dataset])
     # Without --text_target the data cannot feed a text objective: refused before training, naming the flag.
     with pytest.raises(ValueError, match="add --text_target caption"):
         train_hf.main([arg for arg in argv if arg not in ("--text_target", "caption")])

@@ -420,6 +420,7 @@ def test_end_to_end_run_prints_table1_and_saves_hub_ready_folders(tiny_run, run_
     assert {"attention/clip_0", "predictions"} <= set(images), images
     data_paths = json.loads((output_dir / "data_paths.json").read_text())  # for foveated_vlm/report.py
     assert len(load_precomputed(data_paths["eval_dataset"])) == 4 and Path(data_paths["vae"]).is_dir()
+    assert len(load_precomputed(data_paths["train_dataset"])) == 8  # for the analyses fitted on the training clips
     assert data_paths["use_captions"] is False  # the report reads the clips as training did
     assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == MAX_STEPS
 
@@ -617,6 +618,24 @@ def test_the_curriculum_orders_the_clips_by_stage_and_the_trainer_reads_them_in_
     args.max_steps = 3
     with pytest.raises(ValueError, match="--max_steps"):
         data.training_order(args)
+
+
+def test_the_run_records_difficultys_training_split_not_the_curriculums(tiny_vae, tmp_path):
+    """The curriculum's clips are precomputed into the same split folder after difficulty's, so that folder's latest
+    run is the curriculum's; the analyses that fit on the training clips read the run the data recorded instead."""
+    argv = [
+        "--data_source", "synthetic", "--difficulty", "cued", "--curriculum", "cued_1:1", "--num_train_videos", "2",
+        "--num_eval_videos", "1", "--synthetic_size", str(S), "--num_video_frames", str(T), "--num_frames", str(T),
+        "--image_size", str(S), "--vae", tiny_vae, "--cache_dir", str(tmp_path / "cache"), "--output_dir",
+        str(tmp_path / "unused"),
+    ]  # fmt: skip
+    _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
+    data = train_hf.build_datasets(data_args, training_args)
+    scene = lambda dataset: {Path(path).parts[-3] for path in dataset["video_path"]}  # noqa: E731 (synthetic/SCENE/train/x.mp4)
+    (final_scene,) = scene(data.train)
+    assert final_scene.startswith("cued-") and scene(data.curriculum[0][1]) != {final_scene}
+    assert scene(load_precomputed(data.train_dir)) == {final_scene}
+    assert scene(load_precomputed(tmp_path / "cache" / "arrow" / "train")) != {final_scene}  # the folder's latest
 
 
 # ---- LLaVA-Video one archive at a time (--llava_by_archive) ----
