@@ -239,7 +239,12 @@ def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: in
     train = _readout_samples(model, train_dataset, collator, batch_size, device)
     held_out = _readout_samples(model, eval_dataset, collator, batch_size, device)
     if train["cued"] != held_out["cued"]:
-        raise ValueError(f"{train_dataset} and {eval_dataset} are not the same kind of split (cued or not)")
+        kinds = {name: "cued" if samples["cued"] else "no levels" for name, samples in (("train", train), ("eval", held_out))}
+        raise ValueError(
+            f"{train_dataset} ({kinds['train']}) and {eval_dataset} ({kinds['eval']}) are not the same kind of split. A "
+            "cued clip's levels are read from the sidecar beside its video (the `video_path` column): a cache whose "
+            "videos have moved reads as no levels"
+        )
     kind = "classification" if train["cued"] else "regression"
     metric = "accuracy" if train["cued"] else "r2"
     scores = {
