@@ -10,6 +10,7 @@ its own (CUDA `max_memory_allocated` on GPU, peak RSS on CPU).
     python benchmarks/bench_model.py --tables dispatch     # CPU: kernel launches and host syncs per step
     python benchmarks/bench_model.py --tables compile      # the step eager and under torch.compile (B=16)
     python benchmarks/bench_model.py --tables teacher      # configs/cued.yaml's step without and with the teacher
+    python benchmarks/bench_model.py --tables text         # configs/phase2_text.yaml's step: captions as a target
 """
 
 import argparse
@@ -69,11 +70,12 @@ def hollow_config(**overrides) -> FoveatedVLMConfig:
 
 
 def build_model(
-    deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="phase1", channels_last_head=True
+    deep_query=True, freeze_vision=False, num_frames=8, device="cpu", shapes="phase1", channels_last_head=True,
+    **config_overrides,
 ):
     from foveated_vlm.train import freeze_for_training
 
-    overrides = dict(num_frames=num_frames, deep_query=deep_query)
+    overrides = dict(num_frames=num_frames, deep_query=deep_query, **config_overrides)
     # phase1: the config's defaults, the shapes of configs/phase1.yaml (DINOv3 ViT-S/16 + SmolLM2-135M, 256 px).
     builders = {
         "tiny": tiny_config,
@@ -121,8 +123,11 @@ def count_flops(model, pixel_values, vae_latents, input_ids=None) -> dict:
 
 def run_step_benchmark(args) -> dict:
     device = args.device
+    # Text as a target (configs/phase2_text.yaml): its joint objective, a caption after the frames in both passes.
+    objective = dict(text_loss_weight=1.0, latent_loss_weight=0.5) if args.target_tokens else {}
     model = build_model(
-        args.deep_query, args.freeze_vision, args.num_frames, device, args.shapes, bool(args.channels_last_head)
+        args.deep_query, args.freeze_vision, args.num_frames, device, args.shapes, bool(args.channels_last_head),
+        **objective,
     )
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
@@ -134,6 +139,10 @@ def run_step_benchmark(args) -> dict:
     if args.text_tokens:
         input_ids = torch.randint(0, model.config.text_config.vocab_size, (B, args.text_tokens), device=device)
         text = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    target = {}
+    if args.target_tokens:  # every token scored: the longest caption, `max_text_length`
+        target_ids = torch.randint(0, model.config.text_config.vocab_size, (B, args.target_tokens), device=device)
+        target = dict(target_ids=target_ids, target_labels=target_ids)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda"
     )
@@ -158,7 +167,7 @@ def run_step_benchmark(args) -> dict:
 
     def step():
         with autocast:
-            model_inputs = dict(pixel_values=pixel_values, vae_latents=vae_latents, **text)
+            model_inputs = dict(pixel_values=pixel_values, vae_latents=vae_latents, **text, **target)
             outputs = forward(**model_inputs, output_patch_cache=teacher is not None)
             loss = outputs.loss
             if teacher is not None:
@@ -501,7 +510,8 @@ def step_row(settings, result, device):
         f"| {settings['batch_size']} | {settings.get('precision', 'fp32')} | {settings.get('grad_ckpt', 0)} | "
         f"{'deep' if settings.get('deep_query', 1) else 'shallow'} | "
         f"{'frozen' if settings.get('freeze_vision', 0) else 'trainable'} | {settings.get('num_frames', 8)}"
-        f"{' + %d text' % settings['text_tokens'] if settings.get('text_tokens') else ''} | "
+        f"{' + %d text' % settings['text_tokens'] if settings.get('text_tokens') else ''}"
+        f"{' + %d target text' % settings['target_tokens'] if settings.get('target_tokens') else ''} | "
         f"{'NHWC' if settings.get('channels_last_head', 1) else 'NCHW'} | "
         f"{result['samples_per_s']:.2f} | {1e3 * result['seconds_per_step'] / settings['batch_size']:.1f} | "
         f"{result['peak_gb']:.2f} | {achieved:.2f} | {mfu} |"
@@ -522,7 +532,7 @@ def main():
         default="step,query",
         help="Comma-separated: step, query, parts (CPU: the step vs the sum of its parts), dispatch (CPU: kernel "
         "launches and host syncs per step), compile (the step eager and under torch.compile), teacher (the search "
-        "teacher's cost per step).",
+        "teacher's cost per step), text (configs/phase2_text.yaml's step, captions as a target).",
     )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -542,6 +552,7 @@ def main():
     parser.add_argument("--nan_filter", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--channels_last_head", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--text_tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--target_tokens", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_grid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_search", default="frame", help=argparse.SUPPRESS)
@@ -595,6 +606,21 @@ def main():
         print_compile_table(common, device, args.compile_batch_size)
     if "teacher" in tables:
         print_teacher_table(common, device)
+    if "text" in tables:
+        print_text_target_table(common, device)
+
+
+def print_text_target_table(common, device):
+    """configs/phase2_text.yaml's step: a 128-token caption (`max_text_length`, every token scored) read after the
+    frames in both passes, whose LM head writes a vocabulary-wide logit row per token, with the joint objective;
+    against the same step without text. TFLOP/s counts the frames' part of the step only (`count_flops`)."""
+    precision = "bf16" if device == "cuda" else "fp32"
+    print(f"\n## Text as a target (configs/phase2_text.yaml), {precision}\n")
+    print(STEP_HEADER)
+    for batch_size in (2, 8):
+        for target_tokens in (0, 128):
+            settings = dict(batch_size=batch_size, precision=precision, target_tokens=target_tokens)
+            print(step_row(settings, run_child(mode="step", **common, **settings), device), flush=True)
 
 
 def print_teacher_table(common, device):

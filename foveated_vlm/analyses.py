@@ -239,11 +239,11 @@ def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: in
     train = _readout_samples(model, train_dataset, collator, batch_size, device)
     held_out = _readout_samples(model, eval_dataset, collator, batch_size, device)
     if train["cued"] != held_out["cued"]:
-        kinds = {name: "cued" if samples["cued"] else "no levels" for name, samples in (("train", train), ("eval", held_out))}
+        kind_of = lambda samples: "cued" if samples["cued"] else "no levels"  # noqa: E731
         raise ValueError(
-            f"{train_dataset} ({kinds['train']}) and {eval_dataset} ({kinds['eval']}) are not the same kind of split. A "
-            "cued clip's levels are read from the sidecar beside its video (the `video_path` column): a cache whose "
-            "videos have moved reads as no levels"
+            f"{train_dataset} ({kind_of(train)}) and {eval_dataset} ({kind_of(held_out)}) are not the same kind of "
+            "split. A cued clip's levels are read from the sidecar beside its video (the `video_path` column): a "
+            "cache whose videos have moved reads as no levels"
         )
     kind = "classification" if train["cued"] else "regression"
     metric = "accuracy" if train["cued"] else "r2"
@@ -274,8 +274,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         "readout", help="What a linear readout of each pass's LLM state recovers on held-out clips (state_readout)."
     )
     readout.add_argument("run_dir", help="A finished train_hf.py output_dir.")
-    readout.add_argument("train_dataset", nargs="?",
-                         help=f"The precomputed training split the readouts are fitted on; default: the run's {DATA_PATHS_FILE}.")
+    readout.add_argument(
+        "train_dataset", nargs="?",
+        help=f"The precomputed training split the readouts are fitted on; default: the run's {DATA_PATHS_FILE}.",
+    )
     readout.add_argument("--eval_dataset", help=f"Held-out split; default: the run's {DATA_PATHS_FILE}.")
     readout.add_argument("--batch_size", type=int, default=16, help="Clips per forward.")
     readout.add_argument("--device", default="cpu", help="torch device for the model.")

@@ -158,7 +158,7 @@ def main(argv: Optional[list[str]] = None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help=f"Where to write the results as JSON (default: MODEL/{CAPTIONING_FILE}).")
     parser.add_argument("--headroom", nargs="*", metavar="SPLIT",
-                        help="Measure the text headroom instead, on TRAIN and EVAL (default: the splits the run recorded).")
+                        help="Measure the text headroom instead, on TRAIN and EVAL (default: the run's own splits).")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     if args.headroom is not None:
