@@ -631,7 +631,8 @@ def test_the_run_records_difficultys_training_split_not_the_curriculums(tiny_vae
     ]  # fmt: skip
     _, data_args, training_args, _, _ = train_hf.parse_arguments(argv)
     data = train_hf.build_datasets(data_args, training_args)
-    scene = lambda dataset: {Path(path).parts[-3] for path in dataset["video_path"]}  # noqa: E731 (synthetic/SCENE/train/x.mp4)
+    # A synthetic clip's path is .../synthetic/SCENE/train/video_N.mp4.
+    scene = lambda dataset: {Path(path).parts[-3] for path in dataset["video_path"]}  # noqa: E731
     (final_scene,) = scene(data.train)
     assert final_scene.startswith("cued-") and scene(data.curriculum[0][1]) != {final_scene}
     assert scene(load_precomputed(data.train_dir)) == {final_scene}
