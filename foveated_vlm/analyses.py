@@ -19,15 +19,16 @@ import torch
 from transformers.utils.logging import tqdm
 
 from foveated_vlm import metrics
-from foveated_vlm.data import FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs
-from foveated_vlm.probes import from_pretrained_with_probes
-from foveated_vlm.report import (
+from foveated_vlm.data import (
     DATA_PATHS_FILE,
-    load_log_history,
-    recorded_train_dataset,
-    resolve_data_paths,
-    saved_model_dir,
+    FoveatedVLMDataCollator,
+    batch_to_device,
+    load_precomputed,
+    model_inputs,
+    recorded_data_paths,
 )
+from foveated_vlm.probes import from_pretrained_with_probes
+from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
 
@@ -228,7 +229,7 @@ def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: in
     eval_dataset, _, use_captions, _ = resolve_data_paths(run_dir, eval_dataset, None)
     if eval_dataset is None:
         raise ValueError(f"no held-out dataset: pass eval_dataset ({run_dir / DATA_PATHS_FILE} names none)")
-    train_dataset = train_dataset or recorded_train_dataset(run_dir)
+    train_dataset = train_dataset or recorded_data_paths(run_dir).get("train_dataset")
     if train_dataset is None:
         raise ValueError(f"no training split: pass train_dataset ({run_dir / DATA_PATHS_FILE} names none)")
     model = from_pretrained_with_probes(str(model_dir)).to(device)

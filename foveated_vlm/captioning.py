@@ -37,6 +37,7 @@ from foveated_vlm.data import (
     batch_to_device,
     load_precomputed,
     model_inputs,
+    recorded_data_paths,
     target_tokens,
 )
 from foveated_vlm.metrics import text_headroom
@@ -141,12 +142,6 @@ def captioning_markdown(captioning: FoveatedVLMCaptioning) -> str:
     return "\n".join(lines)
 
 
-def _recorded_dataset(model_dir: Path, split: str) -> Optional[str]:
-    """The `split` ("train" or "eval") run folder a run recorded; None for a checkpoint or Hub id."""
-    recorded = model_dir / "data_paths.json"  # foveated_vlm.report.DATA_PATHS_FILE, written by train_hf.py
-    return json.loads(recorded.read_text()).get(f"{split}_dataset") if recorded.is_file() else None
-
-
 def main(argv: Optional[list[str]] = None):
     from transformers import AutoModel
 
@@ -164,7 +159,8 @@ def main(argv: Optional[list[str]] = None):
     if args.headroom is not None:
         if len(args.headroom) not in (0, 2):
             parser.error(f"--headroom takes two splits, TRAIN and EVAL, or none; got {args.headroom}")
-        splits = args.headroom or [_recorded_dataset(model_dir, split) for split in ("train", "eval")]
+        recorded = recorded_data_paths(model_dir)
+        splits = args.headroom or [recorded.get("train_dataset"), recorded.get("eval_dataset")]
         if None in splits:
             parser.error(f"{args.model} records no training split (data_paths.json): pass --headroom TRAIN EVAL")
         tokenizer = FoveatedVLMProcessor.from_pretrained(args.model, trust_remote_code=True).tokenizer
@@ -176,7 +172,7 @@ def main(argv: Optional[list[str]] = None):
         measured = text_headroom(*targets)
         print(json.dumps(measured, indent=1))
         return measured
-    eval_dataset = args.eval_dataset or _recorded_dataset(model_dir, "eval")
+    eval_dataset = args.eval_dataset or recorded_data_paths(model_dir).get("eval_dataset")
     if eval_dataset is None:
         parser.error(f"{args.model} records no held-out split: pass --eval_dataset")
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device)

@@ -70,6 +70,7 @@ __all__ = [
     "model_inputs",
     "precompute_dataset",
     "run_dir_of",
+    "recorded_data_paths",
     "split_train_eval",
 ]
 
@@ -667,6 +668,18 @@ def load_precomputed(path: str | os.PathLike) -> datasets.Dataset:
     # In memory: an index list, no write next to the shard caches.
     dataset = dataset.select(manifest["rows"], keep_in_memory=True)
     return dataset.with_format("torch", **KEEP_STORED_DTYPES)
+
+
+# Written by the training script next to the model: {"eval_dataset": run folder, "train_dataset": run folder or null,
+# "vae": folder or Hub id, "use_captions", "description"}; the report and the analyses read their defaults from it.
+DATA_PATHS_FILE = "data_paths.json"
+
+
+def recorded_data_paths(run_dir: str | os.PathLike) -> dict:
+    """What a run recorded in DATA_PATHS_FILE about its data; {} where there is no such file (a checkpoint folder, a
+    Hub id, a run from before the file)."""
+    path = Path(run_dir) / DATA_PATHS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def run_dir_of(dataset: datasets.Dataset) -> Path:

@@ -34,7 +34,15 @@ from transformers.utils.logging import tqdm
 from foveated_vlm import metrics
 from foveated_vlm.card import REPORT_DIR, REPORT_FIGURES, latest_eval_metrics
 from foveated_vlm.captioning import captioning_markdown, evaluate_captioning
-from foveated_vlm.data import MODEL_INPUT_NAMES, FoveatedVLMDataCollator, batch_to_device, load_precomputed, model_inputs
+from foveated_vlm.data import (
+    DATA_PATHS_FILE,
+    MODEL_INPUT_NAMES,
+    FoveatedVLMDataCollator,
+    batch_to_device,
+    load_precomputed,
+    model_inputs,
+    recorded_data_paths,
+)
 from foveated_vlm.figures import (
     evenly_spaced_clips,
     plot_attention_maps,
@@ -65,20 +73,15 @@ from processing_foveated import FoveatedVLMProcessor
 
 
 __all__ = [
-    "DATA_PATHS_FILE",
     "FoveatedVLMClipMetrics",
     "evaluate_clips",
     "load_log_history",
-    "recorded_train_dataset",
     "resolve_data_paths",
     "summarize_clips",
     "write_report",
     "main",
 ]
 
-# Written by the training script next to the model: {"eval_dataset": folder, "train_dataset": folder or null,
-# "vae": folder or Hub id, "use_captions", "description"}.
-DATA_PATHS_FILE = "data_paths.json"
 
 
 # ---- The pass over the held-out clips ----
@@ -242,8 +245,7 @@ def resolve_data_paths(
 ) -> tuple:
     """(eval dataset, VAE, use_captions, notes): the arguments win, else what the run recorded in DATA_PATHS_FILE
     (a run without captions by default)."""
-    recorded_path = run_dir / DATA_PATHS_FILE
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    recorded = recorded_data_paths(run_dir)
     eval_dataset, vae = eval_dataset or recorded.get("eval_dataset"), vae or recorded.get("vae")
     if use_captions is None:
         use_captions = recorded.get("use_captions", False)
@@ -254,12 +256,6 @@ def resolve_data_paths(
     if vae is None:
         notes.append(f"No VAE: pass --vae (the run has no {DATA_PATHS_FILE} naming it), so Figure 4 is missing.")
     return eval_dataset, vae, use_captions, notes
-
-
-def recorded_train_dataset(run_dir: Path) -> Optional[str]:
-    """The training split's run folder the run recorded in DATA_PATHS_FILE (None for runs before it was recorded)."""
-    recorded_path = Path(run_dir) / DATA_PATHS_FILE
-    return json.loads(recorded_path.read_text()).get("train_dataset") if recorded_path.is_file() else None
 
 
 # ---- Putting it together ----
@@ -427,9 +423,8 @@ def write_report(
     (out / "metrics.json").write_text(json.dumps(_json_safe(asdict(summary)), indent=1))
 
     text = [f"# Foveated VLM: report on {run_dir.name}"]
-    recorded_path = run_dir / DATA_PATHS_FILE
-    if description is None and recorded_path.is_file():
-        description = json.loads(recorded_path.read_text()).get("description")
+    if description is None:
+        description = recorded_data_paths(run_dir).get("description")
     if description:
         text.append(f"**Clips.** {description}")
     text += ["## 1. Executive summary", *_executive_summary(summary)]

@@ -48,6 +48,7 @@ from foveated_vlm.card import (
     table1_markdown,
 )
 from foveated_vlm.data import (
+    DATA_PATHS_FILE,
     FoveatedVLMDataCollator,
     LLAVA_CAPTIONS_FILE,
     LLAVA_QA_FILES,
@@ -681,7 +682,7 @@ def save(trainer: FoveatedVLMTrainer, data: PreparedData) -> None:
             "eval_dataset": data.eval_dir, "train_dataset": data.train_dir, "vae": vae_record(data.vae),
             "use_captions": data.use_captions, "description": data.description,
         }
-        Path(trainer.args.output_dir, report.DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
+        Path(trainer.args.output_dir, DATA_PATHS_FILE).write_text(json.dumps(data_paths, indent=1))
 
 
 def cli() -> None:

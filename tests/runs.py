@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from datasets import Array3D, Array4D, Dataset, Features, Sequence, Value
 
-from foveated_vlm.report import DATA_PATHS_FILE
+from foveated_vlm.data import DATA_PATHS_FILE
 from foveated_vlm.synthetic import generate_split
 from modeling_foveated import FoveatedVLMModel
 from tiny import tiny_config, trainer_state

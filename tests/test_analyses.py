@@ -10,9 +10,14 @@ import torch
 from foveated_vlm import analyses
 from foveated_vlm import metrics as metrics_foveated
 from foveated_vlm.analyses import state_readout
-from foveated_vlm.data import FoveatedVLMDataCollator, find_videos, load_precomputed, precompute_dataset
+from foveated_vlm.data import (
+    DATA_PATHS_FILE,
+    FoveatedVLMDataCollator,
+    find_videos,
+    load_precomputed,
+    precompute_dataset,
+)
 from foveated_vlm.probes import PROBES_FILE
-from foveated_vlm.report import DATA_PATHS_FILE
 from foveated_vlm.report import main as report_main
 from foveated_vlm.synthetic import generate_split
 from modeling_foveated import FoveatedVLMModel
