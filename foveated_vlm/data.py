@@ -48,6 +48,7 @@ from processing_foveated import (
 __all__ = [
     "ANSWER_MARK",
     "COLUMNS",
+    "DATA_PATHS_FILE",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_NUM_FRAMES",
     "DEFAULT_SHARD_SIZE",

@@ -83,7 +83,6 @@ __all__ = [
 ]
 
 
-
 # ---- The pass over the held-out clips ----
 
 
