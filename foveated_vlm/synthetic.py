@@ -150,6 +150,14 @@ DIFFICULTIES = {
         f"cued_{count}": FoveatedVLMSceneSpec(**{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec())
         for count in (1, 3)
     },
+    # The same for the appearance rung: its bodies are coloured and its frame 0 shows a legend, so a head that learned
+    # the cue rule on `cued_1`'s dark bodies reads tokens it has not seen (docs/RESULTS.md).
+    **{
+        f"cued_appearance_{count}": FoveatedVLMSceneSpec(
+            **{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec(target_marked_by="appearance")
+        )
+        for count in (1, 3)
+    },
 }
 
 
