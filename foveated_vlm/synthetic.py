@@ -144,18 +144,15 @@ DIFFICULTIES = {
     # The third rung: the same rule, nothing moves, the target known by its body colour, which a legend in frame 0
     # shows.
     "cued_appearance": FoveatedVLMSceneSpec(**_CUED_OBJECTS, cue=FoveatedVLMCueSpec(target_marked_by="appearance")),
-    # `cued` with fewer look-alikes, for a curriculum (`--curriculum`): with one, any glimpse on an object reads the
-    # target's cue, so the head can learn the cue rule before it must also tell the target from the others.
+    # A rung with fewer look-alikes, for a curriculum (`--curriculum`): with one, any glimpse on an object reads the
+    # target's cue, so the head can learn the cue rule before it must also tell the target from the others. The
+    # appearance rung has its own (coloured bodies, the legend): a head that learned the rule on `cued_1`'s dark bodies
+    # reads tokens there that it has not seen (docs/RESULTS.md).
     **{
-        f"cued_{count}": FoveatedVLMSceneSpec(**{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec())
-        for count in (1, 3)
-    },
-    # The same for the appearance rung: its bodies are coloured and its frame 0 shows a legend, so a head that learned
-    # the cue rule on `cued_1`'s dark bodies reads tokens it has not seen (docs/RESULTS.md).
-    **{
-        f"cued_appearance_{count}": FoveatedVLMSceneSpec(
-            **{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec(target_marked_by="appearance")
+        f"{rung}_{count}": FoveatedVLMSceneSpec(
+            **{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec(target_marked_by=marked_by)
         )
+        for rung, marked_by in (("cued", "colour"), ("cued_appearance", "appearance"))
         for count in (1, 3)
     },
 }
