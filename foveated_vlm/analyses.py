@@ -2,7 +2,8 @@
 
     python -m foveated_vlm.analyses compare outputs/research/*              # one table row per run, seeds pooled
     python -m foveated_vlm.analyses headroom TRAIN_DATASET EVAL_DATASET     # what knowing a cued scene's level is worth
-    python -m foveated_vlm.analyses readout RUN_DIR [TRAIN_DATASET] [--eval_dataset EVAL]  # what each pass's state knows
+    python -m foveated_vlm.analyses readout RUN_DIR [TRAIN_DATASET] [--eval_dataset EVAL]
+        # what each pass's state knows, and the fixations the policy writes
 
 Each prints its result (a Markdown table, or JSON) and writes nothing.
 """
@@ -27,7 +28,7 @@ from foveated_vlm.data import (
     model_inputs,
     recorded_data_paths,
 )
-from foveated_vlm.probes import from_pretrained_with_probes
+from foveated_vlm.probes import from_pretrained_with_probes, moving_box_centres
 from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
@@ -151,7 +152,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     if not cued and any(clip is not None for clip in levels):
         raise ValueError(f"only some clips of {path} have background levels in their sidecars")
     samples = {"coarse": [], "fine": [], "target": [], "coarse_by_frame": [], "fine_by_frame": [], "place": [],
-               "place_present": []}
+               "place_present": [], "queries": [], "fixation_place": []}
     model.eval()
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"readout: {Path(path).name}", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -165,6 +166,8 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
             samples[f"{name}_by_frame"].append(state)
         samples["place"].append((first_box[..., :2] + first_box[..., 2:]) / 2)  # (B, T, 2)
         samples["place_present"].append(metrics.box_present(first_box))  # (B, T)
+        samples["queries"].append(outputs.queries.float().cpu())  # (B, T, Q)
+        samples["fixation_place"].append(moving_box_centres(batch["moving_boxes"]).cpu())  # (B, T, 2) as (y, x)
         if cued:
             target = torch.tensor(levels[start : start + len(rows)])  # (B, T)
             keep = torch.ones(target.shape, dtype=torch.bool)
@@ -197,6 +200,32 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
     return scores
 
 
+def _policy_fixations(model, held_out: dict) -> Optional[dict]:
+    """What the policy's own fixations are on held-out clips (None for a model without fixations): the mean log sigma
+    and L1 distance from the first box's centre (in [-1, 1] frame coordinates) of the fixations Pass 1's queries write
+    for frames 1..T-1 (those the first fine pass reads with) and, with saccades, the mean size of the first move and of the later ones ("stay" is the zero move)
+    and the share of running-sum coordinates beyond 2, where tanh's slope is under 0.07 and the place barely moves
+    with the query."""
+    if not model.config.fixation_bias:
+        return None
+    queries = torch.from_numpy(held_out["queries"][:, :-1]).to(model.device)  # (C, T-1, Q): they read frames 1..T-1
+    place = torch.from_numpy(held_out["fixation_place"][:, 1:])  # (C, T-1, 2)
+    present = torch.from_numpy(held_out["place_present"][:, 1:])  # (C, T-1)
+    summary = {}
+    with torch.no_grad():
+        if model.config.fixation_mode == "saccade":
+            fixations, _ = model.encoder.saccade_fixations(queries)
+            moves = model.encoder.fixation_proj(queries).float()[..., :2].cpu()  # (C, T-1, 2)
+            summary = {"first_move": moves[:, 0].abs().mean().item(), "later_moves": moves[:, 1:].abs().mean().item(),
+                       "saturated": (moves.cumsum(1).abs() > 2).float().mean().item()}
+        else:
+            fixations = model.encoder.fixation(queries)
+    fixations = fixations.float().cpu()  # (C, T-1, 3)
+    error = (fixations[..., :2] - place).abs().sum(-1)[present]
+    return {"log_sigma": fixations[..., 2].mean().item(),
+            "fixation_error": error.mean().item() if len(error) else None, **summary}
+
+
 def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: int = 16, device="cpu") -> dict:
     """What a linear readout of each pass's LLM state recovers, on held-out clips, of what the next frame needs
     (docs/DESIGN.md's conditions): `metrics.linear_readout` fitted on the training split's states, scored on
@@ -220,7 +249,7 @@ def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: in
     Returns:
         {"quantity": "next level" | "mover centre", "metric": "accuracy" | "r2", "coarse", "fine", "chance"
         (classification only), "num_train", "num_eval" ((clip, target) samples), "place_by_frame": {"coarse",
-        "fine": [R² at t = 1..T-1]}, "eval_dataset"}.
+        "fine": [R² at t = 1..T-1]}, "policy" (`_policy_fixations`: the fixations the policy writes), "eval_dataset"}.
     """
     run_dir = Path(run_dir)
     model_dir = saved_model_dir(run_dir)
@@ -258,7 +287,7 @@ def state_readout(run_dir, train_dataset=None, eval_dataset=None, batch_size: in
         result["chance"] = scores["coarse"]["chance"]
     place = {name: _place_by_frame(train, held_out, name) for name in ("coarse", "fine")}
     return {**result, "num_train": len(train["target"]), "num_eval": len(held_out["target"]),
-            "place_by_frame": place, "eval_dataset": str(eval_dataset)}
+            "place_by_frame": place, "policy": _policy_fixations(model, held_out), "eval_dataset": str(eval_dataset)}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -272,7 +301,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     headroom.add_argument("train_dataset", help="The scene's precomputed training split.")
     headroom.add_argument("eval_dataset", help="The scene's precomputed held-out split.")
     readout = commands.add_parser(
-        "readout", help="What a linear readout of each pass's LLM state recovers on held-out clips (state_readout)."
+        "readout",
+        help="What a linear readout of each pass's LLM state recovers on held-out clips, and the fixations the policy "
+        "writes there (state_readout).",
     )
     readout.add_argument("run_dir", help="A finished train_hf.py output_dir.")
     readout.add_argument(

@@ -73,8 +73,18 @@ class ModelArguments:
     init_from: Optional[str] = field(
         default=None, metadata={"help": "A saved FoveatedVLM folder (or Hub id) to start from instead of backbones."}
     )
+    init_reset_fixations: bool = field(
+        default=False,
+        metadata={"help": "With init_from: start the fixation writer (encoder.fixation_proj) afresh with zero weights, "
+        "so that every query first asks for no move (saccades) or the frame's centre, at the config's initial "
+        "spread: for a first stage whose saccade sums ended far out on tanh's flat tails (docs/RESULTS.md measures "
+        "it: the drift came back)."},
+    )
 
     def __post_init__(self):
+        if self.init_reset_fixations and not self.init_from:
+            raise ValueError("init_reset_fixations resets the fixation writer of the model given by init_from; "
+                             "init_from is not set (a model built here starts afresh anyway)")
         for name in ("vision_config", "text_config", "model_config"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -208,6 +208,9 @@ class FoveatedVLMModelCardInfo:
     init_from: Optional[str] = field(
         default=None, metadata={"help": "The saved model the run started from (`--init_from`), if any."}
     )
+    init_reset_fixations: bool = field(
+        default=False, metadata={"help": "Whether that model's fixation writer was reset (`--init_reset_fixations`)."}
+    )
 
 
 def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] = None) -> str:
@@ -318,7 +321,8 @@ def _hyperparameter_rows(args, state, info: "FoveatedVLMModelCardInfo") -> dict[
         "Weight decay": f"{args.weight_decay:g}",
         "Precision": precision,
         "Seed": str(args.seed),
-        **({"Started from": f"`{info.init_from}`"} if info.init_from else {}),
+        **({"Started from": f"`{info.init_from}`" + (", its fixation writer reset" if info.init_reset_fixations else "")}
+           if info.init_from else {}),
         **({"Frozen in training": ", ".join(info.frozen) or "nothing"} if info.frozen is not None else {}),
     }
 

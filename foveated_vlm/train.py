@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -455,8 +456,13 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
     # A resumed checkpoint's weights go through from_pretrained too: transformers 5 saves DINOv3's layers under their
     # original names, which the Trainer's own resume (a plain load_state_dict) does not map back and would leave at
     # their initial values.
-    if checkpoint or model_args.init_from:
-        return FoveatedVLMModel.from_pretrained(checkpoint or model_args.init_from, **overrides)
+    if checkpoint:  # resumed as saved, whatever init_from's options
+        return FoveatedVLMModel.from_pretrained(checkpoint, **overrides)
+    if model_args.init_from:
+        model = FoveatedVLMModel.from_pretrained(model_args.init_from, **overrides)
+        if model_args.init_reset_fixations:
+            reset_fixation_writer(model)
+        return model
     # Each backbone is pretrained (a name) or random (built from its *_config); a name with a config is refused.
     for name, config_name in (("vision_model", "vision_config"), ("text_model", "text_config")):
         if getattr(model_args, name) and getattr(model_args, config_name):
@@ -475,6 +481,19 @@ def _build_plain_model(model_args, data_args, latent_shape, checkpoint) -> Fovea
                                                **overrides)  # fmt: skip
     config = FoveatedVLMConfig(vision_config=vision_config, text_config=model_args.text_config, **overrides)
     return FoveatedVLMModel(config)
+
+
+def reset_fixation_writer(model: FoveatedVLMModel) -> None:
+    """Zero the weights of the layer that reads a query's fixation (`encoder.fixation_proj`), its bias to the config's
+    initial spread: every query then asks for no move (saccades) or the frame's centre, whatever it holds, and the
+    training shapes the mapping from there. The rest of the model keeps its weights."""
+    if not model.config.fixation_bias:
+        raise ValueError("init_reset_fixations: the model reads no fixation from its queries (fixation_bias is False)")
+    writer = model.encoder.fixation_proj
+    with torch.no_grad():
+        writer.weight.zero_()
+        writer.bias.zero_()
+        writer.bias[2] = math.log(model.config.fixation_init_spread)
 
 
 def load_for_evaluation(name: str, data_args: DataArguments, latent_shape: tuple) -> FoveatedVLMModel:
@@ -580,6 +599,7 @@ def build_trainer(
         probes=probes_of(model).to_dict() if probes_of(model) is not None else {},
         teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
         init_from=model_args.init_from,
+        init_reset_fixations=model_args.init_reset_fixations,
     )
     train_dataset = data.train
     if data.curriculum and train_dataset is not None:

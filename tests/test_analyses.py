@@ -17,12 +17,12 @@ from foveated_vlm.data import (
     load_precomputed,
     precompute_dataset,
 )
-from foveated_vlm.probes import PROBES_FILE
+from foveated_vlm.probes import PROBES_FILE, moving_box_centres
 from foveated_vlm.report import main as report_main
 from foveated_vlm.synthetic import generate_split
 from modeling_foveated import FoveatedVLMModel
 from runs import NUM_CLIPS, S, T, eval_dataset, make_run
-from tiny import trainer_state
+from tiny import tiny_config, trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,6 +100,38 @@ def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
         )
         expected = metrics_foveated.linear_readout(train_state, train_centre, eval_state, eval_centre)["r2"]
         assert math.isfinite(expected) and place["coarse"][t - 1] == pytest.approx(expected, rel=1e-3, abs=1e-4), t
+
+
+def test_state_readout_summarises_the_fixations_the_policy_writes(tmp_path, data):
+    """With saccades: the mean log sigma, the L1 error from the first box's centre, the first and later moves and the
+    share of running sums past 2, as a direct forward gives them; a model without fixations has no summary."""
+    eval_dataset(tmp_path / "train", seed=1, spread=0.1)
+    eval_dataset(tmp_path / "eval", seed=2, spread=0.05)
+    held_out = str(tmp_path / "eval")
+    torch.manual_seed(0)
+    model = FoveatedVLMModel(tiny_config(fixation_bias=True, fixation_mode="saccade"))
+    with torch.no_grad():  # moves large enough that some running sums pass 2
+        model.encoder.fixation_proj.weight.mul_(40.0)
+    run_dir = make_run(tmp_path / "saccades", data, model=model)
+    policy = state_readout(run_dir, tmp_path / "train", held_out)["policy"]
+
+    dataset = load_precomputed(held_out)
+    batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        queries = model.eval()(pixel_values=batch["pixel_values"]).queries[:, :-1]  # (C, T-1, Q)
+        fixations, _ = model.encoder.saccade_fixations(queries)
+        moves = model.encoder.fixation_proj(queries)[..., :2]
+    place, present = moving_box_centres(batch["moving_boxes"])[:, 1:], (batch["moving_boxes"][:, 1:, 0] >= 0).all(-1)
+    assert policy["log_sigma"] == pytest.approx(fixations[..., 2].mean().item(), abs=1e-5)
+    error = (fixations[..., :2] - place).abs().sum(-1)[present].mean().item()
+    assert policy["fixation_error"] == pytest.approx(error, abs=1e-5)
+    assert policy["first_move"] == pytest.approx(moves[:, 0].abs().mean().item(), abs=1e-5)
+    assert policy["later_moves"] == pytest.approx(moves[:, 1:].abs().mean().item(), abs=1e-5)
+    saturated = (moves.cumsum(1).abs() > 2).float().mean().item()
+    assert 0 < saturated < 1 and policy["saturated"] == pytest.approx(saturated)
+
+    plain = make_run(tmp_path / "plain", data, model=FoveatedVLMModel(tiny_config(fixation_bias=False)))
+    assert state_readout(plain, tmp_path / "train", held_out)["policy"] is None
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """foveated_vlm/card.py: the model card of a run folder, its model-index from the logged evaluation, its licences, the
 VAE and Hub id it names, and the loss it writes out term by term."""
 
+import dataclasses
+
 import pytest
 from huggingface_hub import ModelCard
 from transformers import TrainerState, TrainingArguments
@@ -32,6 +34,9 @@ def test_model_card_model_index_carries_the_logged_results(tmp_path):
     assert "0.9871" in card.text  # Table 1 in the text as well
     assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
     assert "| Started from | `outputs/stage-1` |" in card.text  # a run continued from another names it
+    reset = dataclasses.replace(info, init_reset_fixations=True)
+    card = card_for(tmp_path / "reset", tiny_config(), trainer_state()["log_history"], reset)
+    assert "| Started from | `outputs/stage-1`, its fixation writer reset |" in card.text
 
 
 def test_model_card_names_the_licences_the_vae_and_the_hub_id(tmp_path, monkeypatch):

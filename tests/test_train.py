@@ -9,6 +9,7 @@ first run.
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from tiny import TINY_TEXT, TINY_VISION, numbered_tokenizer, save_tiny_tokenizer
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from foveated_vlm import train as train_hf
+from foveated_vlm.arguments import DataArguments, ModelArguments
 from foveated_vlm.data import find_videos, load_precomputed, split_train_eval
 from foveated_vlm.tiny_vae import make_tiny_vae
 from modeling_foveated import FoveatedVLMModel
@@ -136,6 +138,41 @@ def test_the_phase2_text_recipe_builds_offline_on_tiny_backbones(tmp_path):
     trainer = train_hf.build_trainer(model, processor, data, model_args, data_args, training_args)
     batch = trainer.data_collator([clips[0], clips[1]])
     assert batch["target_ids"].shape[0] == 2 and "input_ids" not in batch
+
+
+def test_init_reset_fixations_zeroes_only_the_fixation_writer_of_the_started_model(tmp_path):
+    """`--init_from` with `--init_reset_fixations`: every weight as saved except the fixation writer's, whose queries
+    then all ask for no move at the initial spread; a resumed checkpoint is never reset; without init_from the flag is
+    refused."""
+    saved = tmp_path / "stage-1"
+    torch.manual_seed(0)
+    FoveatedVLMModel(tiny_config(fixation_mode="saccade", fixation_bias=True, fixation_init_spread=0.5)).save_pretrained(
+        saved
+    )
+    model_args = ModelArguments(init_from=str(saved), init_reset_fixations=True)
+    data_args = DataArguments(image_size=64, num_frames=4)  # the saved model's shapes
+    model = train_hf.build_model(model_args, data_args, latent_shape=(4, 8, 8))
+    original = FoveatedVLMModel.from_pretrained(saved)
+    writer = model.encoder.fixation_proj
+    assert torch.count_nonzero(writer.weight) == 0 and original.encoder.fixation_proj.weight.abs().sum() > 0
+    torch.testing.assert_close(writer.bias, torch.tensor([0.0, 0.0, math.log(0.5)]))
+    for name, parameter in original.named_parameters():
+        if not name.startswith("encoder.fixation_proj."):
+            torch.testing.assert_close(model.get_parameter(name), parameter, msg=name)
+    queries = torch.randn(2, 3, model.config.query_dim)  # (B, T, Q): any queries
+    fixations, _ = model.encoder.saccade_fixations(queries)
+    torch.testing.assert_close(fixations[..., :2], torch.zeros(2, 3, 2))
+
+    resumed = train_hf.build_model(model_args, data_args, latent_shape=(4, 8, 8), checkpoint=str(saved))
+    torch.testing.assert_close(resumed.encoder.fixation_proj.weight, original.encoder.fixation_proj.weight)
+    no_fixations = tmp_path / "no-fixations"
+    FoveatedVLMModel(tiny_config(fixation_bias=False)).save_pretrained(no_fixations)
+    with pytest.raises(ValueError, match=r"^init_reset_fixations: the model reads no fixation from its queries"):
+        train_hf.build_model(ModelArguments(init_from=str(no_fixations), init_reset_fixations=True), data_args,
+                             latent_shape=(4, 8, 8))  # fmt: skip
+    with pytest.raises(ValueError, match="^init_reset_fixations resets the fixation writer of the model given by"):
+        train_hf.parse_arguments(["configs/cued.yaml", "--init_reset_fixations", "true",
+                                  "--output_dir", str(tmp_path / "out")])  # fmt: skip
 
 
 # train_hf.build_processor: the processor saved with every model
