@@ -28,7 +28,7 @@ from foveated_vlm.data import (
     model_inputs,
     recorded_data_paths,
 )
-from foveated_vlm.probes import from_pretrained_with_probes, moving_box_centres
+from foveated_vlm.probes import from_pretrained_with_probes
 from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
@@ -152,7 +152,7 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
     if not cued and any(clip is not None for clip in levels):
         raise ValueError(f"only some clips of {path} have background levels in their sidecars")
     samples = {"coarse": [], "fine": [], "target": [], "coarse_by_frame": [], "fine_by_frame": [], "place": [],
-               "place_present": [], "queries": [], "fixation_place": []}
+               "place_present": [], "queries": []}
     model.eval()
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"readout: {Path(path).name}", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -167,7 +167,6 @@ def _readout_samples(model, path, collator, batch_size: int, device) -> dict:
         samples["place"].append((first_box[..., :2] + first_box[..., 2:]) / 2)  # (B, T, 2)
         samples["place_present"].append(metrics.box_present(first_box))  # (B, T)
         samples["queries"].append(outputs.queries.float().cpu())  # (B, T, Q)
-        samples["fixation_place"].append(moving_box_centres(batch["moving_boxes"]).cpu())  # (B, T, 2) as (y, x)
         if cued:
             target = torch.tensor(levels[start : start + len(rows)])  # (B, T)
             keep = torch.ones(target.shape, dtype=torch.bool)
@@ -203,13 +202,14 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
 def _policy_fixations(model, held_out: dict) -> Optional[dict]:
     """What the policy's own fixations are on held-out clips (None for a model without fixations): the mean log sigma
     and L1 distance from the first box's centre (in [-1, 1] frame coordinates) of the fixations Pass 1's queries write
-    for frames 1..T-1 (those the first fine pass reads with) and, with saccades, the mean size of the first move and of the later ones ("stay" is the zero move)
-    and the share of running-sum coordinates beyond 2, where tanh's slope is under 0.07 and the place barely moves
-    with the query."""
+    for frames 1..T-1 (those the first fine pass reads with) and, with saccades, the mean size of the first move and
+    of the later ones ("stay" is the zero move) and the share of running-sum coordinates beyond 2, where tanh's slope
+    is under 0.07 and the place barely moves with the query."""
     if not model.config.fixation_bias:
         return None
     queries = torch.from_numpy(held_out["queries"][:, :-1]).to(model.device)  # (C, T-1, Q): they read frames 1..T-1
-    place = torch.from_numpy(held_out["fixation_place"][:, 1:])  # (C, T-1, 2)
+    # The box centre (x, y) in [0, 1] -> a fixation's (y, x) in [-1, 1].
+    place = torch.from_numpy(held_out["place"][:, 1:, ::-1].copy()) * 2 - 1  # (C, T-1, 2)
     present = torch.from_numpy(held_out["place_present"][:, 1:])  # (C, T-1)
     summary = {}
     with torch.no_grad():
