@@ -30,6 +30,7 @@ from foveated_vlm.data import (
 )
 from foveated_vlm.probes import from_pretrained_with_probes
 from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
+from foveated_vlm.teacher import pass2_fixations
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
 from processing_foveated import FoveatedVLMProcessor
 
@@ -201,26 +202,25 @@ def _place_by_frame(train: dict, held_out: dict, name: str) -> list[Optional[flo
 
 def _policy_fixations(model, held_out: dict) -> Optional[dict]:
     """What the policy's own fixations are on held-out clips (None for a model without fixations): the mean log sigma
-    and L1 distance from the first box's centre (in [-1, 1] frame coordinates) of the fixations Pass 1's queries write
-    for frames 1..T-1 (those the first fine pass reads with) and, with saccades, the mean size of the first move and
-    of the later ones ("stay" is the zero move) and the share of running-sum coordinates beyond 2, where tanh's slope
-    is under 0.07 and the place barely moves with the query."""
+    and L1 distance from the first box's centre (in [-1, 1] frame coordinates) of the fixations the first fine pass
+    reads frames 1..T-1 with (written by Pass 1's queries) and, with saccades, the mean size of the first move and
+    of the later ones ("stay" is the zero move) and the share of running-sum coordinates beyond 2 (the sum starts
+    from q_init's move), where tanh's slope is under 0.07 and the place barely moves with the query."""
     if not model.config.fixation_bias:
         return None
-    queries = torch.from_numpy(held_out["queries"][:, :-1]).to(model.device)  # (C, T-1, Q): they read frames 1..T-1
+    queries = torch.from_numpy(held_out["queries"]).to(model.device)  # (C, T, Q): Pass 1's, q_t written after frame t
     # The box centre (x, y) in [0, 1] -> a fixation's (y, x) in [-1, 1].
     place = torch.from_numpy(held_out["place"][:, 1:, ::-1].copy()) * 2 - 1  # (C, T-1, 2)
     present = torch.from_numpy(held_out["place_present"][:, 1:])  # (C, T-1)
     summary = {}
     with torch.no_grad():
+        fixations = pass2_fixations(model, queries)[:, 1:].float().cpu()  # (C, T-1, 3): those of frames 1..T-1
         if model.config.fixation_mode == "saccade":
-            fixations, _ = model.encoder.saccade_fixations(queries)
-            moves = model.encoder.fixation_proj(queries).float()[..., :2].cpu()  # (C, T-1, 2)
+            moves = model.encoder.fixation_proj(queries[:, :-1]).float()[..., :2].cpu()  # (C, T-1, 2)
+            # The running sum starts from q_init's move, as Pass 2's reads do.
+            start = model.encoder.fixation_proj(model.q_init.reshape(1, 1, -1)).float()[..., :2].cpu()  # (1, 1, 2)
             summary = {"first_move": moves[:, 0].abs().mean().item(), "later_moves": moves[:, 1:].abs().mean().item(),
-                       "saturated": (moves.cumsum(1).abs() > 2).float().mean().item()}
-        else:
-            fixations = model.encoder.fixation(queries)
-    fixations = fixations.float().cpu()  # (C, T-1, 3)
+                       "saturated": ((start + moves.cumsum(1)).abs() > 2).float().mean().item()}
     error = (fixations[..., :2] - place).abs().sum(-1)[present]
     return {"log_sigma": fixations[..., 2].mean().item(),
             "fixation_error": error.mean().item() if len(error) else None, **summary}

@@ -237,7 +237,7 @@ def loss_formula(config, probes: Optional[dict] = None, teacher: Optional[dict] 
         terms.append(f"{config.fine_entropy_weight:g} · entropy_fine")
     # The Gumbel ablation has no search to distil: its one term is the drawn glimpse's loss.
     gumbel = (teacher or {}).get("teacher_search") == "gumbel"
-    for name in ("wta",) if gumbel else ("wta", "distill", "first_glance"):
+    for name in ("wta",) if gumbel else ("wta", "distill", "first_glance", "move"):
         weight = (teacher or {}).get(f"teacher_{name}_weight", 0)
         until = (teacher or {}).get("teacher_wta_until", 1) if name == "wta" and not gumbel else 1
         if weight > 0 and until > 0:
@@ -268,18 +268,23 @@ def policy_training(teacher: Optional[dict]) -> str:
             f"{teacher['teacher_temperature_end']:g}; no ground truth"
         )
     # Settings saved before the option existed were distilled by mass.
-    matched = {"mass": "attention mass per cell", "position": "glimpse position"}[
-        teacher.get("teacher_distill_target", "mass")]
+    target = teacher.get("teacher_distill_target", "mass")
+    if target == "fixation":
+        distilled = ("distilled into the fixations the policy writes (centre and spread) and, by glimpse position, "
+                     "into Pass 1's glimpse of the frame before")
+    else:
+        matched = {"mass": "attention mass per cell", "position": "glimpse position"}[target]
+        distilled = f"distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse of the frame before"
     scorer = teacher.get("teacher_scorer")
     scored_by = f" of the frozen model `{scorer}`" if scorer else ""
     wta = ", candidates trained by soft winner-takes-all" if teacher.get("teacher_wta_weight", 1.0) > 0 else ""
     share = teacher.get("teacher_confident_share", 1.0)
     clips = f" on the {share:.0%} of each batch's clips with the highest search gain" if share < 1 else ""
+    move = ", an L1 cost on the saccades' later moves" if teacher.get("teacher_move_weight", 0.0) > 0 else ""
     return (
         f"search teacher (foveated_vlm/teacher.py): {grid}×{grid} candidate glimpses per frame scored by the next-latent "
         f"loss{scored_by}, a posterior at temperature {teacher['teacher_temperature_start']:g} → "
-        f"{teacher['teacher_temperature_end']:g}{wta}, distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse "
-        f"of the frame before{clips}; no ground truth"
+        f"{teacher['teacher_temperature_end']:g}{wta}, {distilled}{clips}{move}; no ground truth"
     )
 
 

@@ -51,12 +51,14 @@ __all__ = [
     "load_teacher_settings",
     "branch_states",
     "cell_mass",
+    "later_moves",
+    "pass2_fixations",
 ]
 
 WTA_SAMPLING = ("uniform", "posterior", "held_out")
 TEACHER_SEARCHES = ("frame", "stay", "gumbel")
 TEACHER_SCORES = ("relative", "standardized")
-DISTILL_TARGETS = ("mass", "position")
+DISTILL_TARGETS = ("mass", "position", "fixation")
 DISTILL_DISTANCES = ("squared", "absolute")
 DISTILL_PLACES = ("mean", "best")
 # The teacher's settings as saved beside a model trained with it (the report and the card read them).
@@ -138,13 +140,24 @@ class FoveatedVLMTeacherArguments:
         metadata={"help": "Weight of pulling Pass 1's static glimpse of frame t-1 towards the posterior of frame t "
         "(the first-glance signal; 0: off)."},
     )
+    teacher_move_weight: float = field(
+        default=0.0,
+        metadata={"help": "With saccade fixations, weight of an L1 cost on the policy's later moves (every move "
+        "after the first; 0: off). 'Stay' is the zero move: a policy that writes about the same move after every "
+        "frame drifts off what it found and onto tanh's flat tails, where no distillation moves it (docs/RESULTS.md). "
+        "The cost reads only the policy's own queries."},
+    )
     teacher_distill_target: str = field(
         default="mass",
         metadata={
             "help": "What the distillation and first-glance terms match: 'mass' (cross-entropy of the glimpse's "
-            "attention mass per cell against the posterior; selects by content or by place) or 'position' (squared "
+            "attention mass per cell against the posterior; selects by content or by place), 'position' (squared "
             "distance of the glimpse's attention-weighted position from the posterior's mean cell centre; the "
-            "calibration probes' loss, with the teacher's place instead of the box's).",
+            "calibration probes' loss, with the teacher's place instead of the box's) or 'fixation' (the distance of "
+            "the fixation the policy writes, its centre and log sigma, from the teacher's candidate: its gradient "
+            "does not fade while the fixation is broad, where moving a flat bias barely moves the glimpse; the "
+            "first-glance term then matches the static glimpse's position, the static query having one fixation for "
+            "every frame; needs fixations and teacher_distill_from_frame 1).",
             "choices": DISTILL_TARGETS,
         },
     )
@@ -152,18 +165,18 @@ class FoveatedVLMTeacherArguments:
     teacher_distill_distance: str = field(
         default="squared",
         metadata={
-            "help": "With teacher_distill_target position, the distance: squared, or absolute (|dy| + |dx|, whose "
-            "minimiser over the teacher's places is their median: the clips it misses do not pull the policy off "
-            "the others; docs/RESULTS.md).",
+            "help": "With teacher_distill_target position or fixation, the distance: squared, or absolute (|dy| + "
+            "|dx|, whose minimiser over the teacher's places is their median: the clips it misses do not pull the "
+            "policy off the others; docs/RESULTS.md).",
             "choices": DISTILL_DISTANCES,
         },
     )
     teacher_distill_place: str = field(
         default="mean",
         metadata={
-            "help": "With teacher_distill_target position, the teacher's place: mean (the posterior's mean cell "
-            "centre, drawn towards the other cells by the posterior's spread) or best (the centre of its most probable "
-            "cell).",
+            "help": "With teacher_distill_target position or fixation, the teacher's place: mean (the posterior's "
+            "mean cell centre, drawn towards the other cells by the posterior's spread) or best (the centre of its "
+            "most probable cell).",
             "choices": DISTILL_PLACES,
         },
     )
@@ -213,6 +226,9 @@ class FoveatedVLMTeacherArguments:
             raise ValueError(f"teacher_scores={self.teacher_scores!r} must be one of {TEACHER_SCORES}")
         if self.teacher_distill_target not in DISTILL_TARGETS:
             raise ValueError(f"teacher_distill_target={self.teacher_distill_target!r} must be one of {DISTILL_TARGETS}")
+        if self.teacher_distill_target == "fixation" and self.teacher_distill_from_frame != 1:
+            raise ValueError("teacher_distill_target='fixation' distils the fixations the policy writes: it needs "
+                             "teacher_distill_from_frame=1 (frame 0 is read by q_init, before anything is seen)")
         if self.teacher_wta_sampling not in WTA_SAMPLING:
             raise ValueError(f"teacher_wta_sampling={self.teacher_wta_sampling!r} must be one of {WTA_SAMPLING}")
         if not 0 <= self.teacher_wta_until <= 1:
@@ -220,7 +236,8 @@ class FoveatedVLMTeacherArguments:
         if not 0 < self.teacher_confident_share <= 1:
             raise ValueError(f"teacher_confident_share={self.teacher_confident_share} must lie in (0, 1] (a share of "
                              "each batch's clips)")
-        for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_first_glance_weight"):
+        for name in ("teacher_wta_weight", "teacher_distill_weight", "teacher_first_glance_weight",
+                     "teacher_move_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
@@ -257,6 +274,24 @@ def cell_mass(attention: torch.Tensor, grid: int) -> torch.Tensor:
     block = side // grid
     cells = attention.reshape(*attention.shape[:-1], grid, block, grid, block)  # (..., gy, by, gx, bx)
     return cells.sum(dim=(-3, -1)).flatten(-2)
+
+
+def pass2_fixations(model: FoveatedVLMModel, queries: torch.Tensor) -> torch.Tensor:
+    """The fixations `(B, T, 3)` as (y, x, log sigma) that Pass 2 reads frames 0..T-1 with, from Pass 1's queries
+    `(B, T, Q)`, as the design's fine reader works them out: frame 0 with `q_init`, frame t with the query written after
+    frame t-1 (with saccades, `q_init`'s move starts the running sum)."""
+    B = queries.shape[0]
+    shifted = torch.cat([model.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)  # (B, T, Q)
+    if model.config.fixation_mode == "saccade":
+        return model.encoder.saccade_fixations(shifted)[0]
+    return model.encoder.fixation(shifted)
+
+
+def later_moves(model: FoveatedVLMModel, queries: torch.Tensor) -> torch.Tensor:
+    """Per clip (B,): the mean L1 size of the saccades' later moves, those of the queries `(B, T, Q)` written after
+    frames 1..T-2 (the query after frame 0 writes the first move; the one after frame T-1 reads no frame)."""
+    moves = model.encoder.fixation_proj(queries[:, 1:-1]).float()[..., :2]  # (B, T-2, 2)
+    return moves.abs().sum(-1).mean(1)
 
 
 class FoveatedVLMSearchTeacher:
@@ -386,7 +421,10 @@ class FoveatedVLMSearchTeacher:
             target_cells = posterior.detach()
             match = self._glimpse_match(model, cells)
             if args.teacher_distill_weight > 0:
-                terms["distill"] = self._distillation(match, target_cells, outputs.attn_fine, frames)
+                if args.teacher_distill_target == "fixation":
+                    terms["distill"] = self._fixation_distillation(model, outputs.queries, cells, target_cells, frames)
+                else:
+                    terms["distill"] = self._distillation(match, target_cells, outputs.attn_fine, frames)
             if args.teacher_first_glance_weight > 0:
                 if stay:
                     # The first glance: Pass 1's static glimpse of frame 1 towards the clip's place.
@@ -396,6 +434,8 @@ class FoveatedVLMSearchTeacher:
                     earlier = (frames - 1).clamp_min(0)
                     per_frame = match(target_cells, _at_frames(outputs.attn_coarse, earlier))
                     terms["first_glance"] = _mean_where(per_frame, frames >= 1)
+            if args.teacher_move_weight > 0:
+                terms["move"] = later_moves(model, outputs.queries)
             if args.teacher_confident_share < 1:
                 confident = confident_clips(metrics["teacher/search_gain"], args.teacher_confident_share)  # (B,)
                 for name in ("distill", "first_glance"):
@@ -403,7 +443,7 @@ class FoveatedVLMSearchTeacher:
                         # Renormalised so that the term's scale does not depend on the share kept.
                         terms[name] = terms[name] * confident * (B / confident.sum())
             weights = {"wta": args.teacher_wta_weight, "distill": args.teacher_distill_weight,
-                       "first_glance": args.teacher_first_glance_weight}
+                       "first_glance": args.teacher_first_glance_weight, "move": args.teacher_move_weight}
             per_clip = sum(weights[name] * value for name, value in terms.items())
             loss = per_clip.mean() if terms else None
             metrics.update({f"teacher/{name}": value.detach() for name, value in terms.items()})
@@ -436,21 +476,34 @@ class FoveatedVLMSearchTeacher:
             metrics["teacher/wta"] = per_clip.detach()
         return FoveatedVLMTeacherOutput(loss=loss, frames=frames, posterior=mass, metrics=metrics)
 
+    def _fixation_distillation(self, model, queries, cells, target_cells, frames) -> torch.Tensor:
+        """`teacher_distill_target="fixation"`, per clip (B,): the distance of the fixation (centre and log sigma) the
+        policy wrote for each distilled frame t >= 1 from the teacher's candidate there, mean over those frames. With
+        `fine_passes` > 1 these are the first fine pass's fixations, which Pass 1's queries write."""
+        fixations = pass2_fixations(model, queries)  # (B, T, 3): frame 0's is q_init's, never distilled
+        if self.args.teacher_search == "stay":
+            written, keep = fixations[:, 1:], None  # (B, T - 1, 3): the posterior's frames 1..T-1
+        else:
+            written, keep = _at_frames(fixations, frames), frames >= 1  # (B, F, 3)
+        best = self.args.teacher_distill_place == "best"
+        place = cells[target_cells.argmax(-1), :2] if best else target_cells @ cells[:, :2]  # (B, F, 2)
+        difference = torch.cat([written[..., :2] - place, written[..., 2:] - cells[0, 2]], dim=-1)  # (B, F, 3)
+        per_frame = _distance(difference, self.args.teacher_distill_distance)  # (B, F)
+        return per_frame.mean(1) if keep is None else _mean_where(per_frame, keep)
+
     def _glimpse_match(self, model, cells: torch.Tensor):
-        """The distillation's distance, (posterior (..., K), glimpse attention (..., P)) -> (...), by
-        `teacher_distill_target`."""
+        """The distance of a glimpse from the teacher's, (posterior (..., K), glimpse attention (..., P)) -> (...), by
+        `teacher_distill_target` (the first-glance term's, and the distillation's but for `fixation`)."""
         grid = self.args.teacher_grid
         if self.args.teacher_distill_target == "mass":
             return lambda posterior, attention: _cross_entropy(posterior, cell_mass(attention, grid))
 
-        absolute = self.args.teacher_distill_distance == "absolute"
         best = self.args.teacher_distill_place == "best"
 
         def position_distance(posterior, attention):
             place = cells[posterior.argmax(-1), :2] if best else posterior @ cells[:, :2]  # (..., 2)
             where = model.glimpse_summary(attention.reshape(-1, attention.shape[-1]))[:, :2]
-            difference = where.view(place.shape) - place
-            return (difference.abs() if absolute else difference.pow(2)).sum(-1)
+            return _distance(where.view(place.shape) - place, self.args.teacher_distill_distance)
 
         return position_distance
 
@@ -655,6 +708,11 @@ def _mean_where(per_frame: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per clip (B,): the mean of per_frame (B, F) over the frames where keep (B, F) holds (0 where none does)."""
     keep = keep.to(per_frame.dtype)
     return (per_frame * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def _distance(difference: torch.Tensor, kind: str) -> torch.Tensor:
+    """`teacher_distill_distance` over the last dim: (..., D) -> (...), absolute (L1) or squared."""
+    return (difference.abs() if kind == "absolute" else difference.pow(2)).sum(-1)
 
 
 def _cross_entropy(target: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

@@ -586,6 +586,14 @@ def build_trainer(
             f"the model's text_loss_weight={model.config.text_loss_weight} trains on text as a target, which the data "
             "must give: add --text_target caption (or qa_open / qa_choice with LLaVA-Video)"
         )
+    teaching = teacher_args is not None and teacher_args.teacher
+    if teaching and teacher_args.teacher_move_weight > 0 and model.config.fixation_mode != "saccade":
+        raise ValueError(f"teacher_move_weight={teacher_args.teacher_move_weight} costs the saccades' moves: it needs "
+                         f"--model_config '{{\"fixation_mode\": \"saccade\"}}' (the model's fixation_mode is "
+                         f"{model.config.fixation_mode!r})")
+    if teaching and teacher_args.teacher_distill_target == "fixation" and not model.config.fixation_bias:
+        raise ValueError("teacher_distill_target='fixation' distils the fixations the policy writes: the model reads "
+                         "none from its queries (fixation_bias=False)")
     tokenizer = processor.tokenizer if data_args.use_captions or caption_as_target else None
     collator = FoveatedVLMDataCollator(
         tokenizer, data_args.max_text_length, normalize_frames=False, caption_as_target=caption_as_target
@@ -597,7 +605,7 @@ def build_trainer(
         eval_dataset_name=f"{len(data.eval)} held-out {data_args.data_source} clips",
         frozen=[name for name in ("vision", "text") if getattr(model_args, f"freeze_{name}")],
         probes=probes_of(model).to_dict() if probes_of(model) is not None else {},
-        teacher=teacher_args.to_dict() if teacher_args is not None and teacher_args.teacher else {},
+        teacher=teacher_args.to_dict() if teaching else {},
         init_from=model_args.init_from,
         init_reset_fixations=model_args.init_reset_fixations,
     )
@@ -613,7 +621,7 @@ def build_trainer(
         data_collator=collator,
         processing_class=processor,
         model_card_info=card_info,
-        teacher=FoveatedVLMSearchTeacher(teacher_args) if teacher_args is not None and teacher_args.teacher else None,
+        teacher=FoveatedVLMSearchTeacher(teacher_args) if teaching else None,
     )
     if training_args.num_attention_figures > 0:
         figures = FoveatedVLMFigureCallback(data.eval, collator, data.vae, training_args.num_attention_figures,

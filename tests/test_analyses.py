@@ -104,7 +104,8 @@ def test_state_readout_of_a_mover_split(tmp_path, data, capsys):
 
 def test_state_readout_summarises_the_fixations_the_policy_writes(tmp_path, data):
     """With saccades: the mean log sigma, the L1 error from the first box's centre, the first and later moves and the
-    share of running sums past 2, as a direct forward gives them; a model without fixations has no summary."""
+    share of running sums past 2, of the fixations Pass 2 reads frames 1..T-1 with (the running sum starts from
+    q_init's move), as a direct forward gives them; a model without fixations has no summary."""
     eval_dataset(tmp_path / "train", seed=1, spread=0.1)
     eval_dataset(tmp_path / "eval", seed=2, spread=0.05)
     held_out = str(tmp_path / "eval")
@@ -119,15 +120,19 @@ def test_state_readout_summarises_the_fixations_the_policy_writes(tmp_path, data
     batch = FoveatedVLMDataCollator()([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         queries = model.eval()(pixel_values=batch["pixel_values"]).queries[:, :-1]  # (C, T-1, Q)
-        fixations, _ = model.encoder.saccade_fixations(queries)
-        moves = model.encoder.fixation_proj(queries)[..., :2]
+        # Pass 2 reads frame 0 with q_init, whose move starts the running sum: frames 1..T-1 are read from there.
+        shifted = torch.cat([model.q_init.expand(len(queries), 1, -1), queries], dim=1)  # (C, T, Q)
+        fixations = model.encoder.saccade_fixations(shifted)[0][:, 1:]  # (C, T-1, 3)
+        moves = model.encoder.fixation_proj(shifted)[..., :2]  # (C, T, 2)
+        start, moves = moves[:, :1], moves[:, 1:]
+    assert start.abs().min() > 0.1  # q_init's own move is not negligible here
     place, present = moving_box_centres(batch["moving_boxes"])[:, 1:], (batch["moving_boxes"][:, 1:, 0] >= 0).all(-1)
     assert policy["log_sigma"] == pytest.approx(fixations[..., 2].mean().item(), abs=1e-5)
     error = (fixations[..., :2] - place).abs().sum(-1)[present].mean().item()
     assert policy["fixation_error"] == pytest.approx(error, abs=1e-5)
     assert policy["first_move"] == pytest.approx(moves[:, 0].abs().mean().item(), abs=1e-5)
     assert policy["later_moves"] == pytest.approx(moves[:, 1:].abs().mean().item(), abs=1e-5)
-    saturated = (moves.cumsum(1).abs() > 2).float().mean().item()
+    saturated = ((start + moves.cumsum(1)).abs() > 2).float().mean().item()
     assert 0 < saturated < 1 and policy["saturated"] == pytest.approx(saturated)
 
     plain = make_run(tmp_path / "plain", data, model=FoveatedVLMModel(tiny_config(fixation_bias=False)))

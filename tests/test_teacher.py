@@ -7,7 +7,14 @@ import pytest
 import torch
 from test_modeling import assert_stream_equals_forward, make_batch, make_model
 
-from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments, branch_states, cell_mass
+from foveated_vlm.teacher import (
+    FoveatedVLMSearchTeacher,
+    FoveatedVLMTeacherArguments,
+    branch_states,
+    cell_mass,
+    later_moves,
+    pass2_fixations,
+)
 
 SACCADE = dict(fixation_bias=True, fixation_mode="saccade", glimpse_position=True)
 
@@ -259,6 +266,40 @@ def test_gradients_reach_the_query_head_through_the_distillation():
     assert model.prediction_head.film[0].weight.grad is None  # distillation alone does not train the head
 
 
+def test_the_move_cost_trains_the_later_saccades_and_leaves_the_first_free():
+    """`teacher_move_weight`: the mean L1 size of the moves written after frames 1..T-2, read from the policy's own
+    queries; the first move (written after frame 0) and the last query (which reads no frame) cost nothing."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    only_moves = dict(teacher_wta_weight=0.0, teacher_distill_weight=0.0, teacher_first_glance_weight=0.0)
+    taught = teacher(**only_moves, teacher_move_weight=2.0)(model, outputs, vae_latents, progress=1.0)
+    moves = model.encoder.fixation_proj(outputs.queries.detach())[..., :2]  # (B, T, 2)
+    expected = moves[:, 1:-1].abs().sum(-1).mean(1)  # (B,)
+    torch.testing.assert_close(taught.metrics["teacher/move"], expected.detach())
+    torch.testing.assert_close(taught.loss, 2.0 * expected.mean())
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0  # the policy that writes the queries learns to stay
+    assert model.prediction_head.film[0].weight.grad is None
+
+    queries = outputs.queries.detach().requires_grad_(True)
+    later_moves(model, queries).sum().backward()
+    per_query = queries.grad.abs().sum(-1)  # (B, T)
+    assert (per_query[:, 0] == 0).all() and (per_query[:, -1] == 0).all() and (per_query[:, 1:-1] > 0).all()
+    assert "teacher/move" not in teacher(**only_moves)(model, outputs, vae_latents, progress=1.0).metrics
+
+
+def test_the_move_cost_is_refused_without_saccades_by_name(tmp_path):
+    from foveated_vlm import train
+    from foveated_vlm.arguments import DataArguments, FoveatedTrainingArguments, ModelArguments
+
+    model = make_model(fixation_bias=True)
+    settings = FoveatedVLMTeacherArguments(teacher=True, teacher_move_weight=1.0)
+    with pytest.raises(ValueError, match="^teacher_move_weight=1.0 costs the saccades' moves.*'absolute'"):
+        train.build_trainer(model, None, None, ModelArguments(), DataArguments(),
+                            FoveatedTrainingArguments(output_dir=str(tmp_path)), settings)  # fmt: skip
+
+
 @pytest.mark.parametrize("search", ["stay", "frame"])
 def test_distill_from_frame_1_leaves_q_inits_read_of_frame_0_out(search):
     """Pass 2 reads frame 0 with q_init, before anything is seen: with `teacher_distill_from_frame=1` its glimpse does
@@ -344,6 +385,51 @@ def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():
     taught = gumbel(model, model(pixel_values, vae_latents, output_patch_cache=True), vae_latents, progress=0.5)
     assert set(taught.metrics) >= {"teacher/wta", "teacher/loss_policy"} and "teacher/distill" not in taught.metrics
     torch.testing.assert_close(taught.posterior.sum(-1), torch.ones_like(taught.posterior[..., 0]))  # the policy's mass
+
+
+def test_pass2_fixations_are_those_pass2_reads_with():
+    """`pass2_fixations` works out the fixations exactly as the fine reader does: Pass 2's forward with them imposed
+    equals the plain forward, and a change in them changes Pass 2."""
+    for overrides in (SACCADE, dict(fixation_bias=True)):
+        model = make_model(**overrides).eval()
+        pixel_values, vae_latents = make_batch(model.config)
+        with torch.no_grad():
+            plain = model(pixel_values, vae_latents)
+            fixations = pass2_fixations(model, plain.queries)  # (B, T, 3)
+            moved = model(pixel_values, vae_latents, reader_kwargs={"fixations": fixations + 0.3})
+            imposed = model(pixel_values, vae_latents, reader_kwargs={"fixations": fixations})
+        assert fixations.shape == (*plain.queries.shape[:2], 3)
+        torch.testing.assert_close(imposed.attn_fine, plain.attn_fine)
+        assert not torch.allclose(moved.attn_fine, plain.attn_fine)
+
+
+@pytest.mark.parametrize("search", ["frame", "stay"])
+def test_fixation_distillation_pulls_the_written_fixation_towards_the_teachers_candidate(search):
+    """`teacher_distill_target="fixation"`: the L1 distance of each fixation the policy writes for frames >= 1 (centre
+    and log sigma) from the teacher's best candidate; its gradient reaches the query head but not the prediction
+    head."""
+    model = make_model(**SACCADE).train()
+    pixel_values, vae_latents = make_batch(model.config)
+    outputs = model(pixel_values, vae_latents, output_patch_cache=True)
+    settings = dict(teacher_distill_target="fixation", teacher_distill_distance="absolute",
+                    teacher_distill_place="best", teacher_distill_from_frame=1, teacher_search=search)  # fmt: skip
+    search_teacher = teacher(**settings, teacher_wta_weight=0.0, teacher_first_glance_weight=0.0)
+    taught = search_teacher(model, outputs, vae_latents, progress=1.0)
+    cells = search_teacher.candidate_fixations(outputs.attn_fine.shape[-1], "cpu")  # (K, 3)
+    written = pass2_fixations(model, outputs.queries).detach()  # (B, T, 3)
+    best = cells[taught.posterior.argmax(-1)]  # (B, F, 3)
+    if search == "stay":
+        expected = (written[:, 1:] - best).abs().sum(-1).mean(1)
+    else:
+        at_frames = written.gather(1, taught.frames[..., None].expand(-1, -1, 3))
+        per_frame, keep = (at_frames - best).abs().sum(-1), (taught.frames >= 1).float()
+        expected = (per_frame * keep).sum(1) / keep.sum(1).clamp_min(1)
+    torch.testing.assert_close(taught.metrics["teacher/distill"], expected)
+    taught.loss.backward()
+    assert model.query_head.weight.grad.abs().sum() > 0
+    assert model.prediction_head.film[0].weight.grad is None
+    with pytest.raises(ValueError, match="teacher_distill_from_frame=1"):
+        FoveatedVLMTeacherArguments(teacher_distill_target="fixation")
 
 
 @pytest.mark.parametrize("search", ["frame", "stay"])
@@ -487,6 +573,14 @@ def test_the_written_out_loss_names_the_teacher_terms():
     assert "search gain" not in frozen_row
     confident = architecture_rows(config, teacher={**frozen, "teacher_confident_share": 0.5})["Policy training"]
     assert "on the 50% of each batch's clips with the highest search gain" in confident
+    moving = {**frozen, "teacher_move_weight": 0.5}
+    assert loss_formula(config, teacher=moving).endswith("+ 1 · teacher/distill + 0.5 · teacher/move")
+    assert "an L1 cost on the saccades' later moves" in architecture_rows(config, teacher=moving)["Policy training"]
+    assert "later moves" not in frozen_row
+    assert "distilled (attention mass per cell) into Pass 2's glimpse and Pass 1's glimpse of the frame" in frozen_row
+    fixation = {**frozen, "teacher_distill_target": "fixation"}
+    assert "distilled into the fixations the policy writes (centre and spread) and, by glimpse position, into Pass 1's" \
+        in architecture_rows(config, teacher=fixation)["Policy training"]
 
 
 def test_a_teacher_json_written_before_the_rename_names_its_terms_today(tmp_path):
