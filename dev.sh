@@ -40,27 +40,26 @@ case "$cmd" in
     search)
         # The search teacher's recipe on the positive control (docs/RESULTS.md, "A second stage"), no ground truth:
         # stage 1 learns the scorer (a curriculum over the look-alikes); stage 2 starts from it with a fresh
-        # learning-rate schedule and the stage-1 model frozen as the scorer, 960 then 480 steps; stage 3 trains 480
-        # more with two fine passes, so that the policy learns to read with the queries a focused stream writes, as it
-        # is deployed. 2,880 steps in all; its figures over 3 seeds are in RESULTS.md. Then the stages beside the
-        # oracle of `main` if that has run.
+        # learning-rate schedule and the stage-1 model frozen as the scorer, distilling the fixation the policy writes
+        # with a cost on every move after the first; stage 3 trains 480 more steps with two fine passes, so that the
+        # policy learns to read with the queries a focused stream writes, as it is deployed. 2,400 steps in all; its
+        # figures over 3 seeds are in RESULTS.md. Then the stages beside the oracle of `main` if that has run.
         setup_venv
         recipe=(--teacher true --teacher_distill_target position --teacher_distill_distance absolute
                 --teacher_distill_place best --teacher_distill_from_frame 1)
         saccades='{"fixation_mode": "saccade"}'
-        frozen=(--teacher_scorer outputs/cued-search-stage1 --teacher_wta_weight 0)
+        frozen=(--teacher_scorer outputs/cued-search-stage1 --teacher_wta_weight 0 --teacher_distill_weight 5)
         .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" --model_config "$saccades" --max_steps 960 \
             --curriculum cued_1:360,cued_3:120 --output_dir outputs/cued-search-stage1 "$@"
         .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" "${frozen[@]}" --model_config "$saccades" \
-            --max_steps 960 --init_from outputs/cued-search-stage1 --output_dir outputs/cued-search-stage2 "$@"
-        .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" "${frozen[@]}" --model_config "$saccades" \
-            --max_steps 480 --init_from outputs/cued-search-stage2 --output_dir outputs/cued-search-stage2b "$@"
+            --teacher_distill_target fixation --teacher_move_weight 1 --max_steps 960 \
+            --init_from outputs/cued-search-stage1 --output_dir outputs/cued-search-stage2 "$@"
         .venv/bin/python train_hf.py configs/cued.yaml "${recipe[@]}" "${frozen[@]}" \
             --model_config '{"fixation_mode": "saccade", "fine_passes": 2}' \
-            --max_steps 480 --init_from outputs/cued-search-stage2b --output_dir outputs/cued-search "$@"
-        runs=(outputs/cued-search-stage1 outputs/cued-search-stage2 outputs/cued-search-stage2b outputs/cued-search)
+            --max_steps 480 --init_from outputs/cued-search-stage2 --output_dir outputs/cued-search "$@"
+        runs=(outputs/cued-search-stage1 outputs/cued-search-stage2 outputs/cued-search)
         [ -d outputs/cued-oracle ] && runs+=(outputs/cued-oracle)
-        echo "The search teacher's stages${runs[4]:+ and the oracle}:"
+        echo "The search teacher's stages${runs[3]:+ and the oracle}:"
         .venv/bin/python -m foveated_vlm.analyses compare "${runs[@]}"
         ;;
     test)
