@@ -30,8 +30,8 @@ from foveated_vlm.data import (
 )
 from foveated_vlm.probes import from_pretrained_with_probes
 from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
-from foveated_vlm.teacher import pass2_fixations
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
+from foveated_vlm.teacher import pass2_fixations
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = ["compare_runs", "cued_headroom", "state_readout", "main"]

@@ -289,15 +289,20 @@ def test_the_move_cost_trains_the_later_saccades_and_leaves_the_first_free():
     assert "teacher/move" not in teacher(**only_moves)(model, outputs, vae_latents, progress=1.0).metrics
 
 
-def test_the_move_cost_is_refused_without_saccades_by_name(tmp_path):
+def test_teacher_settings_the_model_cannot_take_are_refused_by_name(tmp_path):
+    """Before any data is read: a move cost without saccades, a fixation distilled from a model without fixations."""
     from foveated_vlm import train
     from foveated_vlm.arguments import DataArguments, FoveatedTrainingArguments, ModelArguments
 
-    model = make_model(fixation_bias=True)
-    settings = FoveatedVLMTeacherArguments(teacher=True, teacher_move_weight=1.0)
-    with pytest.raises(ValueError, match="^teacher_move_weight=1.0 costs the saccades' moves.*'absolute'"):
+    def build(model, **settings):
         train.build_trainer(model, None, None, ModelArguments(), DataArguments(),
-                            FoveatedTrainingArguments(output_dir=str(tmp_path)), settings)  # fmt: skip
+                            FoveatedTrainingArguments(output_dir=str(tmp_path)),
+                            FoveatedVLMTeacherArguments(teacher=True, **settings))  # fmt: skip
+
+    with pytest.raises(ValueError, match="^teacher_move_weight=1.0 costs the saccades' moves.*'absolute'"):
+        build(make_model(fixation_bias=True), teacher_move_weight=1.0)
+    with pytest.raises(ValueError, match="^teacher_distill_target='fixation' distils .*fixation_bias=False"):
+        build(make_model(), teacher_distill_target="fixation", teacher_distill_from_frame=1)
 
 
 @pytest.mark.parametrize("search", ["stay", "frame"])
