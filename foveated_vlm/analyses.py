@@ -31,7 +31,7 @@ from foveated_vlm.data import (
 from foveated_vlm.probes import from_pretrained_with_probes
 from foveated_vlm.report import load_log_history, resolve_data_paths, saved_model_dir
 from foveated_vlm.report_text import FoveatedVLMHeldOut, markdown_table
-from foveated_vlm.teacher import pass2_fixations
+from foveated_vlm.teacher import pass2_fixations, pass2_queries
 from processing_foveated import FoveatedVLMProcessor
 
 __all__ = ["compare_runs", "cued_headroom", "state_readout", "main"]
@@ -216,11 +216,10 @@ def _policy_fixations(model, held_out: dict) -> Optional[dict]:
     with torch.no_grad():
         fixations = pass2_fixations(model, queries)[:, 1:].float().cpu()  # (C, T-1, 3): those of frames 1..T-1
         if model.config.fixation_mode == "saccade":
-            moves = model.encoder.fixation_proj(queries[:, :-1]).float()[..., :2].cpu()  # (C, T-1, 2)
-            # The running sum starts from q_init's move, as Pass 2's reads do.
-            start = model.encoder.fixation_proj(model.q_init.reshape(1, 1, -1)).float()[..., :2].cpu()  # (1, 1, 2)
-            summary = {"first_move": moves[:, 0].abs().mean().item(), "later_moves": moves[:, 1:].abs().mean().item(),
-                       "saturated": ((start + moves.cumsum(1)).abs() > 2).float().mean().item()}
+            # q_init's move, then the policy's: their running sum is what frames 0..T-1 are read at.
+            moves = model.encoder.fixation_proj(pass2_queries(model, queries)).float()[..., :2].cpu()  # (C, T, 2)
+            summary = {"first_move": moves[:, 1].abs().mean().item(), "later_moves": moves[:, 2:].abs().mean().item(),
+                       "saturated": (moves.cumsum(1)[:, 1:].abs() > 2).float().mean().item()}
     error = (fixations[..., :2] - place).abs().sum(-1)[present]
     return {"log_sigma": fixations[..., 2].mean().item(),
             "fixation_error": error.mean().item() if len(error) else None, **summary}

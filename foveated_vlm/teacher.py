@@ -53,6 +53,7 @@ __all__ = [
     "cell_mass",
     "later_moves",
     "pass2_fixations",
+    "pass2_queries",
 ]
 
 WTA_SAMPLING = ("uniform", "posterior", "held_out")
@@ -276,12 +277,18 @@ def cell_mass(attention: torch.Tensor, grid: int) -> torch.Tensor:
     return cells.sum(dim=(-3, -1)).flatten(-2)
 
 
+def pass2_queries(model: FoveatedVLMModel, queries: torch.Tensor) -> torch.Tensor:
+    """The queries `(B, T, Q)` that Pass 2 reads frames 0..T-1 with, from Pass 1's `(B, T, Q)`: `q_init` for frame 0,
+    then the query written after frame t-1 for frame t (the model's forward shifts them the same way)."""
+    first = model.q_init.expand(queries.shape[0], 1, -1).to(queries.dtype)
+    return torch.cat([first, queries[:, :-1]], dim=1)
+
+
 def pass2_fixations(model: FoveatedVLMModel, queries: torch.Tensor) -> torch.Tensor:
     """The fixations `(B, T, 3)` as (y, x, log sigma) that Pass 2 reads frames 0..T-1 with, from Pass 1's queries
-    `(B, T, Q)`, as the design's fine reader works them out: frame 0 with `q_init`, frame t with the query written after
-    frame t-1 (with saccades, `q_init`'s move starts the running sum)."""
-    B = queries.shape[0]
-    shifted = torch.cat([model.q_init.expand(B, 1, -1).to(queries.dtype), queries[:, :-1]], dim=1)  # (B, T, Q)
+    `(B, T, Q)`, as the design's fine reader works them out from `pass2_queries` (with saccades, `q_init`'s move
+    starts the running sum)."""
+    shifted = pass2_queries(model, queries)  # (B, T, Q)
     if model.config.fixation_mode == "saccade":
         return model.encoder.saccade_fixations(shifted)[0]
     return model.encoder.fixation(shifted)
