@@ -166,14 +166,16 @@ def run_step_benchmark(args) -> dict:
             teacher = FoveatedVLMSearchTeacher(FoveatedVLMTeacherArguments(**settings))
 
     def step():
+        if args.teacher_frozen_scorer == 2:  # every clip new to the scorer, as in the first epoch
+            teacher.scored_clips.clear()
         with autocast:
             model_inputs = dict(pixel_values=pixel_values, vae_latents=vae_latents, **text, **target)
             outputs = forward(**model_inputs, output_patch_cache=teacher is not None)
             loss = outputs.loss
             if teacher is not None:
-                scorer_outputs = teacher.scorer_outputs_for(model_inputs)
+                scorer_inputs = model_inputs if teacher.scorer is not None else None
                 loss = loss + teacher(model, outputs, vae_latents, **text, progress=0.5,
-                                      scorer_outputs=scorer_outputs).loss
+                                      scorer_inputs=scorer_inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -630,7 +632,7 @@ def print_teacher_table(common, device):
     print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
     plain = None
     rows = (("frame", 0, 0, 0), ("frame", 4, 0, 0), ("frame", 4, 2, 0), ("frame", 8, 1, 0), ("stay", 4, 0, 0),
-            ("stay", 4, 0, 1))
+            ("stay", 4, 0, 2), ("stay", 4, 0, 1))
     for search, grid, frames, frozen in rows:
         settings = dict(batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames, teacher_search=search,
                         teacher_frozen_scorer=frozen)
@@ -641,7 +643,10 @@ def print_teacher_table(common, device):
         seconds = result["seconds_per_step"]
         plain = plain or seconds
         name = "off" if not grid else f"{search}: {grid}×{grid} cells, {frames or 'all'} frames"
-        name += ", a frozen scorer, no candidate training (the recipe's stage 2)" if frozen else ""
+        if frozen:
+            # The frozen scorer searches each clip once (FoveatedVLMSearchTeacher.frozen_search).
+            seen = "clips it has searched (from the second epoch)" if frozen == 1 else "new clips (the first epoch)"
+            name += f", a frozen scorer, no candidate training (the recipe's stage 2): {seen}"
         # frame: one glimpse per cell and scored frame (7 frames with a next latent); stay: one re-run of Pass 2
         # (8 glimpses) per cell.
         candidates = grid * grid * (8 if search == "stay" else frames or 7)

@@ -395,6 +395,7 @@ def write_model_card(
         hyperparameters=_hyperparameter_rows(args, state, info),
         table1=table1_markdown(evaluation) if evaluation else None,
         loss=loss_formula(config, info.probes, info.teacher),
+        policy=policy_training(info.teacher),
         improvement_bands=improvement_bands_text(),
         eval_step=evaluation["step"] if evaluation else None,
         num_frames=config.num_frames,

@@ -427,14 +427,14 @@ def write_report(
     if description:
         text.append(f"**Clips.** {description}")
     text += ["## 1. Executive summary", *_executive_summary(summary)]
+    teacher_path = run_dir / TEACHER_FILE
+    teacher = load_teacher_settings(teacher_path) if teacher_path.is_file() else None
     if config is not None:
         num_clips = clips.num_clips if clips else None
-        teacher_path = run_dir / TEACHER_FILE
-        teacher = load_teacher_settings(teacher_path) if teacher_path.is_file() else None
         text += ["## 2. Method", *_method(config, probes, state, log_history, eval_dataset, num_clips, teacher)]
     text.append("## 3. Results")
     if held_out is not None:
-        text += _table1(held_out, clips, summary.num_targets)
+        text += _table1(held_out, clips, summary.num_targets, teacher)
     if clips is not None and clips.captioning is not None:
         text.append(captioning_markdown(clips.captioning))
     text += [

@@ -17,6 +17,7 @@ from foveated_vlm.card import (
     architecture_rows,
     improvement_band,
     logged_means,
+    policy_training,
 )
 from foveated_vlm import metrics
 
@@ -249,7 +250,8 @@ def _method(config, probes: Optional[dict], state, log_history, eval_path, num_c
     return text
 
 
-def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary], num_targets) -> list[str]:
+def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary], num_targets,
+            teacher: Optional[dict] = None) -> list[str]:
     h = held_out
     rows = [
         ["loss_coarse (Pass 1, static query)", _num(h.loss_coarse), _num(h.loss_coarse_t2)],
@@ -279,7 +281,7 @@ def _table1(held_out: FoveatedVLMHeldOut, clips: Optional[FoveatedVLMClipSummary
     text = [
         f"**Table 1.** Held-out next-frame latent MSE of the final model, {h.source}. \"Full loss\" is the mean over "
         f"{targets} v_1..v_T, the headline; \"targets t ≥ 2\" leaves out v_1, which is predicted from a learned start "
-        "latent by a state that has seen no frame.",
+        f"latent by a state that has seen no frame. Pass 2's policy was trained by {policy_training(teacher)}.",
         markdown_table(["Metric", "Full loss", "Targets t ≥ 2"], rows),
     ]
     secondary = [

@@ -147,12 +147,12 @@ DIFFICULTIES = {
     # A rung with fewer look-alikes, for a curriculum (`--curriculum`): with one, any glimpse on an object reads the
     # target's cue, so the head can learn the cue rule before it must also tell the target from the others. The
     # appearance rung has its own (coloured bodies, the legend): a head that learned the rule on `cued_1`'s dark bodies
-    # reads tokens there that it has not seen (docs/RESULTS.md).
+    # reads tokens there that it has not seen (docs/RESULTS.md). So has the motion rung (a moving target).
     **{
         f"{rung}_{count}": FoveatedVLMSceneSpec(
             **{**_CUED_OBJECTS, "num_static": count}, cue=FoveatedVLMCueSpec(target_marked_by=marked_by)
         )
-        for rung, marked_by in (("cued", "colour"), ("cued_appearance", "appearance"))
+        for rung, marked_by in (("cued", "colour"), ("cued_motion", "motion"), ("cued_appearance", "appearance"))
         for count in (1, 3)
     },
 }

@@ -12,7 +12,8 @@ policies do (Harvey et al. 2019; Saccader's location pretraining; annealed multi
    (tokens of frames < t) in one LLM call with a block mask, instead of re-running the pass. `"stay"`: a candidate is
    a place held in every frame (the saccades' zero move), Pass 2 re-run there, scored over the clip's targets. With
    `teacher_scorer` a frozen saved model (a first stage) scores them instead, so that the scorer cannot drift while the
-   policy learns to follow it (docs/RESULTS.md, "A second stage").
+   policy learns to follow it (docs/RESULTS.md, "A second stage"); its scores depend on the clip alone, so it searches
+   each clip once.
 2. **Posterior and candidate training.** The candidates' posterior is a softmax of their negative scores (losses
    relative to their mean, or standardised over the candidates), at a temperature annealed from broad to sharp over
    training. The LLM, head and query path also train on a few candidates per frame, so that the head learns what a
@@ -33,6 +34,7 @@ policy through the draw (Jang et al. 2017); it has no posterior to distil.
 `loss_fine` stays Pass 2 reading with the policy's own queries; evaluation and streaming use the policy alone.
 """
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -51,6 +53,7 @@ __all__ = [
     "load_teacher_settings",
     "branch_states",
     "cell_mass",
+    "clip_keys",
     "later_moves",
     "pass2_fixations",
     "pass2_queries",
@@ -319,18 +322,46 @@ class FoveatedVLMSearchTeacher:
             # (benchmarks/bench_model.py --tables teacher). train_hf.py's `channels_last_head` is about trained
             # parameters (DeepSpeed needs them contiguous); a frozen copy outside the optimizer can always take it.
             self.scorer.prediction_head.to(memory_format=torch.channels_last)
+        # A frozen scorer's candidate losses depend on the clip alone, so each clip is searched once, in every frame,
+        # and its losses (T - 1, K) kept on the CPU under the clip's key (`clip_keys`): from the second epoch on the
+        # search costs nothing (a frozen stage 2's step then costs about a plain step; docs/RESULTS.md).
+        self.scored_clips: dict[bytes, torch.Tensor] = {}
 
-    def scorer_outputs_for(self, forward_inputs: dict) -> Optional[FoveatedVLMOutput]:
-        """The frozen scorer's output on the model inputs the trained model got (None without `teacher_scorer`)."""
-        if self.scorer is None:
-            return None
-        device = forward_inputs["pixel_values"].device
-        if self.scorer.device != device:
-            self.scorer.to(device)
+    def frozen_search(self, scorer_inputs: dict, cells: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The frozen scorer's losses (B, F, K) of the candidates `cells` (K, 3) at `frames` (B, F), from the model
+        inputs the trained model got: looked up per clip, the scorer run only on the clips it has not searched."""
         # A probed reader's ground truth (`reader_kwargs`) is the trained model's; the scorer reads the design's way.
-        inputs = {name: value for name, value in forward_inputs.items() if name != "reader_kwargs"}
-        with torch.no_grad():
-            return self.scorer(**inputs, output_patch_cache=True)
+        inputs = {name: value for name, value in scorer_inputs.items() if name != "reader_kwargs"}
+        vae_latents = inputs["vae_latents"]
+        (B, T), K, device = vae_latents.shape[:2], cells.shape[0], vae_latents.device
+        keys = clip_keys(inputs)
+        first_rows = {}
+        for row, key in enumerate(keys):
+            first_rows.setdefault(key, row)
+        new = [row for key, row in first_rows.items() if key not in self.scored_clips]  # rows of unsearched clips
+        if new:
+            if self.scorer.device != device:
+                self.scorer.to(device)
+            rows = torch.tensor(new, device=device)
+            subset = {name: value[rows] if torch.is_tensor(value) and value.shape[:1] == (B,) else value
+                      for name, value in inputs.items()}
+            every = torch.arange(T - 1, device=device).expand(len(new), T - 1)  # (N, T - 1)
+            with torch.no_grad():
+                outputs = self.scorer(**subset, output_patch_cache=True)
+                search = (self.scorer, outputs, subset["vae_latents"], subset.get("input_ids"),
+                          subset.get("attention_mask"))
+                losses = self.search_losses(search, cells, every).float().cpu()  # (N, T - 1, K)
+            self.scored_clips.update({keys[row]: clip for row, clip in zip(new, losses)})
+        losses = torch.stack([self.scored_clips[key] for key in keys]).to(device)  # (B, T - 1, K)
+        return losses.gather(1, frames[..., None].expand(-1, -1, K))
+
+    def search_losses(self, search: tuple, cells: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(B, F, K): candidate k's loss on the target after frame t, searched with `search` = (model, its output,
+        vae_latents, input_ids, attention_mask). `stay` scores every frame, so `frames` must be 0..T-2."""
+        B, K = frames.shape[0], cells.shape[0]
+        if self.args.teacher_search == "stay":
+            return self.stay_losses(*search, cells.expand(B, K, 3)).transpose(1, 2)
+        return self.candidate_losses(*search, frames, cells.expand(B, frames.shape[1], K, 3))
 
     def temperature(self, progress: float) -> float:
         """Geometric annealing from `teacher_temperature_start` (progress 0) to `teacher_temperature_end` (1)."""
@@ -368,7 +399,7 @@ class FoveatedVLMSearchTeacher:
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         progress: float = 0.0,
-        scorer_outputs: Optional[FoveatedVLMOutput] = None,
+        scorer_inputs: Optional[dict] = None,
     ) -> FoveatedVLMTeacherOutput:
         """
         Args:
@@ -376,8 +407,8 @@ class FoveatedVLMSearchTeacher:
             outputs: its output with `output_patch_cache=True` on these inputs.
             vae_latents, input_ids, attention_mask: the same model inputs; the teacher reads nothing else.
             progress: the share of training done, for the temperature and `teacher_wta_until`.
-            scorer_outputs: with `teacher_scorer`, the frozen scorer's output on the same model inputs
-                (`scorer_outputs_for`), with `output_patch_cache=True`.
+            scorer_inputs: with `teacher_scorer`, the model inputs `model` got (`data.model_inputs`), which the frozen
+                scorer reads (`frozen_search`).
 
         In training mode (`model.training`) it returns the loss terms; otherwise only the search and its metrics.
         """
@@ -392,22 +423,23 @@ class FoveatedVLMSearchTeacher:
         inputs = (model, outputs, vae_latents, input_ids, attention_mask)
         if args.teacher_search == "gumbel":
             return self._gumbel(inputs, cells, temperature)
-        if self.scorer is not None and scorer_outputs is None:
-            raise ValueError("teacher_scorer is set: pass the scorer's outputs (scorer_outputs_for) to the teacher")
-        # The search's model: the frozen scorer, or the model in training; the candidate training is the latter's.
-        search = inputs if self.scorer is None else (self.scorer, scorer_outputs, *inputs[2:])
+        if self.scorer is not None and scorer_inputs is None:
+            raise ValueError("teacher_scorer is set: pass the model inputs as scorer_inputs, which the scorer reads")
 
-        # Search: every candidate, without a graph. losses (B, F, K): candidate k's loss on the target after frame t.
-        with torch.no_grad():
-            if stay:
-                frames = torch.arange(T - 1, device=vae_latents.device).expand(B, T - 1)  # (B, F = T - 1)
-                losses = self.stay_losses(*search, cells.expand(B, K, 3)).transpose(1, 2)
-                # One place per clip: the posterior of the mean loss over the clip's targets, the same at every frame.
-                posterior = self.posterior(losses.mean(1), temperature)[:, None].expand(-1, T - 1, -1)
-            else:
-                frames = self._scored_frames(B, T, vae_latents.device)  # (B, F)
-                losses = self.candidate_losses(*search, frames, cells.expand(B, frames.shape[1], K, 3))
-                posterior = self.posterior(losses, temperature)  # (B, F, K)
+        # Search: every candidate, without a graph, by the frozen scorer or the model in training (the candidate
+        # training is always the latter's). losses (B, F, K): candidate k's loss on the target after frame t.
+        every = torch.arange(T - 1, device=vae_latents.device).expand(B, T - 1)  # (B, T - 1)
+        frames = every if stay else self._scored_frames(B, T, vae_latents.device)  # (B, F)
+        if self.scorer is not None:
+            losses = self.frozen_search(scorer_inputs, cells, frames)
+        else:
+            with torch.no_grad():
+                losses = self.search_losses(inputs, cells, frames)
+        if stay:
+            # One place per clip: the posterior of the mean loss over the clip's targets, the same at every frame.
+            posterior = self.posterior(losses.mean(1), temperature)[:, None].expand(-1, T - 1, -1)
+        else:
+            posterior = self.posterior(losses, temperature)  # (B, F, K)
 
         loss_best = losses.mean(1).min(-1).values if stay else losses.min(-1).values.mean(1)  # (B,)
         loss_mean = losses.mean((1, 2))  # (B,)
@@ -646,6 +678,22 @@ def confident_clips(search_gain: torch.Tensor, share: float) -> torch.Tensor:
     confident = torch.zeros_like(search_gain)
     confident[search_gain.topk(keep).indices] = 1.0
     return confident
+
+
+def clip_keys(inputs: dict) -> list[bytes]:
+    """One key per clip of a batch of model inputs: a digest of its latents and text (the latents are its frames'
+    encoding) and of every 8th pixel of every 8th row, so that clips differing only in frames differ too."""
+    parts = [inputs["vae_latents"], inputs.get("input_ids"), inputs.get("attention_mask")]
+    if inputs.get("pixel_values") is not None:
+        parts.append(inputs["pixel_values"][..., ::8, ::8])
+    parts = [part.detach().cpu().float().contiguous() for part in parts if part is not None]
+    keys = []
+    for row in range(parts[0].shape[0]):
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            digest.update(part[row].numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
 
 
 def branch_states(model, prefix_tokens, candidates, frames, input_ids=None, attention_mask=None) -> torch.Tensor:

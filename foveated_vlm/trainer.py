@@ -126,8 +126,8 @@ class FoveatedVLMTrainer(Trainer):
             loss = loss + glimpse_supervision(unwrapped, outputs, centres, probes)
         if self.teacher is not None:
             progress = self.state.global_step / max(self.state.max_steps, 1)
-            scorer_outputs = self.teacher.scorer_outputs_for(forward_inputs)
-            taught = self.teacher(unwrapped, outputs, progress=progress, scorer_outputs=scorer_outputs,
+            scorer_inputs = forward_inputs if self.teacher.scorer is not None else None
+            taught = self.teacher(unwrapped, outputs, progress=progress, scorer_inputs=scorer_inputs,
                                   **teacher_inputs(inputs))
             metrics.update(teacher_metrics(taught, inputs, self.teacher.args.teacher_grid))
             if taught.loss is not None:

@@ -32,6 +32,7 @@ def test_model_card_model_index_carries_the_logged_results(tmp_path):
     assert results["improvement_t2"] == pytest.approx(t2)
     assert {result.dataset_name for result in card.data.eval_results} == {"5 held-out clips"}
     assert "0.9871" in card.text  # Table 1 in the text as well
+    assert "Pass 2's policy was trained by backpropagation through the glimpses only." in card.text
     assert "| Frozen in training | vision |" in card.text and "< 0% foveation hurts" in card.text
     assert "| Started from | `outputs/stage-1` |" in card.text  # a run continued from another names it
     reset = dataclasses.replace(info, init_reset_fixations=True)

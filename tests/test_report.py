@@ -58,6 +58,7 @@ def test_writes_every_file(tiny_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob(f"fig3_attention_{NUM_VIDEOS}.png"))
     markdown = (out / "report.md").read_text()
+    assert "Pass 2's policy was trained by backpropagation through the glimpses only." in markdown  # Table 1's line
     for section in ("1. Executive summary", "2. Method", "3. Results", "4. What limits it", "5. Next steps",
                     "Where it fails"):
         assert section in markdown

@@ -238,13 +238,15 @@ def test_cued_spec_defaults():
         FoveatedVLMCueSpec(level_of_cue=(0, 1, 2, 4))
 
 
-@pytest.mark.parametrize("rung", ["cued", "cued_appearance"])
+@pytest.mark.parametrize("rung", ["cued", "cued_motion", "cued_appearance"])
 @pytest.mark.parametrize("count", [1, 3])
 def test_the_curriculum_scenes_are_their_rung_with_fewer_look_alikes(rung, count):
     _, ground_truth = generate_video(0, f"{rung}_{count}", size=64, num_video_frames=CUED_T, num_frames=CUED_T)
     objects = ground_truth["frames"][0]["objects"]
     assert len(objects) == count and sum(bool(o.get("target")) for o in objects) == 1
     assert DIFFICULTIES[f"{rung}_{count}"].cue == DIFFICULTIES[rung].cue
+    moving = [bool(o.get("moving")) for o in objects]
+    assert moving == ([bool(o.get("target")) for o in objects] if rung == "cued_motion" else [False] * count)
     if rung == "cued_appearance":  # the legend shows the target's own body colour
         assert ground_truth["legend"]["colour"] == ground_truth["body_colours"][ground_truth["target"]]
 

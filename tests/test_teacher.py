@@ -343,10 +343,9 @@ def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
     settings = dict(teacher_wta_weight=0.0, teacher_distill_target="position", teacher_distill_place="best")
     frozen = teacher(teacher_scorer=str(tmp_path / "scorer"), **settings)
     outputs = model(pixel_values, vae_latents, output_patch_cache=True)
-    with pytest.raises(ValueError, match="scorer_outputs"):
+    with pytest.raises(ValueError, match="scorer_inputs"):
         frozen(model, outputs, vae_latents)
-    scorer_outputs = frozen.scorer_outputs_for({"pixel_values": pixel_values, "vae_latents": vae_latents})
-    taught = frozen(model, outputs, vae_latents, scorer_outputs=scorer_outputs)
+    taught = frozen(model, outputs, vae_latents, scorer_inputs={"pixel_values": pixel_values, "vae_latents": vae_latents})
     with torch.no_grad():
         own = teacher(**settings)(scorer_model.eval(), scorer_model(pixel_values, vae_latents, output_patch_cache=True),
                                   vae_latents)  # fmt: skip
@@ -364,6 +363,48 @@ def test_a_frozen_scorer_searches_and_the_model_in_training_learns(tmp_path):
         teacher(teacher_scorer="nowhere")
     with pytest.raises(ValueError, match="gumbel"):
         teacher(teacher_scorer=str(tmp_path / "scorer"), teacher_search="gumbel")
+
+
+@pytest.mark.parametrize("search, frames", [("stay", 0), ("frame", 0), ("frame", 2)])
+def test_a_frozen_scorer_searches_each_clip_once(tmp_path, search, frames):
+    """The frozen scorer's losses depend on the clip alone: a clip it has searched is looked up, not searched again,
+    with the same posterior as a fresh search, in any batch order and beside clips it has not seen; a frame search
+    that draws a few frames reads them from the clip's search of every frame."""
+    torch.manual_seed(0)
+    make_model(**SACCADE).save_pretrained(tmp_path / "scorer")
+    model = make_model(**SACCADE).eval()
+    pixel_values, vae_latents = make_batch(model.config)  # B = 2
+    settings = dict(teacher_scorer=str(tmp_path / "scorer"), teacher_wta_weight=0.0, teacher_search=search,
+                    teacher_frames=frames)
+    cached = teacher(**settings)
+    calls = []
+    cached.scorer.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs["vae_latents"].shape[0]),
+                                        with_kwargs=True)  # fmt: skip
+
+    def search_once(scorer_teacher, pixels, latents):
+        torch.manual_seed(1)  # the frame search's draw of frames
+        with torch.no_grad():
+            outputs = model(pixels, latents, output_patch_cache=True)
+        return scorer_teacher(model, outputs, latents, scorer_inputs={"pixel_values": pixels, "vae_latents": latents})
+
+    first = search_once(cached, pixel_values, vae_latents)
+    assert calls == [2] and len(cached.scored_clips) == 2
+    again = search_once(cached, pixel_values, vae_latents)
+    assert calls == [2]  # looked up
+    fresh = search_once(teacher(**settings), pixel_values, vae_latents)
+    for taught in (first, again):
+        torch.testing.assert_close(taught.posterior, fresh.posterior)
+        torch.testing.assert_close(taught.frames, fresh.frames)
+    # Reordered, with a clip it has not seen: only the new clip is searched, and each clip keeps its own losses.
+    other_pixels, other_latents = make_batch(model.config, seed=2)
+    mixed_pixels = torch.stack([other_pixels[0], pixel_values[1], pixel_values[0]])
+    mixed_latents = torch.stack([other_latents[0], vae_latents[1], vae_latents[0]])
+    mixed = search_once(cached, mixed_pixels, mixed_latents)
+    assert calls == [2, 1] and len(cached.scored_clips) == 3
+    alone = search_once(teacher(**settings), mixed_pixels, mixed_latents)
+    torch.testing.assert_close(mixed.posterior, alone.posterior)
+    if frames == 0:
+        torch.testing.assert_close(mixed.posterior[1:], first.posterior.flip(0))
 
 
 def test_gumbel_reads_the_drawn_cell_and_trains_the_policy_through_the_draw():

@@ -299,6 +299,32 @@ def test_cold_and_warm_cache_train_the_same_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_search_recipe_runs_on_a_video_folder_and_its_tables_name_the_teacher(video_dir, tiny_vae, tmp_path):
+    """`bash dev.sh main`'s learned row on a folder of videos: a stage 1 with the search teacher, then a stage 2 that
+    starts from it with it frozen as the scorer; the report's Table 1 and the card say what trained the policy."""
+    common = [
+        "configs/cued.yaml", "--data_source", "video_dir", "--video_dir", str(video_dir / "train"),
+        "--eval_fraction", "0.5", "--cache_dir", str(tmp_path / "cache"), "--vae", tiny_vae, "--num_frames", str(T),
+        "--image_size", str(S), "--tokenizer", save_tiny_tokenizer(tmp_path / "tokenizer"),
+        "--num_attention_figures", "0", "--report_to", "none", "--max_steps", "2", "--eval_steps", "2",
+        "--model_config", '{"fixation_mode": "saccade"}', "--teacher", "true", "--teacher_distill_from_frame", "1",
+    ]  # fmt: skip
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    train_hf.main([*common, "--teacher_distill_target", "position", "--output_dir", str(stage1)])
+    trainer = train_hf.main([*common, "--teacher_distill_target", "fixation", "--teacher_move_weight", "1",
+                             "--teacher_scorer", str(stage1), "--teacher_wta_weight", "0", "--init_from",
+                             str(stage1), "--output_dir", str(stage2)])  # fmt: skip
+    assert len(trainer.teacher.scored_clips) == len(trainer.train_dataset) + len(trainer.eval_dataset)
+    named = f"search teacher (foveated_vlm/teacher.py): 4×4 candidate glimpses per frame scored by the next-latent " \
+            f"loss of the frozen model `{stage1}`"  # fmt: skip
+    table1 = (stage2 / "report" / "report.md").read_text().split("**Table 1.**")[1].split("|")[0]
+    assert f"Pass 2's policy was trained by {named}" in table1
+    assert f"Pass 2's policy was trained by {named}" in (stage2 / "README.md").read_text()
+    plain = (stage1 / "report" / "report.md").read_text().split("**Table 1.**")[1].split("|")[0]
+    assert "Pass 2's policy was trained by search teacher" in plain and "frozen model" not in plain
+
+
+@pytest.mark.slow
 def test_a_trained_model_is_evaluated_without_training_on_any_source(video_dir, tiny_vae, tmp_path):
     """`--evaluate_model RUN` trains nothing: on the run's own held-out clips it reproduces the run's final Table 1;
     on another source it prepares the held-out split only. `--do_train false` is refused, not ignored."""
