@@ -334,6 +334,8 @@ class FoveatedVLMSearchTeacher:
         inputs = {name: value for name, value in scorer_inputs.items() if name != "reader_kwargs"}
         vae_latents = inputs["vae_latents"]
         (B, T), K, device = vae_latents.shape[:2], cells.shape[0], vae_latents.device
+        # The keys are read on the host: one small copy per step (the latents and a pixel subsample), where the
+        # search it replaces runs Pass 2 once per candidate.
         keys = clip_keys(inputs)
         first_rows = {}
         for row, key in enumerate(keys):
