@@ -30,7 +30,8 @@ case "$cmd" in
         # The positive control (configs/cued.yaml, docs/RESULTS.md, section 1): Pass 2 sent to the target (the
         # oracle: what an aimed glimpse is worth), then the learned policy, trained by the search teacher's recipe
         # without ground truth ("A second stage"): stage 1 learns a scorer that tries candidate glimpses (a
-        # curriculum over the look-alikes); stage 2 starts from it with a fresh learning-rate schedule and the
+        # curriculum over the look-alikes; four candidates per clip train it, where two left one seed in three
+        # with a scorer no policy followed); stage 2 starts from it with a fresh learning-rate schedule and the
         # stage-1 model frozen as the scorer, distilling the fixation the policy writes, with a cost on every move
         # after the first; stage 3 trains 480 more steps with two fine passes, as the policy is deployed. 2,400
         # steps in all. Then the scene's headroom and the runs side by side. Extra arguments go to every run.
@@ -40,8 +41,9 @@ case "$cmd" in
         recipe=(--teacher true --teacher_distill_distance absolute --teacher_distill_place best
                 --teacher_distill_from_frame 1)
         frozen=(--teacher_scorer outputs/cued-stage1 --teacher_wta_weight 0 --teacher_distill_weight 5)
-        "${run[@]}" "${recipe[@]}" --teacher_distill_target position --model_config '{"fixation_mode": "saccade"}' \
-            --max_steps 960 --curriculum cued_1:360,cued_3:120 --output_dir outputs/cued-stage1 "$@"
+        "${run[@]}" "${recipe[@]}" --teacher_distill_target position --teacher_samples 4 \
+            --model_config '{"fixation_mode": "saccade"}' --max_steps 960 --curriculum cued_1:360,cued_3:120 \
+            --output_dir outputs/cued-stage1 "$@"
         "${run[@]}" "${recipe[@]}" "${frozen[@]}" --teacher_distill_target fixation --teacher_move_weight 1 \
             --model_config '{"fixation_mode": "saccade"}' --max_steps 960 --init_from outputs/cued-stage1 \
             --output_dir outputs/cued-stage2 "$@"

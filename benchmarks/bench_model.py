@@ -154,7 +154,7 @@ def run_step_benchmark(args) -> dict:
         from foveated_vlm.teacher import FoveatedVLMSearchTeacher, FoveatedVLMTeacherArguments
 
         settings = dict(teacher=True, teacher_grid=args.teacher_grid, teacher_frames=args.teacher_frames,
-                        teacher_search=args.teacher_search)
+                        teacher_search=args.teacher_search, teacher_samples=args.teacher_samples)
         if args.teacher_frozen_scorer:
             # The recipe's second stage: a saved copy of the model scores the candidates, frozen, and no candidate
             # trains (docs/RESULTS.md, "A second stage").
@@ -559,6 +559,7 @@ def main():
     parser.add_argument("--teacher_frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--teacher_search", default="frame", help=argparse.SUPPRESS)
     parser.add_argument("--teacher_frozen_scorer", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher_samples", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
@@ -631,11 +632,12 @@ def print_teacher_table(common, device):
     print(f"\n## The search teacher's cost, configs/cued.yaml's model, B = 16, fp32, on {device}\n")
     print("| teacher | candidates per clip | s/step | vs plain |\n|---|---|---|---|")
     plain = None
-    rows = (("frame", 0, 0, 0), ("frame", 4, 0, 0), ("frame", 4, 2, 0), ("frame", 8, 1, 0), ("stay", 4, 0, 0),
-            ("stay", 4, 0, 2), ("stay", 4, 0, 1))
-    for search, grid, frames, frozen in rows:
+    # (search, grid, frames, frozen scorer, candidates trained per clip)
+    rows = (("frame", 0, 0, 0, 2), ("frame", 4, 0, 0, 2), ("frame", 4, 2, 0, 2), ("frame", 8, 1, 0, 2),
+            ("stay", 4, 0, 0, 2), ("stay", 4, 0, 0, 4), ("stay", 4, 0, 2, 2), ("stay", 4, 0, 1, 2))
+    for search, grid, frames, frozen, samples in rows:
         settings = dict(batch_size=16, shapes="cued", teacher_grid=grid, teacher_frames=frames, teacher_search=search,
-                        teacher_frozen_scorer=frozen)
+                        teacher_frozen_scorer=frozen, teacher_samples=samples)
         result = run_child(mode="step", **common, **settings)
         if "error" in result:
             print(f"| grid {grid} | error: {result['error'][:80]} |", flush=True)
@@ -643,6 +645,8 @@ def print_teacher_table(common, device):
         seconds = result["seconds_per_step"]
         plain = plain or seconds
         name = "off" if not grid else f"{search}: {grid}×{grid} cells, {frames or 'all'} frames"
+        if grid and not frozen and search == "stay":
+            name += f", {samples} candidates per clip trained (the recipe's stage 1: 4)"
         if frozen:
             # The frozen scorer searches each clip once (FoveatedVLMSearchTeacher.frozen_search).
             seen = "clips it has searched (from the second epoch)" if frozen == 1 else "new clips (the first epoch)"

@@ -310,7 +310,8 @@ def test_the_search_recipe_runs_on_a_video_folder_and_its_tables_name_the_teache
         "--model_config", '{"fixation_mode": "saccade"}', "--teacher", "true", "--teacher_distill_from_frame", "1",
     ]  # fmt: skip
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    train_hf.main([*common, "--teacher_distill_target", "position", "--output_dir", str(stage1)])
+    train_hf.main([*common, "--teacher_distill_target", "position", "--teacher_samples", "4", "--output_dir",
+                   str(stage1)])
     trainer = train_hf.main([*common, "--teacher_distill_target", "fixation", "--teacher_move_weight", "1",
                              "--teacher_scorer", str(stage1), "--teacher_wta_weight", "0", "--init_from",
                              str(stage1), "--output_dir", str(stage2)])  # fmt: skip
