@@ -277,7 +277,10 @@ def policy_training(teacher: Optional[dict]) -> str:
         distilled = f"distilled ({matched}) into Pass 2's glimpse and Pass 1's glimpse of the frame before"
     scorer = teacher.get("teacher_scorer")
     scored_by = f" of the frozen model `{scorer}`" if scorer else ""
-    wta = ", candidates trained by soft winner-takes-all" if teacher.get("teacher_wta_weight", 1.0) > 0 else ""
+    wta = ""
+    if teacher.get("teacher_wta_weight", 1.0) > 0:
+        per = "clip" if teacher.get("teacher_search") == "stay" else "scored frame"
+        wta = f", {teacher.get('teacher_samples', 2)} candidates per {per} trained by soft winner-takes-all"
     share = teacher.get("teacher_confident_share", 1.0)
     clips = f" on the {share:.0%} of each batch's clips with the highest search gain" if share < 1 else ""
     move = ", an L1 cost on the saccades' later moves" if teacher.get("teacher_move_weight", 0.0) > 0 else ""

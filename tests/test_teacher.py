@@ -611,7 +611,9 @@ def test_the_written_out_loss_names_the_teacher_terms():
     early = FoveatedVLMTeacherArguments(teacher=True, teacher_wta_until=0.5).to_dict()
     assert "1 · teacher/wta (the first 50% of the steps) + 1 · teacher/distill" in loss_formula(config, teacher=early)
     assert architecture_rows(config, teacher=gumbel)["Policy training"].startswith("straight-through Gumbel-softmax")
-    assert "candidates trained by soft winner-takes-all" in rows["Policy training"]
+    assert "2 candidates per clip trained by soft winner-takes-all" in rows["Policy training"]
+    four = {**settings, "teacher_samples": 4, "teacher_search": "frame"}
+    assert "4 candidates per scored frame trained by" in architecture_rows(config, teacher=four)["Policy training"]
     frozen = {**settings, "teacher_scorer": "outputs/stage-1", "teacher_wta_weight": 0.0}
     frozen_row = architecture_rows(config, teacher=frozen)["Policy training"]
     assert "scored by the next-latent loss of the frozen model `outputs/stage-1`" in frozen_row
