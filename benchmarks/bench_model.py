@@ -646,7 +646,7 @@ def print_teacher_table(common, device):
         plain = plain or seconds
         name = "off" if not grid else f"{search}: {grid}×{grid} cells, {frames or 'all'} frames"
         if grid and not frozen and search == "stay":
-            name += f", {samples} candidates per clip trained (the recipe's stage 1: 4)"
+            name += f", {samples} of them trained per clip" + (" (the recipe's stage 1)" if samples == 4 else "")
         if frozen:
             # The frozen scorer searches each clip once (FoveatedVLMSearchTeacher.frozen_search).
             seen = "clips it has searched (from the second epoch)" if frozen == 1 else "new clips (the first epoch)"

@@ -280,7 +280,7 @@ def policy_training(teacher: Optional[dict]) -> str:
     wta = ""
     if teacher.get("teacher_wta_weight", 1.0) > 0:
         per = "clip" if teacher.get("teacher_search") == "stay" else "scored frame"
-        wta = f", {teacher.get('teacher_samples', 2)} candidates per {per} trained by soft winner-takes-all"
+        wta = f", {teacher['teacher_samples']} candidates per {per} trained by soft winner-takes-all"
     share = teacher.get("teacher_confident_share", 1.0)
     clips = f" on the {share:.0%} of each batch's clips with the highest search gain" if share < 1 else ""
     move = ", an L1 cost on the saccades' later moves" if teacher.get("teacher_move_weight", 0.0) > 0 else ""
